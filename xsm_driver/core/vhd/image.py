@@ -1,0 +1,498 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""One VHD file: validation on open, sector bitmaps, block allocation.
+
+An :class:`Image` knows nothing of its parents; :mod:`.chain` reads through
+them. Sector bitmaps are kept as strings of ``'0'``/``'1'`` (one character a
+sector, most significant bit first, as on disk) so that finding runs and
+testing fullness are C-speed string operations.
+
+Crash safety of a write that allocates a block (the only write that extends
+the file) -- the order is chosen so that the file's last 512 bytes are a
+valid footer at every instant and the BAT never points at data that is not
+there:
+
+1. the footer is written at the new end of the file (the file grows; the
+   old footer is now inside unreferenced space);
+2. the zero padding, sector bitmap and data are written in one ``pwritev``
+   from the end of the previous block up to the new footer;
+3. the BAT sector holding the block's entry is rewritten.
+
+A crash before 3 leaves an image that opens and reads exactly as before the
+write (the block is unreferenced space that the next allocation reuses); a
+crash after 3 leaves the whole write. Writes into an allocated block write
+the data first and the bitmap sector after it, so unmarked sectors still
+read from the parent. The batmap (only a hint that a block is full; an unset
+bit is always safe) is written at flush and close, header and bits in one
+write.
+"""
+
+import array
+import collections
+import errno
+import logging
+import os
+import stat
+import sys
+import threading
+
+from xsm_driver.core.vhd import errors
+from xsm_driver.core.vhd import format as fmt
+
+LOG = logging.getLogger(__name__)
+
+BS = fmt.BLOCK_SIZE
+SPB = fmt.SECTORS_PER_BLOCK
+ALL_SET = '1' * SPB
+NONE_SET = '0' * SPB
+ZEROS = memoryview(bytes(BS))
+_BITMAP_CACHE = 4096
+
+
+def make_read_only(path):
+    """Mark an image read-only the way snapshots do: no write bits."""
+    os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & ~0o222)
+
+
+def is_read_only(path):
+    return not os.stat(path).st_mode & 0o222
+
+
+def bits_to_bytes(bits):
+    return int(bits, 2).to_bytes(fmt.BITMAP_SIZE, 'big')
+
+
+def bytes_to_bits(raw):
+    return format(int.from_bytes(raw, 'big'), '0%db' % SPB)
+
+
+def runs(bits, start, end):
+    """Yield ``(first, stop, is_set)`` runs of ``bits[start:end]``.
+
+    >>> list(runs('0011101', 1, 7))
+    [(1, 2, False), (2, 5, True), (5, 6, False), (6, 7, True)]
+    """
+    pos = start
+    while pos < end:
+        is_set = bits[pos] == '1'
+        stop = bits.find('0' if is_set else '1', pos, end)
+        if stop < 0:
+            stop = end
+        yield pos, stop, is_set
+        pos = stop
+
+
+def set_bits(bits, first, stop, value):
+    return bits[:first] + ('1' if value else '0') * (stop - first) + \
+        bits[stop:]
+
+
+class Image:
+    """A single VHD file, validated when opened.
+
+    :param path: the file.
+    :param writable: open for writing (parents of a chain never are).
+    """
+
+    def __init__(self, path, writable=False):
+        self.path = path
+        self.writable = writable
+        self._lock = threading.Lock()
+        self._bitmaps = collections.OrderedDict()
+        self._batmap_dirty = False
+        try:
+            self._fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY)
+                               | getattr(os, 'O_CLOEXEC', 0))
+        except OSError as exc:
+            raise errors.VHDError(path=path, reason='cannot open: %s'
+                                  % exc.strerror)
+        try:
+            self._load()
+        except fmt.FormatError as exc:
+            self.close()
+            raise errors.InvalidImage(path=path, reason=str(exc))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening and validation -------------------------------------------
+
+    def _pread(self, length, offset):
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise fmt.FormatError('file ends at %d, needed %d bytes at %d'
+                                  % (self.file_size, length, offset))
+        return data
+
+    def _load(self):
+        self.file_size = os.fstat(self._fd).st_size
+        if self.file_size < fmt.SECTOR:
+            raise fmt.FormatError('file is %d bytes, too short for a footer'
+                                  % self.file_size)
+        self.footer = fmt.Footer.unpack(
+            self._pread(fmt.SECTOR, self.file_size - fmt.SECTOR))
+        self.size = self.footer.size
+        self.type = self.footer.type
+        self.header = None
+        self.bat = None
+        if self.type == fmt.TYPE_FIXED:
+            if self.file_size < self.size + fmt.SECTOR:
+                raise fmt.FormatError(
+                    'fixed image of %d bytes needs a file of %d bytes, the '
+                    'file has %d' % (self.size, self.size + fmt.SECTOR,
+                                     self.file_size))
+            return
+        self.header = fmt.Header.unpack(self._pread(1024, fmt.HEADER_OFFSET))
+        entries = self.header.max_bat_entries
+        if entries < fmt.bat_entries(self.size):
+            raise fmt.FormatError('BAT has %d entries, %d are needed for %d '
+                                  'bytes' % (entries,
+                                             fmt.bat_entries(self.size),
+                                             self.size))
+        regions = [(0, fmt.BAT_OFFSET, 'footer copy and header')]
+        bat_at = self.header.table_offset
+        bat_len = fmt.bat_bytes(entries)
+        if bat_at < fmt.BAT_OFFSET or bat_at % fmt.SECTOR:
+            raise fmt.FormatError('BAT offset %d is not a sector after the '
+                                  'header' % bat_at)
+        self.bat = array.array('I', self._pread(entries * 4, bat_at))
+        if sys.byteorder == 'little':
+            self.bat.byteswap()
+        regions.append((bat_at, bat_at + bat_len, 'BAT'))
+        self._batmap = bytearray(fmt.batmap_sectors(entries) * fmt.SECTOR)
+        self._batmap_header = None
+        if self.footer.has_batmap:
+            self._load_batmap(bat_at + bat_len, entries, regions)
+        if self.type == fmt.TYPE_DIFF:
+            self._load_locators(regions)
+        self._check_blocks(regions)
+
+    def _load_batmap(self, at, entries, regions):
+        hdr = fmt.BatmapHeader.unpack(self._pread(fmt.SECTOR, at))
+        if hdr.sectors < fmt.batmap_sectors(entries):
+            raise fmt.FormatError('batmap has %d sectors, %d are needed'
+                                  % (hdr.sectors,
+                                     fmt.batmap_sectors(entries)))
+        raw = self._pread(hdr.sectors * fmt.SECTOR, hdr.offset)
+        expected = fmt.batmap_checksum(raw, self.size)
+        if expected != hdr.checksum:
+            raise fmt.FormatError('batmap checksum is 0x%08x, computed 0x%08x'
+                                  % (hdr.checksum, expected))
+        regions.append((at, at + fmt.SECTOR, 'batmap header'))
+        regions.append((hdr.offset, hdr.offset + len(raw), 'batmap'))
+        self._batmap = bytearray(raw)
+        self._batmap_header = hdr
+
+    def _load_locators(self, regions):
+        for i, loc in enumerate(self.header.locators):
+            if not loc.code:
+                continue
+            end = loc.data_offset + loc.space_bytes
+            if (loc.data_length > loc.space_bytes or loc.data_offset %
+                    fmt.SECTOR or end > self.file_size - fmt.SECTOR):
+                raise fmt.FormatError(
+                    'parent locator %d (offset %d, space %d, length %d) does '
+                    'not fit in the file' % (i, loc.data_offset,
+                                             loc.space_bytes,
+                                             loc.data_length))
+            regions.append((loc.data_offset, end, 'parent locator %d' % i))
+
+    def _check_blocks(self, regions):
+        """Every allocated block lies in the file and overlaps nothing."""
+        blocks = sorted((e * fmt.SECTOR, i) for i, e in enumerate(self.bat)
+                        if e != fmt.UNALLOCATED)
+        regions.sort()
+        for (a_start, a_end, a_name), (b_start, _e, b_name) in zip(
+                regions, regions[1:]):
+            if b_start < a_end:
+                raise fmt.FormatError('%s (at %d) overlaps %s (at %d)'
+                                      % (b_name, b_start, a_name, a_start))
+        metadata_end = max(end for _s, end, _n in regions)
+        footer_at = self.file_size - fmt.SECTOR
+        previous_end, previous = metadata_end, None
+        for start, block in blocks:
+            if start + fmt.SECTOR + BS > footer_at:
+                raise fmt.FormatError(
+                    'BAT entry %d points at %d, beyond the end of the file '
+                    '(%d bytes)' % (block, start, self.file_size))
+            if start < previous_end:
+                if previous is None:
+                    raise fmt.FormatError(
+                        'BAT entry %d points at %d, inside the metadata '
+                        '(which ends at %d)' % (block, start, metadata_end))
+                raise fmt.FormatError(
+                    'blocks %d and %d overlap (at %d and %d)'
+                    % (previous, block, previous_end - fmt.SECTOR - BS,
+                       start))
+            previous_end, previous = start + fmt.SECTOR + BS, block
+        self._data_end = previous_end
+        if self.writable and self._batmap_header is None and \
+                self.footer.has_batmap:
+            raise fmt.FormatError('batmap is missing')
+
+    # -- block state ---------------------------------------------------------
+
+    @property
+    def uuid(self):
+        return self.footer.uuid
+
+    @property
+    def blocks(self):
+        return 0 if self.bat is None else len(self.bat)
+
+    def block_offset(self, block):
+        """Byte offset of a block's data in the file, or None."""
+        if self.bat is None:
+            return block * BS
+        if block >= len(self.bat):
+            return None
+        entry = self.bat[block]
+        if entry == fmt.UNALLOCATED:
+            return None
+        return entry * fmt.SECTOR + fmt.SECTOR
+
+    def is_full(self, block):
+        if self.bat is None:
+            return True
+        return bool(self._batmap[block >> 3] & (0x80 >> (block & 7)))
+
+    def _set_full(self, block, full):
+        mask = 0x80 >> (block & 7)
+        if full:
+            self._batmap[block >> 3] |= mask
+        else:
+            self._batmap[block >> 3] &= ~mask
+        self._batmap_dirty = self._batmap_header is not None
+
+    def bitmap(self, block):
+        """The block's sector bitmap as a string of '0' and '1'."""
+        if self.is_full(block):
+            return ALL_SET
+        bits = self._bitmaps.get(block)
+        if bits is not None:
+            self._bitmaps.move_to_end(block)
+            return bits
+        offset = self.block_offset(block)
+        if offset is None:
+            return NONE_SET
+        bits = bytes_to_bits(os.pread(self._fd, fmt.BITMAP_SIZE,
+                                      offset - fmt.SECTOR))
+        if bits == ALL_SET:
+            self._set_full(block, True)
+        else:
+            self._cache(block, bits)
+        return bits
+
+    def _cache(self, block, bits):
+        self._bitmaps[block] = bits
+        self._bitmaps.move_to_end(block)
+        while len(self._bitmaps) > _BITMAP_CACHE:
+            self._bitmaps.popitem(last=False)
+
+    def allocated_blocks(self):
+        if self.bat is None:
+            return range(fmt.bat_entries(self.size))
+        return [i for i, e in enumerate(self.bat) if e != fmt.UNALLOCATED]
+
+    # -- data ----------------------------------------------------------------
+
+    def read_into(self, view, file_offset):
+        got = os.preadv(self._fd, [view], file_offset)
+        if got != len(view):
+            raise errors.InvalidImage(
+                path=self.path, reason='short read of %d bytes at %d (got %d)'
+                % (len(view), file_offset, got))
+
+    def _require_writable(self):
+        if not self.writable:
+            raise errors.ReadOnlyImage(path=self.path,
+                                       reason='it cannot be written')
+
+    def write(self, offset, data):
+        """Write sector-aligned ``data`` at virtual ``offset``.
+
+        ``data`` is a memoryview whose length is a multiple of 512.
+        """
+        self._require_writable()
+        if self.bat is None:
+            self._pwritev([data], offset)
+            return
+        pos, end = offset, offset + len(data)
+        while pos < end:
+            block = pos // BS
+            stop = min(end, (block + 1) * BS)
+            self._write_block(block, (pos - block * BS) // fmt.SECTOR,
+                              data[pos - offset:stop - offset])
+            pos = stop
+
+    def _write_block(self, block, first, chunk):
+        stop = first + len(chunk) // fmt.SECTOR
+        with self._lock:
+            offset = self.block_offset(block)
+            if offset is None:
+                self._allocate(block, first, stop, chunk)
+                return
+        self._pwritev([chunk], offset + first * fmt.SECTOR)
+        self._mark(block, first, stop, True)
+
+    def _mark(self, block, first, stop, value):
+        with self._lock:
+            bits = self.bitmap(block)
+            if (('0' if value else '1') not in bits[first:stop]):
+                return
+            bits = set_bits(bits, first, stop, value)
+            self._pwritev([bits_to_bytes(bits)],
+                          self.block_offset(block) - fmt.SECTOR)
+            if bits == ALL_SET:
+                self._bitmaps.pop(block, None)
+                self._set_full(block, True)
+            else:
+                self._cache(block, bits)
+                if value is False and self.is_full(block):
+                    self._set_full(block, False)
+
+    def _allocate(self, block, first, stop, chunk):
+        """Append a new block (see the module docstring for the order)."""
+        bitmap_at = fmt.first_block_offset(self._data_end)
+        footer_at = bitmap_at + fmt.SECTOR + BS
+        bits = set_bits(NONE_SET, first, stop, True)
+        self._pwritev([self.footer.pack()], footer_at)
+        if self.file_size > footer_at + fmt.SECTOR:
+            os.ftruncate(self._fd, footer_at + fmt.SECTOR)
+        self.file_size = footer_at + fmt.SECTOR
+        self._pwritev([ZEROS[:bitmap_at - self._data_end],
+                       bits_to_bytes(bits),
+                       ZEROS[:first * fmt.SECTOR], chunk,
+                       ZEROS[:(SPB - stop) * fmt.SECTOR]], self._data_end)
+        self.bat[block] = bitmap_at // fmt.SECTOR
+        self._write_bat_sector(block)
+        self._data_end = footer_at
+        if bits == ALL_SET:
+            self._set_full(block, True)
+        else:
+            self._cache(block, bits)
+
+    def _write_bat_sector(self, block):
+        first = block - block % (fmt.SECTOR // 4)
+        entries = self.bat[first:first + fmt.SECTOR // 4]
+        if sys.byteorder == 'little':
+            entries.byteswap()
+        raw = entries.tobytes()
+        if len(raw) < fmt.SECTOR:
+            # The last BAT sector: keep the padding that is on disk.
+            at = self.header.table_offset + first * 4 + len(raw)
+            raw += os.pread(self._fd, fmt.SECTOR - len(raw), at)
+        self._pwritev([raw], self.header.table_offset + first * 4)
+
+    def unmark(self, offset, length):
+        """Zero whole sectors and mark them unwritten.
+
+        In an image without a parent they read as zeros either way; the
+        data is zeroed first because ``vhd-util check -b`` rejects data
+        under a clear bitmap bit. The space stays allocated.
+        """
+        self._require_writable()
+        pos, end = offset, offset + length
+        while pos < end:
+            block = pos // BS
+            stop = min(end, (block + 1) * BS)
+            data_at = self.block_offset(block)
+            if data_at is not None:
+                self._pwritev([ZEROS[:stop - pos]], data_at + pos % BS)
+                self._mark(block, (pos - block * BS) // fmt.SECTOR,
+                           (stop - block * BS) // fmt.SECTOR, False)
+            pos = stop
+
+    def _pwritev(self, buffers, offset):
+        want = sum(len(b) for b in buffers)
+        try:
+            done = os.pwritev(self._fd, buffers, offset)
+        except OSError as exc:
+            raise errors.VHDError(path=self.path, reason='write of %d bytes '
+                                  'at %d failed: %s' % (want, offset,
+                                                        exc.strerror))
+        if done != want:
+            raise errors.VHDError(
+                path=self.path, reason='short write at %d: %d of %d bytes%s'
+                % (offset, done, want, ' (disk full?)' if done else ''))
+
+    # -- metadata updates ----------------------------------------------------
+
+    def write_footer(self, footer):
+        """Replace both footers (the end one first)."""
+        self._require_writable()
+        raw = footer.pack()
+        self._pwritev([raw], self.file_size - fmt.SECTOR)
+        if self.type != fmt.TYPE_FIXED:
+            self._pwritev([raw], 0)
+        self.footer = footer
+
+    def write_header(self, header):
+        self._require_writable()
+        self._pwritev([header.pack()], fmt.HEADER_OFFSET)
+        self.header = header
+
+    def write_locator_data(self, locator, payload):
+        self._require_writable()
+        self._pwritev([payload, ZEROS[:locator.space_bytes - len(payload)]],
+                      locator.data_offset)
+
+    def read_locator_data(self, locator):
+        return os.pread(self._fd, locator.data_length, locator.data_offset)
+
+    def read_raw(self, length, offset):
+        """Bytes of the file itself (for ``check``)."""
+        return os.pread(self._fd, length, offset)
+
+    @property
+    def batmap_header(self):
+        return self._batmap_header
+
+    def _write_batmap(self):
+        hdr = self._batmap_header
+        hdr.checksum = fmt.batmap_checksum(self._batmap, self.size)
+        at = self.header.table_offset + fmt.bat_bytes(len(self.bat))
+        if hdr.offset == at + fmt.SECTOR:
+            self._pwritev([hdr.pack(), self._batmap], at)
+        else:
+            self._pwritev([self._batmap], hdr.offset)
+            self._pwritev([hdr.pack()], at)
+        self._batmap_dirty = False
+
+    def flush(self):
+        """Write the batmap if it changed and make everything durable."""
+        if not self.writable:
+            return
+        with self._lock:
+            if self._batmap_dirty:
+                self._write_batmap()
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise errors.VHDError(path=self.path, reason='fsync failed: '
+                                      '%s' % exc.strerror)
+
+    def close(self):
+        if getattr(self, '_fd', None) is None:
+            return
+        try:
+            if self.writable and self._batmap_dirty:
+                self._write_batmap()
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __repr__(self):
+        return '<Image %s %s %d>' % (self.path,
+                                     fmt.TYPE_NAMES[self.type], self.size)
