@@ -118,8 +118,9 @@ class Chain:
         self.path = path
         if writable and vhd_image.is_read_only(path):
             raise errors.ReadOnlyImage(
-                path=path, reason='it has no write permission: it is the '
-                'read-only parent of a snapshot; write to its leaf instead')
+                path=path, reason='the file has no write permission bits, '
+                'which is how snapshot parents are made read-only; write to '
+                'its leaf instead (or chmod u+w if it is no parent)')
         self.images = _open_images(path, writable)
         self.leaf = self.images[0]
         self.size = self.leaf.size

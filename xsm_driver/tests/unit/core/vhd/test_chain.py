@@ -173,7 +173,7 @@ class DifferencingTest(ChainTestCase):
         self.assertValid('leaf.vhd')
 
     def test_parent_is_read_only(self):
-        self.assertRaisesRegex(errors.ReadOnlyImage, 'read-only parent',
+        self.assertRaisesRegex(errors.ReadOnlyImage, 'snapshot parents',
                                vhd_chain.Chain, self.path('base.vhd'), True)
 
     def test_write_zeroes_in_leaf_stores_zeros(self):
