@@ -1,0 +1,42 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+from oslo_config import cfg
+
+sr_group = cfg.OptGroup(
+    'sr',
+    title='Storage repository options',
+    help='Options that choose and place the storage repository (SR) that '
+         'holds the virtual disk images (VDIs) of this host.')
+
+sr_opts = [
+    cfg.StrOpt(
+        'driver',
+        default='vhd',
+        help='Name of the storage repository driver, a stevedore plugin of '
+             'the xsm_driver.sr namespace: for example vhd (a directory of '
+             'VHD files).'),
+    cfg.StrOpt(
+        'path',
+        default='/var/lib/xsm-driver/sr',
+        help='Directory that holds the storage repository of a file-based '
+             'driver such as vhd.'),
+]
+
+
+def register_opts(conf):
+    conf.register_group(sr_group)
+    conf.register_opts(sr_opts, group=sr_group)
+
+
+def list_opts():
+    return {sr_group: sr_opts}

@@ -1,0 +1,33 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+from oslo_config import cfg
+
+from xsm_driver import conf as xsm_conf
+from xsm_driver.conf import opts
+from xsm_driver.conf import sr
+from xsm_driver.tests import base
+
+
+class TestOpts(base.TestCase):
+
+    def test_list_opts_returns_the_original_objects(self):
+        groups = dict(opts.list_opts())
+        self.assertIs(sr.sr_opts, groups[sr.sr_group])
+
+    def test_register_opts_on_the_given_conf(self):
+        conf = cfg.ConfigOpts()
+        xsm_conf.register_opts(conf)
+        conf([])
+        self.assertEqual('vhd', conf.sr.driver)
+        self.assertEqual('/var/lib/xsm-driver/sr', conf.sr.path)
+        self.assertNotIn('sr', cfg.CONF)

@@ -1,0 +1,90 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+import os
+from unittest import mock
+
+import fixtures
+import testtools
+
+from xsm_driver.tests import base
+
+
+def _probe(body):
+    """Return an inner test case whose outcome the real tests inspect."""
+    class Probe(base.TestCase):
+        def runTest(self):
+            self.result = body(self)
+    return Probe()
+
+
+class TestBaseHelpers(base.TestCase):
+
+    def _run(self, body, ci):
+        self.useFixture(fixtures.EnvironmentVariable(
+            'CI', 'true' if ci else None))
+        probe = _probe(body)
+        result = testtools.TestResult()
+        probe.run(result)
+        return probe, result
+
+    def test_make_tempdir_is_removed_at_cleanup(self):
+        probe, result = self._run(lambda t: t.make_tempdir(), ci=False)
+        self.assertTrue(result.wasSuccessful())
+        self.assertFalse(os.path.exists(probe.result))
+
+    def test_require_command_found(self):
+        probe, result = self._run(
+            lambda t: t.require_command('sh'), ci=True)
+        self.assertTrue(result.wasSuccessful())
+        self.assertTrue(os.path.isabs(probe.result))
+
+    @mock.patch('shutil.which', return_value=None)
+    def test_require_command_missing_skips_outside_ci(self, which):
+        probe, result = self._run(
+            lambda t: t.require_command('qemu-img'), ci=False)
+        self.assertEqual(1, len(result.skip_reasons))
+        (reason,) = result.skip_reasons
+        self.assertIn('apt-get install -y qemu-utils', reason)
+
+    @mock.patch('shutil.which', return_value=None)
+    def test_require_command_missing_fails_in_ci(self, which):
+        probe, result = self._run(
+            lambda t: t.require_command('nbdinfo'), ci=True)
+        self.assertEqual(1, len(result.failures))
+        self.assertIn('apt-get install -y libnbd-bin', result.failures[0][1])
+
+    def test_vectors_dir_override(self):
+        tmp = self.make_tempdir()
+        with open(os.path.join(tmp, 'MANIFEST.json'), 'w') as f:
+            f.write('{}')
+        self.useFixture(fixtures.EnvironmentVariable('XSM_VECTORS_DIR', tmp))
+        probe, result = self._run(lambda t: t.vectors_dir(), ci=True)
+        self.assertTrue(result.wasSuccessful())
+        self.assertEqual(tmp, probe.result)
+
+    def test_vectors_dir_missing_fails_in_ci(self):
+        self.useFixture(fixtures.EnvironmentVariable(
+            'XSM_VECTORS_DIR', self.make_tempdir()))
+        probe, result = self._run(lambda t: t.vectors_dir(), ci=True)
+        self.assertEqual(1, len(result.failures))
+        self.assertIn('XSM_VECTORS_DIR', result.failures[0][1])
+
+    def test_vectors_dir_default_is_beside_repo(self):
+        self.useFixture(fixtures.EnvironmentVariable('XSM_VECTORS_DIR'))
+        probe, result = self._run(lambda t: t.vectors_dir(), ci=False)
+        expected = os.path.normpath(os.path.join(
+            base.REPO_TOP, '..', 'shared', 'vectors', 'vhd'))
+        if result.wasSuccessful():
+            self.assertEqual(expected, probe.result)
+        else:
+            self.assertIn(expected, list(result.skip_reasons)[0])
