@@ -268,20 +268,30 @@ class Chain:
 
     # -- allocation ----------------------------------------------------------
 
-    def extents(self):
-        """Allocated and unallocated runs of the whole chain.
+    def extents(self, offset=0, length=None):
+        """Allocated and unallocated runs of the chain in a range.
 
+        :param offset: start of the range (bytes).
+        :param length: length of the range; default to the end of the disk.
         :returns: a list of ``(offset, length, allocated)`` covering the
-            virtual disk, adjacent runs merged, sector granularity.
+            range, adjacent runs merged, sector granularity.
         """
-        blocks = fmt.bat_entries(self.size)
-        touched = set()
-        for img in self.images:
-            touched.update(b for b in img.allocated_blocks() if b < blocks)
+        end = self.size if length is None else offset + length
+        self.check_range(offset, end - offset)
+        first, last = offset // BS, -(-end // BS)
+        if last - first <= 4096:
+            touched = [b for b in range(first, last) if any(
+                img.block_offset(b) is not None for img in self.images)]
+        else:
+            touched = set()
+            for img in self.images:
+                touched.update(b for b in img.allocated_blocks()
+                               if first <= b < last)
+            touched = sorted(touched)
         out = []
 
         def add(start, stop, allocated):
-            stop = min(stop, self.size)
+            start, stop = max(start, offset), min(stop, end)
             if start >= stop:
                 return
             if out and out[-1][2] == allocated and \
@@ -289,15 +299,15 @@ class Chain:
                 start = out.pop()[0]
             out.append((start, stop - start, allocated))
 
-        pos = 0
-        for block in sorted(touched):
+        pos = offset
+        for block in touched:
             add(pos, block * BS, False)
             base = block * BS
-            for first, last, is_set in vhd_image.runs(
+            for lo, hi, is_set in vhd_image.runs(
                     self._union_bitmap(block), 0, fmt.SECTORS_PER_BLOCK):
-                add(base + first * SECTOR, base + last * SECTOR, is_set)
+                add(base + lo * SECTOR, base + hi * SECTOR, is_set)
             pos = base + BS
-        add(pos, self.size, False)
+        add(pos, end, False)
         return out
 
     def _union_bitmap(self, block):

@@ -210,3 +210,27 @@ class DifferencingTest(ChainTestCase):
         self.assertEqual([(0, 4 * MiB, True)], c.extents())
         c.close()
         self.assertValid('over-fixed.vhd')
+
+
+class ExtentsRangeTest(ChainTestCase):
+
+    def test_range_is_clipped_and_matches_whole_map(self):
+        ops.create(self.path('e.vhd'), 64 * MiB)
+        c = self.open('e.vhd', writable=True)
+        c.pwrite(b'x' * 3000, 5 * MiB + 700)
+        c.pwrite(b'y' * (2 * MiB), 40 * MiB)
+        whole = c.extents()
+        self.assertEqual(64 * MiB, sum(n for _o, n, _a in whole))
+        for offset, length in ((0, 64 * MiB), (5 * MiB, 4096),
+                               (5 * MiB + 1024, 1), (39 * MiB, 3 * MiB),
+                               (63 * MiB, MiB)):
+            part = c.extents(offset, length)
+            self.assertEqual(offset, part[0][0])
+            self.assertEqual(length, sum(n for _o, n, _a in part))
+            for o, n, allocated in part:
+                for wo, wn, wa in whole:
+                    if wo <= o < wo + wn:
+                        self.assertEqual(wa, allocated, (o, n))
+                        self.assertLessEqual(o + n, wo + wn)
+        self.assertRaises(errors.InvalidRequest, c.extents, 63 * MiB,
+                          2 * MiB)

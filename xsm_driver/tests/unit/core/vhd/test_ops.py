@@ -43,6 +43,8 @@ class CreateTest(test_chain.ChainTestCase):
         c = self.open('max.vhd', writable=True)
         c.pwrite(b'end', fmt.MAX_SIZE - 3)
         self.assertEqual(b'end', c.pread(fmt.MAX_SIZE - 3, 3))
+        self.assertEqual([(0, fmt.MAX_SIZE - 512, False),
+                          (fmt.MAX_SIZE - 512, 512, True)], c.extents())
         c.close()
         self.assertValid('max.vhd')
 
