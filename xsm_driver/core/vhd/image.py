@@ -418,13 +418,14 @@ class Image:
         try:
             done = os.pwritev(self._fd, buffers, offset)
         except OSError as exc:
-            raise errors.VHDError(path=self.path, reason='write of %d bytes '
-                                  'at %d failed: %s' % (want, offset,
-                                                        exc.strerror))
+            raise errors.VHDError(path=self.path, errno=exc.errno,
+                                  reason='write of %d bytes at %d failed: %s'
+                                  % (want, offset, exc.strerror))
         if done != want:
+            # A regular file only writes short when the disk is full.
             raise errors.VHDError(
-                path=self.path, reason='short write at %d: %d of %d bytes%s'
-                % (offset, done, want, ' (disk full?)' if done else ''))
+                path=self.path, errno=errno.ENOSPC, reason='short write at '
+                '%d: %d of %d bytes (disk full?)' % (offset, done, want))
 
     # -- metadata updates ----------------------------------------------------
 

@@ -1,0 +1,346 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Filters stacked over a device at run time: gate, mirror, counter.
+
+None of them changes data. A migration stacks them over a VM's disk as
+``Counter(Gate(Mirror(local, remote)))``: the gate pauses guest I/O for a
+snapshot or the switch-over (and swaps the device under it), the mirror
+completes each guest write only when both copies have it.
+"""
+
+import concurrent.futures
+import contextlib
+import errno
+import logging
+import threading
+import time
+
+from xsm_driver.core.block import device
+
+LOG = logging.getLogger(__name__)
+
+
+class Gate(device.Filter):
+    """Pause I/O, optionally swap the device underneath, resume.
+
+    ``pause()`` holds new requests and waits until every request already
+    inside has finished; ``resume(replacement)`` lets them go on, against
+    ``replacement`` when one is given. No request fails because of a pause.
+    """
+
+    def __init__(self, next_device):
+        super().__init__(next_device)
+        self._cond = threading.Condition()
+        self._paused = False
+        self._inflight = 0
+
+    @contextlib.contextmanager
+    def _enter(self):
+        with self._cond:
+            while self._paused:
+                self._cond.wait()
+            self._inflight += 1
+            target = self.next
+        try:
+            yield target
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._cond.notify_all()
+
+    def pread(self, offset, length):
+        with self._enter() as dev:
+            return dev.pread(offset, length)
+
+    def pwrite(self, data, offset, fua=False):
+        with self._enter() as dev:
+            return dev.pwrite(data, offset, fua)
+
+    def flush(self):
+        with self._enter() as dev:
+            return dev.flush()
+
+    def trim(self, offset, length):
+        with self._enter() as dev:
+            return dev.trim(offset, length)
+
+    def zero(self, offset, length, may_trim=False):
+        with self._enter() as dev:
+            return dev.zero(offset, length, may_trim)
+
+    def extents(self, offset, length):
+        with self._enter() as dev:
+            return dev.extents(offset, length)
+
+    @property
+    def paused(self):
+        return self._paused
+
+    def pause(self, timeout=None):
+        """Hold new requests and wait for the in-flight ones.
+
+        :param timeout: seconds to wait for in-flight requests; on expiry
+            the gate reopens and :class:`device.BlockError` (ETIMEDOUT) is
+            raised.
+        :returns: how many seconds the wait took.
+        """
+        start = time.monotonic()
+        with self._cond:
+            if self._paused:
+                raise device.BlockError(device=self.name, errno=errno.EBUSY,
+                                        reason='the gate is already paused')
+            self._paused = True
+            if not self._cond.wait_for(lambda: not self._inflight, timeout):
+                self._paused = False
+                self._cond.notify_all()
+                raise device.BlockError(
+                    device=self.name, errno=errno.ETIMEDOUT,
+                    reason='%d requests still in flight after %.1f s'
+                    % (self._inflight, timeout))
+        return time.monotonic() - start
+
+    def resume(self, replacement=None):
+        """Let requests go on, against ``replacement`` when given.
+
+        :returns: the device that was replaced (or the current one).
+        """
+        with self._cond:
+            if not self._paused:
+                raise device.BlockError(device=self.name, errno=errno.EINVAL,
+                                        reason='the gate is not paused')
+            previous = self.next
+            if replacement is not None:
+                if replacement.size != previous.size:
+                    self._paused = False
+                    self._cond.notify_all()
+                    raise device.BlockError(
+                        device=self.name, errno=errno.EINVAL,
+                        reason='replacement is %d bytes, not %d'
+                        % (replacement.size, previous.size))
+                self.next = replacement
+            self._paused = False
+            self._cond.notify_all()
+        return previous
+
+    @contextlib.contextmanager
+    def paused_io(self, timeout=None):
+        """``with gate.paused_io():`` -- I/O is held inside the block."""
+        self.pause(timeout)
+        try:
+            yield
+        finally:
+            if self._paused:
+                self.resume()
+
+
+class _RangeLock:
+    """Serialise overlapping requests so both copies apply them in order."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._held = []
+
+    @contextlib.contextmanager
+    def hold(self, offset, length):
+        span = (offset, offset + max(length, 1))
+        with self._cond:
+            self._cond.wait_for(lambda: not any(
+                a < span[1] and span[0] < b for a, b in self._held))
+            self._held.append(span)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held.remove(span)
+                self._cond.notify_all()
+
+
+class Mirror(device.Filter):
+    """Complete each write only when the local and the remote device have it.
+
+    Reads are served locally. When the remote device fails (or takes longer
+    than ``timeout``), the mirror drops it, records the error in
+    :attr:`failure`, calls ``on_failure(error)`` once, and the guest's
+    write still succeeds locally: the migration fails, the VM does not.
+    Overlapping writes are serialised so both copies end up identical.
+
+    :param local: the device the guest's data lives on.
+    :param remote: the second device (usually an NBD client).
+    :param on_failure: callable taking the exception, called once.
+    :param timeout: seconds to wait for the remote before dropping it.
+    :param workers: remote requests in flight at once.
+    """
+
+    def __init__(self, local, remote, on_failure=None, timeout=None,
+                 workers=16):
+        super().__init__(local)
+        self._remote = remote
+        self._on_failure = on_failure
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._ranges = _RangeLock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix='xsm-mirror')
+        self.failure = None
+
+    @property
+    def remote(self):
+        return self._remote
+
+    def detach(self):
+        """Stop mirroring on purpose (no failure is reported).
+
+        :returns: the remote device, which the caller still owns.
+        """
+        with self._lock:
+            remote, self._remote = self._remote, None
+        return remote
+
+    def _drop(self, remote, exc):
+        with self._lock:
+            if self._remote is not remote:
+                return
+            self._remote = None
+            self.failure = exc
+        LOG.warning('%s: mirror to %s failed, mirroring stopped: %s',
+                    self.name, getattr(remote, 'name', remote), exc)
+        if self._on_failure is not None:
+            try:
+                self._on_failure(exc)
+            except Exception:
+                LOG.exception('%s: mirror failure callback failed',
+                              self.name)
+
+    def _both(self, call, offset=None, length=0):
+        remote = self._remote
+        if remote is None:
+            return call(self.next)
+        guard = (self._ranges.hold(offset, length) if offset is not None
+                 else contextlib.nullcontext())
+        with guard:
+            future = self._pool.submit(call, remote)
+            try:
+                return call(self.next)
+            finally:
+                try:
+                    future.result(self._timeout)
+                except concurrent.futures.TimeoutError:
+                    self._drop(remote, device.BlockError(
+                        device=getattr(remote, 'name', 'remote'),
+                        errno=errno.ETIMEDOUT,
+                        reason='no answer within %s s' % self._timeout))
+                except Exception as exc:
+                    self._drop(remote, exc)
+
+    def pwrite(self, data, offset, fua=False):
+        return self._both(lambda dev: dev.pwrite(data, offset, fua),
+                          offset, len(memoryview(data).cast('B')))
+
+    def zero(self, offset, length, may_trim=False):
+        return self._both(lambda dev: dev.zero(offset, length, may_trim),
+                          offset, length)
+
+    def trim(self, offset, length):
+        # What a trim leaves behind differs from device to device; zeroing
+        # both sides keeps the two copies identical.
+        return self.zero(offset, length, may_trim=True)
+
+    def flush(self):
+        return self._both(lambda dev: dev.flush())
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+        super().close()
+
+
+class Counter(device.Filter):
+    """Count requests, bytes, in-flight requests and latencies.
+
+    The latency histogram has a bucket per power of two microseconds:
+    bucket ``i`` counts requests that took less than ``2**i`` us (the last
+    bucket takes everything slower).
+    """
+
+    BUCKETS = 28
+
+    def __init__(self, next_device):
+        super().__init__(next_device)
+        self._lock = threading.Lock()
+        self._requests = {}
+        self._bytes_read = 0
+        self._bytes_written = 0
+        self._errors = 0
+        self._inflight = 0
+        self._max_inflight = 0
+        self._histogram = [0] * self.BUCKETS
+
+    def _count(self, op, call, nread=0, nwritten=0):
+        with self._lock:
+            self._inflight += 1
+            self._max_inflight = max(self._max_inflight, self._inflight)
+        start = time.perf_counter()
+        failed = True
+        try:
+            result = call()
+            failed = False
+            return result
+        finally:
+            micros = int((time.perf_counter() - start) * 1e6)
+            bucket = min(micros.bit_length(), self.BUCKETS - 1)
+            with self._lock:
+                self._inflight -= 1
+                self._requests[op] = self._requests.get(op, 0) + 1
+                self._histogram[bucket] += 1
+                if failed:
+                    self._errors += 1
+                else:
+                    self._bytes_read += nread
+                    self._bytes_written += nwritten
+
+    def pread(self, offset, length):
+        return self._count('read', lambda: self.next.pread(offset, length),
+                           nread=length)
+
+    def pwrite(self, data, offset, fua=False):
+        size = len(memoryview(data).cast('B'))
+        return self._count('write',
+                           lambda: self.next.pwrite(data, offset, fua),
+                           nwritten=size)
+
+    def flush(self):
+        return self._count('flush', self.next.flush)
+
+    def trim(self, offset, length):
+        return self._count('trim', lambda: self.next.trim(offset, length))
+
+    def zero(self, offset, length, may_trim=False):
+        return self._count('zero', lambda: self.next.zero(offset, length,
+                                                          may_trim))
+
+    def extents(self, offset, length):
+        return self._count('extents',
+                           lambda: self.next.extents(offset, length))
+
+    def stats(self):
+        """A snapshot of the counters as a dict of primitives."""
+        with self._lock:
+            return {
+                'requests': dict(self._requests),
+                'bytes_read': self._bytes_read,
+                'bytes_written': self._bytes_written,
+                'errors': self._errors,
+                'in_flight': self._inflight,
+                'max_in_flight': self._max_inflight,
+                'latency_us_histogram': list(self._histogram),
+            }

@@ -1,0 +1,260 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Gate, mirror and counter filters."""
+
+import errno
+import os
+import threading
+import time
+
+from xsm_driver.core.block import backends
+from xsm_driver.core.block import device
+from xsm_driver.core.block import filters
+from xsm_driver.core.vhd import ops
+from xsm_driver.tests import base
+
+MiB = 1024 * 1024
+SLOT = 4096
+
+
+class Cuttable(device.Filter):
+    """A device whose link can be cut, as a network cable can."""
+
+    def __init__(self, next_device):
+        super().__init__(next_device)
+        self.cut = threading.Event()
+
+    def pwrite(self, data, offset, fua=False):
+        if self.cut.is_set():
+            raise device.BlockError(device='remote', errno=errno.EPIPE,
+                                    reason='connection lost')
+        return super().pwrite(data, offset, fua)
+
+
+def raw_file(folder, name, size):
+    path = os.path.join(folder, name)
+    with open(path, 'wb') as f:
+        f.truncate(size)
+    return path
+
+
+class GateTest(base.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        folder = self.make_tempdir()
+        self.a = backends.RawDevice(raw_file(folder, 'a', MiB), True)
+        self.b = backends.RawDevice(raw_file(folder, 'b', MiB), True)
+        self.addCleanup(self.a.close)
+        self.addCleanup(self.b.close)
+        self.gate = filters.Gate(self.a)
+
+    def test_pause_holds_requests_until_resume(self):
+        self.gate.pause()
+        done = threading.Event()
+
+        def write():
+            self.gate.pwrite(b'x' * 512, 0)
+            done.set()
+
+        t = threading.Thread(target=write)
+        t.start()
+        self.assertFalse(done.wait(0.2))
+        self.assertEqual(self.b, self.gate.resume(self.b) and self.gate.next)
+        self.assertTrue(done.wait(5))
+        t.join()
+        self.assertEqual(b'x' * 512, self.b.pread(0, 512))
+        self.assertEqual(bytes(512), self.a.pread(0, 512))
+
+    def test_pause_waits_for_in_flight(self):
+        release = threading.Event()
+        slow = filters.Gate(_Slow(self.a, release))
+        t = threading.Thread(target=slow.pwrite, args=(b'y' * 512, 0))
+        t.start()
+        time.sleep(0.05)
+        err = self.assertRaises(device.BlockError, slow.pause, 0.1)
+        self.assertEqual(errno.ETIMEDOUT, err.errno)
+        self.assertFalse(slow.paused)
+        release.set()
+        self.assertLess(slow.pause(5), 5)
+        slow.resume()
+        t.join()
+
+    def test_replacement_must_have_the_same_size(self):
+        folder = self.make_tempdir()
+        small = backends.RawDevice(raw_file(folder, 'c', 4096), True)
+        self.addCleanup(small.close)
+        with self.gate.paused_io():
+            self.assertRaises(device.BlockError, self.gate.resume, small)
+        self.assertIs(self.a, self.gate.next)
+        self.gate.pwrite(b'z', 0)
+
+
+class _Slow(device.Filter):
+
+    def __init__(self, next_device, release):
+        super().__init__(next_device)
+        self.release = release
+
+    def pwrite(self, data, offset, fua=False):
+        self.release.wait(10)
+        return super().pwrite(data, offset, fua)
+
+
+class MirrorTest(base.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.dir = self.make_tempdir()
+
+    def test_write_is_on_both(self):
+        local = backends.RawDevice(raw_file(self.dir, 'l', MiB), True)
+        remote = backends.RawDevice(raw_file(self.dir, 'r', MiB), True)
+        self.addCleanup(remote.close)
+        mirror = filters.Mirror(local, remote)
+        self.addCleanup(mirror.close)
+        mirror.pwrite(b'm' * 1000, 10)
+        mirror.zero(20, 10)
+        mirror.trim(4096, 4096)
+        mirror.flush()
+        for dev in (local, remote):
+            self.assertEqual(b'm' * 10 + bytes(10) + b'm' * 980,
+                             bytes(dev.pread(10, 1000)))
+        self.assertIs(remote, mirror.detach())
+        mirror.pwrite(b'n', 0)
+        self.assertEqual(b'\0', bytes(remote.pread(0, 1)))
+        self.assertIsNone(mirror.failure)
+
+    def test_hung_remote_is_dropped_after_timeout(self):
+        local = backends.RawDevice(raw_file(self.dir, 'l', MiB), True)
+        release = threading.Event()
+        remote = _Slow(backends.RawDevice(raw_file(self.dir, 'r', MiB),
+                                          True), release)
+        failures = []
+        mirror = filters.Mirror(local, remote, on_failure=failures.append,
+                                timeout=0.2)
+        self.addCleanup(mirror.close)
+        self.addCleanup(remote.close)
+        self.addCleanup(release.set)
+        mirror.pwrite(b'h' * 512, 0)
+        self.assertEqual(b'h' * 512, bytes(local.pread(0, 512)))
+        self.assertEqual(1, len(failures))
+        self.assertEqual(errno.ETIMEDOUT, failures[0].errno)
+        self.assertIsNone(mirror.remote)
+
+    def test_writes_swaps_and_cut(self):
+        """Verified writes go on while the gate swaps and the link is cut.
+
+        Eight writers each own a region and keep writing numbered 4 KiB
+        slots, reading every write back. Meanwhile the disk is snapshotted
+        twice (the gate pauses, the mirror's local device becomes a new
+        differencing leaf) and the mirror's link is cut. No request may
+        fail, every write must read back, the cut must be reported once,
+        and the remote must hold every write that completed before the cut.
+        """
+        size = 16 * MiB
+        writers, slots = 8, 32
+        region = size // writers
+        leaf = os.path.join(self.dir, 'disk0.vhd')
+        ops.create(leaf, size)
+        local = backends.VHDDevice(leaf, writable=True)
+        remote_raw = backends.RawDevice(raw_file(self.dir, 'remote', size),
+                                        True)
+        self.addCleanup(remote_raw.close)
+        remote = Cuttable(remote_raw)
+        failures = []
+        mirror = filters.Mirror(local, remote, on_failure=failures.append)
+        gate = filters.Gate(mirror)
+        self.addCleanup(gate.close)
+        stop = threading.Event()
+        errors = []
+        # per writer: {slot: (seq, completed_before_cut)} of the last write
+        history = [dict() for _ in range(writers)]
+
+        def pattern(w, seq):
+            return (b'%04d:%08d:' % (w, seq)) * (SLOT // 14) + \
+                bytes(SLOT % 14)
+
+        def writer(w):
+            seq = 0
+            try:
+                while not stop.is_set():
+                    slot = seq % slots
+                    offset = w * region + slot * SLOT
+                    data = pattern(w, seq)
+                    before_cut = not remote.cut.is_set()
+                    gate.pwrite(data, offset)
+                    if bytes(gate.pread(offset, SLOT)) != data:
+                        errors.append('writer %d seq %d read back wrong'
+                                      % (w, seq))
+                        return
+                    history[w][slot] = (seq, before_cut and
+                                        not remote.cut.is_set())
+                    seq += 1
+            except Exception as exc:
+                errors.append('writer %d: %r' % (w, exc))
+
+        threads = [threading.Thread(target=writer, args=(w,))
+                   for w in range(writers)]
+        for t in threads:
+            t.start()
+        for n in (1, 2):
+            time.sleep(0.15)
+            with gate.paused_io():
+                old = mirror.next
+                old.close()
+                new_leaf = os.path.join(self.dir, 'disk%d.vhd' % n)
+                ops.snapshot(new_leaf, old.name)
+                mirror.next = backends.VHDDevice(new_leaf, writable=True)
+        time.sleep(0.15)
+        remote.cut.set()
+        time.sleep(0.15)
+        stop.set()
+        for t in threads:
+            t.join()
+        self.assertEqual([], errors)
+        self.assertEqual(1, len(failures))
+        self.assertEqual(errno.EPIPE, failures[0].errno)
+        self.assertIsNone(mirror.remote)
+        self.assertEqual(3, mirror.next.chain.depth)
+        for w in range(writers):
+            self.assertGreater(len(history[w]), 0)
+            for slot, (seq, before_cut) in history[w].items():
+                offset = w * region + slot * SLOT
+                self.assertEqual(pattern(w, seq),
+                                 bytes(gate.pread(offset, SLOT)))
+                if before_cut:
+                    self.assertEqual(pattern(w, seq),
+                                     bytes(remote_raw.pread(offset, SLOT)))
+
+
+class CounterTest(base.TestCase):
+
+    def test_counts(self):
+        path = raw_file(self.make_tempdir(), 'c', MiB)
+        counter = filters.Counter(backends.RawDevice(path, True))
+        self.addCleanup(counter.close)
+        counter.pwrite(b'q' * 4096, 0)
+        counter.pread(0, 1000)
+        counter.flush()
+        self.assertRaises(device.BlockError, counter.pread, MiB, 1)
+        stats = counter.stats()
+        self.assertEqual({'write': 1, 'read': 2, 'flush': 1},
+                         stats['requests'])
+        self.assertEqual(4096, stats['bytes_written'])
+        self.assertEqual(1000, stats['bytes_read'])
+        self.assertEqual(1, stats['errors'])
+        self.assertEqual(0, stats['in_flight'])
+        self.assertEqual(1, stats['max_in_flight'])
+        self.assertEqual(4, sum(stats['latency_us_histogram']))
+        self.assertTrue(counter.can_write)
