@@ -1,0 +1,393 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""An NBD client with many requests in flight.
+
+Any number of threads may call it at once: each request is sent under a
+lock and a reader thread completes requests as their replies arrive, in
+any order. ``aio_*`` methods return a :class:`Pending` so that one thread
+can keep several requests in flight; the plain methods wait.
+"""
+
+import errno
+import logging
+import socket
+import ssl
+import threading
+
+from xsm_driver.core import exception
+from xsm_driver.core.nbd import constants as c
+from xsm_driver.core.nbd import protocol as p
+
+LOG = logging.getLogger(__name__)
+
+RECV_SIZE = 256 * 1024
+
+
+class NBDError(exception.XSMError):
+    """A request or the connection failed; ``errno`` says how."""
+
+    msg_fmt = "NBD %(where)s: %(reason)s"
+
+    def __init__(self, message=None, errno=errno.EIO, **kwargs):
+        super().__init__(message, **kwargs)
+        self.errno = errno
+
+
+class Pending:
+    """A request in flight; :meth:`wait` returns its result."""
+
+    def __init__(self, kind, offset=0, length=0):
+        self.kind = kind
+        self.offset = offset
+        self.buffer = bytearray(length) if kind == 'read' else None
+        self.extents = []
+        self.error = None
+        self._done = threading.Event()
+
+    def finish(self, error=None):
+        if error is not None and self.error is None:
+            self.error = error
+        self._done.set()
+
+    def wait(self, timeout=None):
+        """Wait for the reply.
+
+        :returns: the data of a read, the extents of a block status
+            request (``[(length, flags), ...]``), else None.
+        :raises NBDError: the server answered with an error, the
+            connection broke, or ``timeout`` expired.
+        """
+        if not self._done.wait(timeout):
+            raise NBDError(where=self.kind, errno=errno.ETIMEDOUT,
+                           reason='no reply within %s s' % timeout)
+        if self.error is not None:
+            raise self.error
+        if self.kind == 'read':
+            return self.buffer
+        if self.kind == 'block status':
+            return self.extents
+        return None
+
+
+class Client:
+    """A connection to one export of an NBD server.
+
+    :param host: server address.
+    :param port: server port.
+    :param export: export name.
+    :param tls_context: a client :class:`ssl.SSLContext` to require TLS.
+    :param server_hostname: name to check the server certificate against
+        (default: ``host``).
+    :param timeout: seconds for connecting and each handshake step; also
+        the default wait of the blocking methods.
+    """
+
+    def __init__(self, host, port, export='', tls_context=None,
+                 server_hostname=None, timeout=30.0,
+                 max_payload=p.MAX_PAYLOAD):
+        self.host, self.port, self.export = host, port, export
+        self.name = 'nbd://%s:%d/%s' % (host, port, export)
+        self._tls = tls_context
+        self._server_hostname = server_hostname or host
+        self.timeout = timeout
+        self.conn = p.ClientConnection(max_payload=max_payload)
+        self._core = threading.Lock()
+        self._send = threading.Lock()
+        self._pending = {}
+        self._failure = None
+        self._sock = None
+        self._reader = None
+        self.size = None
+        self.flags = 0
+        self.structured = False
+        self.max_request = max_payload
+
+    # -- connecting -------------------------------------------------------
+
+    def connect(self):
+        """Connect and negotiate; returns self.
+
+        Negotiates TLS (when a context was given), structured replies and
+        the base:allocation context, then enters transmission.
+        """
+        try:
+            self._sock = socket.create_connection((self.host, self.port),
+                                                  timeout=self.timeout)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._negotiate()
+        except (OSError, ssl.SSLError) as exc:
+            self._close_socket()
+            raise NBDError(where=self.name, errno=getattr(exc, 'errno', None)
+                           or errno.ECONNREFUSED, reason=str(exc))
+        except p.NBDProtocolError as exc:
+            self._close_socket()
+            raise NBDError(where=self.name, errno=errno.EPROTO,
+                           reason=str(exc))
+        except BaseException:
+            self._close_socket()
+            raise
+        self._sock.settimeout(None)
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name='xsm-nbd-client')
+        self._reader.start()
+        return self
+
+    def _handshake_event(self):
+        while True:
+            event = self.conn.next_event()
+            out = self.conn.data_to_send()
+            if out:
+                self._sock.sendall(out)
+            if event is not p.NEED_DATA:
+                return event
+            data = self._sock.recv(RECV_SIZE)
+            self.conn.receive_data(data)
+
+    def _option(self, event):
+        self._sock.sendall(self.conn.send(event))
+        return self._handshake_event()
+
+    def _negotiate(self):
+        self._handshake_event()                       # the greeting
+        if self._tls is not None:
+            answer = self._option(p.StartTLSRequest())
+            if not isinstance(answer, p.StartTLS):
+                raise NBDError(where=self.name, errno=errno.EPROTO,
+                               reason='the server refused TLS: %s'
+                               % getattr(answer, 'message', answer))
+            self._sock = self._tls.wrap_socket(
+                self._sock, server_hostname=self._server_hostname)
+        answer = self._option(p.StructuredReplyRequest())
+        self.structured = isinstance(answer, p.OptionAck)
+        if self.structured:
+            self._option(p.SetMetaContextRequest(self.export))
+        answer = self._option(p.GoRequest(self.export,
+                                          (c.NBD_INFO_BLOCK_SIZE,)))
+        if not isinstance(answer, p.ExportChosen):
+            raise NBDError(where=self.name, errno=errno.ENOENT,
+                           reason='the server refused the export: %s'
+                           % getattr(answer, 'message', answer))
+        self.size, self.flags = answer.size, answer.flags
+        if answer.block_sizes:
+            self.max_request = min(self.max_request, answer.block_sizes[2])
+
+    @property
+    def has_allocation_map(self):
+        return bool(self.conn.meta_contexts)
+
+    def can(self, flag):
+        """Whether the export advertises transmission flag ``flag``."""
+        return bool(self.flags & flag)
+
+    # -- requests ---------------------------------------------------------
+
+    def _submit(self, pending, make_event):
+        with self._send:
+            with self._core:
+                if self._failure is not None:
+                    raise self._failure
+                handle = self.conn.new_handle()
+                try:
+                    buffers = self.conn.send_buffers(make_event(handle))
+                except p.LocalProtocolError as exc:
+                    raise NBDError(where=self.name, errno=errno.EINVAL,
+                                   reason=str(exc))
+                self._pending[handle] = pending
+            try:
+                self._write(buffers)
+            except (OSError, ssl.SSLError) as exc:
+                self._fail(NBDError(where=self.name, errno=errno.EPIPE,
+                                    reason='connection lost: %s' % exc))
+        return pending
+
+    def _write(self, buffers):
+        for buf in buffers:
+            self._sock.sendall(buf)
+
+    def _chunks(self, offset, length):
+        step = self.max_request
+        return [(pos, min(step, offset + length - pos))
+                for pos in range(offset, offset + length, step)]
+
+    def aio_pread(self, offset, length, flags=0):
+        return self._submit(Pending('read', offset, length),
+                            lambda h: p.ReadRequest(h, offset, length, flags))
+
+    def aio_pwrite(self, data, offset, fua=False):
+        flags = c.NBD_CMD_FLAG_FUA if fua else 0
+        return self._submit(Pending('write'), lambda h: p.WriteRequest(
+            h, offset, data, flags))
+
+    def pread(self, offset, length):
+        if length <= self.max_request:
+            return self.aio_pread(offset, length).wait(self.timeout)
+        buf = bytearray(length)
+        pendings = [(pos - offset, self.aio_pread(pos, n))
+                    for pos, n in self._chunks(offset, length)]
+        for at, pending in pendings:
+            data = pending.wait(self.timeout)
+            buf[at:at + len(data)] = data
+        return buf
+
+    def pwrite(self, data, offset, fua=False):
+        view = memoryview(data).cast('B')
+        pendings = [self.aio_pwrite(view[pos - offset:pos - offset + n],
+                                    pos, fua)
+                    for pos, n in self._chunks(offset, len(view))]
+        for pending in pendings:
+            pending.wait(self.timeout)
+
+    def flush(self):
+        self._submit(Pending('flush'),
+                     lambda h: p.FlushRequest(h)).wait(self.timeout)
+
+    def trim(self, offset, length):
+        self._submit(Pending('trim'), lambda h: p.TrimRequest(
+            h, offset, length)).wait(self.timeout)
+
+    def zero(self, offset, length, may_trim=False):
+        flags = 0 if may_trim else c.NBD_CMD_FLAG_NO_HOLE
+        self._submit(Pending('write zeroes'), lambda h: p.WriteZeroesRequest(
+            h, offset, length, flags)).wait(self.timeout)
+
+    def block_status(self, offset, length):
+        """``[(length, flags), ...]`` of base:allocation from ``offset``.
+
+        The server may describe less (or, for the last extent, more) than
+        asked for.
+        """
+        if not self.has_allocation_map:
+            return [(length, 0)]
+        length = min(length, 0xFFFFFFFF)
+        return self._submit(Pending('block status'),
+                            lambda h: p.BlockStatusRequest(
+                                h, offset, length)).wait(self.timeout)
+
+    # -- replies ----------------------------------------------------------
+
+    def _read_loop(self):
+        try:
+            while True:
+                with self._core:
+                    event = self.conn.next_event()
+                if event is p.NEED_DATA:
+                    if not self._receive():
+                        raise NBDError(where=self.name, errno=errno.EPIPE,
+                                       reason='the server closed the '
+                                       'connection')
+                    continue
+                if isinstance(event, (p.ConnectionClosed, p.Disconnect)):
+                    raise NBDError(where=self.name, errno=errno.ESHUTDOWN,
+                                   reason='connection closed')
+                self._complete(event)
+        except NBDError as exc:
+            self._fail(exc)
+        except p.NBDProtocolError as exc:
+            self._fail(NBDError(where=self.name, errno=errno.EPROTO,
+                                reason=str(exc)))
+        except (OSError, ssl.SSLError) as exc:
+            self._fail(NBDError(where=self.name, errno=errno.EPIPE,
+                                reason='connection lost: %s' % exc))
+
+    def _receive(self):
+        with self._core:
+            size = self.conn.expected_payload
+            view = self.conn.payload_view(bytearray(size)) if size else None
+        if view is None:
+            data = self._sock.recv(RECV_SIZE)
+            with self._core:
+                self.conn.receive_data(data)
+            return bool(data)
+        while len(view):
+            got = self._sock.recv_into(view)
+            if not got:
+                return False
+            with self._core:
+                self.conn.payload_received(got)
+            view = view[got:]
+        return True
+
+    def _complete(self, event):
+        with self._core:
+            pending = self._pending.get(event.handle)
+            if getattr(event, 'done', False):
+                self._pending.pop(event.handle, None)
+        if pending is None:
+            return
+        if isinstance(event, p.ReadReply):
+            pending.buffer = event.data
+        elif isinstance(event, p.ChunkData):
+            at = event.offset - pending.offset
+            pending.buffer[at:at + len(event.data)] = event.data
+        elif isinstance(event, p.ChunkHole):
+            at = event.offset - pending.offset
+            pending.buffer[at:at + event.length] = bytes(event.length)
+        elif isinstance(event, p.BlockStatusReply):
+            pending.extents.extend(event.extents)
+        elif isinstance(event, (p.ErrorReply, p.SimpleReply)) and \
+                event.error:
+            pending.error = NBDError(
+                where=self.name, errno=event.error,
+                reason='%s failed: %s' % (pending.kind, getattr(
+                    event, 'message', '') or errno.errorcode.get(
+                        event.error, event.error)))
+        if event.done:
+            pending.finish()
+
+    def _fail(self, error):
+        with self._core:
+            if self._failure is None:
+                self._failure = error
+            pending, self._pending = self._pending, {}
+        for item in pending.values():
+            item.finish(error)
+        if not isinstance(error, NBDError) or error.errno != errno.ESHUTDOWN:
+            LOG.debug('%s: %s', self.name, error)
+
+    # -- closing ----------------------------------------------------------
+
+    def close(self):
+        """Say goodbye (NBD_CMD_DISC) and close the connection."""
+        if self._sock is None:
+            return
+        try:
+            with self._send:
+                with self._core:
+                    ready = (self._failure is None and
+                             self.conn.state is p.State.TRANSMISSION)
+                    buffers = (self.conn.send_buffers(p.Disconnect())
+                               if ready else [])
+                self._write(buffers)
+        except (OSError, ssl.SSLError, p.NBDProtocolError):
+            pass
+        self._fail(NBDError(where=self.name, errno=errno.ESHUTDOWN,
+                            reason='the client closed the connection'))
+        self._close_socket()
+        if self._reader is not None:
+            self._reader.join()
+
+    def _close_socket(self):
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def __enter__(self):
+        return self.connect()
+
+    def __exit__(self, *exc):
+        self.close()

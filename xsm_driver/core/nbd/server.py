@@ -1,0 +1,390 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""A threaded NBD server exporting block devices.
+
+Each connection has a reader thread, which parses requests with the
+sans-IO core and hands them to a small pool of workers; replies go out in
+whatever order the workers finish. An export is any object with the block
+device interface (``size``, ``pread``, ``pwrite``, ``flush``, ``trim``,
+``zero``, ``extents`` and the ``can_*`` probes); errors it raises are
+answered with their ``errno`` (EIO when they have none).
+
+A connection whose peer breaks the protocol, stalls in the handshake or
+vanishes is closed with a logged reason; the others are not affected, and
+no thread or file descriptor outlives its connection.
+"""
+
+import collections.abc
+import concurrent.futures
+import errno
+import logging
+import socket
+import ssl
+import threading
+
+from xsm_driver.core.nbd import constants as c
+from xsm_driver.core.nbd import protocol as p
+
+LOG = logging.getLogger(__name__)
+
+RECV_SIZE = 256 * 1024
+HANDSHAKE_TIMEOUT = 30.0
+_NBD_ERRORS = {errno.EPERM: c.NBD_EPERM, errno.EIO: c.NBD_EIO,
+               errno.ENOMEM: c.NBD_ENOMEM, errno.EINVAL: c.NBD_EINVAL,
+               errno.ENOSPC: c.NBD_ENOSPC, errno.EDQUOT: c.NBD_ENOSPC,
+               errno.EOVERFLOW: c.NBD_EOVERFLOW,
+               errno.EOPNOTSUPP: c.NBD_ENOTSUP,
+               errno.ESHUTDOWN: c.NBD_ESHUTDOWN}
+_MAX_EXTENT = 0xFFFFF000            # extent lengths are uint32, keep aligned
+
+
+def export_flags(dev):
+    """Transmission flags that describe what ``dev`` can do."""
+    flags = c.NBD_FLAG_HAS_FLAGS | c.NBD_FLAG_CAN_MULTI_CONN
+    for probe, flag in (('can_flush', c.NBD_FLAG_SEND_FLUSH),
+                        ('can_fua', c.NBD_FLAG_SEND_FUA),
+                        ('can_trim', c.NBD_FLAG_SEND_TRIM),
+                        ('can_zero', c.NBD_FLAG_SEND_WRITE_ZEROES)):
+        if getattr(dev, probe, False):
+            flags |= flag
+    if not getattr(dev, 'can_write', False):
+        flags |= c.NBD_FLAG_READ_ONLY
+    return flags
+
+
+class _ExportTable(collections.abc.Mapping):
+    """The server's devices seen as :class:`protocol.Export` entries."""
+
+    def __init__(self, devices, max_payload):
+        self._devices = devices
+        self._max_payload = max_payload
+
+    def __getitem__(self, name):
+        dev = self._devices[name]
+        return p.Export(size=dev.size, flags=export_flags(dev),
+                        description=getattr(dev, 'description', ''),
+                        block_sizes=(1, 4096, self._max_payload))
+
+    def __iter__(self):
+        return iter(list(self._devices))
+
+    def __len__(self):
+        return len(self._devices)
+
+
+class Server:
+    """Serve block devices over NBD.
+
+    :param exports: mapping of export name to block device.
+    :param host: address to listen on.
+    :param port: TCP port (0 picks a free one; see :attr:`address`).
+    :param tls_context: a server :class:`ssl.SSLContext`; when given, TLS
+        is required before any export is shown.
+    :param workers: requests of one connection served in parallel.
+    :param max_payload: largest read or write accepted.
+    """
+
+    def __init__(self, exports, host='127.0.0.1', port=0, tls_context=None,
+                 workers=8, max_payload=p.MAX_PAYLOAD):
+        self._devices = dict(exports)
+        self._table = _ExportTable(self._devices, max_payload)
+        self._host, self._port = host, port
+        self._tls = tls_context
+        self._workers = workers
+        self._max_payload = max_payload
+        self._lock = threading.Lock()
+        self._handlers = set()
+        self._listener = None
+        self._thread = None
+        self._stopping = threading.Event()
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self):
+        family = socket.AF_INET6 if ':' in self._host else socket.AF_INET
+        self._listener = socket.create_server((self._host, self._port),
+                                              family=family, backlog=64)
+        self._thread = threading.Thread(target=self._accept_loop,
+                                        name='xsm-nbd-accept', daemon=True)
+        self._thread.start()
+        LOG.info('NBD server listening on %s:%d (%s)', *self.address,
+                 'TLS' if self._tls else 'plain')
+        return self
+
+    @property
+    def address(self):
+        return self._listener.getsockname()[:2]
+
+    def stop(self):
+        """Stop listening, close every connection, wait for the threads."""
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            handlers = list(self._handlers)
+        for handler in handlers:
+            handler.abort()
+        for handler in handlers:
+            handler.join()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def connections(self):
+        with self._lock:
+            return len(self._handlers)
+
+    # -- exports -------------------------------------------------------------
+
+    def add_export(self, name, dev):
+        if name in self._devices:
+            raise ValueError('export %r already exists' % name)
+        self._devices[name] = dev
+
+    def remove_export(self, name):
+        """Stop offering an export; connections already using it go on."""
+        return self._devices.pop(name)
+
+    # -- connections ---------------------------------------------------------
+
+    def _accept_loop(self):
+        while not self._stopping.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                LOG.exception('NBD server: accept failed')
+                continue
+            handler = _Handler(self, sock, peer)
+            with self._lock:
+                self._handlers.add(handler)
+            handler.start()
+
+    def _forget(self, handler):
+        with self._lock:
+            self._handlers.discard(handler)
+
+
+class _Handler:
+    """One client connection."""
+
+    def __init__(self, server, sock, peer):
+        self.server = server
+        self.sock = sock
+        self.peer = '%s:%d' % tuple(peer[:2])
+        self.conn = p.ServerConnection(
+            server._table, tls='require' if server._tls else 'off',
+            max_payload=server._max_payload)
+        self._core = threading.Lock()      # guards self.conn
+        self._send = threading.Lock()      # keeps replies whole on the wire
+        self._slots = threading.BoundedSemaphore(server._workers * 2)
+        self._pool = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name='xsm-nbd-' + self.peer)
+
+    def start(self):
+        self._thread.start()
+
+    def join(self):
+        self._thread.join()
+
+    def abort(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _run(self):
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.settimeout(HANDSHAKE_TIMEOUT)
+            dev = self._negotiate()
+            if dev is not None:
+                self.sock.settimeout(None)
+                self._transmit(dev)
+        except p.RemoteProtocolError as exc:
+            LOG.warning('NBD client %s closed: %s', self.peer, exc)
+        except socket.timeout:
+            LOG.warning('NBD client %s closed: no handshake within %.0f s',
+                        self.peer, HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError) as exc:
+            LOG.info('NBD client %s closed: %s', self.peer, exc)
+        except Exception:
+            LOG.exception('NBD client %s closed after an internal error',
+                          self.peer)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            try:
+                self.sock.close()
+            finally:
+                self.server._forget(self)
+
+    # -- wire helpers --------------------------------------------------------
+
+    def _write(self, buffers):
+        if isinstance(self.sock, ssl.SSLSocket):
+            for buf in buffers:
+                self.sock.sendall(buf)
+            return
+        views = [memoryview(b).cast('B') for b in buffers if len(b)]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
+    def _flush_core(self):
+        with self._send:
+            with self._core:
+                out = self.conn.data_to_send()
+            if out:
+                self._write([out])
+
+    def _feed(self):
+        """Receive more bytes for the core.
+
+        A payload goes straight into its own buffer; an empty read tells
+        the core that the peer has closed.
+        """
+        with self._core:
+            size = self.conn.expected_payload
+            view = self.conn.payload_view(bytearray(size)) if size else None
+        if view is None:
+            data = self.sock.recv(RECV_SIZE)
+            with self._core:
+                self.conn.receive_data(data)
+            return
+        while len(view):
+            got = self.sock.recv_into(view)
+            with self._core:
+                if not got:
+                    self.conn.receive_data(b'')
+                    return
+                self.conn.payload_received(got)
+            view = view[got:]
+
+    def _next(self):
+        while True:
+            with self._core:
+                event = self.conn.next_event()
+            self._flush_core()
+            if event is not p.NEED_DATA:
+                return event
+            self._feed()
+
+    # -- phases --------------------------------------------------------------
+
+    def _negotiate(self):
+        self._flush_core()
+        while True:
+            event = self._next()
+            if isinstance(event, p.StartTLS):
+                self.sock = self.server._tls.wrap_socket(self.sock,
+                                                         server_side=True)
+            elif isinstance(event, p.ExportChosen):
+                LOG.debug('NBD client %s uses export %r', self.peer,
+                          event.name)
+                return self.server._devices[event.name]
+            elif isinstance(event, (p.Disconnect, p.ConnectionClosed)):
+                return None
+
+    def _transmit(self, dev):
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.server._workers,
+            thread_name_prefix='xsm-nbd-io')
+        while True:
+            event = self._next()
+            if isinstance(event, (p.Disconnect, p.ConnectionClosed)):
+                return
+            self._slots.acquire()
+            self._pool.submit(self._serve, dev, event)
+
+    def _serve(self, dev, req):
+        try:
+            reply = self._execute(dev, req)
+        except Exception as exc:
+            code = _NBD_ERRORS.get(getattr(exc, 'errno', None), c.NBD_EIO)
+            if code == c.NBD_EIO and getattr(exc, 'errno', None) is None:
+                LOG.exception('NBD export %s: request failed', dev)
+            else:
+                LOG.debug('NBD request %d failed: %s', req.handle, exc)
+            reply = (p.ErrorReply(req.handle, code, str(exc)[:1024],
+                                  done=True)
+                     if self.conn.structured else
+                     p.SimpleReply(req.handle, code))
+        try:
+            with self._send:
+                with self._core:
+                    buffers = self.conn.send_buffers(reply)
+                self._write(buffers)
+        except (OSError, ssl.SSLError) as exc:
+            LOG.debug('NBD client %s: reply lost: %s', self.peer, exc)
+            self.abort()
+        except p.NBDProtocolError as exc:
+            LOG.debug('NBD client %s: no reply sent: %s', self.peer, exc)
+        finally:
+            self._slots.release()
+
+    def _execute(self, dev, req):
+        handle, structured = req.handle, self.conn.structured
+        fua = bool(req.flags & c.NBD_CMD_FLAG_FUA)
+        if type(req) is p.ReadRequest:
+            data = dev.pread(req.offset, req.length)
+            if structured:
+                return p.ChunkData(handle, req.offset, data, done=True)
+            return p.ReadReply(handle, data)
+        if isinstance(req, p.WriteRequest):
+            dev.pwrite(req.data, req.offset, fua)
+        elif isinstance(req, p.FlushRequest):
+            dev.flush()
+        elif isinstance(req, p.TrimRequest):
+            dev.trim(req.offset, req.length)
+            if fua:
+                dev.flush()
+        elif isinstance(req, p.WriteZeroesRequest):
+            dev.zero(req.offset, req.length,
+                     may_trim=not req.flags & c.NBD_CMD_FLAG_NO_HOLE)
+            if fua:
+                dev.flush()
+        elif isinstance(req, p.BlockStatusRequest):
+            return p.BlockStatusReply(
+                handle, next(iter(self.conn.meta_contexts)),
+                self._status(dev, req), done=True)
+        return p.SimpleReply(handle)
+
+    @staticmethod
+    def _status(dev, req):
+        extents = []
+        for _offset, length, flags in dev.extents(req.offset, req.length):
+            while length:
+                piece = min(length, _MAX_EXTENT)
+                extents.append((piece, flags))
+                length -= piece
+            if req.flags & c.NBD_CMD_FLAG_REQ_ONE:
+                return tuple(extents[:1])
+        return tuple(extents)
