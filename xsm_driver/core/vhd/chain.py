@@ -151,9 +151,38 @@ class Chain:
     def pread(self, offset, length):
         """Read ``length`` bytes at ``offset`` through the chain."""
         self.check_range(offset, length)
+        data = self._read_direct(offset, length)
+        if data is not None:
+            return data
         buf = bytearray(length)
         self._read(0, memoryview(buf), offset)
         return buf
+
+    def _read_direct(self, offset, length):
+        """Bytes of a range one image holds whole within one block, or None.
+
+        The common case (a sequential or random read of data the leaf or
+        one parent wrote) then costs one ``pread`` and no buffer to zero.
+        """
+        block = offset // BS
+        if not length or (offset + length - 1) // BS != block:
+            return None
+        for img in self.images:
+            if offset + length > img.size:
+                return None
+            data_at = img.block_offset(block)
+            if data_at is None:
+                continue
+            at = data_at + offset - block * BS
+            if img.bat is not None and not img.is_full(block):
+                first = (offset - block * BS) // SECTOR
+                stop = -(-(offset + length - block * BS) // SECTOR)
+                bits = img.bitmap(block)[first:stop]
+                if '0' in bits:
+                    return None
+            data = img.read_raw(length, at)
+            return data if len(data) == length else None
+        return None
 
     def read_into(self, view, offset):
         """Read into a writable buffer (for ``recv_into``-style callers)."""
