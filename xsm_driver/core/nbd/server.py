@@ -28,6 +28,7 @@ import collections.abc
 import concurrent.futures
 import errno
 import logging
+import secrets
 import socket
 import ssl
 import threading
@@ -62,12 +63,22 @@ def export_flags(dev):
     return flags
 
 
-class _ExportTable(collections.abc.Mapping):
-    """The server's devices seen as :class:`protocol.Export` entries."""
+def unguessable_name():
+    """An export name for one migration: 192 random bits, URL-safe."""
+    return secrets.token_urlsafe(24)
 
-    def __init__(self, devices, max_payload):
+
+class _ExportTable(collections.abc.Mapping):
+    """The server's devices seen as :class:`protocol.Export` entries.
+
+    With ``listed`` false, NBD_OPT_LIST shows nothing: a client must know
+    the name it asks for.
+    """
+
+    def __init__(self, devices, max_payload, listed=True):
         self._devices = devices
         self._max_payload = max_payload
+        self._listed = listed
 
     def __getitem__(self, name):
         dev = self._devices[name]
@@ -76,10 +87,10 @@ class _ExportTable(collections.abc.Mapping):
                         block_sizes=(1, 4096, self._max_payload))
 
     def __iter__(self):
-        return iter(list(self._devices))
+        return iter(list(self._devices) if self._listed else [])
 
     def __len__(self):
-        return len(self._devices)
+        return len(self._devices) if self._listed else 0
 
 
 class Server:
@@ -92,12 +103,14 @@ class Server:
         is required before any export is shown.
     :param workers: requests of one connection served in parallel.
     :param max_payload: largest read or write accepted.
+    :param list_exports: answer NBD_OPT_LIST with the export names; a
+        server started for a migration does not.
     """
 
     def __init__(self, exports, host='127.0.0.1', port=0, tls_context=None,
-                 workers=8, max_payload=p.MAX_PAYLOAD):
+                 workers=8, max_payload=p.MAX_PAYLOAD, list_exports=True):
         self._devices = dict(exports)
-        self._table = _ExportTable(self._devices, max_payload)
+        self._table = _ExportTable(self._devices, max_payload, list_exports)
         self._host, self._port = host, port
         self._tls = tls_context
         self._workers = workers

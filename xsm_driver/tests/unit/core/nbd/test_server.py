@@ -14,12 +14,14 @@
 
 import errno
 import os
+import socket
 import threading
 
 from xsm_driver.core.block import backends
 from xsm_driver.core.block import device
 from xsm_driver.core.block import nbd as nbd_device
 from xsm_driver.core.nbd import client as nbd_client
+from xsm_driver.core.nbd import protocol
 from xsm_driver.core.nbd import server as nbd_server
 from xsm_driver.core.nbd import tls
 from xsm_driver.core.vhd import ops
@@ -171,3 +173,37 @@ class TLSTest(ServerTestCase):
         self.assertRaises(nbd_client.NBDError, self.connect, self.server,
                           tls_context=tls.client_context(f[tls.CA_CERT]),
                           server_hostname='localhost')
+
+
+class ExportNamesTest(ServerTestCase):
+
+    def list_exports(self, server):
+        sock = socket.create_connection(server.address, timeout=10)
+        self.addCleanup(sock.close)
+        conn = protocol.ClientConnection()
+
+        def next_event():
+            while True:
+                event = conn.next_event()
+                out = conn.data_to_send()
+                if out:
+                    sock.sendall(out)
+                if event is not protocol.NEED_DATA:
+                    return event
+                conn.receive_data(sock.recv(65536))
+
+        next_event()
+        sock.sendall(conn.send(protocol.ListRequest()))
+        return next_event()
+
+    def test_listed_by_default(self):
+        self.assertEqual((('disk', ''),),
+                         self.list_exports(self.serve()).exports)
+
+    def test_migration_exports_are_hidden_and_unguessable(self):
+        name = nbd_server.unguessable_name()
+        self.assertGreaterEqual(len(name), 32)
+        self.assertNotEqual(name, nbd_server.unguessable_name())
+        server = self.serve({name: self.dev}, list_exports=False)
+        self.assertEqual((), self.list_exports(server).exports)
+        self.assertEqual(64 * MiB, self.connect(server, name).size)
