@@ -20,6 +20,9 @@ import time
 from xsm_driver.core.block import backends
 from xsm_driver.core.block import device
 from xsm_driver.core.block import filters
+from xsm_driver.core.block import nbd as nbd_device
+from xsm_driver.core.nbd import server as nbd_server
+from xsm_driver.core.vhd import chain as vhd_chain
 from xsm_driver.core.vhd import ops
 from xsm_driver.tests import base
 
@@ -155,6 +158,39 @@ class MirrorTest(base.TestCase):
     def test_writes_swaps_and_cut(self):
         """Verified writes go on while the gate swaps and the link is cut.
 
+        The remote is a raw file behind a link the test cuts.
+        """
+        size = 16 * MiB
+        remote_raw = backends.RawDevice(raw_file(self.dir, 'remote', size),
+                                        True)
+        self.addCleanup(remote_raw.close)
+        remote = Cuttable(remote_raw)
+        failures = self.swaps_and_cut(size, remote, remote.cut.set,
+                                      remote_raw.pread)
+        self.assertEqual(errno.EPIPE, failures[0].errno)
+
+    def test_writes_swaps_and_cut_over_nbd(self):
+        """The same, mirrored to a VHD served by our NBD server.
+
+        The cut is the server going away with requests in flight.
+        """
+        size = 16 * MiB
+        remote_path = os.path.join(self.dir, 'remote.vhd')
+        ops.create(remote_path, size)
+        exported = backends.VHDDevice(remote_path, writable=True)
+        server = nbd_server.Server({'disk': exported}).start()
+        self.addCleanup(server.stop)
+        remote = nbd_device.NBDDevice.connect(*server.address, 'disk',
+                                              timeout=10)
+        self.addCleanup(remote.close)
+        self.swaps_and_cut(size, remote, server.stop, None)
+        exported.close()
+        with vhd_chain.Chain(remote_path) as written:
+            self.check_remote(written.pread)
+
+    def swaps_and_cut(self, size, remote, cut, read_remote):
+        """Run the workload; check the local side; return the failures.
+
         Eight writers each own a region and keep writing numbered 4 KiB
         slots, reading every write back. Meanwhile the disk is snapshotted
         twice (the gate pauses, the mirror's local device becomes a new
@@ -162,28 +198,19 @@ class MirrorTest(base.TestCase):
         fail, every write must read back, the cut must be reported once,
         and the remote must hold every write that completed before the cut.
         """
-        size = 16 * MiB
         writers, slots = 8, 32
         region = size // writers
         leaf = os.path.join(self.dir, 'disk0.vhd')
         ops.create(leaf, size)
         local = backends.VHDDevice(leaf, writable=True)
-        remote_raw = backends.RawDevice(raw_file(self.dir, 'remote', size),
-                                        True)
-        self.addCleanup(remote_raw.close)
-        remote = Cuttable(remote_raw)
         failures = []
         mirror = filters.Mirror(local, remote, on_failure=failures.append)
         gate = filters.Gate(mirror)
         self.addCleanup(gate.close)
-        stop = threading.Event()
+        stop, is_cut = threading.Event(), threading.Event()
         errors = []
         # per writer: {slot: (seq, completed_before_cut)} of the last write
         history = [dict() for _ in range(writers)]
-
-        def pattern(w, seq):
-            return (b'%04d:%08d:' % (w, seq)) * (SLOT // 14) + \
-                bytes(SLOT % 14)
 
         def writer(w):
             seq = 0
@@ -192,14 +219,14 @@ class MirrorTest(base.TestCase):
                     slot = seq % slots
                     offset = w * region + slot * SLOT
                     data = pattern(w, seq)
-                    before_cut = not remote.cut.is_set()
+                    before_cut = not is_cut.is_set()
                     gate.pwrite(data, offset)
                     if bytes(gate.pread(offset, SLOT)) != data:
                         errors.append('writer %d seq %d read back wrong'
                                       % (w, seq))
                         return
                     history[w][slot] = (seq, before_cut and
-                                        not remote.cut.is_set())
+                                        not is_cut.is_set())
                     seq += 1
             except Exception as exc:
                 errors.append('writer %d: %r' % (w, exc))
@@ -217,25 +244,37 @@ class MirrorTest(base.TestCase):
                 ops.snapshot(new_leaf, old.name)
                 mirror.next = backends.VHDDevice(new_leaf, writable=True)
         time.sleep(0.15)
-        remote.cut.set()
+        is_cut.set()
+        cut()
         time.sleep(0.15)
         stop.set()
         for t in threads:
             t.join()
         self.assertEqual([], errors)
         self.assertEqual(1, len(failures))
-        self.assertEqual(errno.EPIPE, failures[0].errno)
         self.assertIsNone(mirror.remote)
         self.assertEqual(3, mirror.next.chain.depth)
-        for w in range(writers):
-            self.assertGreater(len(history[w]), 0)
-            for slot, (seq, before_cut) in history[w].items():
-                offset = w * region + slot * SLOT
-                self.assertEqual(pattern(w, seq),
-                                 bytes(gate.pread(offset, SLOT)))
+        self.history = [(w * region, h) for w, h in enumerate(history)]
+        for base_offset, slots_written in self.history:
+            self.assertGreater(len(slots_written), 0)
+            for slot, (seq, _before_cut) in slots_written.items():
+                w = base_offset // region
+                self.assertEqual(pattern(w, seq), bytes(gate.pread(
+                    base_offset + slot * SLOT, SLOT)))
+        if read_remote is not None:
+            self.check_remote(read_remote)
+        return failures
+
+    def check_remote(self, read_remote):
+        for w, (base_offset, slots_written) in enumerate(self.history):
+            for slot, (seq, before_cut) in slots_written.items():
                 if before_cut:
-                    self.assertEqual(pattern(w, seq),
-                                     bytes(remote_raw.pread(offset, SLOT)))
+                    self.assertEqual(pattern(w, seq), bytes(read_remote(
+                        base_offset + slot * SLOT, SLOT)))
+
+
+def pattern(w, seq):
+    return (b'%04d:%08d:' % (w, seq)) * (SLOT // 14) + bytes(SLOT % 14)
 
 
 class CounterTest(base.TestCase):
