@@ -46,11 +46,30 @@ def parent_candidates(path, img):
     return list(dict.fromkeys(found))
 
 
-def find_parent(path, img):
+def open_parent(path, img):
+    """Open the parent of ``img``: the first candidate with its uuid.
+
+    Checking the uuid of every candidate (rather than taking the first
+    file that exists) keeps a chain readable when a ``set-parent`` was
+    interrupted between its locators and its header.
+    """
     tried = parent_candidates(path, img)
+    mismatched = []
     for candidate in tried:
-        if os.path.isfile(candidate):
-            return candidate
+        if not os.path.isfile(candidate):
+            continue
+        parent = vhd_image.Image(candidate)
+        if parent.uuid == img.header.parent_uuid:
+            return parent
+        mismatched.append('%s is %s' % (candidate,
+                                        fmt.format_uuid(parent.uuid)))
+        parent.close()
+    if mismatched:
+        raise errors.ParentMismatch(
+            path=path, parent=' or '.join(tried),
+            reason='the child expects uuid %s, but %s'
+            % (fmt.format_uuid(img.header.parent_uuid),
+               ', '.join(mismatched)))
     raise errors.ParentNotFound(path=path, tried=', '.join(tried) or
                                 'nothing: no locator and no parent name')
 
@@ -66,41 +85,39 @@ def resolve(path):
 
 def _open_images(path, writable, close=False):
     images = []
-    seen = set()
     try:
-        current, mode = path, writable
-        while True:
-            real = os.path.realpath(current)
-            if real in seen:
-                raise errors.ChainLoop(path=path, parent=current)
-            seen.add(real)
+        img = vhd_image.Image(path, writable=writable)
+        images.append(img)
+        seen = {os.path.realpath(path)}
+        while img.type == fmt.TYPE_DIFF:
             if len(images) == fmt.MAX_CHAIN_DEPTH:
                 raise errors.ChainTooDeep(path=path, depth=len(images) + 1,
                                           limit=fmt.MAX_CHAIN_DEPTH)
-            img = vhd_image.Image(current, writable=mode)
+            img = open_parent(img.path, img)
             images.append(img)
-            if images[-2:-1]:
-                _check_parent(images[-2], img)
-            if img.type != fmt.TYPE_DIFF:
-                break
-            current, mode = find_parent(current, img), False
+            real = os.path.realpath(img.path)
+            if real in seen:
+                raise errors.ChainLoop(path=path, parent=img.path)
+            seen.add(real)
     except BaseException:
         close = True
         raise
     finally:
         if close:
-            for img in images:
-                img.close()
+            _close_all(images)
     return images
 
 
-def _check_parent(child, parent):
-    if child.header.parent_uuid != parent.uuid:
-        raise errors.ParentMismatch(
-            path=child.path, parent=parent.path,
-            reason='the child expects uuid %s, the parent is %s'
-            % (fmt.format_uuid(child.header.parent_uuid),
-               fmt.format_uuid(parent.uuid)))
+def _close_all(images):
+    """Close every image, even when closing one of them fails."""
+    error = None
+    for img in images:
+        try:
+            img.close()
+        except Exception as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 class Chain:
@@ -131,8 +148,7 @@ class Chain:
         return len(self.images)
 
     def close(self):
-        for img in self.images:
-            img.close()
+        _close_all(self.images)
 
     def __enter__(self):
         return self

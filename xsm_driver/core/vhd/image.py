@@ -127,11 +127,16 @@ class Image:
 
     # -- opening and validation -------------------------------------------
 
-    def _pread(self, length, offset):
+    def _pread(self, length, offset, what):
+        """Read metadata whose offset and length come from the file."""
+        if offset < 0 or length < 0 or offset + length > self.file_size:
+            raise fmt.FormatError('the %s (%d bytes at offset %d) lies '
+                                  'beyond the end of the file (%d bytes)'
+                                  % (what, length, offset, self.file_size))
         data = os.pread(self._fd, length, offset)
         if len(data) != length:
-            raise fmt.FormatError('file ends at %d, needed %d bytes at %d'
-                                  % (self.file_size, length, offset))
+            raise fmt.FormatError('the %s (%d bytes at offset %d) was cut '
+                                  'short' % (what, length, offset))
         return data
 
     def _load(self):
@@ -140,7 +145,7 @@ class Image:
             raise fmt.FormatError('file is %d bytes, too short for a footer'
                                   % self.file_size)
         self.footer = fmt.Footer.unpack(
-            self._pread(fmt.SECTOR, self.file_size - fmt.SECTOR))
+            self._pread(fmt.SECTOR, self.file_size - fmt.SECTOR, 'footer'))
         self.size = self.footer.size
         self.type = self.footer.type
         self.header = None
@@ -152,7 +157,8 @@ class Image:
                     'file has %d' % (self.size, self.size + fmt.SECTOR,
                                      self.file_size))
             return
-        self.header = fmt.Header.unpack(self._pread(1024, fmt.HEADER_OFFSET))
+        self.header = fmt.Header.unpack(
+            self._pread(1024, fmt.HEADER_OFFSET, 'dynamic header'))
         entries = self.header.max_bat_entries
         if entries < fmt.bat_entries(self.size):
             raise fmt.FormatError('BAT has %d entries, %d are needed for %d '
@@ -165,7 +171,7 @@ class Image:
         if bat_at < fmt.BAT_OFFSET or bat_at % fmt.SECTOR:
             raise fmt.FormatError('BAT offset %d is not a sector after the '
                                   'header' % bat_at)
-        self.bat = array.array('I', self._pread(entries * 4, bat_at))
+        self.bat = array.array('I', self._pread(entries * 4, bat_at, 'BAT'))
         if sys.byteorder == 'little':
             self.bat.byteswap()
         regions.append((bat_at, bat_at + bat_len, 'BAT'))
@@ -178,12 +184,13 @@ class Image:
         self._check_blocks(regions)
 
     def _load_batmap(self, at, entries, regions):
-        hdr = fmt.BatmapHeader.unpack(self._pread(fmt.SECTOR, at))
+        hdr = fmt.BatmapHeader.unpack(
+            self._pread(fmt.SECTOR, at, 'batmap header'))
         if hdr.sectors < fmt.batmap_sectors(entries):
             raise fmt.FormatError('batmap has %d sectors, %d are needed'
                                   % (hdr.sectors,
                                      fmt.batmap_sectors(entries)))
-        raw = self._pread(hdr.sectors * fmt.SECTOR, hdr.offset)
+        raw = self._pread(hdr.sectors * fmt.SECTOR, hdr.offset, 'batmap')
         expected = fmt.batmap_checksum(raw, self.size)
         if expected != hdr.checksum:
             raise fmt.FormatError('batmap checksum is 0x%08x, computed 0x%08x'
@@ -438,15 +445,10 @@ class Image:
             self._pwritev([raw], 0)
         self.footer = footer
 
-    def write_header(self, header):
+    def write_raw(self, data, offset):
+        """Write bytes of the file itself in one system call."""
         self._require_writable()
-        self._pwritev([header.pack()], fmt.HEADER_OFFSET)
-        self.header = header
-
-    def write_locator_data(self, locator, payload):
-        self._require_writable()
-        self._pwritev([payload, ZEROS[:locator.space_bytes - len(payload)]],
-                      locator.data_offset)
+        self._pwritev([data], offset)
 
     def read_locator_data(self, locator):
         return os.pread(self._fd, locator.data_length, locator.data_offset)

@@ -32,6 +32,9 @@ from xsm_driver.core.vhd import image as vhd_image
 LOG = logging.getLogger(__name__)
 
 COPY_CHUNK = 8 * 1024 * 1024
+# set-parent rewrites header to locators in one write; XenServer's images
+# keep that under 5 MiB (a 2 TiB BAT is 4 MiB).
+_MAX_METADATA_REWRITE = 64 * 1024 * 1024
 
 
 def _publish(path, build, mode=0o644):
@@ -188,9 +191,9 @@ def set_parent(child_path, parent_path):
     """Re-point a differencing image at a new parent (compose).
 
     Updates the parent uuid, timestamp, name and the MacX/W2ku/W2ru
-    locators. The locator data is written before the header, so an
-    interruption leaves the old parent uuid in place and the command can
-    simply be run again.
+    locators. The header and the locators are rewritten in a single write
+    (with the unchanged BAT and batmap between them), so an interrupted
+    call leaves either the old parent or the new one, never a mix.
     """
     parent_uuid, parent_size = _open_parent_for_child(child_path,
                                                       parent_path)
@@ -206,30 +209,36 @@ def set_parent(child_path, parent_path):
                 path=child_path, reason='virtual size %d is smaller than the '
                 'new parent %s (%d)' % (img.size, parent_path, parent_size))
         header = img.header
-        slots = {loc.code: loc for loc in header.locators
-                 if loc.code in fmt.LOCATOR_CODES}
+        slots = [(loc, payload) for code, payload in payloads
+                 for loc in header.locators if loc.code == code]
         if not slots:
             raise errors.InvalidRequest(path=child_path,
                                         reason='has no parent locator to '
                                         'rewrite')
-        for code, payload in payloads:
-            loc = slots.get(code)
-            if loc is None:
-                continue
-            if len(payload) > loc.space_bytes:
+        for loc, payload in slots:
+            if len(payload) > loc.space_bytes or \
+                    loc.data_offset < fmt.BAT_OFFSET:
                 raise errors.InvalidRequest(
-                    path=child_path, reason='parent locator has room for %d '
-                    'bytes, the new path needs %d' % (loc.space_bytes,
-                                                      len(payload)))
-        for code, payload in payloads:
-            loc = slots.get(code)
-            if loc is not None:
-                img.write_locator_data(loc, payload)
-                loc.data_length = len(payload)
+                    path=child_path, reason='parent locator at %d has room '
+                    'for %d bytes, the new path needs %d'
+                    % (loc.data_offset, loc.space_bytes, len(payload)))
+            loc.data_length = len(payload)
         header.parent_uuid = parent_uuid
         header.parent_timestamp = fmt.vhd_time(os.stat(parent_path).st_mtime)
         header.parent_name = name
-        img.write_header(header)
+        start = fmt.HEADER_OFFSET
+        end = max(loc.data_offset + loc.space_bytes for loc, _p in slots)
+        if end - start > _MAX_METADATA_REWRITE:
+            raise errors.InvalidRequest(
+                path=child_path, reason='parent locators lie %d bytes after '
+                'the header; too far to rewrite them with it' % end)
+        buf = bytearray(img.read_raw(end - start, start))
+        buf[:1024] = header.pack()
+        for loc, payload in slots:
+            at = loc.data_offset - start
+            buf[at:at + loc.space_bytes] = payload + bytes(
+                loc.space_bytes - len(payload))
+        img.write_raw(buf, start)
         img.flush()
     finally:
         img.close()
