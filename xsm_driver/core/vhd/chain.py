@@ -14,6 +14,7 @@
 
 import logging
 import os
+import threading
 
 from xsm_driver.core.vhd import errors
 from xsm_driver.core.vhd import format as fmt
@@ -142,6 +143,7 @@ class Chain:
         self.leaf = self.images[0]
         self.size = self.leaf.size
         self.writable = writable
+        self._rmw_lock = threading.Lock()
 
     @property
     def depth(self):
@@ -259,17 +261,24 @@ class Chain:
         self.check_range(offset, len(view))
         end = offset + len(view)
         if offset % SECTOR or end % SECTOR:
-            start = offset - offset % SECTOR
-            stop = -(-end // SECTOR) * SECTOR
-            buf = bytearray(stop - start)
-            edges = memoryview(buf)
-            self._read(0, edges[:SECTOR], start)
-            if stop - SECTOR > start:
-                self._read(0, edges[-SECTOR:], stop - SECTOR)
-            edges[offset - start:end - start] = view
-            view, offset = edges, start
+            # Read-modify-write of the edge sectors: two such writes into
+            # the same sector (not overlapping each other) must not undo
+            # one another, so they take turns.
+            with self._rmw_lock:
+                self._write_partial(view, offset, end)
+            return
         if view:
             self.leaf.write(offset, view)
+
+    def _write_partial(self, view, offset, end):
+        start = offset - offset % SECTOR
+        stop = -(-end // SECTOR) * SECTOR
+        edges = memoryview(bytearray(stop - start))
+        self._read(0, edges[:SECTOR], start)
+        if stop - SECTOR > start:
+            self._read(0, edges[-SECTOR:], stop - SECTOR)
+        edges[offset - start:end - start] = view
+        self.leaf.write(start, edges)
 
     def write_zeroes(self, offset, length):
         """Make a sector-aligned range read as zeros.
