@@ -32,6 +32,7 @@ import secrets
 import socket
 import ssl
 import threading
+import time
 
 from xsm_driver.core.nbd import constants as c
 from xsm_driver.core.nbd import protocol as p
@@ -213,6 +214,7 @@ class _Handler:
         self._send = threading.Lock()      # keeps replies whole on the wire
         self._slots = threading.BoundedSemaphore(server._workers * 2)
         self._pool = None
+        self._deadline = None              # end of the handshake
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='xsm-nbd-' + self.peer)
 
@@ -224,7 +226,9 @@ class _Handler:
 
     def abort(self):
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            # Not SSLSocket.shutdown: it would drop the TLS state under the
+            # feet of the threads still using the socket.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -232,9 +236,11 @@ class _Handler:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._deadline = time.monotonic() + HANDSHAKE_TIMEOUT
             self.sock.settimeout(HANDSHAKE_TIMEOUT)
             dev = self._negotiate()
             if dev is not None:
+                self._deadline = None
                 self.sock.settimeout(None)
                 self._transmit(dev)
         except p.RemoteProtocolError as exc:
@@ -278,12 +284,22 @@ class _Handler:
             if out:
                 self._write([out])
 
+    def _handshake_time_left(self):
+        """Bound the next socket call by what is left of the handshake."""
+        if self._deadline is None:
+            return
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout('handshake deadline passed')
+        self.sock.settimeout(left)
+
     def _feed(self):
         """Receive more bytes for the core.
 
         A payload goes straight into its own buffer; an empty read tells
         the core that the peer has closed.
         """
+        self._handshake_time_left()
         with self._core:
             size = self.conn.expected_payload
             view = self.conn.payload_view(bytearray(size)) if size else None
@@ -317,8 +333,15 @@ class _Handler:
         while True:
             event = self._next()
             if isinstance(event, p.StartTLS):
-                self.sock = self.server._tls.wrap_socket(self.sock,
-                                                         server_side=True)
+                # Publish the TLS socket before its handshake, so that
+                # abort() can interrupt a peer stalled in it.
+                self.sock = self.server._tls.wrap_socket(
+                    self.sock, server_side=True,
+                    do_handshake_on_connect=False)
+                if self.server._stopping.is_set():
+                    return None
+                self._handshake_time_left()
+                self.sock.do_handshake()
             elif isinstance(event, p.ExportChosen):
                 LOG.debug('NBD client %s uses export %r', self.peer,
                           event.name)
