@@ -278,10 +278,12 @@ class _Handler:
                 views[0] = views[0][sent:]
 
     def _flush_core(self):
-        with self._send:
-            with self._core:
-                out = self.conn.data_to_send()
-            if out:
+        # Only the reader produces core bytes; it takes the send lock only
+        # when there is something to send, not after every request.
+        with self._core:
+            out = self.conn.data_to_send()
+        if out:
+            with self._send:
                 self._write([out])
 
     def _handshake_time_left(self):
