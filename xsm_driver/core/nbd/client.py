@@ -27,10 +27,9 @@ import threading
 from xsm_driver.core import exception
 from xsm_driver.core.nbd import constants as c
 from xsm_driver.core.nbd import protocol as p
+from xsm_driver.core.nbd import wire
 
 LOG = logging.getLogger(__name__)
-
-RECV_SIZE = 256 * 1024
 
 
 class NBDError(exception.XSMError):
@@ -150,7 +149,7 @@ class Client:
                 self._sock.sendall(out)
             if event is not p.NEED_DATA:
                 return event
-            data = self._sock.recv(RECV_SIZE)
+            data = self._sock.recv(wire.RECV_SIZE)
             self.conn.receive_data(data)
 
     def _option(self, event):
@@ -281,7 +280,7 @@ class Client:
                 with self._core:
                     event = self.conn.next_event()
                 if event is p.NEED_DATA:
-                    if not self._receive():
+                    if not wire.receive(self._sock, self.conn, self._core):
                         raise NBDError(where=self.name, errno=errno.EPIPE,
                                        reason='the server closed the '
                                        'connection')
@@ -298,24 +297,6 @@ class Client:
         except (OSError, ssl.SSLError) as exc:
             self._fail(NBDError(where=self.name, errno=errno.EPIPE,
                                 reason='connection lost: %s' % exc))
-
-    def _receive(self):
-        with self._core:
-            size = self.conn.expected_payload
-            view = self.conn.payload_view(bytearray(size)) if size else None
-        if view is None:
-            data = self._sock.recv(RECV_SIZE)
-            with self._core:
-                self.conn.receive_data(data)
-            return bool(data)
-        while len(view):
-            got = self._sock.recv_into(view)
-            if not got:
-                return False
-            with self._core:
-                self.conn.payload_received(got)
-            view = view[got:]
-        return True
 
     def _complete(self, event):
         with self._core:

@@ -36,10 +36,10 @@ import time
 
 from xsm_driver.core.nbd import constants as c
 from xsm_driver.core.nbd import protocol as p
+from xsm_driver.core.nbd import wire
 
 LOG = logging.getLogger(__name__)
 
-RECV_SIZE = 256 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 _NBD_ERRORS = {errno.EPERM: c.NBD_EPERM, errno.EIO: c.NBD_EIO,
                errno.ENOMEM: c.NBD_ENOMEM, errno.EINVAL: c.NBD_EINVAL,
@@ -296,28 +296,8 @@ class _Handler:
         self.sock.settimeout(left)
 
     def _feed(self):
-        """Receive more bytes for the core.
-
-        A payload goes straight into its own buffer; an empty read tells
-        the core that the peer has closed.
-        """
         self._handshake_time_left()
-        with self._core:
-            size = self.conn.expected_payload
-            view = self.conn.payload_view(bytearray(size)) if size else None
-        if view is None:
-            data = self.sock.recv(RECV_SIZE)
-            with self._core:
-                self.conn.receive_data(data)
-            return
-        while len(view):
-            got = self.sock.recv_into(view)
-            with self._core:
-                if not got:
-                    self.conn.receive_data(b'')
-                    return
-                self.conn.payload_received(got)
-            view = view[got:]
+        wire.receive(self.sock, self.conn, self._core)
 
     def _next(self):
         while True:
