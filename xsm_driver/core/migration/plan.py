@@ -1,0 +1,308 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Pure decisions of a migration: no I/O, no clocks.
+
+Everything here takes its inputs as arguments (time included) and either
+returns a value or raises a :mod:`~xsm_driver.core.migration.errors`
+exception, so that the source and destination roles stay thin and every
+rule is tested without disks, sockets or sleeps.
+"""
+
+import logging
+
+from xsm_driver.core.block import device
+from xsm_driver.core.migration import errors
+from xsm_driver.core.vhd import format as vhd_format
+
+LOG = logging.getLogger(__name__)
+
+# -- phases -------------------------------------------------------------------
+
+PHASES = ('preflight', 'prepare-receive', 'mirror', 'snapshot', 'copy',
+          'compose', 'switch-over', 'clean-up', 'done')
+ABORTED = 'aborted'
+DONE = 'done'
+TERMINAL = (DONE, ABORTED)
+ALL_PHASES = PHASES + (ABORTED,)
+
+# From switch-over on, the VM may already run on the destination: the
+# migration can only go forward.
+_POINT_OF_NO_RETURN = PHASES.index('switch-over')
+
+
+def _index(phase):
+    try:
+        return PHASES.index(phase)
+    except ValueError:
+        if phase == ABORTED:
+            return None
+        raise errors.InvalidPhase(phase=phase, reason='not one of %s'
+                                  % ', '.join(ALL_PHASES))
+
+
+def check_phase(phase):
+    """Raise :class:`~errors.InvalidPhase` for an unknown phase name."""
+    _index(phase)
+    return phase
+
+
+def can_abort(phase):
+    """Whether a migration in ``phase`` can still be rolled back.
+
+    True before the switch-over; False from the switch-over on and for the
+    terminal phases.
+    """
+    index = _index(phase)
+    return index is not None and index < _POINT_OF_NO_RETURN
+
+
+def next_phase(phase):
+    """The phase after ``phase``.
+
+    :raises errors.InvalidPhase: ``phase`` is unknown or terminal.
+    """
+    index = _index(phase)
+    if index is None or phase == DONE:
+        raise errors.InvalidPhase(phase=phase, reason='the migration has '
+                                  'ended; no phase follows')
+    return PHASES[index + 1]
+
+
+# -- space ------------------------------------------------------------------
+
+BLOCK_SIZE = vhd_format.BLOCK_SIZE
+# Each VHD data block is preceded by its 512-byte sector bitmap, padded so
+# that the data is 4 KiB aligned (see vhd.format.first_block_offset): a
+# block costs 4 KiB of metadata, not just the bitmap sector.
+BLOCK_OVERHEAD = vhd_format.align_up(vhd_format.BITMAP_SIZE,
+                                     vhd_format.DATA_ALIGN)
+
+
+def blocks_touched(ranges):
+    """How many distinct 2 MiB VHD blocks ``(offset, length)`` ranges touch.
+
+    Ranges must be sorted and not overlap (as :func:`split_extents`
+    returns them).
+    """
+    count, last = 0, -1
+    for offset, length in ranges:
+        if length <= 0:
+            continue
+        first, stop = offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE
+        if first <= last:
+            first = last + 1
+        if stop >= first:
+            count += stop - first + 1
+        last = max(last, stop)
+    return count
+
+
+def vhd_metadata(size, differencing=False):
+    """Bytes of a new, empty dynamic (or differencing) image of ``size``.
+
+    Footer copy, header, BAT (4 bytes per 2 MiB block, padded to a
+    sector), batmap header and batmap, parent locators of a differencing
+    image, padding up to the first 4 KiB aligned block, and the footer.
+    """
+    lay = vhd_format.layout(vhd_format.round_size(size), differencing)
+    return lay.first_block + vhd_format.SECTOR
+
+
+def vdi_space(size, allocated, leaf_headroom, blocks=None):
+    """Bytes one VDI needs on a VHD destination SR.
+
+    The destination holds a dynamic parent with the copied data and a
+    differencing leaf that receives the mirrored writes.
+
+    :param size: virtual size.
+    :param allocated: bytes of allocated data the copy moves.
+    :param leaf_headroom: room for the leaf's mirrored writes; capped at
+        the virtual size, which is all a leaf can ever hold.
+    :param blocks: the number of 2 MiB blocks the data touches, when known
+        (see :func:`blocks_touched`); a VHD allocates whole blocks, so
+        scattered small writes take more than their bytes. Default: as
+        few as ``allocated`` fills.
+    """
+    rounded = vhd_format.round_size(size)
+    if blocks is None:
+        blocks = -(-int(allocated) // BLOCK_SIZE)
+    blocks = min(blocks, vhd_format.bat_entries(rounded))
+    data = max(int(allocated), blocks * BLOCK_SIZE)
+    headroom = min(int(leaf_headroom), rounded)
+    headroom_blocks = -(-headroom // BLOCK_SIZE)
+    return (data + blocks * BLOCK_OVERHEAD +
+            vhd_metadata(rounded, differencing=False) +
+            vhd_metadata(rounded, differencing=True) +
+            headroom + headroom_blocks * BLOCK_OVERHEAD)
+
+
+def space_needed(vdis, leaf_headroom):
+    """Bytes the destination SR needs for the VDIs of a migration.
+
+    :param vdis: dicts with ``uuid``, ``size`` (virtual) and ``allocated``
+        (bytes of allocated data of the whole chain, what the copy moves);
+        an optional ``blocks`` refines the estimate (see
+        :func:`vdi_space`).
+    :param leaf_headroom: bytes reserved per VDI for the mirrored leaf.
+    """
+    return sum(vdi_space(v['size'], v['allocated'], leaf_headroom,
+                         v.get('blocks')) for v in vdis)
+
+
+def check_space(sr_name, needed, free):
+    """Raise :class:`~errors.InsufficientSpace` when ``needed > free``."""
+    if needed > free:
+        raise errors.InsufficientSpace(sr=sr_name, needed=needed, free=free)
+
+
+# -- preflight ----------------------------------------------------------------
+
+def _unmapped(items, mapping):
+    missing = []
+    for item in items:
+        if not mapping.get(item) and item not in missing:
+            missing.append(item)
+    return missing
+
+
+def check_vdi_map(vm_vdis, vdi_map):
+    """Every VDI of the VM must have a destination SR.
+
+    :param vm_vdis: uuids of the VM's VDIs.
+    :param vdi_map: dict of VDI uuid to destination SR.
+    :raises errors.VDINotInMap: naming every unmapped VDI.
+    """
+    missing = _unmapped(vm_vdis, vdi_map or {})
+    if missing:
+        raise errors.VDINotInMap(vdis=missing)
+
+
+def check_vif_map(vm_vifs, vif_map, cross_pool):
+    """Every VIF must have a destination network when the VM changes pool.
+
+    :raises errors.VIFNotInMap: naming every unmapped VIF (cross-pool only).
+    """
+    if not cross_pool:
+        return
+    missing = _unmapped(vm_vifs, vif_map or {})
+    if missing:
+        raise errors.VIFNotInMap(vifs=missing)
+
+
+def check_chain_depth(vdi, depth, limit=vhd_format.MAX_CHAIN_DEPTH):
+    """The chain of ``vdi`` after migration must be at most ``limit`` deep."""
+    if depth > limit:
+        raise errors.ChainTooDeep(vdi=vdi, depth=depth, limit=limit)
+
+
+def check_concurrency(host, active, limit):
+    """Refuse one more migration when ``active`` already reach ``limit``.
+
+    A ``limit`` of None or 0 means no limit (as Nova's
+    ``max_concurrent_live_migrations``).
+    """
+    if limit and active >= limit:
+        raise errors.TooManyMigrations(host=host, active=active, limit=limit)
+
+
+def order_vdis(vdis):
+    """VDIs largest allocated first, ties by uuid: long copies start first.
+
+    :returns: a new list; ``vdis`` is not changed.
+    """
+    return sorted(vdis, key=lambda v: (-v['allocated'], v['uuid']))
+
+
+# -- copy -------------------------------------------------------------------
+
+def split_extents(extents, chunk):
+    """The ``(offset, length)`` ranges a copy must read and write.
+
+    :param extents: ``(offset, length, flags)`` as
+        :meth:`~xsm_driver.core.block.device.BlockDevice.extents` returns
+        them. An extent with :data:`~device.ZERO` set is skipped, since the
+        destination starts zeroed; a hole that is not known to read as
+        zeros (HOLE without ZERO, e.g. in a backing file) is copied.
+    :param chunk: largest range returned.
+    :returns: sorted ranges; adjacent extents are merged, then cut at
+        multiples of ``chunk`` so that every range but the first and last
+        of a run is a whole, aligned chunk.
+    """
+    if chunk <= 0:
+        raise ValueError('chunk must be positive, not %r' % (chunk,))
+    runs = []
+    for offset, length, flags in sorted(extents):
+        if length <= 0 or flags & device.ZERO:
+            continue
+        if runs and runs[-1][1] >= offset:
+            runs[-1][1] = max(runs[-1][1], offset + length)
+        else:
+            runs.append([offset, offset + length])
+    out = []
+    for start, end in runs:
+        pos = start
+        while pos < end:
+            stop = min(end, (pos // chunk + 1) * chunk)
+            out.append((pos, stop - pos))
+            pos = stop
+    return out
+
+
+def pace_delay(bytes_sent, elapsed, rate):
+    """Seconds to wait so that ``bytes_sent`` in total keep under ``rate``.
+
+    :param bytes_sent: bytes sent (or about to be) since the start.
+    :param elapsed: seconds since the start.
+    :param rate: bytes per second; None or 0 for no limit.
+    """
+    if not rate:
+        return 0.0
+    return max(0.0, bytes_sent / float(rate) - elapsed)
+
+
+def rate(done, elapsed):
+    """Average bytes per second (0.0 before any time has passed)."""
+    if elapsed <= 0:
+        return 0.0
+    return done / float(elapsed)
+
+
+def eta(done, total, elapsed):
+    """Seconds left at the average rate so far, or None when unknown."""
+    if done >= total:
+        return 0.0
+    speed = rate(done, elapsed)
+    if speed <= 0:
+        return None
+    return (total - done) / speed
+
+
+COMPLETION_ACTIONS = ('abort', 'force-complete')
+
+
+def completion_action(elapsed, timeout, action):
+    """What to do when copying or converging has run for ``elapsed`` s.
+
+    :param timeout: the completion timeout in seconds; None or 0 never
+        expires.
+    :param action: what the operator chose on expiry: ``abort`` or
+        ``force-complete`` (Nova spells it ``force_complete``).
+    :returns: ``continue`` before the timeout, else ``action``.
+    """
+    action = str(action).replace('_', '-')
+    if action not in COMPLETION_ACTIONS:
+        raise ValueError('completion timeout action must be one of %s, not '
+                         '%r' % (', '.join(COMPLETION_ACTIONS), action))
+    if not timeout or elapsed < timeout:
+        return 'continue'
+    return action
