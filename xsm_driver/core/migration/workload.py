@@ -1,0 +1,275 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""A verifying guest workload: what a VM's vCPU does to its disks.
+
+Each disk is seen as 4 KiB blocks. The guest writes block ``b`` with the
+pattern of its next *generation* ``g`` (a pure function of disk, block and
+generation) and remembers ``g`` in its model, one 32-bit number per block
+(1 MiB of model per GiB of disk). Reads during the run are checked against
+the model at once; :func:`verify` checks a whole disk. The model is the
+VM's "memory": it travels with the VM when it migrates (:meth:`export`,
+:meth:`Workload.from_state`), so the guest goes on on the destination
+exactly where it paused on the source.
+"""
+
+import array
+import base64
+import hashlib
+import logging
+import random
+import struct
+import threading
+import time
+import zlib
+
+from xsm_driver.core import exception
+
+LOG = logging.getLogger(__name__)
+
+BLOCK = 4096
+_HEADER = struct.Struct('>8sIQI')
+_MAGIC = b'XSMGUEST'
+
+
+class GuestDataError(exception.XSMError):
+    msg_fmt = ('guest disk %(disk)s: block %(block)d (byte offset '
+               '%(offset)d) holds %(found)s, the guest wrote %(expected)s')
+
+
+def pattern(disk, block, generation):
+    """The 4 KiB the guest writes to ``block`` at ``generation``."""
+    if not generation:
+        return bytes(BLOCK)
+    head = _HEADER.pack(_MAGIC, disk, block, generation)
+    fill = hashlib.blake2b(head, digest_size=64).digest()
+    return (head + fill * (BLOCK // len(fill)))[:BLOCK]
+
+
+def describe(data, disk):
+    """Name what a block holds, for an error message."""
+    if not any(data):
+        return 'zeros'
+    magic, d, b, g = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        return 'foreign data'
+    if d != disk:
+        return 'data of disk %d block %d generation %d' % (d, b, g)
+    return 'block %d generation %d' % (b, g)
+
+
+class DiskModel:
+    """What the guest believes one disk holds."""
+
+    def __init__(self, index, blocks, generations=None):
+        self.index = index
+        self.gen = generations if generations is not None else \
+            array.array('I', bytes(4 * blocks))
+
+    @property
+    def blocks(self):
+        return len(self.gen)
+
+    def check(self, block, data):
+        expected = self.gen[block]
+        if bytes(data) != pattern(self.index, block, expected):
+            raise GuestDataError(disk=self.index, block=block,
+                                 offset=block * BLOCK,
+                                 found=describe(data, self.index),
+                                 expected=describe(
+                                     pattern(self.index, block, expected),
+                                     self.index))
+
+    def to_primitive(self):
+        raw = zlib.compress(self.gen.tobytes(), 1)
+        return {'index': self.index,
+                'generations': base64.b64encode(raw).decode('ascii')}
+
+    @classmethod
+    def from_primitive(cls, data):
+        gen = array.array('I')
+        gen.frombytes(zlib.decompress(base64.b64decode(data['generations'])))
+        return cls(data['index'], 0, gen)
+
+
+def fill(dev, model, fraction, rng=None):
+    """Write a first generation into ``fraction`` of the disk's blocks.
+
+    Writes in runs of up to 2 MiB so the layout has both data and holes.
+    :returns: bytes written.
+    """
+    rng = rng or random.Random(model.index)
+    written = 0
+    run = 512                               # blocks: 2 MiB
+    for first in range(0, model.blocks, run):
+        if rng.random() >= fraction:
+            continue
+        stop = min(first + run, model.blocks)
+        buf = bytearray()
+        for b in range(first, stop):
+            model.gen[b] += 1
+            buf += pattern(model.index, b, model.gen[b])
+        dev.pwrite(buf, first * BLOCK)
+        written += len(buf)
+    dev.flush()
+    return written
+
+
+def verify(dev, model, chunk=2 << 20):
+    """Check every block of ``dev`` against ``model``.
+
+    :raises GuestDataError: at the first block that differs.
+    :returns: bytes verified.
+    """
+    per = chunk // BLOCK
+    for first in range(0, model.blocks, per):
+        stop = min(first + per, model.blocks)
+        data = memoryview(dev.pread(first * BLOCK, (stop - first) * BLOCK))
+        for b in range(first, stop):
+            at = (b - first) * BLOCK
+            model.check(b, data[at:at + BLOCK])
+    return model.blocks * BLOCK
+
+
+class Workload:
+    """One thread per disk that writes and reads back, verifying.
+
+    :param devices: list of block devices, the VM's disks in order.
+    :param models: one :class:`DiskModel` per device.
+    :param rate: writes per second per disk (``None``: as fast as it can).
+    :param read_ratio: reads per write.
+    """
+
+    def __init__(self, devices, models, rate=None, read_ratio=1.0,
+                 seed=None):
+        self.devices = list(devices)
+        self.models = list(models)
+        self.rate = rate
+        self.read_ratio = read_ratio
+        self._rng = random.Random(seed)
+        self._lock = threading.Condition()
+        self._run = threading.Event()
+        self._stop = False
+        self._suspend = False
+        self._parked = 0
+        self._threads = []
+        self.writes = 0
+        self.reads = 0
+        self.error = None
+
+    # -- life cycle --------------------------------------------------------
+
+    def start(self):
+        self._run.set()
+        for dev, model in zip(self.devices, self.models):
+            t = threading.Thread(target=self._loop, args=(dev, model),
+                                 name='xsm-guest-%d' % model.index,
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self):
+        with self._lock:
+            self._stop = True
+            self._suspend = False
+            self._lock.notify_all()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    @property
+    def running(self):
+        return bool(self._threads) and not self._stop
+
+    def suspend(self, timeout=30):
+        """Park every guest thread between two I/Os (pause the vCPUs)."""
+        with self._lock:
+            self._suspend = True
+            if not self._lock.wait_for(
+                    lambda: self._stop or
+                    self._parked == len(self._threads), timeout):
+                self._suspend = False
+                self._lock.notify_all()
+                raise exception.XSMError('the guest did not pause within '
+                                         '%s s' % timeout)
+
+    def resume(self):
+        with self._lock:
+            self._suspend = False
+            self._lock.notify_all()
+
+    def counters(self):
+        with self._lock:
+            return {'writes': self.writes, 'reads': self.reads,
+                    'error': str(self.error) if self.error else None}
+
+    # -- state that travels with the VM ------------------------------------
+
+    def export(self):
+        """The guest's state; call while suspended or stopped."""
+        return {'rate': self.rate, 'read_ratio': self.read_ratio,
+                'writes': self.writes, 'reads': self.reads,
+                'models': [m.to_primitive() for m in self.models]}
+
+    @classmethod
+    def from_state(cls, devices, state):
+        self = cls(devices, [DiskModel.from_primitive(m)
+                             for m in state['models']],
+                   rate=state['rate'], read_ratio=state['read_ratio'])
+        self.writes, self.reads = state['writes'], state['reads']
+        return self
+
+    # -- the guest ---------------------------------------------------------
+
+    def _park(self):
+        with self._lock:
+            if not self._suspend:
+                return not self._stop
+            self._parked += 1
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: not self._suspend or self._stop)
+            self._parked -= 1
+            return not self._stop
+
+    def _loop(self, dev, model):
+        rng = random.Random(self._rng.random())
+        interval = 1.0 / self.rate if self.rate else 0
+        next_at = time.monotonic()
+        try:
+            while self._park():
+                block = rng.randrange(model.blocks)
+                model.gen[block] += 1
+                dev.pwrite(pattern(model.index, block, model.gen[block]),
+                           block * BLOCK)
+                reads = int(self.read_ratio) + (
+                    rng.random() < self.read_ratio % 1)
+                for _ in range(reads):
+                    b = rng.randrange(model.blocks)
+                    model.check(b, dev.pread(b * BLOCK, BLOCK))
+                with self._lock:
+                    self.writes += 1
+                    self.reads += reads
+                if interval:
+                    next_at += interval
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    else:
+                        next_at = time.monotonic()
+        except Exception as exc:
+            LOG.error('guest workload on disk %d failed: %s', model.index,
+                      exc)
+            with self._lock:
+                self.error = exc
+                self._stop = True
+                self._lock.notify_all()
