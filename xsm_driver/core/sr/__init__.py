@@ -12,10 +12,17 @@
 
 """Storage repositories (SRs): where the virtual disks of a host live.
 
-An SR holds VDIs and can create, destroy, snapshot, compose and list them.
-Drivers are stevedore plugins of the ``xsm_driver.sr`` namespace, chosen by
-the ``[sr]driver`` option.  This module only loads them: the SR interface and
-the drivers themselves (``vhd``, ``raw``, ``xenapi``) arrive in a later issue.
+An SR holds VDIs and can create, destroy, snapshot, coalesce, attach and
+list them, and receive a migrating disk. The interface is
+:class:`xsm_driver.core.sr.base.SR`; drivers are stevedore plugins of the
+``xsm_driver.sr`` namespace, named in the ``[sr]repositories`` option and
+constructed as ``driver(name, path)``:
+
+* ``vhd`` (:mod:`.vhd`, the default): a directory of VHD files, XenServer's
+  file SR layout, with XenServer-style snapshots;
+* ``raw`` (:mod:`.raw`): a directory of thick raw files, no snapshots.
+
+This module only loads them.
 """
 
 from stevedore import driver
@@ -29,8 +36,8 @@ NAMESPACE = 'xsm_driver.sr'
 
 class UnknownSRDriver(exception.XSMError):
     msg_fmt = ("Unknown storage repository driver %(name)r in option "
-               "[sr]driver; available drivers in namespace %(namespace)s: "
-               "%(available)s.")
+               "[sr]repositories; available drivers in namespace "
+               "%(namespace)s: %(available)s.")
 
 
 def _available():
@@ -43,7 +50,7 @@ def _available():
 def load_driver(name, *args, **kwargs):
     """Load and instantiate the SR driver plugin called ``name``.
 
-    :param name: the plugin name, as set in ``[sr]driver`` (e.g. ``vhd``).
+    :param name: the plugin name, as in ``[sr]repositories`` (e.g. ``vhd``).
     :param args: positional arguments for the driver's constructor.
     :param kwargs: keyword arguments for the driver's constructor.
     :returns: the driver instance.

@@ -11,12 +11,15 @@
 # under the License.
 
 import importlib.metadata
+import os
 
 import fixtures
 from stevedore import extension
 
 from xsm_driver.core import exception
 from xsm_driver.core import sr
+from xsm_driver.core.sr import raw
+from xsm_driver.core.sr import vhd
 from xsm_driver.tests import base
 
 
@@ -53,7 +56,7 @@ class TestLoadDriver(base.TestCase):
         self.assertIsInstance(exc, exception.XSMError)
         msg = str(exc)
         self.assertIn("'nope'", msg)
-        self.assertIn('[sr]driver', msg)
+        self.assertIn('[sr]repositories', msg)
         self.assertIn('broken, fake', msg)
 
     def test_unknown_name_with_no_driver_installed(self):
@@ -72,3 +75,20 @@ class TestNamespace(base.TestCase):
                                 sr.load_driver, 'no-such-driver')
         self.assertIn("'no-such-driver'", str(exc))
         self.assertIn(sr.NAMESPACE, str(exc))
+
+    def test_real_drivers_load(self):
+        top = self.make_tempdir()
+        for name, cls in (('vhd', vhd.VHDSR), ('raw', raw.RawSR)):
+            path = os.path.join(top, name)
+            drv = sr.load_driver(name, 'sr-' + name, path)
+            self.assertIsInstance(drv, cls)
+            self.assertEqual(('sr-' + name, path, name),
+                             (drv.name, drv.path, drv.type))
+            self.assertTrue(os.path.isdir(path))
+            vdi = drv.create(4 * 1024 * 1024)
+            self.assertEqual(name, vdi.type)
+
+    def test_real_namespace_lists_both_drivers(self):
+        exc = self.assertRaises(sr.UnknownSRDriver, sr.load_driver, 'nope')
+        self.assertIn('raw', str(exc))
+        self.assertIn('vhd', str(exc))
