@@ -12,9 +12,10 @@
 
 """Configuration options of xsm-driver, one module per option group."""
 
+from xsm_driver.conf import agent
 from xsm_driver.conf import sr
 
-MODULES = (sr,)
+MODULES = (agent, sr)
 
 
 def register_opts(conf):

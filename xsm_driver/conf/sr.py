@@ -19,17 +19,14 @@ sr_group = cfg.OptGroup(
          'holds the virtual disk images (VDIs) of this host.')
 
 sr_opts = [
-    cfg.StrOpt(
-        'driver',
-        default='vhd',
-        help='Name of the storage repository driver, a stevedore plugin of '
-             'the xsm_driver.sr namespace: for example vhd (a directory of '
-             'VHD files).'),
-    cfg.StrOpt(
-        'path',
-        default='/var/lib/xsm-driver/sr',
-        help='Directory that holds the storage repository of a file-based '
-             'driver such as vhd.'),
+    cfg.MultiStrOpt(
+        'repositories',
+        default=['local:vhd:/var/lib/xsm-driver/sr'],
+        help='A storage repository of this host, as NAME:DRIVER:PATH: the '
+             'SR name operators and VDI maps use, the driver (a stevedore '
+             'plugin of the xsm_driver.sr namespace: vhd, a directory of VHD '
+             'files like XenServer\'s EXT and NFS SRs, or raw, thick raw '
+             'files) and its directory. Repeat the option for several SRs.'),
 ]
 
 

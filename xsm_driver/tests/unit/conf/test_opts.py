@@ -13,6 +13,7 @@
 from oslo_config import cfg
 
 from xsm_driver import conf as xsm_conf
+from xsm_driver.conf import agent
 from xsm_driver.conf import opts
 from xsm_driver.conf import sr
 from xsm_driver.tests import base
@@ -23,11 +24,13 @@ class TestOpts(base.TestCase):
     def test_list_opts_returns_the_original_objects(self):
         groups = dict(opts.list_opts())
         self.assertIs(sr.sr_opts, groups[sr.sr_group])
+        self.assertIs(agent.agent_opts, groups[agent.agent_group])
 
     def test_register_opts_on_the_given_conf(self):
         conf = cfg.ConfigOpts()
         xsm_conf.register_opts(conf)
         conf([])
-        self.assertEqual('vhd', conf.sr.driver)
-        self.assertEqual('/var/lib/xsm-driver/sr', conf.sr.path)
+        self.assertEqual(['local:vhd:/var/lib/xsm-driver/sr'],
+                         conf.sr.repositories)
+        self.assertEqual(3, conf.agent.max_concurrent_migrations)
         self.assertNotIn('sr', cfg.CONF)

@@ -1,0 +1,57 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Pieces the commands share: one-line errors, option plumbing."""
+
+import logging
+import sys
+
+from xsm_driver.core import exception
+
+
+class CommandError(Exception):
+    """A failure to report in one line, without a traceback."""
+
+
+def run(prog, args, errors=()):
+    """Run ``args.func(args)``; report failures in one line.
+
+    :returns: the exit status.
+    """
+    logging.basicConfig(level=logging.DEBUG if getattr(args, 'debug', False)
+                        else logging.WARNING,
+                        format='%(levelname)s %(name)s %(message)s')
+    try:
+        return args.func(args) or 0
+    except (CommandError, exception.XSMError, OSError, ValueError) + \
+            tuple(errors) as exc:
+        print('%s %s: error: %s' % (prog, args.command, exc),
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print('%s %s: interrupted' % (prog, args.command), file=sys.stderr)
+        return 130
+
+
+def migration_options(conf):
+    """Migration defaults from the ``[agent]`` options."""
+    from xsm_driver.core.migration import manager
+    mib = 1 << 20
+    return manager.Options(
+        address=conf.agent.migration_address,
+        bandwidth=conf.agent.bandwidth_limit or None,
+        max_concurrent=conf.agent.max_concurrent_migrations,
+        leaf_headroom=conf.agent.leaf_headroom_mb * mib,
+        pause_timeout=conf.agent.pause_timeout,
+        mirror_timeout=conf.agent.mirror_timeout,
+        chunk=conf.agent.copy_chunk_mb * mib,
+        depth=conf.agent.copy_depth)

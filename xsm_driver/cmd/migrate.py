@@ -1,0 +1,288 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""xsm-migrate: the operator's command for live storage migrations.
+
+It talks to the agents over oslo.messaging (``--config-file`` with
+``[DEFAULT]transport_url``, or ``--transport-url``), starts a migration on
+the source host's agent, and follows it with a progress bar (phase, %,
+rate, ETA) on a terminal, a line per phase otherwise, or one JSON object
+with ``--json``. ``xsm-migrate demo`` needs no broker.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from xsm_driver.cmd import common
+from xsm_driver.core.migration import errors
+
+PROG = 'xsm-migrate'
+
+
+def _mapping(text):
+    key, sep, value = text.partition('=')
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError('%r is not KEY=VALUE' % text)
+    return key, value
+
+
+def _size(text):
+    from xsm_driver.core.vhd import format as fmt
+    try:
+        return fmt.parse_size(text)
+    except Exception:
+        raise argparse.ArgumentTypeError('%r is not a size (e.g. 1G, '
+                                         '512M, 1048576)' % text)
+
+
+def _human(n):
+    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+        if abs(n) < 1024 or unit == 'TiB':
+            return ('%.1f %s' % (n, unit)) if unit != 'B' else '%d B' % n
+        n /= 1024.0
+
+
+def progress_line(status, width=30):
+    """One line for a terminal: phase, bar, %, rate, ETA."""
+    prog = status.get('progress') or {}
+    pct = prog.get('percent') or 0.0
+    filled = int(width * pct / 100)
+    eta = prog.get('eta_s')
+    return '%-14s [%s%s] %5.1f%% %10s/s ETA %s' % (
+        status['phase'], '#' * filled, '.' * (width - filled), pct,
+        _human(prog.get('rate_bytes_per_s') or 0),
+        '--' if eta is None else '%ds' % eta)
+
+
+class Follower:
+    """Print a migration's progress until it ends."""
+
+    def __init__(self, out=sys.stdout, quiet=False):
+        self.out = out
+        self.tty = out.isatty() and not quiet
+        self.quiet = quiet
+        self._phase = None
+
+    def update(self, status):
+        if self.quiet:
+            return
+        if self.tty:
+            self.out.write('\r' + progress_line(status))
+            self.out.flush()
+        elif status['phase'] != self._phase:
+            self.out.write('%s: %s\n' % (status['id'][:8], status['phase']))
+            self.out.flush()
+        self._phase = status['phase']
+
+    def end(self):
+        if self.tty:
+            self.out.write('\n')
+
+
+def follow(get, mid, follower, interval=0.2):
+    """Poll ``get(mid)`` until the migration ends; return its status."""
+    while True:
+        status = get(mid)
+        follower.update(status)
+        if status.get('finished') is not None or \
+                status['phase'] in ('done', 'aborted'):
+            follower.end()
+            return status
+        time.sleep(interval)
+
+
+def print_result(status, as_json):
+    if as_json:
+        print(json.dumps(status, sort_keys=True))
+        return
+    if status['phase'] == 'done':
+        prog = status['progress']
+        print('migration %s done: %s copied in %.1f s, downtime %s ms'
+              % (status['id'], _human(prog['done']), prog['elapsed_s'],
+                 status['downtime_ms']))
+    else:
+        print('migration %s %s: %s' % (status['id'], status['phase'],
+                                       status['error']))
+
+
+# -- commands talking to agents --------------------------------------------
+
+def _api(args, host):
+    from xsm_driver.cmd import agent as agent_cmd
+    from xsm_driver.core.rpc import api
+    argv = []
+    for f in args.config_file or []:
+        argv += ['--config-file', f]
+    conf = agent_cmd.load_config(argv, PROG)
+    transport = api.get_transport(conf, url=args.transport_url)
+    return api.AgentAPI(transport, host or conf.agent.host,
+                        timeout=args.rpc_timeout)
+
+
+def _start_and_follow(args, client, mid):
+    status = follow(client.migration_get, mid,
+                    Follower(quiet=args.json or args.no_wait))
+    print_result(status, args.json)
+    return 0 if status['phase'] == 'done' else 1
+
+
+def cmd_vm(args):
+    client = _api(args, args.host)
+    options = {'bandwidth': args.bandwidth, 'copy': args.copy,
+               'network': args.network}
+    mid = client.migrate_vm(args.vm, args.to_host, dict(args.vdi_map),
+                            dict(args.vif_map or []),
+                            **{k: v for k, v in options.items() if v})
+    if args.no_wait:
+        print(mid)
+        return 0
+    return _start_and_follow(args, client, mid)
+
+
+def cmd_vdi(args):
+    client = _api(args, args.host)
+    mid = client.migrate_vdi(args.vdi, args.to_sr,
+                             **({'bandwidth': args.bandwidth}
+                                if args.bandwidth else {}))
+    if args.no_wait:
+        print(mid)
+        return 0
+    return _start_and_follow(args, client, mid)
+
+
+def cmd_list(args):
+    rows = _api(args, args.host).migration_list()
+    if args.json:
+        print(json.dumps(rows, sort_keys=True))
+        return 0
+    for s in rows:
+        print('%s %-8s %-12s %5.1f%% %s -> %s %s' % (
+            s['id'], s['kind'], s['phase'], s['progress']['percent'] or 0,
+            s['source'], s['destination'], s['error'] or ''))
+    return 0
+
+
+def cmd_show(args):
+    status = _api(args, args.host).migration_get(args.id)
+    print(json.dumps(status, sort_keys=True, indent=None if args.json
+                     else 2))
+    return 0
+
+
+def cmd_abort(args):
+    client = _api(args, args.host)
+    client.migration_abort(args.id)
+    if args.no_wait:
+        return 0
+    status = follow(client.migration_get, args.id, Follower(quiet=True))
+    print_result(status, args.json)
+    return 0 if status['phase'] == 'aborted' else 1
+
+
+def cmd_demo(args):
+    from xsm_driver.cmd import demo
+    return demo.run(args)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split(
+        '\n\n')[0])
+    parser.add_argument('--debug', action='store_true',
+                        help='log debug messages')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    def talking(p):
+        p.add_argument('--config-file', action='append',
+                       help='xsm-driver.conf with [DEFAULT]transport_url '
+                       '(repeatable)')
+        p.add_argument('--transport-url', help='oslo.messaging URL of the '
+                       'control plane, e.g. rabbit://guest:guest@host:5672/')
+        p.add_argument('--host', help='the source host\'s agent (default: '
+                       '[agent]host of the config file)')
+        p.add_argument('--rpc-timeout', type=float, default=60,
+                       help='seconds to wait for an agent')
+        p.add_argument('--json', action='store_true',
+                       help='print one JSON object')
+        p.add_argument('--no-wait', action='store_true',
+                       help='print the migration id and return')
+
+    p = sub.add_parser('vm', help='move a VM and all its disks to another '
+                       'host, live')
+    talking(p)
+    p.add_argument('--vm', required=True, help='VM uuid or name')
+    p.add_argument('--to-host', required=True, help='destination host')
+    p.add_argument('--vdi-map', type=_mapping, action='append',
+                   required=True, metavar='VDI=SR',
+                   help='destination SR of a VDI (one per VDI)')
+    p.add_argument('--vif-map', type=_mapping, action='append',
+                   metavar='VIF=NETWORK', help='destination network of a '
+                   'VIF')
+    p.add_argument('--network', help='destination address migration data '
+                   'uses')
+    p.add_argument('--bandwidth', type=_size, help='copy rate limit, '
+                   'bytes/s (K, M, G suffixes)')
+    p.add_argument('--copy', action='store_true', help='copy the disks; '
+                   'the VM stays where it is')
+    p.set_defaults(func=cmd_vm)
+
+    p = sub.add_parser('vdi', help='move a VDI to another SR of its host, '
+                       'live')
+    talking(p)
+    p.add_argument('--vdi', required=True)
+    p.add_argument('--to-sr', required=True)
+    p.add_argument('--bandwidth', type=_size)
+    p.set_defaults(func=cmd_vdi)
+
+    p = sub.add_parser('list', help='migrations of a host')
+    talking(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser('show', help='one migration, as JSON')
+    talking(p)
+    p.add_argument('id')
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser('abort', help='abort a migration and restore both '
+                       'sides')
+    talking(p)
+    p.add_argument('id')
+    p.set_defaults(func=cmd_abort)
+
+    p = sub.add_parser('demo', help='two hosts in a scratch folder, a VM '
+                       'with a verifying guest, a live migration')
+    p.add_argument('--workdir', help='keep the hosts\' SRs in this folder')
+    p.add_argument('--size', type=_size, default=256 << 20,
+                   help='virtual size of each disk (default 256M)')
+    p.add_argument('--disks', type=int, default=2, help='disks of the VM '
+                   '(default 2)')
+    p.add_argument('--write-rate', type=int, default=200,
+                   help='guest writes (4 KiB) per second per disk; 0: as '
+                   'fast as it can (default 200)')
+    p.add_argument('--fill', type=float, default=0.5,
+                   help='fraction of each disk written before migrating')
+    p.add_argument('--json', action='store_true',
+                   help='print one JSON object')
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from oslo_messaging import exceptions as msg_exc
+    return common.run(PROG, args, errors=(msg_exc.MessagingException,
+                                          errors.MigrationError))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

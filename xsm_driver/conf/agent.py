@@ -1,0 +1,93 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+import socket
+
+from oslo_config import cfg
+
+agent_group = cfg.OptGroup(
+    'agent',
+    title='Agent options',
+    help='Options of xsm-agent, the service that runs on every host, owns '
+         'its VMs and storage repositories and takes part in migrations.')
+
+agent_opts = [
+    cfg.StrOpt(
+        'host',
+        default=socket.gethostname(),
+        sample_default='<hostname>',
+        help='Name of this host: the RPC server name other agents and '
+             'xsm-migrate use to reach this agent.'),
+    cfg.StrOpt(
+        'state_path',
+        default='/var/lib/xsm-driver/state',
+        help='Directory for the migration journal (SQLite), the VM records '
+             'and per-migration TLS credentials. Keep it on local storage '
+             'that survives a reboot.'),
+    cfg.StrOpt(
+        'migration_address',
+        default='127.0.0.1',
+        help='Address the NBD server of an incoming migration listens on. '
+             'Set it to this host\'s address on the migration network; '
+             'migration data never uses another address.'),
+    cfg.IntOpt(
+        'max_concurrent_migrations',
+        default=3, min=1,
+        help='Migrations this host takes part in at once, as source or '
+             'destination. One more is refused before anything changes '
+             '(XenServer refuses the fourth with TOO_MANY_STORAGE_MIGRATES).'),
+    cfg.IntOpt(
+        'bandwidth_limit',
+        default=0, min=0,
+        help='Default copy rate limit of one migration, in bytes per second; '
+             '0 means unlimited. A migration request may set its own.'),
+    cfg.IntOpt(
+        'leaf_headroom_mb',
+        default=64, min=0,
+        help='Free space, in MiB, a disk\'s new leaf may need on the source '
+             'SR while its snapshot is copied, and on the destination SR on '
+             'top of the copied data.'),
+    cfg.FloatOpt(
+        'pause_timeout',
+        default=10.0, min=0.1,
+        help='Seconds a snapshot or switch-over waits for in-flight guest '
+             'I/O to finish before it gives up (the migration then aborts '
+             'and the guest goes on).'),
+    cfg.FloatOpt(
+        'mirror_timeout',
+        default=30.0, min=0.1,
+        help='Seconds a mirrored guest write waits for the destination; '
+             'after that the mirror is dropped, the guest\'s write succeeds '
+             'locally and the migration aborts.'),
+    cfg.IntOpt(
+        'copy_chunk_mb',
+        default=4, min=1, max=32,
+        help='Size of one copy request, in MiB.'),
+    cfg.IntOpt(
+        'copy_depth',
+        default=8, min=1, max=64,
+        help='Copy requests in flight per disk.'),
+    cfg.FloatOpt(
+        'progress_interval',
+        default=2.0, min=0.1,
+        help='Seconds between two migration progress notifications '
+             '(event type xsm.migration.progress).'),
+]
+
+
+def register_opts(conf):
+    conf.register_group(agent_group)
+    conf.register_opts(agent_opts, group=agent_group)
+
+
+def list_opts():
+    return {agent_group: agent_opts}

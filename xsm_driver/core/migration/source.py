@@ -1,0 +1,579 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The source role: drive a migration from the host the disks are on.
+
+``preflight`` -> ``prepare-receive`` -> ``mirror`` -> ``snapshot`` ->
+``copy`` -> ``compose`` -> ``switch-over`` -> ``clean-up`` -> ``done``.
+
+For each running disk, one pause of its I/O gate inserts the mirror (to the
+destination's leaf) and takes the snapshot: the VDI keeps its uuid and gets
+a new empty leaf, the frozen data moves to a hidden read-only base. The
+base's whole chain is then copied, allocated data only, to the
+destination's base. A raw VDI has no snapshot: its live file is copied
+while mirrored, and the destination's receiver lets mirrored sectors win
+over copied ones, which gives the same result. A halted VM's disks are
+simply copied.
+
+Switch-over pauses the guest (its vCPUs, then its disks' gates), flushes
+both sides, drops the mirrors and asks the destination to commit; the
+pause is the downtime. Abort (any phase before the commit) removes the
+mirrors, merges each snapshot back into its VDI (the chain is as deep as
+before), and has the destination remove everything it made.
+
+The destination is reached through a *peer* object with the methods
+``preflight(spec)``, ``prepare(spec)``, ``compose(id)``,
+``complete(id, vm_state)``, ``abort(id)`` and ``status(id)``; the RPC layer
+provides one over oslo.messaging, the manager a local one for moves
+between two SRs of the same host.
+"""
+
+import concurrent.futures
+import logging
+import os
+import shutil
+import threading
+import time
+
+from xsm_driver.core.block import filters
+from xsm_driver.core.block import nbd as nbd_device
+from xsm_driver.core.migration import copy as copy_mod
+from xsm_driver.core.migration import credentials
+from xsm_driver.core.migration import errors
+from xsm_driver.core.migration import host as host_mod
+from xsm_driver.core.migration import plan
+
+LOG = logging.getLogger(__name__)
+
+ROLE = 'source'
+
+
+class _Item:
+    """One VDI of a migration, as the source sees it."""
+
+    def __init__(self, disk, sr, vdi, dest_sr):
+        self.disk = disk                # host.Disk, or None
+        self.sr = sr
+        self.vdi = vdi
+        self.dest_sr = dest_sr
+        self.snapshot = None            # uuid of the frozen base
+        self.depth_before = len(sr.chain(vdi))
+        self.mirror = None
+        self.remote_leaf = None
+        self.export = None
+
+    @property
+    def live(self):
+        return self.disk is not None and self.disk.gate is not None
+
+    @property
+    def snapshots(self):
+        return self.sr.type == 'vhd' and self.live
+
+
+class Migration:
+    """A migration this host is the source of.
+
+    :param host: the :class:`host.Host`.
+    :param mid: the migration id.
+    :param peer: the destination (see the module docstring).
+    :param vm: the :class:`host.VM` that moves, or None for a VDI move.
+    :param vdi_map: VDI uuid -> destination SR name.
+    :param options: a :class:`Options`.
+    """
+
+    def __init__(self, host, mid, peer, vm, vdi_map, dest_host, options,
+                 vif_map=None, kind='vm'):
+        self.host = host
+        self.id = mid
+        self.peer = peer
+        self.vm = vm
+        self.vdi_map = dict(vdi_map)
+        self.vif_map = dict(vif_map or {})
+        self.dest_host = dest_host
+        self.options = options
+        self.kind = kind
+        self.phase = 'preflight'
+        self.error = None
+        self.downtime = None
+        self.result = None
+        self.started = time.time()
+        self.finished = None
+        self.progress = copy_mod.Progress()
+        self._cancel = threading.Event()
+        self._lock = threading.RLock()
+        self._limiter = copy_mod.TokenBucket(options.bandwidth)
+        self._items = []
+        self._creds = None
+        self._remote = None
+        self._guest_writes_before = None
+        self.guest_writes = 0
+        self.thread = None
+        #: called as ``phase_hook(migration, phase)`` on each new phase
+        self.phase_hook = None
+
+    # -- status ------------------------------------------------------------
+
+    def status(self):
+        snap = self.progress.snapshot()
+        snap['phase'] = self.phase
+        return {
+            'id': self.id, 'kind': self.kind, 'phase': self.phase,
+            'vm': self.vm.uuid if self.vm else None,
+            'vm_name': self.vm.name if self.vm else None,
+            'vdis': [i.vdi for i in self._items] or list(self.vdi_map),
+            'source': self.host.name, 'destination': self.dest_host,
+            'progress': snap,
+            'bytes_copied': snap['done'],
+            'downtime_ms': (None if self.downtime is None
+                            else round(self.downtime * 1000, 3)),
+            'guest_writes_during_migration': self._guest_writes(),
+            'error': str(self.error) if self.error else None,
+            'started': self.started, 'finished': self.finished,
+            'result': self.result,
+        }
+
+    def _guest_writes(self):
+        if self._guest_writes_before is None:
+            return 0
+        if self.finished is None and self.vm is not None and \
+                self.vm.workload is not None:
+            return self.vm.workload.writes - self._guest_writes_before
+        return self.guest_writes
+
+    def _set_phase(self, phase, **state):
+        with self._lock:
+            self.phase = phase
+            self.progress.phase = phase
+            self.host.journal.record(self.id, ROLE, phase, **state)
+        LOG.info('migration %s: %s', self.id, phase)
+        if self.phase_hook is not None:
+            self.phase_hook(self, phase)
+
+    def _journal_items(self):
+        return [{'vdi': i.vdi, 'sr': i.sr.name, 'snapshot': i.snapshot,
+                 'depth_before': i.depth_before} for i in self._items]
+
+    # -- control -----------------------------------------------------------
+
+    def cancel(self, reason='cancelled by the operator'):
+        """Ask the migration to abort; it does so at its next step."""
+        with self._lock:
+            if not plan.can_abort(self.phase):
+                raise errors.InvalidPhase(
+                    id=self.id, phase=self.phase,
+                    reason='it is past the point where it can be aborted')
+            if self.error is None:
+                self.error = errors.MigrationAborted(id=self.id,
+                                                     reason=reason)
+        self._cancel.set()
+
+    def force_complete(self):
+        """Lift the bandwidth limit so the copy ends as soon as it can.
+
+        The mirror is synchronous, so the switch-over follows the copy at
+        once: no convergence to wait for.
+        """
+        self._limiter.rate = None
+
+    def _mirror_failed(self, exc):
+        with self._lock:
+            if self.error is None:
+                self.error = errors.MigrationAborted(
+                    id=self.id, reason='mirroring to the destination '
+                    'failed: %s' % exc)
+        self._cancel.set()
+
+    def _check(self):
+        if self._cancel.is_set():
+            raise self.error or errors.MigrationAborted(id=self.id,
+                                                        reason='cancelled')
+
+    # -- the run -----------------------------------------------------------
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, daemon=True,
+                                       name='xsm-migration-%s' % self.id[:8])
+        self.thread.start()
+        return self
+
+    def run(self):
+        committed = False
+        try:
+            self._check()
+            self._prepare()
+            self._check()
+            self._mirror_and_snapshot()
+            self._check()
+            self._copy()
+            self._check()
+            self._set_phase('compose')
+            self.peer.compose(self.id)
+            self._check()
+            committed = self._switch_over()
+            self._clean_up()
+            self._set_phase('done', result=self.result)
+        except Exception as exc:
+            with self._lock:
+                if self.error is None:
+                    self.error = exc
+            if not committed:
+                LOG.error('migration %s failed in phase %s: %s', self.id,
+                          self.phase, self.error)
+                self._abort()
+            else:
+                LOG.exception('migration %s: clean-up after the switch-over '
+                              'failed; run the agent again to finish it',
+                              self.id)
+        finally:
+            self.finished = time.time()
+            if self.vm is not None and self._guest_writes_before is not None \
+                    and self.vm.workload is not None:
+                self.guest_writes = (self.vm.workload.writes -
+                                     self._guest_writes_before)
+
+    # -- preflight ---------------------------------------------------------
+
+    def preflight(self):
+        """Refuse, before anything changes, what cannot work; raises."""
+        vdis = ([d.vdi for d in self.vm.disks] if self.vm is not None
+                else list(self.vdi_map))
+        plan.check_vdi_map(vdis, self.vdi_map)
+        disks = {d.vdi: d for d in self.vm.disks} if self.vm else {}
+        if self.kind == 'vdi':
+            for vm in self.host.vms.values():
+                for d in vm.disks:
+                    if d.vdi in self.vdi_map:
+                        disks[d.vdi] = d
+        for vdi in vdis:
+            sr = self.host.find_vdi(vdi)
+            item = _Item(disks.get(vdi), sr, vdi, self.vdi_map[vdi])
+            if item.snapshots:
+                plan.check_chain_depth(vdi, item.depth_before + 1)
+                plan.check_space('%s on host %s' % (sr.name, self.host.name),
+                                 self.options.leaf_headroom,
+                                 sr.capacity()['free'])
+            self._items.append(item)
+        ordered = plan.order_vdis([self._describe(i) for i in self._items])
+        by_uuid = {i.vdi: i for i in self._items}
+        self._items = [by_uuid[v['uuid']] for v in ordered]
+        self.spec = self._spec()
+        self.peer.preflight(self.spec)
+        self._set_phase('preflight', items=self._journal_items(),
+                        dest_host=self.dest_host, kind=self.kind)
+
+    def _describe(self, item):
+        record = item.sr.get(item.vdi)
+        allocated = sum(v.allocated for v in item.sr.chain(item.vdi))
+        return {'uuid': item.vdi, 'size': record.size,
+                'allocated': allocated, 'name': record.name,
+                'sr': item.dest_sr, 'mirror': item.live}
+
+    def _spec(self):
+        vm = None
+        if self.vm is not None and self.kind == 'vm':
+            vm = {k: v for k, v in self.vm.to_dict().items()
+                  if k in ('uuid', 'name', 'disks', 'vifs')}
+        return {'id': self.id, 'source_host': self.host.name,
+                'vm': vm, 'vif_map': self.vif_map,
+                'cross_pool': self.kind == 'vm',
+                'network': self.options.network,
+                'vdis': [self._describe(i) for i in self._items]}
+
+    # -- prepare -----------------------------------------------------------
+
+    def _prepare(self):
+        self._set_phase('prepare-receive')
+        self._creds = credentials.Credentials.make(
+            os.path.join(self.host.state_path, 'migrations', self.id,
+                         ROLE), 'client', hosts=[self.host.name])
+        spec = dict(self.spec, client_ca_pem=self._creds.ca_pem)
+        self._remote = self.peer.prepare(spec)
+        self._tls = self._creds.client_context(self._remote['server_ca_pem'])
+        for item in self._items:
+            item.export = self._remote['exports'][item.vdi]
+
+    def _connect(self, export):
+        return nbd_device.NBDDevice.connect(
+            self._remote['host'], self._remote['port'], export,
+            tls_context=self._tls)
+
+    # -- mirror and snapshot -----------------------------------------------
+
+    def _mirror_and_snapshot(self):
+        self._set_phase('mirror')
+        for item in self._items:
+            if item.live:
+                item.remote_leaf = self._connect(item.export['leaf'])
+        if self.vm is not None and self.vm.workload is not None:
+            self._guest_writes_before = self.vm.workload.writes
+        self._set_phase('snapshot', items=self._journal_items())
+        for item in self._items:
+            if item.live:
+                self._insert_mirror(item)
+        self._set_phase('snapshot', items=self._journal_items())
+
+    def _insert_mirror(self, item):
+        gate = item.disk.gate
+        gate.pause(self.options.pause_timeout)
+        try:
+            local = gate.next
+            if item.snapshots:
+                local.flush()
+                item.snapshot = item.sr.snapshot(item.vdi).uuid
+                try:
+                    local = item.sr.attach(item.vdi, writable=True)
+                except Exception:
+                    # Undo the snapshot; the old device's view of the file
+                    # is stale once coalesced, so it goes first.
+                    gate.next.close()
+                    item.sr.coalesce(item.vdi)
+                    item.snapshot = None
+                    gate.resume(item.sr.attach(item.vdi, writable=True))
+                    raise
+            item.mirror = filters.Mirror(
+                local, item.remote_leaf, on_failure=self._mirror_failed,
+                timeout=self.options.mirror_timeout)
+            old = gate.resume(item.mirror)
+        except Exception:
+            if gate.paused:
+                gate.resume()
+            raise
+        if old is not local:
+            old.close()
+
+    # -- copy --------------------------------------------------------------
+
+    def _copy(self):
+        self._set_phase('copy')
+        sources = []
+        for item in self._items:
+            frozen = item.snapshot or item.vdi
+            sources.append((item, item.sr.attach(frozen, writable=False)))
+        try:
+            ranges = {}
+            for item, src in sources:
+                ranges[item.vdi] = plan.split_extents(
+                    src.extents(0, src.size), self.options.chunk)
+            self.progress.total = sum(n for r in ranges.values()
+                                      for _o, n in r)
+            with concurrent.futures.ThreadPoolExecutor(
+                    max_workers=len(sources) or 1,
+                    thread_name_prefix='xsm-copy') as pool:
+                futures = [pool.submit(self._copy_one, item, src,
+                                       ranges[item.vdi])
+                           for item, src in sources]
+                try:
+                    for fut in concurrent.futures.as_completed(futures):
+                        fut.result()
+                except Exception:
+                    self._cancel.set()
+                    raise
+        finally:
+            for _item, src in sources:
+                src.close()
+
+    def _copy_one(self, item, src, ranges):
+        dst = self._connect(item.export['base'])
+        try:
+            copy_mod.copy_allocated(
+                src, dst, ranges=ranges, chunk=self.options.chunk,
+                depth=self.options.depth, limiter=self._limiter,
+                progress=self.progress, cancel=self._cancel)
+        finally:
+            dst.close()
+
+    # -- switch-over -------------------------------------------------------
+
+    def _switch_over(self):
+        """Pause, flush, hand over; True once the destination committed."""
+        self._set_phase('switch-over')
+        guest = self.vm.workload if self.vm is not None else None
+        moving_vm = self.kind == 'vm' and not self.options.copy
+        start = time.monotonic()
+        if guest is not None and moving_vm:
+            guest.suspend(self.options.pause_timeout)
+        live = [i for i in self._items if i.live]
+        paused = []
+        try:
+            for item in live:
+                item.disk.gate.pause(self.options.pause_timeout)
+                paused.append(item)
+            for item in live:
+                item.mirror.flush()
+            self._check()
+            vm_state = None
+            if self.kind == 'vm':
+                vm_state = {'vm': self.spec['vm'],
+                            'power_state': ('halted' if self.options.copy
+                                            else self.vm.power_state),
+                            'workload': (guest.export() if guest is not None
+                                         and moving_vm else None)}
+            for item in live:
+                remote = item.mirror.detach()
+                if remote is not None:
+                    remote.close()
+                item.remote_leaf = None
+            self.result = self._commit(vm_state)
+        except Exception:
+            self._unpause(paused, guest if moving_vm else None)
+            raise
+        if self.kind == 'vdi':
+            self._repoint(live)
+        elif not moving_vm:
+            self._unpause(paused, None)
+        self.downtime = time.monotonic() - start
+        LOG.info('migration %s: switched over with %.1f ms of downtime',
+                 self.id, self.downtime * 1000)
+        return True
+
+    def _commit(self, vm_state):
+        try:
+            return self.peer.complete(self.id, vm_state)
+        except Exception as exc:
+            LOG.warning('migration %s: the destination did not confirm the '
+                        'switch-over (%s); asking it to roll back', self.id,
+                        exc)
+            answer = self.peer.abort(self.id)
+            if answer == 'committed':
+                return self.peer.status(self.id).get('result')
+            raise
+
+    def _unpause(self, items, guest):
+        for item in items:
+            if item.disk.gate.paused:
+                item.disk.gate.resume()
+        if guest is not None:
+            guest.resume()
+
+    def _repoint(self, live):
+        """A VDI move within the host: the disk now reads the new VDI."""
+        for item in self._items:
+            new = self.result['vdis'][item.vdi]
+            dest = self.host.sr(item.dest_sr)
+            if item.live:
+                old = item.disk.gate.resume(dest.attach(new, writable=True))
+                old.close()
+            if item.disk is not None:
+                item.disk.vdi, item.disk.sr = new, dest.name
+                vm = item.sr.get(item.vdi).vm
+                if vm is not None:
+                    dest.update(new, vm=vm)
+        self.host.save()
+
+    # -- clean-up ----------------------------------------------------------
+
+    def _clean_up(self):
+        self._set_phase('clean-up', result=self.result)
+        if self.options.copy:
+            for item in self._items:
+                self._unsnapshot(item)
+        else:
+            if self.kind == 'vm':
+                self.host.stop_vm(self.vm.uuid)
+                self.host.forget_vm(self.vm.uuid)
+            for item in self._items:
+                host_mod.destroy_chain(item.sr, item.vdi)
+        self._forget_credentials()
+
+    def _unsnapshot(self, item):
+        """Merge the snapshot back: the chain is as deep as before."""
+        if item.snapshot is None:
+            return
+        gate = item.disk.gate if item.live else None
+        if gate is not None:
+            gate.pause(self.options.pause_timeout)
+        try:
+            if gate is not None:
+                gate.next.close()
+            item.sr.coalesce(item.vdi)
+            item.snapshot = None
+        finally:
+            if gate is not None:
+                gate.resume(item.sr.attach(item.vdi, writable=True))
+
+    def _forget_credentials(self):
+        if self._creds is not None:
+            self._creds.destroy()
+            self._creds = None
+        shutil.rmtree(os.path.join(self.host.state_path, 'migrations',
+                                   self.id), ignore_errors=True)
+
+    # -- abort -------------------------------------------------------------
+
+    def _abort(self):
+        """Undo everything; each step can be run again."""
+        self._cancel.set()
+        for item in self._items:
+            try:
+                self._remove_mirror(item)
+                self._unsnapshot(item)
+            except Exception:
+                LOG.exception('migration %s: restoring VDI %s failed',
+                              self.id, item.vdi)
+        try:
+            if self.phase != 'preflight':
+                self.peer.abort(self.id)
+        except Exception as exc:
+            LOG.warning('migration %s: the destination could not be told '
+                        'to roll back (%s); its agent rolls back at its '
+                        'next start', self.id, exc)
+        self._forget_credentials()
+        self.phase = 'aborted'
+        self.progress.phase = 'aborted'
+        self.host.journal.finish(self.id, 'aborted', role=ROLE)
+        LOG.info('migration %s: aborted, source restored', self.id)
+
+    def _remove_mirror(self, item):
+        if item.mirror is not None:
+            gate = item.disk.gate
+            gate.pause(self.options.pause_timeout)
+            local, remote = item.mirror.release()
+            gate.resume(local)
+            item.mirror = None
+            item.remote_leaf = remote or item.remote_leaf
+        if item.remote_leaf is not None:
+            item.remote_leaf.close()
+            item.remote_leaf = None
+
+
+def recover(host, entry, peer):
+    """Roll back or finish a migration the journal says was under way."""
+    items = entry.state.get('items', [])
+    if entry.phase in ('switch-over', 'clean-up'):
+        answer = 'unknown'
+        try:
+            answer = peer.abort(entry.id) if peer is not None else 'unknown'
+        except Exception as exc:
+            LOG.error('migration %s: cannot reach the destination to learn '
+                      'whether it committed: %s', entry.id, exc)
+        if answer == 'committed':
+            for it in items:
+                host_mod.destroy_chain(host.sr(it['sr']), it['vdi'])
+            host.journal.finish(entry.id, 'done', role=ROLE)
+            return 'done'
+        if answer == 'unknown':
+            return 'unknown'
+    for it in items:
+        sr = host.sr(it['sr'])
+        if len(sr.chain(it['vdi'])) > it['depth_before']:
+            sr.coalesce(it['vdi'])
+    if peer is not None and entry.phase != 'preflight':
+        try:
+            peer.abort(entry.id)
+        except Exception as exc:
+            LOG.warning('migration %s: the destination could not be told to '
+                        'roll back (%s)', entry.id, exc)
+    shutil.rmtree(os.path.join(host.state_path, 'migrations', entry.id),
+                  ignore_errors=True)
+    host.journal.finish(entry.id, 'aborted', role=ROLE)
+    return 'aborted'

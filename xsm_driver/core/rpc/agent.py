@@ -1,0 +1,193 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""xsm-agent: the RPC server of one host, and its progress notifications.
+
+The endpoint methods take the request context first and return primitives
+(API version: :data:`xsm_driver.core.rpc.api.VERSION`). Migrations run in
+threads of the :class:`~xsm_driver.core.migration.manager.Manager`; a
+reporter thread publishes their progress.
+"""
+
+import logging
+import threading
+
+import oslo_messaging as messaging
+
+from xsm_driver.core.migration import manager as manager_mod
+from xsm_driver.core import rpc
+from xsm_driver.core.rpc import api
+
+LOG = logging.getLogger(__name__)
+
+
+class AgentEndpoint:
+    """What other agents and xsm-migrate may ask of this host."""
+
+    target = messaging.Target(version=api.VERSION)
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.host = manager.host
+
+    # -- hosts and VMs -----------------------------------------------------
+
+    def host_info(self, context):
+        srs = []
+        for sr in self.host.srs.values():
+            srs.append(dict(sr.capacity(), name=sr.name, type=sr.type,
+                            path=sr.path))
+        return {'name': self.host.name, 'srs': srs,
+                'vms': len(self.host.vms),
+                'active_migrations': self.manager.active()}
+
+    def vdi_list(self, context, sr=None):
+        srs = [self.host.sr(sr)] if sr else self.host.srs.values()
+        return [v.to_dict() for s in srs for v in s.list()]
+
+    def vm_list(self, context):
+        return [vm.to_dict() for vm in self.host.vms.values()]
+
+    def vm_get(self, context, vm):
+        return self.host.vm(vm).to_dict()
+
+    def vm_create(self, context, name, disks, vifs=()):
+        return self.host.create_vm(name, disks, vifs).to_dict()
+
+    def vm_start(self, context, vm):
+        return self.host.start_vm(vm).to_dict()
+
+    def vm_stop(self, context, vm):
+        return self.host.stop_vm(vm).to_dict()
+
+    def vm_destroy(self, context, vm):
+        self.host.destroy_vm(vm)
+
+    def vm_snapshot(self, context, vm):
+        return self.host.snapshot_vm(vm)
+
+    def guest_start(self, context, vm, rate=None, read_ratio=1.0, fill=0.0):
+        return self.host.guest_start(vm, rate, read_ratio, fill).to_dict()
+
+    def guest_verify(self, context, vm):
+        return self.host.guest_verify(vm)
+
+    # -- migrations, as their source ---------------------------------------
+
+    def migrate_vm(self, context, vm, dest_host, vdi_map, vif_map=None,
+                   options=None):
+        return self.manager.migrate_vm(vm, dest_host, vdi_map, vif_map,
+                                       **(options or {}))
+
+    def migrate_vdi(self, context, vdi, dest_sr, options=None):
+        return self.manager.migrate_vdi(vdi, dest_sr, **(options or {}))
+
+    def migration_get(self, context, migration):
+        return self.manager.get(migration)
+
+    def migration_list(self, context):
+        return self.manager.list()
+
+    def migration_abort(self, context, migration):
+        return self.manager.abort(migration)
+
+    def migration_force_complete(self, context, migration):
+        return self.manager.force_complete(migration)
+
+    # -- migrations, as their destination ----------------------------------
+
+    def receive_preflight(self, context, spec):
+        self.manager.receive_preflight(spec)
+
+    def receive_prepare(self, context, spec):
+        return self.manager.receive_prepare(spec)
+
+    def receive_compose(self, context, migration):
+        self.manager.receive_compose(migration)
+
+    def receive_complete(self, context, migration, vm_state=None):
+        return self.manager.receive_complete(migration, vm_state)
+
+    def receive_abort(self, context, migration):
+        return self.manager.receive_abort(migration)
+
+    def receive_status(self, context, migration):
+        return self.manager.receive_status(migration)
+
+
+class Agent:
+    """Serve a host over oslo.messaging.
+
+    :param transport: an RPC transport (see :func:`api.get_transport`).
+    :param host: the :class:`~xsm_driver.core.migration.host.Host`.
+    :param options: :class:`~xsm_driver.core.migration.manager.Options`.
+    :param notifier_transport: where notifications go (None: none sent).
+    """
+
+    def __init__(self, transport, host, options=None,
+                 notifier_transport=None, progress_interval=2.0,
+                 rpc_timeout=None):
+        self.host = host
+        self.transport = transport
+        self.manager = manager_mod.Manager(
+            host, peer_factory=lambda name: api.RemotePeer(
+                api.AgentAPI(transport, name, timeout=rpc_timeout)),
+            options=options)
+        target = messaging.Target(topic=rpc.TOPIC, server=host.name)
+        self.server = messaging.get_rpc_server(
+            transport, target, [AgentEndpoint(self.manager)],
+            executor='threading')
+        self._notifier = None
+        if notifier_transport is not None:
+            self._notifier = messaging.Notifier(
+                notifier_transport, publisher_id='xsm-agent.%s' % host.name,
+                driver='messaging', topics=[rpc.NOTIFICATION_TOPIC])
+        self._interval = progress_interval
+        self._stop = threading.Event()
+        self._reporter = None
+
+    def start(self):
+        for mid, role, outcome in self.manager.recover():
+            LOG.warning('recovered migration %s (%s): %s', mid, role,
+                        outcome)
+        self.server.start()
+        if self._notifier is not None:
+            self._reporter = threading.Thread(target=self._report,
+                                              name='xsm-progress',
+                                              daemon=True)
+            self._reporter.start()
+        LOG.info('xsm-agent of host %s is serving (topic %s)',
+                 self.host.name, rpc.TOPIC)
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self.server.stop()
+        self.server.wait()
+        self.manager.shutdown()
+        if self._reporter is not None:
+            self._reporter.join()
+
+    def _report(self):
+        reported = set()
+        while not self._stop.wait(self._interval):
+            for status in self.manager.list():
+                if status['id'] in reported:
+                    continue
+                event = 'xsm.migration.progress'
+                if status['finished'] is not None:
+                    event = 'xsm.migration.end'
+                    reported.add(status['id'])
+                try:
+                    self._notifier.info({}, event, status)
+                except Exception as exc:
+                    LOG.warning('progress notification failed: %s', exc)
