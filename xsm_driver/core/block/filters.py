@@ -175,19 +175,32 @@ class Mirror(device.Filter):
     write still succeeds locally: the migration fails, the VM does not.
     Overlapping writes are serialised so both copies end up identical.
 
+    The remote only ever gets requests aligned to ``align`` bytes (its
+    leaf is a differencing image whose parent may still be being filled:
+    a sub-sector write there would merge with stale parent data). An
+    aligned write goes to both devices in parallel; an unaligned one is
+    written locally first, then the aligned range that covers it is read
+    back from the local device and written to the remote, all under the
+    range lock of that aligned range. A zero or trim sends its aligned
+    middle as a zero, and only its partial edge blocks as data.
+
     :param local: the device the guest's data lives on.
     :param remote: the second device (usually an NBD client).
     :param on_failure: callable taking the exception, called once.
     :param timeout: seconds to wait for the remote before dropping it.
     :param workers: remote requests in flight at once.
+    :param align: granularity of every request the remote gets.
     """
 
     def __init__(self, local, remote, on_failure=None, timeout=None,
-                 workers=16):
+                 workers=16, align=512):
         super().__init__(local)
+        if align < 1:
+            raise ValueError('align must be positive, not %r' % (align,))
         self._remote = remote
         self._on_failure = on_failure
         self._timeout = timeout
+        self._align = align
         self._lock = threading.Lock()
         self._ranges = _RangeLock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -207,6 +220,19 @@ class Mirror(device.Filter):
             remote, self._remote = self._remote, None
         return remote
 
+    def release(self):
+        """Take the mirror out of a stack (call while I/O is paused).
+
+        Stops mirroring and the mirror's threads without closing either
+        device.
+
+        :returns: ``(local, remote)``; ``remote`` is None when it was
+            already detached or dropped. The caller owns both.
+        """
+        remote = self.detach()
+        self._pool.shutdown(wait=True)
+        return self.next, remote
+
     def _drop(self, remote, exc):
         with self._lock:
             if self._remote is not remote:
@@ -222,6 +248,18 @@ class Mirror(device.Filter):
                 LOG.exception('%s: mirror failure callback failed',
                               self.name)
 
+    def _wait_remote(self, remote, future):
+        """Wait for a remote request; drop the remote if it fails."""
+        try:
+            future.result(self._timeout)
+        except concurrent.futures.TimeoutError:
+            self._drop(remote, device.BlockError(
+                device=getattr(remote, 'name', 'remote'),
+                errno=errno.ETIMEDOUT,
+                reason='no answer within %s s' % self._timeout))
+        except Exception as exc:
+            self._drop(remote, exc)
+
     def _both(self, call, offset=None, length=0):
         remote = self._remote
         if remote is None:
@@ -233,23 +271,65 @@ class Mirror(device.Filter):
             try:
                 return call(self.next)
             finally:
-                try:
-                    future.result(self._timeout)
-                except concurrent.futures.TimeoutError:
-                    self._drop(remote, device.BlockError(
-                        device=getattr(remote, 'name', 'remote'),
-                        errno=errno.ETIMEDOUT,
-                        reason='no answer within %s s' % self._timeout))
-                except Exception as exc:
-                    self._drop(remote, exc)
+                self._wait_remote(remote, future)
+
+    def _span(self, offset, length):
+        """The aligned range covering a request, clamped to the device."""
+        a = self._align
+        start = offset - offset % a
+        # Past the end the local write fails before the remote is asked.
+        end = min(-(-(offset + length) // a) * a,
+                  max(self.size, offset + length))
+        return start, end
+
+    def _write(self, call, offset, length, remote_call):
+        """Run a write locally and mirror it as aligned requests.
+
+        :param call: ``call(dev)`` does the write on a device.
+        :param remote_call: ``remote_call(remote, local, start, end)``
+            sends the aligned range ``[start, end)`` to the remote once the
+            local device has the write.
+        """
+        remote = self._remote
+        if remote is None:
+            return call(self.next)
+        start, end = self._span(offset, length)
+        if not length or (start == offset and end == offset + length):
+            return self._both(call, offset, length)
+        with self._ranges.hold(start, end - start):
+            local = self.next
+            result = call(local)
+            future = self._pool.submit(remote_call, remote, local, start,
+                                       end)
+            self._wait_remote(remote, future)
+            return result
+
+    @staticmethod
+    def _copy_back(remote, local, start, end, fua=False):
+        remote.pwrite(local.pread(start, end - start), start, fua)
 
     def pwrite(self, data, offset, fua=False):
-        return self._both(lambda dev: dev.pwrite(data, offset, fua),
-                          offset, len(memoryview(data).cast('B')))
+        return self._write(
+            lambda dev: dev.pwrite(data, offset, fua),
+            offset, len(memoryview(data).cast('B')),
+            lambda remote, local, start, end: self._copy_back(
+                remote, local, start, end, fua))
 
     def zero(self, offset, length, may_trim=False):
-        return self._both(lambda dev: dev.zero(offset, length, may_trim),
-                          offset, length)
+        def remote_call(remote, local, start, end):
+            a = self._align
+            inner_start = -(-offset // a) * a
+            inner_end = (offset + length) // a * a
+            if inner_end <= inner_start:
+                return self._copy_back(remote, local, start, end)
+            if start < inner_start:
+                self._copy_back(remote, local, start, inner_start)
+            remote.zero(inner_start, inner_end - inner_start, may_trim)
+            if inner_end < end:
+                self._copy_back(remote, local, inner_end, end)
+
+        return self._write(lambda dev: dev.zero(offset, length, may_trim),
+                           offset, length, remote_call)
 
     def trim(self, offset, length):
         # What a trim leaves behind differs from device to device; zeroing

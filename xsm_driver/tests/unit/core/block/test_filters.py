@@ -14,6 +14,7 @@
 
 import errno
 import os
+import random
 import threading
 import time
 
@@ -275,6 +276,230 @@ class MirrorTest(base.TestCase):
 
 def pattern(w, seq):
     return (b'%04d:%08d:' % (w, seq)) * (SLOT // 14) + bytes(SLOT % 14)
+
+
+class Memory(device.BlockDevice):
+    """A writable in-memory disk that records every request it gets."""
+
+    can_write = can_flush = can_trim = can_zero = True
+
+    def __init__(self, size, name='memory'):
+        self.name = name
+        self.data = bytearray(size)
+        self.requests = []
+        self._lock = threading.Lock()
+
+    @property
+    def size(self):
+        return len(self.data)
+
+    def pread(self, offset, length):
+        self.check_range(offset, length)
+        with self._lock:
+            return bytes(self.data[offset:offset + length])
+
+    def pwrite(self, data, offset, fua=False):
+        data = bytes(data)
+        self.check_range(offset, len(data))
+        with self._lock:
+            self.requests.append(('pwrite', offset, len(data)))
+            self.data[offset:offset + len(data)] = data
+
+    def zero(self, offset, length, may_trim=False):
+        self.check_range(offset, length)
+        with self._lock:
+            self.requests.append(('zero', offset, length))
+            self.data[offset:offset + length] = bytes(length)
+
+
+class _WaitsForRemote(device.Filter):
+    """A local device whose writes wait until the remote has started."""
+
+    def __init__(self, next_device, started):
+        super().__init__(next_device)
+        self.started = started
+        self.waited_in_vain = 0
+
+    def pwrite(self, data, offset, fua=False):
+        if not self.started.wait(5):
+            self.waited_in_vain += 1
+        return super().pwrite(data, offset, fua)
+
+
+class _SignalsStart(device.Filter):
+
+    def __init__(self, next_device, started):
+        super().__init__(next_device)
+        self.started = started
+
+    def pwrite(self, data, offset, fua=False):
+        self.started.set()
+        return super().pwrite(data, offset, fua)
+
+
+class MirrorAlignmentTest(base.TestCase):
+    """The remote only gets aligned requests, and ends up like the local."""
+
+    ALIGN = 512
+
+    def setUp(self):
+        super().setUp()
+        self.dir = self.make_tempdir()
+
+    def mirror(self, local, remote, **kwargs):
+        failures = []
+        mirror = filters.Mirror(local, remote, on_failure=failures.append,
+                                **kwargs)
+        self.addCleanup(mirror.close)
+        self.addCleanup(lambda: self.assertEqual([], failures))
+        return mirror
+
+    def assertAligned(self, requests, size, align=ALIGN):
+        bad = [(kind, offset, length) for kind, offset, length in requests
+               if offset % align or ((offset + length) % align and
+                                     offset + length != size)]
+        self.assertEqual([], bad)
+
+    def hammer(self, mirror, size, threads=6, count=300, seed=0,
+               region=None):
+        """Unaligned writes, zeros and trims of 1 to 1000 bytes."""
+        region = region or size
+        errors = []
+
+        def worker(n):
+            rng = random.Random('%s-%d' % (seed, n))
+            try:
+                for _ in range(count):
+                    length = rng.randint(1, 1000)
+                    offset = rng.randrange(region - length + 1)
+                    kind = rng.random()
+                    if kind < 0.8:
+                        mirror.pwrite(rng.randbytes(length), offset)
+                    elif kind < 0.9:
+                        mirror.zero(offset, length)
+                    else:
+                        mirror.trim(offset, length)
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        workers = [threading.Thread(target=worker, args=(n,))
+                   for n in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        self.assertEqual([], errors)
+
+    def test_unaligned_writes_from_threads_to_memory(self):
+        size = 256 * 1024
+        local, remote = Memory(size, 'local'), Memory(size, 'remote')
+        mirror = self.mirror(local, remote)
+        # A small region makes requests overlap, often in one sector.
+        self.hammer(mirror, size, region=16 * 1024, seed=1)
+        self.hammer(mirror, size, seed=2)
+        self.assertEqual(bytes(local.data), bytes(remote.data))
+        self.assertAligned(remote.requests, size)
+        self.assertGreater(len(remote.requests), 3000)
+
+    def test_unaligned_writes_from_threads_to_a_raw_file(self):
+        size = 1024 * 1024
+        local = backends.RawDevice(raw_file(self.dir, 'l', size), True)
+        self.addCleanup(local.close)
+        raw = backends.RawDevice(raw_file(self.dir, 'r', size), True)
+        self.addCleanup(raw.close)
+        recorder = Recorder(raw)
+        mirror = self.mirror(local, recorder)
+        self.hammer(mirror, size, region=32 * 1024, seed=3)
+        self.hammer(mirror, size, seed=4)
+        self.assertEqual(bytes(local.pread(0, size)),
+                         bytes(raw.pread(0, size)))
+        self.assertAligned(recorder.requests, size)
+
+    def test_other_alignment_and_unaligned_device_end(self):
+        size = 64 * 1024 + 100            # the last block is partial
+        local, remote = Memory(size), Memory(size)
+        mirror = self.mirror(local, remote, align=4096)
+        self.hammer(mirror, size, threads=4, count=200, seed=5)
+        mirror.pwrite(b'e' * 30, size - 50)
+        self.assertEqual(('pwrite', 64 * 1024, 100), remote.requests[-1])
+        mirror.pwrite(b'f' * 100, 64 * 1024)
+        self.assertEqual(('pwrite', 64 * 1024, 100), remote.requests[-1])
+        self.assertEqual(bytes(local.data), bytes(remote.data))
+        self.assertAligned(remote.requests, size, 4096)
+
+    def test_large_unaligned_zero_sends_its_middle_as_a_zero(self):
+        size = 4 * MiB
+        local, remote = Memory(size), Memory(size)
+        local.data[:] = remote.data[:] = b'\xff' * size
+        mirror = self.mirror(local, remote)
+        mirror.zero(1000, 3 * MiB)
+        mirror.trim(3 * MiB + 4196, 700)          # inside two sectors
+        self.assertEqual([('pwrite', 512, 512),
+                          ('zero', 1024, 3 * MiB - 512),
+                          ('pwrite', 3 * MiB + 512, 512),
+                          ('pwrite', 3 * MiB + 4096, 1024)],
+                         remote.requests)
+        self.assertEqual(bytes(local.data), bytes(remote.data))
+
+    def test_sub_sector_write_carries_the_whole_sector(self):
+        size = MiB
+        local, remote = Memory(size), Memory(size)
+        local.data[0:1024] = b'L' * 1024       # data the remote lacks
+        mirror = self.mirror(local, remote)
+        mirror.pwrite(b'x', 700)
+        self.assertEqual([('pwrite', 512, 512)], remote.requests)
+        self.assertEqual(b'L' * 188 + b'x' + b'L' * 323,
+                         bytes(remote.data[512:1024]))
+
+    def test_aligned_writes_go_to_both_in_parallel(self):
+        size = MiB
+        started = threading.Event()
+        local = _WaitsForRemote(Memory(size), started)
+        remote = _SignalsStart(Memory(size), started)
+        mirror = self.mirror(local, remote)
+        mirror.pwrite(b'a' * 4096, 8192)
+        self.assertEqual(0, local.waited_in_vain)
+        self.assertEqual(b'a' * 4096, bytes(remote.pread(8192, 4096)))
+
+    def test_remote_failure_in_the_unaligned_path_is_reported(self):
+        local = Memory(MiB)
+        remote = Cuttable(Memory(MiB))
+        remote.cut.set()
+        failures = []
+        mirror = filters.Mirror(local, remote, on_failure=failures.append)
+        self.addCleanup(mirror.close)
+        mirror.pwrite(b'u' * 10, 3)
+        self.assertEqual(b'u' * 10, bytes(local.pread(3, 10)))
+        self.assertEqual(1, len(failures))
+        self.assertEqual(errno.EPIPE, failures[0].errno)
+        self.assertIsNone(mirror.remote)
+        mirror.pwrite(b'v' * 10, 3)           # goes on, locally only
+        self.assertEqual(b'v' * 10, bytes(local.pread(3, 10)))
+
+
+class Recorder(device.Filter):
+    """Records the write requests that pass."""
+
+    def __init__(self, next_device):
+        super().__init__(next_device)
+        self.requests = []
+        self._lock = threading.Lock()
+
+    def _record(self, kind, offset, length):
+        with self._lock:
+            self.requests.append((kind, offset, length))
+
+    def pwrite(self, data, offset, fua=False):
+        self._record('pwrite', offset, len(memoryview(data).cast('B')))
+        return super().pwrite(data, offset, fua)
+
+    def zero(self, offset, length, may_trim=False):
+        self._record('zero', offset, length)
+        return super().zero(offset, length, may_trim)
+
+    def trim(self, offset, length):
+        self._record('trim', offset, length)
+        return super().trim(offset, length)
 
 
 class CounterTest(base.TestCase):
