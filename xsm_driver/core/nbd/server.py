@@ -13,8 +13,11 @@
 """A threaded NBD server exporting block devices.
 
 Each connection has a reader thread, which parses requests with the
-sans-IO core and hands them to a small pool of workers; replies go out in
-whatever order the workers finish. An export is any object with the block
+sans-IO core and serves them itself as long as the device answers fast
+(a read from the page cache costs less than handing it to another
+thread); requests to a slow device, flushes and FUA requests go to a
+small pool of workers of the connection, and replies go out in whatever
+order they finish. An export is any object with the block
 device interface (``size``, ``pread``, ``pwrite``, ``flush``, ``trim``,
 ``zero``, ``extents`` and the ``can_*`` probes); errors it raises are
 answered with their ``errno`` (EIO when they have none).
@@ -48,6 +51,18 @@ _NBD_ERRORS = {errno.EPERM: c.NBD_EPERM, errno.EIO: c.NBD_EIO,
                errno.EOPNOTSUPP: c.NBD_ENOTSUP,
                errno.ESHUTDOWN: c.NBD_ESHUTDOWN}
 _MAX_EXTENT = 0xFFFFF000            # extent lengths are uint32, keep aligned
+# The reader of a connection serves a request itself (no hand-off to a
+# worker thread, which costs more than a read from the page cache) unless
+# the device is slow: after SLOW_IN_A_ROW requests in a row each took more
+# than INLINE_BUDGET seconds plus its length at INLINE_RATE bytes/s, the
+# next POOLED_RUN requests are handed to the connection's workers, so that
+# a slow device has several of them in flight. (One slow request is no
+# sign: waiting for the GIL alone sometimes takes milliseconds.) Flushes
+# and FUA requests always go to the workers.
+INLINE_BUDGET = 0.001
+INLINE_RATE = 1e9
+SLOW_IN_A_ROW = 2
+POOLED_RUN = 64
 
 
 def export_flags(dev):
@@ -73,16 +88,28 @@ class _ExportTable(collections.abc.Mapping):
     """The server's devices seen as :class:`protocol.Export` entries.
 
     With ``listed`` false, NBD_OPT_LIST shows nothing: a client must know
-    the name it asks for.
+    the name it asks for. ``pinned`` holds the device one connection has
+    chosen (NBD_OPT_GO), which it keeps seeing even after the server
+    stopped offering it (a one-shot export, :meth:`Server.remove_export`).
     """
 
-    def __init__(self, devices, max_payload, listed=True):
+    def __init__(self, devices, max_payload, listed=True, pinned=None):
         self._devices = devices
         self._max_payload = max_payload
         self._listed = listed
+        self.pinned = pinned if pinned is not None else {}
+
+    def for_connection(self):
+        """A view of this table for one connection."""
+        return _ExportTable(self._devices, self._max_payload, self._listed,
+                            pinned={})
+
+    def device(self, name):
+        dev = self.pinned.get(name)
+        return dev if dev is not None else self._devices[name]
 
     def __getitem__(self, name):
-        dev = self._devices[name]
+        dev = self.device(name)
         return p.Export(size=dev.size, flags=export_flags(dev),
                         description=getattr(dev, 'description', ''),
                         block_sizes=(1, 4096, self._max_payload))
@@ -92,6 +119,37 @@ class _ExportTable(collections.abc.Mapping):
 
     def __len__(self):
         return len(self._devices) if self._listed else 0
+
+
+class _ServerConnection(p.ServerConnection):
+    """The protocol core, with NBD_OPT_GO claiming its export.
+
+    A successful GO pins the device it chose in the connection's table,
+    and takes a one-shot export off the server's table in the same step
+    (under the server's lock), so that two clients racing for it cannot
+    both win: the loser is answered as for an unknown export.
+    """
+
+    def __init__(self, server, exports, **kwargs):
+        super().__init__(exports, **kwargs)
+        self._server = server
+
+    def _answer_info(self, event):
+        if not isinstance(event, p.GoRequest):
+            return super()._answer_info(event)
+        claimed = self._server._claim(event.name)
+        if claimed is None:
+            return self._refuse(event, c.NBD_REP_ERR_UNKNOWN,
+                                'no export named %r' % event.name)
+        dev, once = claimed
+        self.exports.pinned[event.name] = dev
+        try:
+            return super()._answer_info(event)
+        except BaseException:
+            del self.exports.pinned[event.name]
+            if once:
+                self._server._unclaim(event.name, dev)
+            raise
 
 
 class Server:
@@ -111,6 +169,8 @@ class Server:
     def __init__(self, exports, host='127.0.0.1', port=0, tls_context=None,
                  workers=8, max_payload=p.MAX_PAYLOAD, list_exports=True):
         self._devices = dict(exports)
+        self._once = set()                 # names of one-shot exports
+        self._exports_lock = threading.Lock()
         self._table = _ExportTable(self._devices, max_payload, list_exports)
         self._host, self._port = host, port
         self._tls = tls_context
@@ -170,14 +230,47 @@ class Server:
 
     # -- exports -------------------------------------------------------------
 
-    def add_export(self, name, dev):
-        if name in self._devices:
-            raise ValueError('export %r already exists' % name)
-        self._devices[name] = dev
+    def add_export(self, name, dev, once=False):
+        """Offer ``dev`` as ``name``.
+
+        :param once: a one-shot export: the first client whose NBD_OPT_GO
+            for it succeeds takes it off the table, and every later
+            NBD_OPT_GO or NBD_OPT_INFO with that name is answered as for
+            an unknown export. The winning connection keeps serving.
+            (NBD_OPT_EXPORT_NAME opens no export on this server: it is
+            refused as an unsupported option, whatever the name.)
+        """
+        with self._exports_lock:
+            if name in self._devices:
+                raise ValueError('export %r already exists' % name)
+            self._devices[name] = dev
+            if once:
+                self._once.add(name)
 
     def remove_export(self, name):
         """Stop offering an export; connections already using it go on."""
-        return self._devices.pop(name)
+        with self._exports_lock:
+            self._once.discard(name)
+            return self._devices.pop(name)
+
+    def _claim(self, name):
+        """``(device, once)`` of ``name`` for an NBD_OPT_GO, or None.
+
+        A one-shot export leaves the table here, atomically.
+        """
+        with self._exports_lock:
+            if name in self._once:
+                self._once.discard(name)
+                return self._devices.pop(name), True
+            dev = self._devices.get(name)
+            return None if dev is None else (dev, False)
+
+    def _unclaim(self, name, dev):
+        """Put back a one-shot export whose NBD_OPT_GO failed after all."""
+        with self._exports_lock:
+            if name not in self._devices:
+                self._devices[name] = dev
+                self._once.add(name)
 
     # -- connections ---------------------------------------------------------
 
@@ -207,8 +300,9 @@ class _Handler:
         self.server = server
         self.sock = sock
         self.peer = '%s:%d' % tuple(peer[:2])
-        self.conn = p.ServerConnection(
-            server._table, tls='require' if server._tls else 'off',
+        self.conn = _ServerConnection(
+            server, server._table.for_connection(),
+            tls='require' if server._tls else 'off',
             max_payload=server._max_payload)
         self._core = threading.Lock()      # guards self.conn
         self._send = threading.Lock()      # keeps replies whole on the wire
@@ -327,7 +421,7 @@ class _Handler:
             elif isinstance(event, p.ExportChosen):
                 LOG.debug('NBD client %s uses export %r', self.peer,
                           event.name)
-                return self.server._devices[event.name]
+                return self.conn.exports.device(event.name)
             elif isinstance(event, (p.Disconnect, p.ConnectionClosed)):
                 return None
 
@@ -335,14 +429,37 @@ class _Handler:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.server._workers,
             thread_name_prefix='xsm-nbd-io')
+        pooled = 0          # requests still to hand to the pool
+        slow = 0            # slow requests in a row served inline
         while True:
             event = self._next()
             if isinstance(event, (p.Disconnect, p.ConnectionClosed)):
                 return
-            self._slots.acquire()
-            self._pool.submit(self._serve, dev, event)
+            if pooled or type(event) is p.FlushRequest or (
+                    event.flags & c.NBD_CMD_FLAG_FUA):
+                pooled = max(pooled - 1, 0)
+                self._slots.acquire()
+                self._pool.submit(self._serve_pooled, dev, event)
+            elif self._serve(dev, event) <= (
+                    INLINE_BUDGET + event.length / INLINE_RATE):
+                slow = 0
+            else:
+                slow += 1
+                if slow >= SLOW_IN_A_ROW:
+                    pooled, slow = POOLED_RUN, 0
+
+    def _serve_pooled(self, dev, req):
+        try:
+            self._serve(dev, req)
+        finally:
+            self._slots.release()
 
     def _serve(self, dev, req):
+        """Execute a request and send its reply.
+
+        :returns: the seconds the device took.
+        """
+        start = time.monotonic()
         try:
             reply = self._execute(dev, req)
         except Exception as exc:
@@ -355,6 +472,7 @@ class _Handler:
                                   done=True)
                      if self.conn.structured else
                      p.SimpleReply(req.handle, code))
+        took = time.monotonic() - start
         try:
             with self._send:
                 with self._core:
@@ -365,8 +483,7 @@ class _Handler:
             self.abort()
         except p.NBDProtocolError as exc:
             LOG.debug('NBD client %s: no reply sent: %s', self.peer, exc)
-        finally:
-            self._slots.release()
+        return took
 
     def _execute(self, dev, req):
         handle, structured = req.handle, self.conn.structured

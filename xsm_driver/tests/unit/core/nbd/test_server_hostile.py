@@ -577,7 +577,10 @@ class TransmissionTest(_Serving):
 
     def test_duplicate_handle_in_flight_closes(self):
         peer = self.go()
-        peer.send(b''.join(request(c.NBD_CMD_READ, 9, 0, MiB)
+        # Flushes, because the server hands them to its workers: a read
+        # served by the connection's reader would be answered, and its
+        # handle free again, before the next request is parsed.
+        peer.send(b''.join(request(c.NBD_CMD_FLUSH, 9)
                            for _ in range(20)))
         self.assertTrue(peer.closed_by_server())
         self.assertLogged(peer, 'handle 9 is already in flight', 'WARNING')
