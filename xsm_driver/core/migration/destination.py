@@ -177,9 +177,8 @@ class Receive:
                            for d in record['disks']]
         vif_map = self.spec.get('vif_map') or {}
         record['vifs'] = [vif_map.get(v, v) for v in record.get('vifs', [])]
+        # The receivers made the VDIs with this VM's uuid already.
         vm = self.host.adopt_vm(record, 'halted')
-        for vdi in new.values():
-            self.host.find_vdi(vdi).update(vdi, vm=vm.uuid)
         if vm_state.get('power_state') == 'running':
             self.host.start_vm(vm.uuid, workload=vm_state.get('workload'))
         return vm.uuid
