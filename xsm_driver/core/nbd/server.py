@@ -338,7 +338,11 @@ class _Handler:
                 self.sock.settimeout(None)
                 self._transmit(dev)
         except p.RemoteProtocolError as exc:
-            LOG.warning('NBD client %s closed: %s', self.peer, exc)
+            if self.server._stopping.is_set():
+                LOG.info('NBD client %s closed: the server stopped',
+                         self.peer)
+            else:
+                LOG.warning('NBD client %s closed: %s', self.peer, exc)
         except socket.timeout:
             LOG.warning('NBD client %s closed: no handshake within %.0f s',
                         self.peer, HANDSHAKE_TIMEOUT)
