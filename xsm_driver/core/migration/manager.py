@@ -76,6 +76,7 @@ class Manager:
         self.options = options or Options()
         self._peer_factory = peer_factory
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._sources = {}
         self._receives = {}
         #: given to each new source migration (see source.Migration)
@@ -84,11 +85,11 @@ class Manager:
     # -- bookkeeping -------------------------------------------------------
 
     def active(self):
+        """Migrations this host takes part in, in either role."""
+        running = self._running()
+        # a move within the host counts once, not as two migrations
+        local = {m.id for m in running}
         with self._lock:
-            running = [m for m in self._sources.values()
-                       if m.finished is None]
-            # a move within the host counts once, not as two migrations
-            local = {m.id for m in running}
             receiving = [r for r in self._receives.values()
                          if r.phase not in ('done', 'aborted') and
                          r.id not in local]
@@ -119,18 +120,31 @@ class Manager:
 
     def _start(self, vm, dest_host, vdi_map, kind, vif_map, options):
         opts = self.options.replace(**options)
-        plan.check_concurrency(self.host.name, self.active(),
-                               opts.max_concurrent)
-        mid = str(uuidlib.uuid4())
-        mig = source.Migration(self.host, mid, self._peer(dest_host), vm,
-                               vdi_map, dest_host, opts, vif_map=vif_map,
-                               kind=kind)
-        mig.phase_hook = self.phase_hook
-        mig.preflight()
-        with self._lock:
-            self._sources[mid] = mig
+        vdis = set(vdi_map) | {d.vdi for d in (vm.disks if vm else ())}
+        # One start at a time, so two requests cannot both pass the checks.
+        with self._start_lock:
+            plan.check_concurrency(self.host.name, self.active(),
+                                   opts.max_concurrent)
+            for other in self._running():
+                busy = vdis & other.vdis
+                if busy:
+                    raise errors.MigrationError(
+                        'VDI %s is already moving in migration %s'
+                        % (', '.join(sorted(busy)), other.id))
+            mid = str(uuidlib.uuid4())
+            mig = source.Migration(self.host, mid, self._peer(dest_host), vm,
+                                   vdi_map, dest_host, opts,
+                                   vif_map=vif_map, kind=kind)
+            mig.phase_hook = self.phase_hook
+            mig.preflight()
+            with self._lock:
+                self._sources[mid] = mig
         mig.start()
         return mid
+
+    def _running(self):
+        with self._lock:
+            return [m for m in self._sources.values() if m.finished is None]
 
     def get(self, mid):
         mig = self._sources.get(mid)

@@ -121,6 +121,12 @@ class Migration:
         #: called as ``phase_hook(migration, phase)`` on each new phase
         self.phase_hook = None
 
+    @property
+    def vdis(self):
+        """The VDIs this migration moves."""
+        disks = self.vm.disks if self.vm is not None else ()
+        return set(self.vdi_map) | {d.vdi for d in disks}
+
     # -- status ------------------------------------------------------------
 
     def status(self):

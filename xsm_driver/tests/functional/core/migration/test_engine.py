@@ -264,3 +264,45 @@ class TestRefusals(EngineFixture):
         self.assertEqual('aborted', status['phase'])
         self.assertEqual([], self.b.vdi_list())
         self.assertTrue(self.a.guest_verify(vm['uuid'])['verified'])
+
+
+class TestMore(EngineFixture):
+
+    def test_a_halted_vm_moves_cold(self):
+        vm = self.make_vm(rate=None, snapshots=1)
+        self.assertTrue(self.a.guest_verify(vm['uuid'])['verified'])
+        self.a.vm_stop(vm['uuid'])
+        mid = self.a.migrate_vm(vm['uuid'], 'host-b',
+                                {d['vdi']: 'sr-b' for d in vm['disks']},
+                                {'net0': 'net0'})
+        status = self.wait(self.a, mid)
+        self.assertEqual('done', status['phase'], status['error'])
+        self.assertEqual('halted', self.b.vm_get(vm['uuid'])['power_state'])
+        self.assertEqual([], self.a.vdi_list())
+        self.assert_images_valid('host-b')
+
+    def test_the_same_vdi_cannot_move_twice_at_once(self):
+        vm = self.make_vm(snapshots=0)
+        vdi_map = {d['vdi']: 'sr-b' for d in vm['disks']}
+        first = self.a.migrate_vm(vm['uuid'], 'host-b', vdi_map,
+                                  {'net0': 'net0'}, bandwidth=1 * MiB)
+        exc = self.assertRaises(errors.MigrationError, self.a.migrate_vdi,
+                                vm['disks'][0]['vdi'], 'raw-a')
+        self.assertIn(first, str(exc))
+        self.a.migration_abort(first)
+        self.assertEqual('aborted', self.wait(self.a, first)['phase'])
+
+    def test_force_complete_lifts_the_bandwidth_limit(self):
+        vm = self.make_vm(sizes=(16 * MiB,), snapshots=0)
+        mid = self.a.migrate_vm(vm['uuid'], 'host-b',
+                                {vm['disks'][0]['vdi']: 'sr-b'},
+                                {'net0': 'net0'}, bandwidth=256 * 1024)
+        while self.a.migration_get(mid)['phase'] != 'copy':
+            time.sleep(0.01)
+        start = time.monotonic()
+        self.a.migration_force_complete(mid)
+        status = self.wait(self.a, mid, timeout=20)
+        self.assertEqual('done', status['phase'], status['error'])
+        # 8 MiB at 256 KiB/s would take 30 s
+        self.assertLess(time.monotonic() - start, 10)
+        self.assertTrue(self.b.guest_verify(vm['uuid'])['verified'])
