@@ -280,6 +280,11 @@ class Host:
         vm = self.vm(ref)
         bases = []
         with vm.lock:
+            raw = [d.name for d in vm.disks if self.sr(d.sr).type == 'raw']
+            if raw:
+                raise exception.XSMError(
+                    'VM %s: disk %s is in a raw SR, which has no snapshots; '
+                    'nothing was snapshotted' % (vm.uuid, ', '.join(raw)))
             for disk in vm.disks:
                 sr = self.sr(disk.sr)
                 if disk.gate is None:
@@ -305,15 +310,16 @@ class Host:
                                      needed=RUNNING)
             if vm.workload is not None and vm.workload.running:
                 return vm
-            models = []
-            for i, dev in enumerate(vm.devices):
-                model = workload_mod.DiskModel(i, dev.size //
-                                               workload_mod.BLOCK)
-                if fill:
-                    workload_mod.fill(dev, model, fill)
-                models.append(model)
-            if vm.workload is not None:     # keep what it wrote before
+            if vm.workload is not None:     # it goes on where it stopped
                 models = vm.workload.models
+            else:
+                models = []
+                for i, dev in enumerate(vm.devices):
+                    model = workload_mod.DiskModel(i, dev.size //
+                                                   workload_mod.BLOCK)
+                    if fill:
+                        workload_mod.fill(dev, model, fill)
+                    models.append(model)
             vm.workload = workload_mod.Workload(
                 vm.devices, models, rate=rate, read_ratio=read_ratio).start()
         return vm
