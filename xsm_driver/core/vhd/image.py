@@ -35,6 +35,20 @@ the data first and the bitmap sector after it, so unmarked sectors still
 read from the parent. The batmap (only a hint that a block is full; an unset
 bit is always safe) is written at flush and close, header and bits in one
 write.
+
+Opening an image that another process (or thread) is writing: every state
+the file passes through between two system calls of the writer is valid
+(that is the crash safety above), but opening reads it with several calls,
+so it can combine two states -- a file size taken before an allocation
+with the footer slot the allocation has since overwritten, or with a BAT
+entry pointing past that size. Hence :meth:`Image._load` reads the file
+size again *after* the BAT (a BAT entry is only ever written after the
+file grew to hold its block, so the later size covers every entry read
+before it) and the footer at that end, and :meth:`Image._load_consistent`
+opens again when validation fails but what the failed attempt read (file
+sizes and every byte) differs from what the attempt before it read. A
+corrupt image reads the same twice and is reported after the second
+attempt; a changing one is retried a bounded number of times.
 """
 
 import array
@@ -45,6 +59,7 @@ import os
 import stat
 import sys
 import threading
+import time
 
 from xsm_driver.core.vhd import errors
 from xsm_driver.core.vhd import format as fmt
@@ -57,6 +72,11 @@ ALL_SET = '1' * SPB
 NONE_SET = '0' * SPB
 ZEROS = memoryview(bytes(BS))
 _BITMAP_CACHE = 4096
+# Opening attempts while what is read keeps changing (see the module
+# docstring), and the pause before the n-th retry (n times this, capped).
+_LOAD_TRIES = 20
+_RETRY_PAUSE = 0.001
+_MAX_RETRY_PAUSE = 0.01
 
 
 def make_read_only(path):
@@ -110,6 +130,7 @@ class Image:
         self._lock = threading.Lock()
         self._bitmaps = collections.OrderedDict()
         self._batmap_dirty = False
+        self._seen = None
         try:
             self._fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY)
                                | getattr(os, 'O_CLOEXEC', 0))
@@ -117,7 +138,7 @@ class Image:
             raise errors.VHDError(path=path, reason='cannot open: %s'
                                   % exc.strerror)
         try:
-            self._load()
+            self._load_consistent()
         except fmt.FormatError as exc:
             self.close()
             raise errors.InvalidImage(path=path, reason=str(exc))
@@ -127,6 +148,40 @@ class Image:
 
     # -- opening and validation -------------------------------------------
 
+    def _load_consistent(self):
+        """:meth:`_load`, again while a concurrent writer explains failure.
+
+        A failed attempt is retried when it read anything (a file size or
+        a byte) different from the previous attempt: the file is changing
+        under us. When two attempts in a row read the same, the image is
+        what it is and the error stands; so is the error of the last of
+        ``_LOAD_TRIES`` attempts.
+        """
+        previous = None
+        try:
+            for attempt in range(_LOAD_TRIES):
+                self._seen = []
+                try:
+                    self._load()
+                    return
+                except fmt.FormatError as exc:
+                    if self._seen == previous or attempt + 1 == _LOAD_TRIES:
+                        raise
+                    previous = self._seen
+                    LOG.debug('%s changed while being opened (%s), opening '
+                              'again', self.path, exc)
+                # The first retry is immediate (a corrupt image costs one
+                # more reading, no pause); later ones let the writer finish.
+                time.sleep(min(_RETRY_PAUSE * attempt, _MAX_RETRY_PAUSE))
+        finally:
+            self._seen = None
+
+    def _stat_size(self):
+        size = os.fstat(self._fd).st_size
+        if self._seen is not None:
+            self._seen.append(size)
+        return size
+
     def _pread(self, length, offset, what):
         """Read metadata whose offset and length come from the file."""
         if offset < 0 or length < 0 or offset + length > self.file_size:
@@ -134,22 +189,26 @@ class Image:
                                   'beyond the end of the file (%d bytes)'
                                   % (what, length, offset, self.file_size))
         data = os.pread(self._fd, length, offset)
+        if self._seen is not None:
+            self._seen.append((offset, data))
         if len(data) != length:
             raise fmt.FormatError('the %s (%d bytes at offset %d) was cut '
                                   'short' % (what, length, offset))
         return data
 
     def _load(self):
-        self.file_size = os.fstat(self._fd).st_size
+        self.file_size = self._stat_size()
         if self.file_size < fmt.SECTOR:
             raise fmt.FormatError('file is %d bytes, too short for a footer'
                                   % self.file_size)
-        self.footer = fmt.Footer.unpack(
-            self._pread(fmt.SECTOR, self.file_size - fmt.SECTOR, 'footer'))
+        raw_footer = self._pread(fmt.SECTOR, self.file_size - fmt.SECTOR,
+                                 'footer')
+        self.footer = fmt.Footer.unpack(raw_footer)
         self.size = self.footer.size
         self.type = self.footer.type
         self.header = None
         self.bat = None
+        self._batmap_header = None
         if self.type == fmt.TYPE_FIXED:
             if self.file_size < self.size + fmt.SECTOR:
                 raise fmt.FormatError(
@@ -179,9 +238,27 @@ class Image:
         self._batmap_header = None
         if self.footer.has_batmap:
             self._load_batmap(bat_at + bat_len, entries, regions)
+        self._recheck_end(raw_footer)
         if self.type == fmt.TYPE_DIFF:
             self._load_locators(regions)
         self._check_blocks(regions)
+
+    def _recheck_end(self, raw_footer):
+        """Take the file size again now that the BAT has been read.
+
+        A writer grows the file (footer at the new end) before it points a
+        BAT entry at the new block, so this size holds every block of the
+        BAT read before it, where the size taken first may not. The footer
+        at the new end must be the one validated at the old end.
+        """
+        first, size = self.file_size, self._stat_size()
+        if size == first:
+            return
+        self.file_size = size
+        if self._pread(fmt.SECTOR, size - fmt.SECTOR, 'footer') != raw_footer:
+            raise fmt.FormatError('the footer changed while the file was '
+                                  'being read (its size went from %d to %d '
+                                  'bytes)' % (first, size))
 
     def _load_batmap(self, at, entries, regions):
         hdr = fmt.BatmapHeader.unpack(
