@@ -22,24 +22,45 @@ class CommandError(Exception):
     """A failure to report in one line, without a traceback."""
 
 
+def first_line(exc):
+    """An error's message without what oslo.messaging appends to it.
+
+    An exception rebuilt from an RPC reply carries the agent's traceback
+    after its message; the agent's log has it, the operator needs one line.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def run(prog, args, errors=()):
     """Run ``args.func(args)``; report failures in one line.
 
+    Expected failures (``errors`` and xsm-driver's own) print their
+    message; anything else prints its type and message, and its traceback
+    only with ``--debug``.
+
     :returns: the exit status.
     """
-    logging.basicConfig(level=logging.DEBUG if getattr(args, 'debug', False)
-                        else logging.WARNING,
+    debug = getattr(args, 'debug', False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format='%(levelname)s %(name)s %(message)s')
     try:
         return args.func(args) or 0
     except (CommandError, exception.XSMError, OSError, ValueError) + \
             tuple(errors) as exc:
-        print('%s %s: error: %s' % (prog, args.command, exc),
+        print('%s %s: error: %s' % (prog, args.command, first_line(exc)),
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print('%s %s: interrupted' % (prog, args.command), file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            logging.exception('%s %s failed', prog, args.command)
+        print('%s %s: error: %s: %s' % (prog, args.command,
+                                        type(exc).__name__, first_line(exc)),
+              file=sys.stderr)
+        return 1
 
 
 def migration_options(conf):

@@ -21,6 +21,7 @@ with ``--json``. ``xsm-migrate demo`` needs no broker.
 
 import argparse
 import json
+import socket
 import sys
 import time
 
@@ -118,14 +119,43 @@ def print_result(status, as_json):
 
 # -- commands talking to agents --------------------------------------------
 
+def check_broker(conf, url, timeout=3.0):
+    """Fail fast, in one line, when no broker of ``url`` answers.
+
+    oslo.messaging retries a refused connection forever whatever the call
+    timeout, which would leave the operator with a silent command.
+    """
+    import oslo_messaging as messaging
+    parsed = messaging.TransportURL.parse(conf, url)
+    if parsed.transport in ('fake', None) or not parsed.hosts:
+        return
+    problems = []
+    for host in parsed.hosts:
+        address = (host.hostname or '127.0.0.1', host.port or 5672)
+        try:
+            socket.create_connection(address, timeout).close()
+            return
+        except OSError as exc:
+            problems.append('%s:%d (%s)' % (address[0], address[1],
+                                            exc.strerror or exc))
+    raise common.CommandError('no message broker answers at %s; check '
+                              '[DEFAULT]transport_url or --transport-url'
+                              % ', '.join(problems))
+
+
 def _api(args, host):
+    from oslo_config import cfg
     from xsm_driver.cmd import agent as agent_cmd
     from xsm_driver.core.rpc import api
     argv = []
     for f in args.config_file or []:
         argv += ['--config-file', f]
-    conf = agent_cmd.load_config(argv, PROG)
+    try:
+        conf = agent_cmd.load_config(argv, PROG)
+    except cfg.Error as exc:
+        raise common.CommandError(str(exc))
     transport = api.get_transport(conf, url=args.transport_url)
+    check_broker(conf, args.transport_url or conf.transport_url)
     return api.AgentAPI(transport, host or conf.agent.host,
                         timeout=args.rpc_timeout)
 

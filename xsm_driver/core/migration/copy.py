@@ -47,9 +47,21 @@ class Progress:
         self._lock = threading.Lock()
         self._clock = clock
         self._start = clock()
+        self._end = None
         self._done = 0
         self._total = int(total)
         self._phase = phase
+
+    def start(self):
+        """Restart the clock (when the copy itself begins)."""
+        with self._lock:
+            self._start, self._end = self._clock(), None
+
+    def stop(self):
+        """Stop the clock: rate and elapsed time stay as they are now."""
+        with self._lock:
+            if self._end is None:
+                self._end = self._clock()
 
     def add(self, n):
         with self._lock:
@@ -88,8 +100,10 @@ class Progress:
         """
         with self._lock:
             done, total, phase = self._done, self._total, self._phase
-        elapsed = max(0.0, (self._clock() if now is None else now) -
-                      self._start)
+            end = self._end
+        if end is None:
+            end = self._clock() if now is None else now
+        elapsed = max(0.0, end - self._start)
         percent = 100.0 if total <= 0 else min(100.0, 100.0 * done / total)
         return {'done': done, 'total': total, 'percent': percent,
                 'rate_bytes_per_s': plan.rate(done, elapsed),
@@ -126,6 +140,7 @@ class TokenBucket:
         self._rate = rate
         self._start = clock()
         self._sent = 0
+        self._generation = 0      # bumped when the rate changes
 
     @property
     def rate(self):
@@ -136,6 +151,7 @@ class TokenBucket:
         with self._lock:
             self._rate = value
             self._start, self._sent = self._clock(), 0
+            self._generation += 1
 
     def _reserve(self, n):
         with self._lock:
@@ -160,13 +176,16 @@ class TokenBucket:
         """
         if cancel is not None and cancel.is_set():
             raise _aborted(self.migration_id)
+        generation = self._generation
         delay, since = self._reserve(n)
         if delay <= 0:
             return 0.0
         deadline = since + delay
         while True:
             left = deadline - self._clock()
-            if left <= 0:
+            if left <= 0 or self._generation != generation:
+                # waited enough, or the rate changed: waits end at once
+                # (a lifted limit frees every waiting sender)
                 return delay
             if cancel is None:
                 time.sleep(min(left, self.SLICE))

@@ -145,6 +145,7 @@ class Migration:
             'guest_writes_during_migration': self._guest_writes(),
             'error': str(self.error) if self.error else None,
             'started': self.started, 'finished': self.finished,
+            'time': time.time(),
             'result': self.result,
         }
 
@@ -241,6 +242,7 @@ class Migration:
                               'failed; run the agent again to finish it',
                               self.id)
         finally:
+            self.progress.stop()
             self.finished = time.time()
             if self.vm is not None and self._guest_writes_before is not None \
                     and self.vm.workload is not None:
@@ -372,6 +374,7 @@ class Migration:
                     src.extents(0, src.size), self.options.chunk)
             self.progress.total = sum(n for r in ranges.values()
                                       for _o, n in r)
+            self.progress.start()
             with concurrent.futures.ThreadPoolExecutor(
                     max_workers=len(sources) or 1,
                     thread_name_prefix='xsm-copy') as pool:

@@ -18,11 +18,13 @@ threads of the :class:`~xsm_driver.core.migration.manager.Manager`; a
 reporter thread publishes their progress.
 """
 
+import inspect
 import logging
 import threading
 
 import oslo_messaging as messaging
 
+from xsm_driver.core import exception
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core import rpc
 from xsm_driver.core.rpc import api
@@ -30,6 +32,19 @@ from xsm_driver.core.rpc import api
 LOG = logging.getLogger(__name__)
 
 
+def _expected_errors(cls):
+    """Mark xsm-driver's own errors as answers, not agent failures.
+
+    oslo.messaging then logs them without a traceback.
+    """
+    for name, func in list(vars(cls).items()):
+        if inspect.isfunction(func) and not name.startswith('_'):
+            setattr(cls, name,
+                    messaging.expected_exceptions(exception.XSMError)(func))
+    return cls
+
+
+@_expected_errors
 class AgentEndpoint:
     """What other agents and xsm-migrate may ask of this host."""
 

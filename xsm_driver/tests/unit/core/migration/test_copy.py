@@ -420,3 +420,21 @@ class ProgressTest(base.TestCase):
             t.join()
         self.assertEqual(8000, progress.done)
         self.assertEqual(100.0, progress.snapshot()['percent'])
+
+
+class TestProgressClock(base.TestCase):
+
+    def test_start_and_stop_bound_the_clock(self):
+        now = [100.0]
+        prog = copy.Progress(total=100, clock=lambda: now[0])
+        now[0] = 110.0
+        prog.start()
+        prog.add(50)
+        now[0] = 120.0
+        prog.stop()
+        now[0] = 500.0
+        snap = prog.snapshot()
+        self.assertEqual(10.0, snap['elapsed_s'])
+        self.assertEqual(5.0, snap['rate_bytes_per_s'])
+        prog.stop()                     # a second stop changes nothing
+        self.assertEqual(10.0, prog.snapshot()['elapsed_s'])
