@@ -13,9 +13,10 @@
 """Configuration options of xsm-driver, one module per option group."""
 
 from xsm_driver.conf import agent
+from xsm_driver.conf import cloudstack
 from xsm_driver.conf import sr
 
-MODULES = (agent, sr)
+MODULES = (agent, sr, cloudstack)
 
 
 def register_opts(conf):

@@ -1,0 +1,255 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""What the xsm hosts hold, as CloudStack's API names it.
+
+Ids are stable UUIDs derived from xsm-driver's names, so that they do not
+change when a VM moves:
+
+=================  =====================================================
+host               ``uuid5(NS, "host/" + host name)``
+storage pool       ``uuid5(NS, "pool/" + host + "/" + SR name)`` (every
+                   xsm SR is a pool of scope HOST)
+virtual machine    the VM's uuid (it keeps it when it moves)
+volume             ``uuid5(NS, "volume/" + VM uuid + "/" + device name)``
+                   for a VM's disk (its ``path`` is the VDI uuid, which
+                   changes when it moves, as on XenServer); the VDI uuid
+                   for a disk of no VM
+=================  =====================================================
+"""
+
+import logging
+import uuid as uuidlib
+
+from xsm_driver.cloudstack import commands as cmds
+from xsm_driver.cloudstack import gson
+from xsm_driver.cloudstack import resource
+
+LOG = logging.getLogger(__name__)
+
+NAMESPACE = uuidlib.UUID('0d6f3f4c-2f4e-5b8e-9a57-2c0a1c8d7e31')
+
+POWER_STATES = {'running': 'Running', 'halted': 'Stopped',
+                'paused': 'Paused'}
+POOL_TYPES = {'vhd': 'EXT', 'raw': 'Filesystem'}
+
+
+def host_id(host):
+    return str(uuidlib.uuid5(NAMESPACE, 'host/' + host))
+
+
+def pool_id(host, sr):
+    return str(uuidlib.uuid5(NAMESPACE, 'pool/%s/%s' % (host, sr)))
+
+
+def volume_id(vm_uuid, device):
+    return str(uuidlib.uuid5(NAMESPACE, 'volume/%s/%s' % (vm_uuid, device)))
+
+
+def chain_allocated(vdis, uuid):
+    """Bytes a VDI's chain holds (what a migration copies at most)."""
+    by_uuid = {v['uuid']: v for v in vdis}
+    total, seen = 0, set()
+    while uuid is not None and uuid in by_uuid and uuid not in seen:
+        seen.add(uuid)
+        total += by_uuid[uuid].get('allocated') or 0
+        uuid = by_uuid[uuid].get('parent')
+    return total
+
+
+class Snapshot:
+    """One look at every host: its SRs, VMs and VDIs.
+
+    :param clients: ``{host name: AgentAPI}``.
+    """
+
+    def __init__(self, clients):
+        self.hosts = {}         # name -> host_info, or None if unreachable
+        self.vms = {}           # name -> [vm records]
+        self.vdis = {}          # name -> [vdi records]
+        for name, client in clients.items():
+            try:
+                self.hosts[name] = client.host_info()
+                self.vms[name] = client.vm_list()
+                self.vdis[name] = client.vdi_list()
+            except Exception as exc:
+                LOG.warning('host %s does not answer: %s', name,
+                            resource.describe(exc))
+                self.hosts[name], self.vms[name], self.vdis[name] = \
+                    None, [], []
+
+    # -- lookups -------------------------------------------------------------
+
+    def find_vm(self, vm_id):
+        """``(host, record)`` of a VM by id (uuid) or name, or None."""
+        for host, vms in self.vms.items():
+            for vm in vms:
+                if vm['uuid'] == vm_id:
+                    return host, vm
+        named = [(h, vm) for h, vms in self.vms.items() for vm in vms
+                 if vm['name'] == vm_id]
+        return named[0] if len(named) == 1 else None
+
+    def find_host(self, ref):
+        """A host name by id or name, or None."""
+        for name in self.hosts:
+            if ref in (name, host_id(name)):
+                return name
+        return None
+
+    def find_pool(self, ref, host=None):
+        """``(host, sr record)`` of a pool by id (or SR name on ``host``)."""
+        for name, info in self.hosts.items():
+            for sr in (info or {}).get('srs', ()):
+                if ref == pool_id(name, sr['name']) or (
+                        name == host and ref == sr['name']):
+                    return name, sr
+        return None
+
+    def volumes(self):
+        """``[(host, vm record or None, device index, vdi record)]``."""
+        out = []
+        for host, vms in self.vms.items():
+            vdis = {v['uuid']: v for v in self.vdis[host]}
+            attached = set()
+            for vm in vms:
+                for index, disk in enumerate(vm['disks']):
+                    attached.add(disk['vdi'])
+                    out.append((host, vm, index, vdis.get(disk['vdi'], {
+                        'uuid': disk['vdi'], 'sr': disk['sr'],
+                        'name': disk['name'], 'size': 0})))
+            for vdi in self.vdis[host]:
+                if vdi['uuid'] not in attached and not vdi['hidden'] and \
+                        not vdi['read_only']:
+                    out.append((host, None, None, vdi))
+        return out
+
+    def find_volume(self, ref):
+        for item in self.volumes():
+            if ref in (self._volume_id(item), item[3]['uuid']):
+                return item
+        return None
+
+    @staticmethod
+    def _volume_id(item):
+        host, vm, index, vdi = item
+        if vm is None:
+            return vdi['uuid']
+        return volume_id(vm['uuid'], vm['disks'][index]['name'])
+
+    def needed(self, host, vdi_uuid):
+        return chain_allocated(self.vdis.get(host, ()), vdi_uuid)
+
+    # -- CloudStack's responses ------------------------------------------
+
+    def host_response(self, name):
+        info = self.hosts.get(name)
+        out = {'id': host_id(name), 'name': name, 'type': 'Routing',
+               'hypervisor': 'XenServer',
+               'state': 'Up' if info is not None else 'Disconnected',
+               'resourcestate': 'Enabled'}
+        if info is not None:
+            out['ipaddress'] = name
+            out['activemigrations'] = info.get('active_migrations', 0)
+            out['disksizetotal'] = sum(s['size'] for s in info['srs'])
+            out['disksizeallocated'] = sum(s['size'] - s['free']
+                                           for s in info['srs'])
+        return out
+
+    def pool_response(self, host, sr):
+        return {'id': pool_id(host, sr['name']), 'name': sr['name'],
+                'type': POOL_TYPES.get(sr.get('type'), 'Filesystem'),
+                'scope': 'HOST', 'hypervisor': 'XenServer',
+                'hostid': host_id(host), 'hostname': host,
+                'ipaddress': host, 'path': sr.get('path'),
+                'disksizetotal': sr['size'],
+                'disksizeused': sr['size'] - sr['free'],
+                'state': 'Up'}
+
+    def pools(self, host=None):
+        return [(h, sr) for h, info in self.hosts.items()
+                if host in (None, h)
+                for sr in (info or {}).get('srs', ())]
+
+    def vm_response(self, host, vm):
+        return {'id': vm['uuid'], 'name': vm['name'],
+                'displayname': vm['name'], 'instancename': vm['name'],
+                'state': POWER_STATES.get(vm['power_state'],
+                                          vm['power_state']),
+                'hostid': host_id(host), 'hostname': host,
+                'hypervisor': 'XenServer',
+                'nic': [{'deviceid': str(i), 'networkname': vif,
+                         'isdefault': i == 0}
+                        for i, vif in enumerate(vm.get('vifs') or ())]}
+
+    def volume_response(self, item):
+        host, vm, index, vdi = item
+        sr = vdi.get('sr')
+        out = {'id': self._volume_id(item), 'name': vdi.get('name'),
+               'path': vdi['uuid'], 'size': vdi.get('size'),
+               'physicalsize': vdi.get('physical'),
+               'storageid': pool_id(host, sr), 'storage': sr,
+               'storagetype': 'local', 'state': 'Ready',
+               'hypervisor': 'XenServer', 'format': 'VHD'
+               if vdi.get('type') == 'vhd' else 'RAW'}
+        if vm is not None:
+            out.update(type='ROOT' if index == 0 else 'DATADISK',
+                       deviceid=index, virtualmachineid=vm['uuid'],
+                       vmname=vm['name'], vmstate=POWER_STATES.get(
+                           vm['power_state'], vm['power_state']))
+        else:
+            out['type'] = 'DATADISK'
+        return out
+
+
+# -- transfer objects, as the management server builds them ------------------
+
+def volume_to(host, vm, index, vdi, sr_type=None):
+    """A ``VolumeTO`` of one disk of ``vm`` (all its fields)."""
+    return {'id': index, 'name': vdi.get('name') or vm['disks'][index]['name'],
+            'mountPoint': None, 'path': vdi['uuid'],
+            'size': vdi.get('size') or 0,
+            'type': 'ROOT' if index == 0 else 'DATADISK',
+            'storagePoolType': POOL_TYPES.get(sr_type, 'EXT'),
+            'storagePoolUuid': pool_id(host, vm['disks'][index]['sr']),
+            'deviceId': index, 'chainInfo': None}
+
+
+def vm_to(host, vm, vdis):
+    """A ``VirtualMachineTO`` of ``vm`` on ``host``.
+
+    :param vdis: ``{uuid: vdi record}`` of the host.
+    """
+    disks = []
+    for index, disk in enumerate(vm['disks']):
+        vdi = vdis.get(disk['vdi'], {})
+        volume = {'uuid': volume_id(vm['uuid'], disk['name']),
+                  'volumeType': 'ROOT' if index == 0 else 'DATADISK',
+                  'name': vdi.get('name') or disk['name'],
+                  'size': vdi.get('size'), 'path': disk['vdi'],
+                  'volumeId': index, 'vmName': vm['name'],
+                  'accountId': 0, 'format': 'VHD', 'id': index,
+                  'deviceId': index, 'hypervisorType': 'XenServer',
+                  'directDownload': False, 'deployAsIs': False}
+        disks.append({'data': gson.wrap(cmds.VOLUME_OBJECT_TO, volume),
+                      'diskSeq': index, 'path': disk['vdi'],
+                      'type': 'ROOT' if index == 0 else 'DATADISK'})
+    nics = [{'deviceId': i, 'name': vif, 'defaultNic': i == 0,
+             'pxeDisable': True, 'dpdkDisabled': False, 'mtu': 0,
+             'isSecurityGroupEnabled': False, 'type': 'Guest'}
+            for i, vif in enumerate(vm.get('vifs') or ())]
+    return {'id': 0, 'name': vm['name'], 'uuid': vm['uuid'],
+            'type': 'User', 'state': POWER_STATES.get(vm['power_state']),
+            'cpus': 1, 'minRam': 0, 'maxRam': 0, 'enableHA': False,
+            'limitCpuUse': False, 'enableDynamicallyScaleVm': False,
+            'disks': disks, 'nics': nics, 'guestOsDetails': {},
+            'extraConfig': {}}
