@@ -149,6 +149,43 @@ class DynamicTest(ChainTestCase):
         self.assertValid('d.vhd')
 
 
+class SparseAllocationTest(ChainTestCase):
+
+    def test_a_small_write_into_a_new_block_costs_little_disk(self):
+        ops.create(self.path('s.vhd'), 1024 * MiB)
+        c = self.open('s.vhd', writable=True)
+        data = os.urandom(4096)
+        for block in range(8):          # every write allocates a block
+            c.pwrite(data, block * 2 * MiB + 8192)
+        c.flush()
+        st = os.stat(self.path('s.vhd'))
+        self.assertGreater(st.st_size, 8 * 2 * MiB)
+        # 8 blocks of 2 MiB each, but only bitmaps and 4 KiB of data in
+        # each are on disk (the rest is holes)
+        self.assertLess(st.st_blocks * 512, 1 * MiB)
+        for block in range(8):
+            at = block * 2 * MiB
+            self.assertEqual(bytes(8192) + data + bytes(2 * MiB - 12288),
+                             bytes(c.pread(at, 2 * MiB)))
+        self.assertValid('s.vhd')
+
+    def test_garbage_past_the_footer_is_overwritten_with_zeros(self):
+        ops.create(self.path('g.vhd'), 64 * MiB)
+        size = os.path.getsize(self.path('g.vhd'))
+        # what a crash between the new footer and the BAT update leaves:
+        # unreferenced bytes, then a footer at the new end
+        with open(self.path('g.vhd'), 'r+b') as f:
+            f.seek(size - 512)
+            footer = f.read(512)
+            f.write(b'\xff' * (3 * MiB) + footer)
+        c = self.open('g.vhd', writable=True)
+        c.pwrite(b'x' * 512, 4096)
+        c.flush()
+        self.assertEqual(bytes(4096) + b'x' * 512 + bytes(2 * MiB - 4608),
+                         bytes(c.pread(0, 2 * MiB)))
+        self.assertValid('g.vhd')
+
+
 class DifferencingTest(ChainTestCase):
 
     def setUp(self):
