@@ -230,7 +230,9 @@ class Mirror(device.Filter):
             already detached or dropped. The caller owns both.
         """
         remote = self.detach()
-        self._pool.shutdown(wait=True)
+        # Requests to the remote still running finish on their own (they
+        # no longer matter); waiting for them would hold the paused guest.
+        self._pool.shutdown(wait=False, cancel_futures=True)
         return self.next, remote
 
     def _drop(self, remote, exc):

@@ -103,5 +103,9 @@ class NBDDevice(device.BlockDevice):
                         break
         return out
 
+    def abort(self):
+        """Drop the connection at once (see the client's ``abort``)."""
+        self.client.abort()
+
     def close(self):
         self.client.close()

@@ -113,6 +113,7 @@ class Migration:
         self._lock = threading.RLock()
         self._limiter = copy_mod.TokenBucket(options.bandwidth)
         self._items = []
+        self._conns = set()             # open NBD connections
         self._creds = None
         self._remote = None
         self._guest_writes_before = None
@@ -183,6 +184,7 @@ class Migration:
                 self.error = errors.MigrationAborted(id=self.id,
                                                      reason=reason)
         self._cancel.set()
+        self._abort_connections()
 
     def force_complete(self):
         """Lift the bandwidth limit so the copy ends as soon as it can.
@@ -199,6 +201,7 @@ class Migration:
                     id=self.id, reason='mirroring to the destination '
                     'failed: %s' % exc)
         self._cancel.set()
+        self._abort_connections()
 
     def _check(self):
         if self._cancel.is_set():
@@ -311,9 +314,26 @@ class Migration:
             item.export = self._remote['exports'][item.vdi]
 
     def _connect(self, export):
-        return nbd_device.NBDDevice.connect(
+        # A dead link fails the connection within the mirror timeout
+        # instead of blocking a sender for as long as TCP retries.
+        dev = nbd_device.NBDDevice.connect(
             self._remote['host'], self._remote['port'], export,
-            tls_context=self._tls)
+            tls_context=self._tls, user_timeout=self.options.mirror_timeout)
+        with self._lock:
+            self._conns.add(dev)
+        return dev
+
+    def _disconnect(self, dev):
+        with self._lock:
+            self._conns.discard(dev)
+        dev.close()
+
+    def _abort_connections(self):
+        """Drop every data connection now: nothing waits on a dead link."""
+        with self._lock:
+            conns = list(self._conns)
+        for dev in conns:
+            dev.abort()
 
     # -- mirror and snapshot -----------------------------------------------
 
@@ -399,7 +419,7 @@ class Migration:
                 depth=self.options.depth, limiter=self._limiter,
                 progress=self.progress, cancel=self._cancel)
         finally:
-            dst.close()
+            self._disconnect(dst)
 
     # -- switch-over -------------------------------------------------------
 
@@ -462,11 +482,11 @@ class Migration:
             for fut in [pool.submit(func, item) for item in items]:
                 fut.result()
 
-    @staticmethod
-    def _close_later(devices):
+    def _close_later(self, devices):
         devices = [d for d in devices if d is not None]
         if devices:
-            threading.Thread(target=lambda: [d.close() for d in devices],
+            threading.Thread(target=lambda: [self._disconnect(d)
+                                             for d in devices],
                              name='xsm-close', daemon=True).start()
 
     def _commit(self, vm_state):
@@ -567,6 +587,11 @@ class Migration:
         LOG.info('migration %s: aborted, source restored', self.id)
 
     def _remove_mirror(self, item):
+        if item.remote_leaf is not None:
+            # First the connection, outside the pause: a write waiting on a
+            # dead link fails now (the guest's write is done locally), so
+            # the pause below never waits for the network.
+            item.remote_leaf.abort()
         if item.mirror is not None:
             gate = item.disk.gate
             gate.pause(self.options.pause_timeout)
@@ -575,7 +600,7 @@ class Migration:
             item.mirror = None
             item.remote_leaf = remote or item.remote_leaf
         if item.remote_leaf is not None:
-            item.remote_leaf.close()
+            self._disconnect(item.remote_leaf)
             item.remote_leaf = None
 
 

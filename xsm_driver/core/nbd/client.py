@@ -78,6 +78,16 @@ class Pending:
         return None
 
 
+def _set_user_timeout(sock, seconds):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probe = max(1, int(seconds) // 3)
+    for name, value in (('TCP_KEEPIDLE', probe), ('TCP_KEEPINTVL', probe),
+                        ('TCP_KEEPCNT', 3),
+                        ('TCP_USER_TIMEOUT', int(seconds * 1000))):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 class Client:
     """A connection to one export of an NBD server.
 
@@ -89,16 +99,21 @@ class Client:
         (default: ``host``).
     :param timeout: seconds for connecting and each handshake step; also
         the default wait of the blocking methods.
+    :param user_timeout: seconds sent data may stay unacknowledged before
+        the kernel gives up on the connection (``TCP_USER_TIMEOUT``, with
+        keep-alives): a dead link then fails every request instead of
+        blocking a sender for the minutes TCP retries by default.
     """
 
     def __init__(self, host, port, export='', tls_context=None,
                  server_hostname=None, timeout=30.0,
-                 max_payload=p.MAX_PAYLOAD):
+                 max_payload=p.MAX_PAYLOAD, user_timeout=None):
         self.host, self.port, self.export = host, port, export
         self.name = 'nbd://%s:%d/%s' % (host, port, export)
         self._tls = tls_context
         self._server_hostname = server_hostname or host
         self.timeout = timeout
+        self.user_timeout = user_timeout
         self.conn = p.ClientConnection(max_payload=max_payload)
         self._core = threading.Lock()
         self._send = threading.Lock()
@@ -123,6 +138,8 @@ class Client:
             self._sock = socket.create_connection((self.host, self.port),
                                                   timeout=self.timeout)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.user_timeout:
+                _set_user_timeout(self._sock, self.user_timeout)
             self._negotiate()
         except (OSError, ssl.SSLError) as exc:
             self._close_socket()
@@ -356,6 +373,23 @@ class Client:
         self._close_socket()
         if self._reader is not None:
             self._reader.join()
+
+    def abort(self):
+        """Drop the connection now, without a goodbye.
+
+        Every request in flight fails at once, and so does a sender blocked
+        on a link that went dead; :meth:`close` still releases the rest.
+        """
+        sock = self._sock
+        if sock is not None:
+            try:
+                # The plain socket's shutdown: SSLSocket.shutdown would
+                # need the TLS state another thread is using.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._fail(NBDError(where=self.name, errno=errno.ECONNABORTED,
+                            reason='the connection was aborted'))
 
     def _close_socket(self):
         sock, self._sock = self._sock, None
