@@ -8,7 +8,7 @@ set -eu
 TOP="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$TOP"
 
-DEBS="qemu-utils libnbd-bin nbdkit"
+DEBS="qemu-utils libnbd-bin nbdkit iproute2 tshark"
 
 _sudo() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi

@@ -1,0 +1,157 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Two xsm-agent processes, each in its own network namespace.
+
+The same hosts as the RabbitMQ fixture of the migration tests (host ``a``
+with SRs ``sr-a``/``raw-a``, host ``b`` with ``sr-b``/``raw-b``, one
+``xsm-agent`` process each, a per-test exchange), but each agent runs in
+a namespace of :class:`netns.TwoHosts` with ``migration_address`` on the
+namespaces' own migration link, so that migration data crosses a real
+(virtual) cable that a test can shape, cut and capture. The test process
+itself stays in the root namespace and talks to the broker directly.
+
+These tests need root and network namespaces: elsewhere they are skipped,
+in CI (``CI=true``) they fail.
+"""
+
+import os
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+
+from xsm_driver.core.rpc import api
+from xsm_driver.tests import base
+from xsm_driver.tests.functional.core.migration import fixtures
+from xsm_driver.tests.functional.core.migration import test_rabbit
+from xsm_driver.tests.functional.faults import netns
+
+MiB = fixtures.MiB
+
+
+class NamespacedAgent(fixtures.AgentProcess):
+    """An :class:`fixtures.AgentProcess` run with ``ip netns exec``.
+
+    :param hosts: the :class:`netns.TwoHosts`.
+    :param role: ``a`` or ``b``: the namespace it runs in.
+    :param transport_url: the broker as seen from the namespace; written
+        to a second config file that overrides the first one's.
+    """
+
+    def __init__(self, name, folder, srs, exchange, hosts, role,
+                 transport_url, options=None):
+        super().__init__(name, folder, srs, exchange, options)
+        self.hosts = hosts
+        self.role = role
+        self.netns_config = os.path.join(folder, 'netns.conf')
+        with open(self.netns_config, 'w') as f:
+            f.write('[DEFAULT]\ntransport_url = %s\n' % transport_url)
+
+    def start(self):
+        assert self.proc is None or self.proc.poll() is not None
+        self._log_start = os.path.getsize(self.stderr) if os.path.exists(
+            self.stderr) else 0
+        self._out_start = os.path.getsize(self.stdout) if os.path.exists(
+            self.stdout) else 0
+        env = dict(os.environ)
+        env['PYTHONPATH'] = os.pathsep.join(
+            [base.REPO_TOP] + [p for p in [env.get('PYTHONPATH')] if p])
+        env['PYTHONUNBUFFERED'] = '1'
+        # ``ip netns exec`` execs the command: self.proc is the agent.
+        argv = self.hosts.argv(self.role, sys.executable, '-m',
+                               'xsm_driver.cmd.agent', '--config-file',
+                               self.config, '--config-file',
+                               self.netns_config)
+        with open(self.stdout, 'ab') as out, open(self.stderr, 'ab') as err:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                cwd=base.REPO_TOP, env=env)
+        return self
+
+
+class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
+    """Hosts ``a`` and ``b`` as namespaces, an agent in each.
+
+    ``self.net`` is the :class:`netns.TwoHosts`; everything else is as in
+    :class:`fixtures.RabbitAgentsFixture` (``self.agents``, ``self.a``,
+    ``self.b``, ``wait``, ``wait_phase``, ...) and
+    :class:`test_rabbit.RabbitMigrationTest` (``make_vm``, ``migrate``,
+    ``assert_guest_verifies``, ``assert_nothing_received``).
+    """
+
+    def setUp(self):
+        # Not RabbitAgentsFixture.setUp: the agents are made differently.
+        base.TestCase.setUp(self)
+        problem = fixtures.broker_problem() or netns.problem()
+        if problem:
+            self.missing(problem)
+        self.root = self.make_tempdir()
+        self.token = uuidlib.uuid4().hex[:10]
+        self.exchange = 'xsm-test-%s' % self.token
+        self.net = netns.TwoHosts(self.token)
+        # clean-ups run last first: agents stop, logs are attached, the
+        # broker is tidied, the proxy stops, then the network goes
+        self.addCleanup(self._destroy_network)
+        try:
+            self.net.create()
+        except netns.NetworkError as exc:
+            self.fail('could not build the test network: %s' % exc)
+        proxy = netns.BrokerProxy(self.net.control_net + '1',
+                                  fixtures.BROKER).start()
+        self.addCleanup(proxy.stop)
+        self.agents = {}
+        for role in ('a', 'b'):
+            name = 'host-%s-%s' % (role, self.token)
+            folder = os.path.join(self.root, 'host-' + role)
+            options = {'migration_address': self.net.migration[role]}
+            options.update(self.agent_options(role))
+            self.agents[role] = NamespacedAgent(
+                name, folder, self.sr_layout(role, folder), self.exchange,
+                self.net, role, proxy.url, options)
+        self.addCleanup(fixtures._delete_from_broker,
+                        ['xsm-agent.%s' % a.name
+                         for a in self.agents.values()], self.exchange)
+        self.addCleanup(self._attach_logs)
+        for agent in self.agents.values():
+            self.addCleanup(agent.stop)
+        self.start_agents(*self.agents.values())
+        self.transport = api.get_transport(
+            self.client_conf(), url=fixtures.RABBIT_URL)
+        self.addCleanup(self.transport.cleanup)
+        self.a = self.client('a')
+        self.b = self.client('b')
+
+    def _destroy_network(self):
+        left = self.net.destroy()
+        if left:
+            self.fail('the test network was not fully removed: %s'
+                      % ', '.join(left))
+
+    # -- helpers -------------------------------------------------------------
+
+    def wait_progress(self, client, mid, timeout=30):
+        """Poll until the copy has made progress; the status then."""
+        first = client.migration_get(mid)['bytes_copied']
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = client.migration_get(mid)
+            if status['bytes_copied'] > first:
+                return status
+            if status.get('finished') is not None:
+                self.fail('migration %s ended (%s: %s) while the test '
+                          'waited for the copy to move on%s'
+                          % (mid, status['phase'], status.get('error'),
+                             self.logs()))
+            time.sleep(0.01)
+        self.fail('the copy of migration %s made no progress within %s s%s'
+                  % (mid, timeout, self.logs()))
