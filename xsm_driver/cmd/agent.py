@@ -19,6 +19,7 @@ whatever migration its journal says was under way. It prints one line
 when it serves, and stops cleanly on SIGTERM or SIGINT.
 """
 
+import functools
 import logging
 import signal
 import sys
@@ -29,8 +30,8 @@ import oslo_messaging as messaging
 
 from xsm_driver.cmd import common
 from xsm_driver import conf as xsm_conf
+from xsm_driver.core import engine as engine_mod
 from xsm_driver.core import exception
-from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
 
@@ -65,20 +66,23 @@ def main(argv=None):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        host = host_mod.Host.from_config(conf.agent.host,
-                                         conf.sr.repositories,
-                                         conf.agent.state_path)
+        options = common.migration_options(conf)
         transport = api.get_transport(conf)
         agent = agent_mod.Agent(
-            transport, host, common.migration_options(conf),
+            transport, None, options,
             notifier_transport=messaging.get_notification_transport(conf),
-            progress_interval=conf.agent.progress_interval).start()
+            progress_interval=conf.agent.progress_interval,
+            engine=functools.partial(engine_mod.load, conf,
+                                     options=options))
+        host = agent.host
+        srs = ', '.join(sorted(host.srs))
+        agent.start()
     except (exception.XSMError, OSError, ValueError,
             messaging.MessagingException) as exc:
         print('xsm-agent: error: %s' % exc, file=sys.stderr)
         return 1
-    print('xsm-agent: host %s ready, SRs: %s' % (
-        host.name, ', '.join(sorted(host.srs))), flush=True)
+    print('xsm-agent: host %s ready, SRs: %s' % (host.name, srs),
+          flush=True)
     stop.wait()
     LOG.info('stopping')
     agent.stop()

@@ -15,8 +15,9 @@
 from xsm_driver.conf import agent
 from xsm_driver.conf import cloudstack
 from xsm_driver.conf import sr
+from xsm_driver.conf import xenapi
 
-MODULES = (agent, sr, cloudstack)
+MODULES = (agent, sr, cloudstack, xenapi)
 
 
 def register_opts(conf):

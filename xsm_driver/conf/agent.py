@@ -22,6 +22,14 @@ agent_group = cfg.OptGroup(
 
 agent_opts = [
     cfg.StrOpt(
+        'engine',
+        default='native',
+        help='What runs the migrations of this agent: a stevedore plugin of '
+             'the xsm_driver.engine namespace. native: our own data path '
+             'under the VMs of this host (its [sr]repositories); xenapi: '
+             'a XenServer or XCP-ng pool, whose xapi migrates its VMs '
+             '(see the [xenapi] options).'),
+    cfg.StrOpt(
         'host',
         default=socket.gethostname(),
         sample_default='<hostname>',

@@ -30,4 +30,5 @@ ALLOWED_EXMODS = [
     'xsm_driver.core.sr.base',
     'xsm_driver.core.block.device',
     'xsm_driver.core.vhd.errors',
+    'xsm_driver.core.xenapi.errors',
 ]

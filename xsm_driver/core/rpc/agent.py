@@ -146,17 +146,25 @@ class Agent:
     :param host: the :class:`~xsm_driver.core.migration.host.Host`.
     :param options: :class:`~xsm_driver.core.migration.manager.Options`.
     :param notifier_transport: where notifications go (None: none sent).
+    :param engine: ``engine(peer_factory)`` builds the migration engine
+        (see :mod:`xsm_driver.core.engine`); its ``host`` then replaces
+        ``host``. Default: the native Manager of ``host``.
     """
 
     def __init__(self, transport, host, options=None,
                  notifier_transport=None, progress_interval=2.0,
-                 rpc_timeout=None):
-        self.host = host
+                 rpc_timeout=None, engine=None):
+        def peer_factory(name):
+            return api.RemotePeer(api.AgentAPI(transport, name,
+                                               timeout=rpc_timeout))
+
         self.transport = transport
-        self.manager = manager_mod.Manager(
-            host, peer_factory=lambda name: api.RemotePeer(
-                api.AgentAPI(transport, name, timeout=rpc_timeout)),
-            options=options)
+        if engine is None:
+            self.manager = manager_mod.Manager(
+                host, peer_factory=peer_factory, options=options)
+        else:
+            self.manager = engine(peer_factory)
+        self.host = host = self.manager.host
         target = messaging.Target(topic=rpc.TOPIC, server=host.name)
         self.server = messaging.get_rpc_server(
             transport, target, [AgentEndpoint(self.manager)],

@@ -1,0 +1,159 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Copy a VDI out of a pool through xapi's NBD export, sparse.
+
+``VDI.get_nbd_info`` lists where xapi exports a VDI over NBD: on every
+host that can reach the VDI's SR and has a network with the ``nbd`` (TLS)
+purpose, ``{address, port, cert, exportname, subject}``. We connect with
+our own NBD client over TLS, trusting that host's certificate (``cert``)
+only and checking it names ``subject``, and copy the allocated data
+(``NBD_CMD_BLOCK_STATUS``, base:allocation) into a new VDI of a local SR.
+When the server has no allocation map, every block is read and only the
+ones that are not all zeros are written, so the copy stays sparse either
+way.
+
+The export name holds a xapi session reference, so it is never logged:
+the device is renamed after the VDI.
+"""
+
+import logging
+import ssl
+
+import XenAPI
+
+from xsm_driver.core.block import device
+from xsm_driver.core.block import nbd as nbd_device
+from xsm_driver.core.migration import copy as copy_mod
+from xsm_driver.core.xenapi import errors
+
+LOG = logging.getLogger(__name__)
+
+
+def tls_context(cert_pem):
+    """A client context that trusts exactly the pool host's certificate.
+
+    xapi's NBD server speaks TLS 1.2 or 1.3, so 1.2 is the minimum here
+    (our own NBD channel between agents requires 1.3).
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cadata=cert_pem)
+    # the host certificate itself is the trust anchor, CA or not
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx
+
+
+class SkipZeros(device.Filter):
+    """Writes of all-zero data are dropped (the target reads as zeros)."""
+
+    _zeros = b''
+
+    def pwrite(self, data, offset, fua=False):
+        n = len(data)
+        if len(self._zeros) < n:
+            self._zeros = bytes(n)
+        if data == self._zeros[:n]:
+            return
+        self.next.pwrite(data, offset, fua)
+
+
+def _redact(text, secrets):
+    text = str(text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, '<export>')
+    return text
+
+
+def connect(pool, vdi_ref, vdi_uuid):
+    """An :class:`NBDDevice` on the first NBD export of the VDI that works.
+
+    :raises errors.XenAPIError: the VDI has no NBD export (no network of
+        the pool has the ``nbd`` purpose), or none could be reached.
+    """
+    try:
+        infos = pool.call('VDI.get_nbd_info', vdi_ref)
+    except XenAPI.Failure as exc:
+        raise errors.translate(exc.details, context='reading the NBD '
+                               'export of VDI %s' % vdi_uuid)
+    if not infos:
+        raise errors.XenAPIError(
+            code='NO_NBD_EXPORT', detail='VDI %s has no NBD export: give a '
+            'network of the pool the nbd purpose ("xe network-param-add '
+            'uuid=... param-name=purpose param-key=nbd") on a host that '
+            'sees the SR' % vdi_uuid)
+    failures = []
+    for info in infos:
+        where = '%s:%s' % (info.get('address'), info.get('port'))
+        try:
+            dev = nbd_device.NBDDevice.connect(
+                info['address'], int(info.get('port') or 10809),
+                info['exportname'], tls_context=tls_context(info['cert']),
+                server_hostname=info.get('subject') or info['address'])
+        except (device.BlockError, ssl.SSLError, OSError,
+                ValueError) as exc:
+            failures.append('%s: %s' % (where, _redact(
+                exc, [info.get('exportname')])))
+            continue
+        dev.name = 'nbd+tls://%s/%s' % (where, vdi_uuid)
+        return dev
+    raise errors.XenAPIError(
+        code='NBD_UNREACHABLE', detail='cannot read VDI %s through xapi\'s '
+        'NBD export: %s' % (vdi_uuid, '; '.join(failures)))
+
+
+def copy_vdi(pool, vdi_ref, sr, name='', progress=None, cancel=None,
+             chunk=copy_mod.CHUNK, depth=copy_mod.DEPTH, limiter=None,
+             migration_id=None):
+    """Copy a pool's VDI into a new VDI of a local SR.
+
+    :param pool: the :class:`~xsm_driver.core.xenapi.session.Pool`.
+    :param vdi_ref: the VDI's reference in that pool.
+    :param sr: a local :class:`~xsm_driver.core.sr.base.SR`.
+    :returns: the uuid of the new VDI. On any error or cancel, the new
+        VDI is destroyed again.
+    """
+    vdi_uuid = pool.call('VDI.get_uuid', vdi_ref)
+    src = connect(pool, vdi_ref, vdi_uuid)
+    new = None
+    try:
+        new = sr.create(src.size, name=name or vdi_uuid)
+        dst = sr.attach(new.uuid, writable=True)
+        try:
+            ranges = None
+            target = dst
+            if not src.client.has_allocation_map:
+                LOG.info('%s has no allocation map: reading it all, '
+                         'writing only non-zero blocks', src.name)
+                ranges = [(0, src.size)]
+                target = SkipZeros(dst)
+            copied = copy_mod.copy_allocated(
+                src, target, ranges=ranges, chunk=chunk, depth=depth,
+                limiter=limiter, progress=progress, cancel=cancel,
+                migration_id=migration_id)
+            dst.flush()
+        finally:
+            dst.close()
+        LOG.info('copied VDI %s into VDI %s of SR %s (%d bytes read)',
+                 vdi_uuid, new.uuid, sr.name, copied)
+        return new.uuid
+    except BaseException:
+        if new is not None:
+            try:
+                sr.destroy(new.uuid)
+            except Exception as exc:
+                LOG.error('cannot remove the partial copy %s from SR %s: '
+                          '%s', new.uuid, sr.name, exc)
+        raise
+    finally:
+        src.close()

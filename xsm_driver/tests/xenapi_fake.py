@@ -1,0 +1,658 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""A XenServer pool that speaks the XenAPI's XML-RPC on loopback.
+
+:class:`FakePool` holds a pool's objects (hosts, SRs, VDIs, VBDs, VMs,
+VIFs, networks, PIFs, tasks) as xapi's records, and implements exactly
+the calls the ``xenapi`` engine makes, with xapi's own envelopes
+(``{"Status": "Success", "Value": ...}`` / ``{"Status": "Failure",
+"ErrorDescription": [...]}``), opaque references, sessions that can
+expire, 64-bit integers sent as strings, and ``Async.*`` methods that
+return a task whose progress moves until it succeeds, fails or is
+cancelled. xapi's own rules that matter to the engine are enforced:
+``VDI_NOT_IN_MAP``, ``VIF_NOT_IN_MAP``, ``HOST_DISABLED``, version
+checks, and at most 3 storage migrations per host
+(``TOO_MANY_STORAGE_MIGRATES``); :attr:`FakePool.peak_storage` records
+the most that ever ran at once.
+
+Failure injection: :meth:`FakePool.fail` (the next call of a method is
+refused with an error), :meth:`FakePool.fail_task` (the next task of a
+method fails part-way), :meth:`FakePool.drop` (the connection breaks
+before or after a call runs), :meth:`FakePool.hold` (tasks stop at a
+given progress until released), :meth:`FakePool.expire_sessions`.
+
+:class:`XenAPIServer` serves a pool over HTTP (or HTTPS); the real
+``XenAPI`` client from PyPI talks to it.
+"""
+
+import collections
+import http.server
+import socket
+import socketserver
+import threading
+import time
+import uuid as uuidlib
+import xmlrpc.client
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+#: pools by name, so that a migration can reach the destination pool
+REGISTRY = {}
+
+SR_OPS = ['vdi_create', 'vdi_destroy', 'vdi_snapshot', 'vdi_clone',
+          'vdi_mirror', 'scan']
+VM_OPS = ['migrate_send', 'pool_migrate', 'clean_shutdown', 'snapshot']
+
+
+class Failure(Exception):
+    def __init__(self, *details):
+        super().__init__(details)
+        self.details = [str(d) for d in details]
+
+
+def _ref():
+    return 'OpaqueRef:%s' % uuidlib.uuid4()
+
+
+def _wire(value):
+    """xapi's XML-RPC: int64 as strings, None as ''."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_wire(v) for v in value]
+    if value is None:
+        return ''
+    return value
+
+
+class FakePool:
+    """One pool's objects and the calls on them."""
+
+    CLASSES = ('pool', 'host', 'SR', 'PBD', 'VDI', 'VBD', 'VM', 'VIF',
+               'network', 'PIF', 'task')
+
+    def __init__(self, name, username='root', password='secret',
+                 version='3.4.0', task_seconds=0.3, steps=10):
+        self.name = name
+        self.username, self.password = username, password
+        self.version = version
+        self.task_seconds = task_seconds
+        self.steps = steps
+        self.db = {cls: {} for cls in self.CLASSES}
+        self.lock = threading.RLock()
+        self.sessions = set()
+        self.logins = 0
+        self.calls = []
+        self._fail = collections.defaultdict(list)
+        self._fail_task = collections.defaultdict(list)
+        self._drop = collections.defaultdict(list)
+        self._hold_at = None
+        self._released = threading.Event()
+        self.storage = collections.Counter()     # running, per host ref
+        self.peak_storage = 0
+        self.max_storage = 3
+        self.nbd_info = {}
+        self.leave_on_failure = False
+        REGISTRY[name] = self
+        self.pool = self._add('pool', name_label=name, master='')
+        self.network = self.add_network('Pool-wide network associated '
+                                        'with eth0')
+        self.master = self.add_host('%s-master' % name, version=version)
+        self.db['pool'][self.pool]['master'] = self.master
+
+    # -- building the pool -------------------------------------------------
+
+    def _add(self, cls, **fields):
+        ref = _ref()
+        fields.setdefault('uuid', str(uuidlib.uuid4()))
+        fields.setdefault('name_label', '')
+        fields.setdefault('current_operations', {})
+        fields.setdefault('other_config', {})
+        self.db[cls][ref] = fields
+        return ref
+
+    def add_network(self, name):
+        return self._add('network', name_label=name, PIFs=[], VIFs=[])
+
+    def add_host(self, name, enabled=True, version=None):
+        host = self._add('host', name_label=name, enabled=enabled,
+                         address='127.0.0.1', PIFs=[], software_version={
+                             'platform_version': version or self.version,
+                             'product_version': '8.2.1'})
+        pif = self._add('PIF', host=host, network=self.network,
+                        management=True, device='eth0')
+        self.db['host'][host]['PIFs'].append(pif)
+        self.db['network'][self.network]['PIFs'].append(pif)
+        return host
+
+    def add_sr(self, name, type='ext', size=100 * GiB, used=0, host=None,
+               ops=None, content_type='user'):
+        sr = self._add('SR', name_label=name, type=type, physical_size=size,
+                       physical_utilisation=used, VDIs=[], PBDs=[],
+                       shared=host is None, content_type=content_type,
+                       allowed_operations=list(SR_OPS if ops is None
+                                               else ops))
+        for h in [host] if host else list(self.db['host']):
+            pbd = self._add('PBD', host=h, SR=sr, currently_attached=True)
+            self.db['SR'][sr]['PBDs'].append(pbd)
+        return sr
+
+    def add_vdi(self, sr, name, size=1 * GiB, used=None, snapshot_of=None):
+        used = size // 4 if used is None else used
+        vdi = self._add('VDI', name_label=name, SR=sr, virtual_size=size,
+                        physical_utilisation=used, VBDs=[],
+                        is_a_snapshot=snapshot_of is not None,
+                        snapshot_of=snapshot_of or 'OpaqueRef:NULL',
+                        snapshots=[], read_only=snapshot_of is not None,
+                        managed=True, sm_config={}, type='user',
+                        allowed_operations=['mirror', 'copy', 'snapshot'])
+        self.db['SR'][sr]['VDIs'].append(vdi)
+        self.db['SR'][sr]['physical_utilisation'] += used
+        if snapshot_of:
+            self.db['VDI'][snapshot_of]['snapshots'].append(vdi)
+        return vdi
+
+    def _add_vbd(self, vm, vdi, device, attached):
+        vbd = self._add('VBD', VM=vm, VDI=vdi, type='Disk',
+                        empty=vdi == 'OpaqueRef:NULL', userdevice=str(device),
+                        device='xvd' + chr(ord('a') + device), mode='RW',
+                        currently_attached=attached)
+        self.db['VM'][vm]['VBDs'].append(vbd)
+        if vdi in self.db['VDI']:
+            self.db['VDI'][vdi]['VBDs'].append(vbd)
+        return vbd
+
+    def add_vm(self, name, disks, networks=(), power_state='Running',
+               host=None, uuid=None):
+        host = host or self.master
+        running = power_state == 'Running'
+        vm = self._add('VM', name_label=name, power_state=power_state,
+                       is_a_template=False, is_a_snapshot=False,
+                       is_control_domain=False, snapshots=[],
+                       snapshot_of='OpaqueRef:NULL', VBDs=[], VIFs=[],
+                       resident_on=host if running else 'OpaqueRef:NULL',
+                       allowed_operations=list(VM_OPS),
+                       **({'uuid': uuid} if uuid else {}))
+        for i, vdi in enumerate(disks):
+            self._add_vbd(vm, vdi, i, running)
+        for i, net in enumerate(networks):
+            vif = self._add('VIF', VM=vm, network=net, device=str(i),
+                            MAC='02:00:00:00:%02x:%02x' % (len(self.db['VIF'])
+                                                           % 256, i))
+            self.db['VM'][vm]['VIFs'].append(vif)
+        return vm
+
+    def snapshot_vm(self, vm, name='snap'):
+        """A snapshot of the VM: a snapshot VDI of each disk."""
+        snap = self._add('VM', name_label=name, power_state='Halted',
+                         is_a_template=True, is_a_snapshot=True,
+                         is_control_domain=False, snapshots=[],
+                         snapshot_of=vm, VBDs=[], VIFs=[],
+                         resident_on='OpaqueRef:NULL', allowed_operations=[])
+        self.db['VM'][vm]['snapshots'].append(snap)
+        for i, vbd in enumerate(self.db['VM'][vm]['VBDs']):
+            vdi = self.db['VBD'][vbd]['VDI']
+            rec = self.db['VDI'][vdi]
+            copy = self.add_vdi(rec['SR'], rec['name_label'] + ' (snap)',
+                                rec['virtual_size'], 4 * MiB,
+                                snapshot_of=vdi)
+            self._add_vbd(snap, copy, i, False)
+        return snap
+
+    def find(self, cls, **match):
+        return [r for r, rec in self.db[cls].items()
+                if all(rec.get(k) == v for k, v in match.items())]
+
+    def get(self, cls, ref):
+        return self.db[cls][ref]
+
+    # -- failure injection -------------------------------------------------
+
+    def fail(self, method, *details, count=1):
+        """The next ``count`` calls of ``method`` fail with ``details``."""
+        self._fail[method].extend([list(details)] * count)
+
+    def fail_task(self, method, *details, at=0.5):
+        """The next task of ``Async.<method>`` fails at progress ``at``."""
+        self._fail_task[method].append((at, list(details)))
+
+    def drop(self, method, when='before', count=1, skip=0):
+        """Break the connection of the next calls of ``method``.
+
+        ``before``: the call does not run; ``after``: it runs, its answer
+        is lost. The first ``skip`` calls go through.
+        """
+        self._drop[method].extend([None] * skip + [when] * count)
+
+    def hold(self, at=0.5):
+        """Tasks stop at progress ``at`` until :meth:`release`."""
+        self._released.clear()
+        self._hold_at = at
+
+    def release(self):
+        self._hold_at = None
+        self._released.set()
+
+    def expire_sessions(self):
+        with self.lock:
+            self.sessions.clear()
+
+    def take_drop(self, method):
+        with self.lock:
+            if self._drop[method]:
+                return self._drop[method].pop(0)
+        return None
+
+    # -- dispatch ----------------------------------------------------------
+
+    def dispatch(self, method, params):
+        """The envelope of one call."""
+        self.calls.append(method)
+        try:
+            return {'Status': 'Success',
+                    'Value': _wire(self._call(method, list(params)))}
+        except Failure as exc:
+            return {'Status': 'Failure', 'ErrorDescription': exc.details}
+
+    def _call(self, method, params):
+        with self.lock:
+            if self._fail[method]:
+                raise Failure(*self._fail[method].pop(0))
+        if method == 'session.login_with_password':
+            user, password = params[0], params[1]
+            if (user, password) != (self.username, self.password):
+                raise Failure('SESSION_AUTHENTICATION_FAILED', user,
+                              'Authentication failure')
+            session = _ref()
+            with self.lock:
+                self.sessions.add(session)
+                self.logins += 1
+            return session
+        session, args = params[0], params[1:]
+        with self.lock:
+            if session not in self.sessions:
+                raise Failure('SESSION_INVALID', session)
+        if method == 'session.logout':
+            with self.lock:
+                self.sessions.discard(session)
+            return ''
+        is_async = method.startswith('Async.')
+        name = method[len('Async.'):] if is_async else method
+        cls, _sep, op = name.partition('.')
+        special = getattr(self, '_%s_%s' % (cls, op), None)
+        if special is not None:
+            if is_async:
+                return self._task(name, special, args)
+            return special(*args)
+        if cls not in self.db:
+            raise Failure('MESSAGE_METHOD_UNKNOWN', method)
+        return self._generic(cls, op, args)
+
+    def _record(self, cls, ref):
+        try:
+            return self.db[cls][ref]
+        except KeyError:
+            raise Failure('HANDLE_INVALID', cls, ref)
+
+    def _generic(self, cls, op, args):
+        with self.lock:
+            table = self.db[cls]
+            if op == 'get_record':
+                return dict(self._record(cls, args[0]))
+            if op == 'get_all_records':
+                return {r: dict(rec) for r, rec in table.items()}
+            if op == 'get_all':
+                return list(table)
+            if op == 'get_by_uuid':
+                for r, rec in table.items():
+                    if rec['uuid'] == args[0]:
+                        return r
+                raise Failure('UUID_INVALID', cls, args[0])
+            if op == 'get_by_name_label':
+                return [r for r, rec in table.items()
+                        if rec['name_label'] == args[0]]
+            if op.startswith('get_'):
+                rec = self._record(cls, args[0])
+                field = op[4:]
+                if field not in rec:
+                    raise Failure('MESSAGE_METHOD_UNKNOWN',
+                                  '%s.%s' % (cls, op))
+                return rec[field]
+        raise Failure('MESSAGE_METHOD_UNKNOWN', '%s.%s' % (cls, op))
+
+    # -- tasks -------------------------------------------------------------
+
+    def _task(self, name, func, args):
+        task = self._add('task', name_label='Async.' + name,
+                         status='pending', progress=0.0, result='',
+                         error_info=[], created=time.time())
+        plan = None
+        with self.lock:
+            if self._fail_task[name]:
+                plan = self._fail_task[name].pop(0)
+        thread = threading.Thread(target=self._run_task,
+                                  args=(task, func, args, plan), daemon=True)
+        thread.start()
+        return task
+
+    def _run_task(self, task, func, args, fail_plan):
+        rec = self.db['task'][task]
+        try:
+            result = func(task, *args, fail_plan=fail_plan)
+            with self.lock:
+                rec.update(status='success', progress=1.0,
+                           result='<value>%s</value>' % result)
+        except Failure as exc:
+            with self.lock:
+                status = 'cancelled' if exc.details[0] == 'TASK_CANCELLED' \
+                    else 'failure'
+                rec.update(status=status, error_info=exc.details)
+        except Exception as exc:
+            with self.lock:
+                rec.update(status='failure',
+                           error_info=['INTERNAL_ERROR', repr(exc)])
+        rec['finished'] = time.time()
+
+    def _progress(self, task, fail_plan):
+        """Move a task's progress to 1, honouring cancel, hold, failure."""
+        rec = self.db['task'][task]
+        for step in range(1, self.steps + 1):
+            fraction = step / float(self.steps)
+            if self._hold_at is not None and fraction > self._hold_at:
+                while not self._released.wait(0.02):
+                    if rec['status'] == 'cancelling':
+                        break
+            if rec['status'] == 'cancelling':
+                raise Failure('TASK_CANCELLED', task)
+            if fail_plan is not None and fraction > fail_plan[0]:
+                raise Failure(*fail_plan[1])
+            time.sleep(self.task_seconds / self.steps)
+            with self.lock:
+                rec['progress'] = min(fraction, 0.99)
+        if rec['status'] == 'cancelling':
+            raise Failure('TASK_CANCELLED', task)
+
+    def _task_cancel(self, task):
+        with self.lock:
+            rec = self._record('task', task)
+            if rec['status'] == 'pending':
+                rec['status'] = 'cancelling'
+        return ''
+
+    def _task_destroy(self, task):
+        with self.lock:
+            self.db['task'].pop(task, None)
+        return ''
+
+    # -- migration ---------------------------------------------------------
+
+    def _host_migrate_receive(self, host, network, options):
+        with self.lock:
+            rec = self._record('host', host)
+            self._record('network', network)
+            if not rec['enabled']:
+                raise Failure('HOST_DISABLED', host)
+            session = _ref()
+            self.sessions.add(session)
+        return {'SM': 'http://127.0.0.1/services/SM?session_id=%s'
+                % session, 'host': host, 'master': '127.0.0.1',
+                'session_id': session,
+                'xenops': 'http://127.0.0.1/%s/services/xenops' % self.name}
+
+    @staticmethod
+    def _dest_of(token):
+        return REGISTRY[token['xenops'].split('/')[3]]
+
+    def _all_vdis(self, vm):
+        """The VDI refs of a VM and of its snapshots."""
+        out = []
+        for v in [vm] + list(self.db['VM'][vm]['snapshots']):
+            for vbd in self.db['VM'][v]['VBDs']:
+                vdi = self.db['VBD'][vbd]['VDI']
+                if vdi in self.db['VDI']:
+                    out.append(vdi)
+        return out
+
+    def _VM_assert_can_migrate(self, vm, dest, live, vdi_map, vif_map,
+                               options, vgpu_map):
+        target = self._dest_of(dest)
+        with self.lock:
+            rec = self._record('VM', vm)
+            for vdi in self._all_vdis(vm):
+                if vdi not in vdi_map:
+                    raise Failure('VDI_NOT_IN_MAP', vdi)
+            if target is not self:
+                for vif in rec['VIFs']:
+                    if vif not in vif_map:
+                        raise Failure('VIF_NOT_IN_MAP', vif)
+            host = rec['resident_on'] if rec['resident_on'] in \
+                self.db['host'] else self.master
+            src_v = self.db['host'][host]['software_version']
+        with target.lock:
+            dst = target._record('host', dest['host'])
+            if not dst['enabled']:
+                raise Failure('HOST_DISABLED', dest['host'])
+            for sr in vdi_map.values():
+                target._record('SR', sr)
+            if tuple(int(x) for x in dst['software_version'][
+                    'platform_version'].split('.')) < tuple(
+                    int(x) for x in src_v['platform_version'].split('.')):
+                raise Failure('VM_HOST_INCOMPATIBLE_VERSION_MIGRATE',
+                              dest['host'], vm)
+        return ''
+
+    def _storage_slot(self, host, delta):
+        with self.lock:
+            if delta > 0 and self.storage[host] >= self.max_storage:
+                raise Failure('TOO_MANY_STORAGE_MIGRATES',
+                              str(self.max_storage))
+            self.storage[host] += delta
+            self.peak_storage = max(self.peak_storage,
+                                    sum(self.storage.values()))
+
+    def _VM_migrate_send(self, task, vm, dest, live, vdi_map, vif_map,
+                         options, vgpu_map, fail_plan=None):
+        self._VM_assert_can_migrate(vm, dest, live, vdi_map, vif_map,
+                                    options, vgpu_map)
+        target = self._dest_of(dest)
+        host = self.db['VM'][vm]['resident_on']
+        self._storage_slot(host, +1)
+        with self.lock:
+            self.db['VM'][vm]['current_operations'][task] = 'migrate_send'
+        made = []
+        try:
+            if self.leave_on_failure and fail_plan is not None:
+                sr = list(vdi_map.values())[0]
+                made.append(target.add_vdi(sr, 'leftover', GiB, 0))
+            self._progress(task, fail_plan)
+            return self._move_vm(target, vm, dest['host'], vdi_map,
+                                 vif_map, options.get('copy') == 'true')
+        finally:
+            with self.lock:
+                if vm in self.db['VM']:
+                    self.db['VM'][vm]['current_operations'].pop(task, None)
+            self._storage_slot(host, -1)
+
+    def _move_vm(self, target, vm, dest_host, vdi_map, vif_map, copy):
+        with self.lock, target.lock:
+            rec = dict(self.db['VM'][vm])
+            nets = [vif_map.get(v, self.db['VIF'][v]['network'])
+                    for v in rec['VIFs']]
+            if target is self and not copy:
+                # within the pool: the VM stays, its disks change SR
+                for v in [vm] + list(rec['snapshots']):
+                    for vbd in self.db['VM'][v]['VBDs']:
+                        vdi = self.db['VBD'][vbd]['VDI']
+                        if self.db['VDI'][vdi]['SR'] == vdi_map[vdi]:
+                            continue
+                        old = self.db['VDI'][vdi]
+                        copy_ref = self.add_vdi(
+                            vdi_map[vdi], old['name_label'],
+                            old['virtual_size'], old['physical_utilisation'])
+                        self.db['VBD'][vbd]['VDI'] = copy_ref
+                        self.db['VDI'][copy_ref]['VBDs'].append(vbd)
+                        self._destroy_vdi(vdi)
+                for vif in rec['VIFs']:
+                    if vif in vif_map:
+                        self.db['VIF'][vif]['network'] = vif_map[vif]
+                self.db['VM'][vm]['resident_on'] = dest_host
+                return vm
+            new_disks = []
+            for vbd in rec['VBDs']:
+                vdi = self.db['VBD'][vbd]['VDI']
+                old = self.db['VDI'][vdi]
+                new_disks.append(target.add_vdi(
+                    vdi_map[vdi], old['name_label'], old['virtual_size'],
+                    old['physical_utilisation']))
+            for snap in rec['snapshots']:
+                for vbd in self.db['VM'][snap]['VBDs']:
+                    vdi = self.db['VBD'][vbd]['VDI']
+                    old = self.db['VDI'][vdi]
+                    target.add_vdi(vdi_map[vdi], old['name_label'],
+                                   old['virtual_size'],
+                                   old['physical_utilisation'])
+            new = target.add_vm(rec['name_label'], new_disks, nets,
+                                rec['power_state'], host=dest_host,
+                                uuid=None if copy else rec['uuid'])
+            if not copy:
+                self._remove_vm(vm)
+            return new
+
+    def _remove_vm(self, vm, keep_record=False):
+        rec = self.db['VM'][vm]
+        for v in [vm] + list(rec['snapshots']):
+            for vbd in self.db['VM'][v]['VBDs']:
+                vdi = self.db['VBD'].pop(vbd)['VDI']
+                self._destroy_vdi(vdi)
+            for vif in self.db['VM'][v]['VIFs']:
+                self.db['VIF'].pop(vif, None)
+            if v != vm or not keep_record:
+                self.db['VM'].pop(v)
+
+    def _destroy_vdi(self, vdi):
+        rec = self.db['VDI'].pop(vdi, None)
+        if rec is not None:
+            sr = self.db['SR'][rec['SR']]
+            sr['VDIs'].remove(vdi)
+            sr['physical_utilisation'] -= rec['physical_utilisation']
+
+    def _VDI_pool_migrate(self, task, vdi, sr, options, fail_plan=None):
+        with self.lock:
+            rec = self._record('VDI', vdi)
+            self._record('SR', sr)
+            vbds = list(rec['VBDs'])
+            host = self.db['VM'][self.db['VBD'][vbds[0]]['VM']][
+                'resident_on'] if vbds else self.master
+        self._storage_slot(host, +1)
+        with self.lock:
+            rec['current_operations'][task] = 'mirror'
+        try:
+            self._progress(task, fail_plan)
+            with self.lock:
+                new = self.add_vdi(sr, rec['name_label'], rec['virtual_size'],
+                                   rec['physical_utilisation'])
+                for vbd in vbds:
+                    self.db['VBD'][vbd]['VDI'] = new
+                    self.db['VDI'][new]['VBDs'].append(vbd)
+                self._destroy_vdi(vdi)
+            return new
+        finally:
+            with self.lock:
+                rec['current_operations'].pop(task, None)
+            self._storage_slot(host, -1)
+
+    def _VDI_get_nbd_info(self, vdi):
+        with self.lock:
+            self._record('VDI', vdi)
+            return list(self.nbd_info.get(vdi, []))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, *args):
+        pass
+
+    def setup(self):
+        super().setup()
+        # headers and body go out as two writes: no Nagle delay between
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_POST(self):
+        length = int(self.headers.get('Content-Length', 0))
+        params, method = xmlrpc.client.loads(self.rfile.read(length),
+                                             use_builtin_types=False)
+        pool = self.server.pool
+        when = pool.take_drop(method)
+        if when == 'before':
+            return self._hang_up()
+        response = pool.dispatch(method, params)
+        if when == 'after':
+            return self._hang_up()
+        body = xmlrpc.client.dumps((response,), methodresponse=True,
+                                   allow_none=True).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/xml')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _hang_up(self):
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class XenAPIServer:
+    """Serve a :class:`FakePool` on ``http://127.0.0.1:<port>/``."""
+
+    def __init__(self, pool, tls_context=None):
+        self.pool = pool
+        self._server = _Server(('127.0.0.1', 0), _Handler)
+        self._server.pool = pool
+        self._scheme = 'http'
+        if tls_context is not None:
+            self._server.socket = tls_context.wrap_socket(
+                self._server.socket, server_side=True)
+            self._scheme = 'https'
+        self._thread = None
+
+    @property
+    def url(self):
+        return '%s://127.0.0.1:%d/' % (self._scheme,
+                                       self._server.server_address[1])
+
+    def start(self):
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={'poll_interval': 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        REGISTRY.pop(self.pool.name, None)
