@@ -14,7 +14,6 @@
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -121,7 +120,9 @@ _FALLOC_FL_PUNCH_HOLE = 2
 
 def _libc_fallocate():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)
+        # The process's own symbols: no library search (which probes the
+        # host with uname and ldconfig) at import time.
+        libc = ctypes.CDLL(None, use_errno=True)
         func = libc.fallocate
     except (OSError, AttributeError, TypeError):
         return None

@@ -61,8 +61,8 @@ def preflight(host, spec, active, limit, leaf_headroom):
     for sr_name, vdis in sorted(by_sr.items()):
         sr = host.sr(sr_name)
         needed = plan.space_needed(vdis, leaf_headroom)
-        plan.check_space('%s on host %s' % (sr_name, host.name), needed,
-                         sr.capacity()['free'])
+        plan.check_space(sr_name, needed, sr.capacity()['free'],
+                         host=host.name)
 
 
 class Receive:

@@ -57,10 +57,12 @@ class InsufficientSpace(MigrationError):
     :param free: bytes the SR has free.
     """
 
-    msg_fmt = ("SR '%(sr)s' needs %(needed_h)s (%(needed)d bytes) but has "
-               "%(free_h)s free")
+    msg_fmt = ("SR '%(sr)s'%(on_host)s needs %(needed_h)s (%(needed)d bytes) "
+               "but has %(free_h)s free")
 
     def __init__(self, message=None, **kwargs):
+        host = kwargs.get('host')
+        kwargs.setdefault('on_host', ' on host %s' % host if host else '')
         kwargs.setdefault('needed_h', human_size(kwargs.get('needed', 0)))
         kwargs.setdefault('free_h', human_size(kwargs.get('free', 0)))
         super().__init__(message, **kwargs)

@@ -139,8 +139,18 @@ class Manager:
             mig.preflight()
             with self._lock:
                 self._sources[mid] = mig
+                self._forget_old()
         mig.start()
         return mid
+
+    #: finished migrations kept in memory (the journal keeps all of them)
+    KEEP_FINISHED = 100
+
+    def _forget_old(self):
+        done = sorted((m for m in self._sources.values()
+                       if m.finished is not None), key=lambda m: m.finished)
+        for mig in done[:max(0, len(done) - self.KEEP_FINISHED)]:
+            del self._sources[mig.id]
 
     def _running(self):
         with self._lock:

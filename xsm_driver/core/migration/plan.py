@@ -159,10 +159,11 @@ def space_needed(vdis, leaf_headroom):
                          v.get('blocks')) for v in vdis)
 
 
-def check_space(sr_name, needed, free):
+def check_space(sr_name, needed, free, host=None):
     """Raise :class:`~errors.InsufficientSpace` when ``needed > free``."""
     if needed > free:
-        raise errors.InsufficientSpace(sr=sr_name, needed=needed, free=free)
+        raise errors.InsufficientSpace(sr=sr_name, needed=needed, free=free,
+                                       host=host)
 
 
 # -- preflight ----------------------------------------------------------------

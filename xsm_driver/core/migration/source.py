@@ -270,9 +270,8 @@ class Migration:
             item = _Item(disks.get(vdi), sr, vdi, self.vdi_map[vdi])
             if item.snapshots:
                 plan.check_chain_depth(vdi, item.depth_before + 1)
-                plan.check_space('%s on host %s' % (sr.name, self.host.name),
-                                 self.options.leaf_headroom,
-                                 sr.capacity()['free'])
+                plan.check_space(sr.name, self.options.leaf_headroom,
+                                 sr.capacity()['free'], host=self.host.name)
             self._items.append(item)
         ordered = plan.order_vdis([self._describe(i) for i in self._items])
         by_uuid = {i.vdi: i for i in self._items}

@@ -294,7 +294,7 @@ class TestFullPool(CloudStackFixture):
         self.assertEqual(533, job['jobresult']['errorcode'])
         text = job['jobresult']['errortext']
         for word in ('Failed to migrate VM i-2-42-VM', 'from host host-a to '
-                     'host host-b', "SR 'sr-b on host host-b' needs",
+                     'host host-b', "SR 'sr-b' on host host-b needs",
                      'free'):
             self.assertIn(word, text)
         # nothing on the destination, the source as it was

@@ -196,10 +196,10 @@ class TestSendAndComplete(ResourceTest):
 
     def test_a_refused_migration_answers_false_with_the_reason(self):
         self.world['host-a'].refuse = errors.InsufficientSpace(
-            sr='sr-b on host host-b', needed=40 * MiB, free=20 * MiB)
+            sr='sr-b', host='host-b', needed=40 * MiB, free=20 * MiB)
         _, fields = self.send()
         self.assertIs(False, fields['result'])
-        self.assertIn("SR 'sr-b on host host-b' needs 40.0 MiB",
+        self.assertIn("SR 'sr-b' on host host-b needs 40.0 MiB",
                       fields['details'])
         self.assertIn('MigrateWithStorageSendCommand on host host-a',
                       fields['details'])
