@@ -14,10 +14,11 @@
 
 from xsm_driver.conf import agent
 from xsm_driver.conf import cloudstack
+from xsm_driver.conf import nova
 from xsm_driver.conf import sr
 from xsm_driver.conf import xenapi
 
-MODULES = (agent, sr, cloudstack, xenapi)
+MODULES = (agent, sr, cloudstack, nova, xenapi)
 
 
 def register_opts(conf):

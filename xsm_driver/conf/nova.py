@@ -1,0 +1,140 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The ``[xsm]`` group of nova.conf, read by ``compute_driver=xsm.XSMDriver``.
+
+This module must not import nova: the option list is also what
+oslo-config-generator documents in xsm-driver's sample configuration.
+"""
+
+from oslo_config import cfg
+
+xsm_group = cfg.OptGroup(
+    'xsm',
+    title='xsm-driver options of nova-compute',
+    help='Options of the xsm-driver compute driver (compute_driver = '
+         'xsm.XSMDriver in nova.conf): where the instances\' disks live and '
+         'how live migrations with --block-migrate run.')
+
+TIMEOUT_ACTIONS = ('abort', 'force_complete')
+
+xsm_opts = [
+    cfg.StrOpt(
+        'transport_url',
+        secret=True,
+        help='oslo.messaging URL of the xsm-driver control plane (the '
+             'xsm-agent topic). Unset, the compute driver uses nova\'s own '
+             '[DEFAULT]transport_url, so the agents of all compute hosts '
+             'meet on nova\'s message bus.'),
+    cfg.StrOpt(
+        'agent',
+        default='auto',
+        choices=[
+            ('auto', 'thread when nova-compute runs on native threads (the '
+                     'default of nova 34), process when it runs '
+                     'monkey-patched by eventlet.'),
+            ('thread', 'nova-compute is the xsm agent of its host: it serves '
+                       'the host\'s SRs, VMs and migrations in its own '
+                       'threads.'),
+            ('process', 'nova-compute starts xsm-agent as a child process '
+                        'configured from this group, and stops it with the '
+                        'service; needs a real message bus (not fake://).'),
+            ('external', 'a separate xsm-agent service with the same host '
+                         'name serves this host on the same transport; the '
+                         'options of this group that describe the agent '
+                         '(SRs, state, address, limits) are not used.'),
+        ],
+        help='Where the xsm agent of this host runs. The migration engine '
+             'needs real threads: in eventlet mode (deprecated in nova 34) '
+             'it must not run inside nova-compute.'),
+    cfg.MultiStrOpt(
+        'sr_repositories',
+        default=['local:vhd:/var/lib/xsm-driver/sr'],
+        help='A storage repository of this host, as NAME:DRIVER:PATH (see '
+             '[sr]repositories of xsm-agent). Repeat the option for several '
+             'SRs. Not used with agent = external.'),
+    cfg.StrOpt(
+        'instance_sr',
+        help='Name of the SR that holds the disks of new instances and '
+             'receives the disks of instances live-migrated to this host. '
+             'Unset: the first of sr_repositories.'),
+    cfg.StrOpt(
+        'state_path',
+        default='/var/lib/xsm-driver/state',
+        help='Directory for the migration journal, the VM records and '
+             'per-migration TLS credentials of the agent, and the '
+             'configuration and log of a child agent. Keep it on local '
+             'storage that survives a reboot.'),
+    cfg.StrOpt(
+        'migration_address',
+        default='127.0.0.1',
+        help='Address the NBD server of an incoming live migration listens '
+             'on: this host\'s address on the migration network. Not used '
+             'with agent = external.'),
+    cfg.IntOpt(
+        'max_concurrent_migrations',
+        default=3, min=1,
+        help='Live migrations this host takes part in at once, as source or '
+             'destination; one more is refused at the pre-check. Not used '
+             'with agent = external.'),
+    cfg.IntOpt(
+        'leaf_headroom_mb',
+        default=64, min=0,
+        help='Free space, in MiB, a disk\'s mirrored leaf may need on the '
+             'source and destination SRs during a live migration, on top '
+             'of the copied data.'),
+    cfg.IntOpt(
+        'bandwidth_limit',
+        default=0, min=0,
+        help='Copy rate limit of one live migration, in MiB per second; 0 '
+             'means unlimited. A force-complete lifts it.'),
+    cfg.IntOpt(
+        'completion_timeout',
+        default=800, min=0,
+        help='Seconds a live migration may take, per GiB of disk data to '
+             'copy (at least 2 GiB are counted), before the timeout action '
+             'is taken; 0 disables the timeout. Example: 800 and 5 GiB of '
+             'allocated disk data give 4000 s.'),
+    cfg.StrOpt(
+        'completion_timeout_action',
+        default='abort',
+        choices=[
+            ('abort', 'Abort the live migration: the instance stays on '
+                      'the source and the destination SR is left as it '
+                      'was.'),
+            ('force_complete', 'Lift the bandwidth limit so that the copy '
+                               'ends as soon as it can. The mirror of guest '
+                               'writes is synchronous, so the switch-over '
+                               'follows the copy at once.'),
+        ],
+        help='What to do when a live migration reaches its completion '
+             'timeout.'),
+    cfg.FloatOpt(
+        'progress_interval',
+        default=1.0, min=0.05,
+        help='Seconds between two looks at a running live migration: its '
+             'progress is saved on the migration record and the instance '
+             'then, and the completion timeout checked.'),
+    cfg.IntOpt(
+        'rpc_timeout',
+        default=60, min=1,
+        help='Seconds to wait for an xsm agent to answer a call.'),
+]
+
+
+def register_opts(conf):
+    conf.register_group(xsm_group)
+    conf.register_opts(xsm_opts, group=xsm_group)
+
+
+def list_opts():
+    return {xsm_group: xsm_opts}

@@ -1,0 +1,756 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""``XSMDriver``: a Nova compute driver whose live migration is xsm's.
+
+Each nova-compute is the xsm agent of its host: at ``init_host`` the
+driver opens the host's SRs and serves them as an xsm agent named after
+the compute host, on ``[xsm]transport_url`` (nova's own message bus when
+unset) -- in its own threads (``[xsm]agent = thread``, what ``auto`` means
+on native threads), or as a child ``xsm-agent`` process (``process``, what
+``auto`` means under eventlet, whose green threads the engine's data path
+cannot run on). With ``external`` a separate ``xsm-agent`` of the same
+host name does it. Either way every call below goes through the agent's
+RPC API (:class:`xsm_driver.core.rpc.api.AgentAPI`), to this host's agent
+or to the other host's.
+
+An instance is an xsm VM named after the instance's uuid; its disks are
+VDIs in ``[xsm]instance_sr``, made from the flavor's root, ephemeral and
+swap sizes (the image is not copied in: the root disk starts empty).
+
+``nova live-migration --block-migrate`` maps onto the engine so:
+
+=========================================== ==============================
+Nova calls (host)                           xsm
+=========================================== ==============================
+``check_can_live_migrate_destination`` (d)  the destination agent's
+                                            receive preflight (SR, space,
+                                            concurrency, VIF map) with the
+                                            source's real VDI sizes;
+                                            refusals become
+                                            ``MigrationPreCheckError``
+``check_can_live_migrate_source`` (s)       every VDI mapped, chain depth,
+                                            room for the snapshot leaf
+``pre_live_migration`` (d)                  the same receive preflight
+                                            again, with the source's disk
+                                            info; the receive itself is
+                                            prepared by the engine when
+                                            the source starts it
+``live_migration`` (s)                      ``migrate_vm`` on the source
+                                            agent, polled to the end;
+                                            progress saved; completion
+                                            timeout; ``post_method`` /
+                                            ``recover_method``
+``live_migration_abort`` (s)                ``migration_abort``
+``live_migration_force_complete`` (s)       ``migration_force_complete``
+``rollback_live_migration_at_source`` (s)   the destination's
+                                            ``receive_abort`` (idempotent)
+=========================================== ==============================
+
+Nothing here imports eventlet. The monitor of a live migration uses
+``time.sleep`` in the thread Nova runs ``live_migration`` in (a green
+thread and a green sleep when nova-compute runs monkey-patched).
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+from oslo_log import log as logging
+from oslo_utils import versionutils
+
+from nova.compute import power_state
+import nova.conf
+from nova import exception
+from nova.objects import fields as obj_fields
+from nova.virt import driver
+from nova.virt import hardware
+import nova.virt.node
+
+from xsm_driver.conf import nova as xsm_conf
+from xsm_driver.core import exception as xsm_exception
+from xsm_driver.core.migration import errors as mig_errors
+from xsm_driver.core.migration import host as host_mod
+from xsm_driver.core.migration import manager as manager_mod
+from xsm_driver.core.migration import plan
+from xsm_driver.core.rpc import agent as agent_mod
+from xsm_driver.core.rpc import api as rpc_api
+from xsm_driver.nova import agent_process
+from xsm_driver.nova import decisions
+from xsm_driver.nova import migrate_data as xsm_migrate_data
+
+LOG = logging.getLogger(__name__)
+CONF = nova.conf.CONF
+xsm_conf.register_opts(CONF)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+_POWER_STATES = {
+    host_mod.RUNNING: power_state.RUNNING,
+    host_mod.HALTED: power_state.SHUTDOWN,
+    host_mod.PAUSED: power_state.PAUSED,
+}
+
+# One transport per URL in a process: two computes of one process (Nova's
+# functional tests) must share it to reach each other on ``fake://``.
+_TRANSPORTS = {}
+_TRANSPORTS_LOCK = threading.Lock()
+
+#: seconds an abort or force-complete waits for live_migration() to have
+#: started the engine's migration (Nova marks the migration running just
+#: before it calls the driver)
+_START_WAIT = 10.0
+
+
+def _transport(conf):
+    url = conf.xsm.transport_url or None
+    key = (url or conf.transport_url or '', conf.control_exchange)
+    with _TRANSPORTS_LOCK:
+        if key not in _TRANSPORTS:
+            _TRANSPORTS[key] = rpc_api.get_transport(conf, url=url)
+        return _TRANSPORTS[key]
+
+
+def eventlet_patched():
+    """Whether this process runs monkey-patched by eventlet.
+
+    Asks nova, else eventlet if something imported it; never imports
+    eventlet.
+    """
+    try:
+        from nova import monkey_patch
+        if monkey_patch.is_patched():
+            return True
+    except ImportError:
+        pass
+    patcher = sys.modules.get('eventlet.patcher')
+    return bool(patcher and patcher.is_monkey_patched('thread'))
+
+
+def agent_mode(option):
+    """The ``[xsm]agent`` mode to use: ``auto`` resolved."""
+    if option == 'auto':
+        return 'process' if eventlet_patched() else 'thread'
+    return option
+
+
+def _precheck_error(exc):
+    return exception.MigrationPreCheckError(reason=str(exc))
+
+
+class _LiveMigration:
+    """What the source knows of one instance's running live migration."""
+
+    def __init__(self):
+        self.mid = None
+        self.abort_requested = False
+        self.force_requested = False
+        self.started = threading.Event()
+
+
+class XSMDriver(driver.ComputeDriver):
+    """Instances on xsm SRs; live migration by xsm's native engine."""
+
+    capabilities = dict(
+        driver.ComputeDriver.capabilities,
+        supports_image_type_raw=True,
+        supports_image_type_vhd=True,
+    )
+
+    def __init__(self, virtapi, read_only=False):
+        super().__init__(virtapi)
+        self._host = None
+        self._node_uuid = None
+        self._transport = None
+        self._agent = None
+        self._api = None
+        self._sr = None
+        self._migrations = {}
+        self._lock = threading.Lock()
+
+    # -- the host and its agent ---------------------------------------------
+
+    def init_host(self, host):
+        self._host = host
+        self._node_uuid = nova.virt.node.get_local_node_uuid()
+        self._transport = _transport(CONF)
+        self._api = self._agent_api(host)
+        mode = agent_mode(CONF.xsm.agent)
+        if mode == 'thread':
+            self._agent = self._thread_agent(host)
+        elif mode == 'process':
+            self._agent = self._process_agent(host)
+        srs = [s['name'] for s in self._api.host_info()['srs']]
+        self._sr = CONF.xsm.instance_sr or (srs[0] if srs else None)
+        if self._sr not in srs:
+            raise exception.NovaException(
+                'xsm host %s has no SR %s for instance disks (it has: %s); '
+                'check [xsm]instance_sr and [xsm]sr_repositories'
+                % (host, self._sr, ', '.join(srs) or 'none'))
+        LOG.info('xsm host %s: instance disks in SR %s, agent: %s', host,
+                 self._sr, mode)
+
+    def _thread_agent(self, host):
+        xsm_host = host_mod.Host.from_config(
+            host, CONF.xsm.sr_repositories, CONF.xsm.state_path)
+        options = manager_mod.Options(
+            address=CONF.xsm.migration_address,
+            max_concurrent=CONF.xsm.max_concurrent_migrations,
+            leaf_headroom=CONF.xsm.leaf_headroom_mb * MiB)
+        return agent_mod.Agent(self._transport, xsm_host, options,
+                               rpc_timeout=CONF.xsm.rpc_timeout).start()
+
+    def _process_agent(self, host):
+        url = CONF.xsm.transport_url or CONF.transport_url
+        if not url or url.startswith('fake:'):
+            raise exception.NovaException(
+                '[xsm]agent = process needs a message bus other processes '
+                'reach; the transport URL is %r' % url)
+        text = agent_process.config_text(
+            host, CONF.xsm.sr_repositories, CONF.xsm.state_path, url,
+            CONF.control_exchange, CONF.xsm.migration_address,
+            CONF.xsm.max_concurrent_migrations, CONF.xsm.leaf_headroom_mb)
+        ping = rpc_api.AgentAPI(self._transport, host, timeout=2).host_info
+        return agent_process.AgentProcess(CONF.xsm.state_path, text,
+                                          ping).start()
+
+    def cleanup_host(self, host):
+        if self._agent is not None:
+            self._agent.stop()
+            self._agent = None
+
+    def _agent_api(self, host):
+        return rpc_api.AgentAPI(self._transport, host,
+                                timeout=CONF.xsm.rpc_timeout)
+
+    def get_available_nodes(self, refresh=False):
+        return [self._host]
+
+    def get_nodenames_by_uuid(self, refresh=False):
+        return {self._node_uuid: self._host}
+
+    def get_host_ip_addr(self):
+        return CONF.my_ip
+
+    def _sr_info(self):
+        for sr in self._api.host_info()['srs']:
+            if sr['name'] == self._sr:
+                return sr
+        raise exception.NovaException('xsm SR %s is gone from host %s'
+                                      % (self._sr, self._host))
+
+    @staticmethod
+    def _memory_mb():
+        try:
+            with open('/proc/meminfo') as f:
+                for line in f:
+                    if line.startswith('MemTotal:'):
+                        return int(line.split()[1]) // 1024
+        except OSError:
+            pass
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // MiB
+
+    def get_available_resource(self, nodename):
+        sr = self._sr_info()
+        local_gb = sr['size'] // GiB
+        return {
+            'vcpus': os.cpu_count() or 1,
+            'memory_mb': self._memory_mb(),
+            'local_gb': local_gb,
+            'vcpus_used': 0,
+            'memory_mb_used': 0,
+            'local_gb_used': (sr['size'] - sr['free']) // GiB,
+            'hypervisor_type': 'xsm',
+            'hypervisor_version': versionutils.convert_version_to_int('1.0'),
+            'hypervisor_hostname': nodename,
+            'cpu_info': json.dumps({'arch': obj_fields.Architecture.X86_64}),
+            'disk_available_least': sr['free'] // GiB,
+            'supported_instances': [(obj_fields.Architecture.X86_64,
+                                     obj_fields.HVType.XEN,
+                                     obj_fields.VMMode.HVM)],
+            'numa_topology': None,
+            'uuid': self._node_uuid,
+        }
+
+    def update_provider_tree(self, provider_tree, nodename, allocations=None):
+        res = self.get_available_resource(nodename)
+        inv = provider_tree.data(nodename).inventory
+        ratios = self._get_allocation_ratios(inv)
+        inventory = {}
+        for rc, total, reserved in (
+                ('VCPU', res['vcpus'], CONF.reserved_host_cpus),
+                ('MEMORY_MB', res['memory_mb'],
+                 CONF.reserved_host_memory_mb),
+                ('DISK_GB', res['local_gb'],
+                 self._get_reserved_host_disk_gb_from_config())):
+            if total > 0:
+                inventory[rc] = {'total': total, 'min_unit': 1,
+                                 'max_unit': total, 'step_size': 1,
+                                 'allocation_ratio': ratios[rc],
+                                 'reserved': min(reserved, total)}
+        provider_tree.update_inventory(nodename, inventory)
+
+    # -- instances -----------------------------------------------------------
+
+    def _vm(self, instance, api=None):
+        try:
+            return (api or self._api).vm_get(decisions.vm_name(
+                instance.uuid))
+        except host_mod.VMNotFound:
+            raise exception.InstanceNotFound(instance_id=instance.uuid)
+
+    def list_instances(self):
+        return [vm['name'] for vm in self._api.vm_list()]
+
+    def list_instance_uuids(self):
+        return self.list_instances()
+
+    def instance_exists(self, instance):
+        try:
+            self._vm(instance)
+            return True
+        except exception.InstanceNotFound:
+            return False
+
+    def get_info(self, instance, use_cache=True):
+        vm = self._vm(instance)
+        return hardware.InstanceInfo(
+            state=_POWER_STATES.get(vm['power_state'], power_state.NOSTATE))
+
+    def spawn(self, context, instance, image_meta, injected_files,
+              admin_password, allocations, network_info=None,
+              block_device_info=None, power_on=True, accel_info=None):
+        flavor = instance.flavor
+        sizes = decisions.disk_sizes(
+            flavor.root_gb, flavor.ephemeral_gb, flavor.swap,
+            getattr(image_meta, 'size', 0) if image_meta else 0)
+        vifs = [vif['id'] for vif in network_info or []]
+        vm = self._api.vm_create(decisions.vm_name(instance.uuid),
+                                 [{'sr': self._sr, 'size': s} for s in sizes],
+                                 vifs)
+        try:
+            if power_on:
+                self._api.vm_start(vm['uuid'])
+        except Exception:
+            self._api.vm_destroy(vm['uuid'])
+            raise
+        LOG.info('xsm VM %s made with disks %s in SR %s', vm['uuid'],
+                 ', '.join(d['vdi'] for d in vm['disks']), self._sr,
+                 instance=instance)
+
+    def destroy(self, context, instance, network_info, block_device_info=None,
+                destroy_disks=True, destroy_secrets=True):
+        try:
+            vm = self._vm(instance)
+        except exception.InstanceNotFound:
+            LOG.debug('no xsm VM to destroy', instance=instance)
+            return
+        if destroy_disks:
+            self._api.vm_destroy(vm['uuid'])
+        else:
+            self._api.vm_stop(vm['uuid'])
+
+    def cleanup(self, context, instance, network_info, block_device_info=None,
+                destroy_disks=True, migrate_data=None, destroy_vifs=True,
+                destroy_secrets=True):
+        if destroy_disks:
+            self.destroy(context, instance, network_info, block_device_info)
+
+    def power_off(self, instance, timeout=0, retry_interval=0):
+        self._api.vm_stop(self._vm(instance)['uuid'])
+
+    def power_on(self, context, instance, network_info,
+                 block_device_info=None, accel_info=None, share_info=None):
+        self._api.vm_start(self._vm(instance)['uuid'])
+
+    def reboot(self, context, instance, network_info, reboot_type,
+               block_device_info=None, bad_volumes_callback=None,
+               accel_info=None, share_info=None):
+        vm = self._vm(instance)
+        self._api.vm_stop(vm['uuid'])
+        self._api.vm_start(vm['uuid'])
+
+    def plug_vifs(self, instance, network_info):
+        """Nothing to plug: xsm VIFs are names the VM record carries."""
+
+    def unplug_vifs(self, instance, network_info):
+        """Nothing to unplug (see :meth:`plug_vifs`)."""
+
+    def get_volume_connector(self, instance):
+        return {'ip': CONF.my_block_storage_ip, 'host': self._host,
+                'initiator': None}
+
+    def instance_on_disk(self, instance):
+        return False
+
+    def _disks(self, vm, api=None):
+        """The VM's disks with virtual size and allocated bytes of chain."""
+        vdis = {v['uuid']: v for v in (api or self._api).vdi_list()}
+        disks = []
+        for disk in vm['disks']:
+            allocated, uuid = 0, disk['vdi']
+            while uuid is not None:
+                allocated += vdis[uuid]['allocated']
+                uuid = vdis[uuid]['parent']
+            rec = vdis[disk['vdi']]
+            disks.append({'device': disk['name'], 'vdi': disk['vdi'],
+                          'sr': disk['sr'], 'type': rec['type'],
+                          'virt_disk_size': rec['size'],
+                          'disk_size': allocated})
+        return disks
+
+    def get_instance_disk_info(self, instance, block_device_info=None):
+        return json.dumps(self._disks(self._vm(instance)))
+
+    # -- live migration: checks ----------------------------------------------
+
+    def _receive_spec(self, instance, vm, disks, vif_map):
+        """What the destination's preflight checks (see core.destination)."""
+        return {
+            'id': 'nova-precheck-%s' % instance.uuid,
+            'source_host': instance.host,
+            'vm': {k: vm[k] for k in ('uuid', 'name', 'disks', 'vifs')},
+            'vif_map': vif_map, 'cross_pool': True,
+            'vdis': [{'uuid': d['vdi'], 'size': d['virt_disk_size'],
+                      'allocated': d['disk_size'], 'name': d['device'],
+                      'sr': self._sr,
+                      'mirror': vm['power_state'] == host_mod.RUNNING}
+                     for d in disks],
+        }
+
+    def _preflight_here(self, spec):
+        """Run this host's receive preflight.
+
+        Its refusals, which name SR, need and free space, become Nova's
+        ``MigrationPreCheckError``.
+        """
+        try:
+            rpc_api.RemotePeer(self._api).preflight(spec)
+        except xsm_exception.XSMError as exc:
+            raise _precheck_error(exc)
+
+    def check_can_live_migrate_destination(self, context, instance,
+                                           src_compute_info, dst_compute_info,
+                                           block_migration=False,
+                                           disk_over_commit=False):
+        if block_migration is False:
+            raise exception.MigrationPreCheckError(
+                reason='the disks of instance %s are in host-local xsm SRs: '
+                       'a live migration must copy them; use '
+                       '--block-migrate (or block_migration auto)'
+                       % instance.uuid)
+        source = self._agent_api(instance.host)
+        try:
+            vm = self._vm(instance, source)
+            disks = self._disks(vm, source)
+        except exception.InstanceNotFound:
+            raise exception.MigrationPreCheckError(
+                reason='host %s has no xsm VM for instance %s'
+                       % (instance.host, instance.uuid))
+        vif_map = {v: v for v in vm['vifs']}
+        spec = self._receive_spec(instance, vm, disks, vif_map)
+        self._preflight_here(spec)
+        sr = self._sr_info()
+        data = xsm_migrate_data.XSMLiveMigrateData(
+            block_migration=True, dest_host=self._host, dest_sr=self._sr,
+            disk_available_bytes=sr['free'],
+            disk_needed_bytes=plan.space_needed(
+                spec['vdis'], CONF.xsm.leaf_headroom_mb * MiB),
+            vdi_map={d['vdi']: self._sr for d in disks}, vif_map=vif_map,
+            migration_address=(None if CONF.xsm.agent == 'external'
+                               else CONF.xsm.migration_address),
+            source_host=None, migration_id=None)
+        LOG.info('xsm: host %s can receive instance %s: %d bytes needed, '
+                 '%d free in SR %s', self._host, instance.uuid,
+                 data.disk_needed_bytes, data.disk_available_bytes,
+                 self._sr, instance=instance)
+        return data
+
+    def cleanup_live_migration_destination_check(self, context,
+                                                 dest_check_data):
+        """Nothing to undo: the destination check reserves nothing."""
+
+    def check_can_live_migrate_source(self, context, instance,
+                                      dest_check_data, block_device_info=None):
+        if not isinstance(dest_check_data,
+                          xsm_migrate_data.XSMLiveMigrateData):
+            raise exception.MigrationPreCheckError(
+                reason='the destination is not an xsm host (its check data '
+                       'is %s)' % type(dest_check_data).__name__)
+        vm = self._vm(instance)
+        try:
+            plan.check_vdi_map([d['vdi'] for d in vm['disks']],
+                               dest_check_data.vdi_map)
+            if vm['power_state'] == host_mod.RUNNING:
+                free = {s['name']: s['free']
+                        for s in self._api.host_info()['srs']}
+                vdis = {v['uuid']: v for v in self._api.vdi_list()}
+                for disk in vm['disks']:
+                    depth, uuid = 0, disk['vdi']
+                    while uuid is not None:
+                        depth += 1
+                        uuid = vdis[uuid]['parent']
+                    plan.check_chain_depth(disk['vdi'], depth + 1)
+                    plan.check_space(disk['sr'],
+                                     CONF.xsm.leaf_headroom_mb * MiB,
+                                     free[disk['sr']], host=self._host)
+        except xsm_exception.XSMError as exc:
+            raise _precheck_error(exc)
+        dest_check_data.source_host = self._host
+        return dest_check_data
+
+    def pre_live_migration(self, context, instance, block_device_info,
+                           network_info, disk_info, migrate_data):
+        """Check again, right before the copy, that this host can receive.
+
+        The receive itself (parent and leaf VDIs, the TLS NBD export and
+        its one-time credentials) is made by this host's agent when the
+        source's engine asks for it, inside ``live_migration``: the core
+        prepares a receive only for a migration it has started.
+        """
+        if isinstance(migrate_data, xsm_migrate_data.XSMLiveMigrateData) \
+                and disk_info:
+            vm = self._vm(instance, self._agent_api(instance.host))
+            spec = self._receive_spec(instance, vm, json.loads(disk_info),
+                                      dict(migrate_data.vif_map))
+            self._preflight_here(spec)
+        return migrate_data
+
+    # -- live migration: the run ---------------------------------------------
+
+    def _tracked(self, instance, create=False, wait=0.0):
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                lm = self._migrations.get(instance.uuid)
+                if lm is None and create:
+                    lm = self._migrations[instance.uuid] = _LiveMigration()
+            if lm is not None or time.monotonic() >= deadline:
+                return lm
+            time.sleep(0.05)
+
+    def live_migration(self, context, instance, dest, post_method,
+                       recover_method, block_migration=False,
+                       migrate_data=None):
+        lm = self._tracked(instance, create=True)
+        try:
+            self._live_migration(context, instance, dest, post_method,
+                                 recover_method, block_migration,
+                                 migrate_data, lm)
+        finally:
+            with self._lock:
+                self._migrations.pop(instance.uuid, None)
+
+    def _live_migration(self, context, instance, dest, post_method,
+                        recover_method, block_migration, migrate_data, lm):
+        def recover(status='failed'):
+            recover_method(context, instance, dest, migrate_data,
+                           migration_status=status)
+
+        if lm.abort_requested:
+            lm.started.set()
+            return recover('cancelled')
+        try:
+            vm = self._vm(instance)
+            mid = self._api.migrate_vm(
+                vm['uuid'], migrate_data.dest_host,
+                dict(migrate_data.vdi_map), dict(migrate_data.vif_map),
+                bandwidth=decisions.bandwidth(CONF.xsm.bandwidth_limit))
+        except Exception as exc:
+            LOG.error('xsm live migration to %s could not start: %s', dest,
+                      exc, instance=instance)
+            lm.started.set()
+            return recover()
+        lm.mid = mid
+        migrate_data.migration_id = mid
+        lm.started.set()
+        LOG.info('xsm live migration %s to %s started', mid, dest,
+                 instance=instance)
+        if lm.abort_requested:
+            self._abort(lm, instance)
+        if lm.force_requested:
+            self._api.migration_force_complete(mid)
+
+        status = self._monitor(context, instance, migrate_data, lm)
+        result = decisions.outcome(status, lm.abort_requested)
+        LOG.info('xsm live migration %s: %s (phase %s, %s bytes copied, '
+                 'downtime %s ms%s)', mid, result, status['phase'],
+                 status.get('bytes_copied'), status.get('downtime_ms'),
+                 ', error: %s' % status['error'] if status.get('error')
+                 else '', instance=instance)
+        if result == decisions.SUCCEEDED:
+            post_method(context, instance, dest, block_migration,
+                        migrate_data)
+        elif result == decisions.CANCELLED:
+            recover('cancelled')
+        else:
+            recover()
+
+    def _monitor(self, context, instance, migrate_data, lm):
+        """Poll the engine until the migration ends; returns its status."""
+        started = time.monotonic()
+        reported = None
+        action_taken = False
+        failures = 0
+        while True:
+            try:
+                status = self._api.migration_get(lm.mid)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                LOG.warning('xsm live migration %s: cannot read its status '
+                            '(%s)', lm.mid, exc, instance=instance)
+                if failures >= 5:
+                    raise
+                time.sleep(CONF.xsm.progress_interval)
+                continue
+            snapshot = status.get('progress') or {}
+            progress = decisions.progress(snapshot)
+            if progress != reported:
+                self._save_progress(instance, migrate_data, progress)
+                reported = progress
+            if decisions.outcome(status) != decisions.RUNNING:
+                return status
+            timeout = decisions.completion_timeout(
+                CONF.xsm.completion_timeout, progress[0])
+            if decisions.should_trigger_timeout_action(
+                    time.monotonic() - started, timeout):
+                action = decisions.timeout_action(
+                    CONF.xsm.completion_timeout_action, action_taken)
+                if action is not None:
+                    action_taken = True
+                    LOG.warning('xsm live migration %s: not done after %.0f '
+                                's (completion timeout): %s', lm.mid,
+                                timeout, action, instance=instance)
+                    if action == 'abort':
+                        self._abort(lm, instance)
+                    else:
+                        self._api.migration_force_complete(lm.mid)
+            time.sleep(CONF.xsm.progress_interval)
+
+    def _save_progress(self, instance, migrate_data, progress):
+        total, done, remaining, percent = progress
+        if 'migration' in migrate_data:
+            migration = migrate_data.migration
+            migration.disk_total = total
+            migration.disk_processed = done
+            migration.disk_remaining = remaining
+            migration.save()
+        instance.progress = percent
+        instance.save()
+
+    def _abort(self, lm, instance):
+        try:
+            self._api.migration_abort(lm.mid)
+        except mig_errors.InvalidPhase as exc:
+            LOG.warning('xsm live migration %s cannot be aborted any more: '
+                        '%s', lm.mid, exc, instance=instance)
+            return False
+        return True
+
+    def live_migration_abort(self, instance):
+        lm = self._tracked(instance, wait=_START_WAIT)
+        if lm is None:
+            LOG.warning('no xsm live migration of this instance to abort',
+                        instance=instance)
+            return
+        lm.abort_requested = True
+        lm.started.wait(_START_WAIT)
+        if lm.mid is not None:
+            self._abort(lm, instance)
+
+    def live_migration_force_complete(self, instance):
+        """Lift the bandwidth limit: the copy ends as fast as it can.
+
+        The engine mirrors guest writes synchronously, so there is no
+        dirty-page convergence to force: the switch-over follows the copy.
+        """
+        lm = self._tracked(instance, wait=_START_WAIT)
+        if lm is None:
+            LOG.warning('no xsm live migration of this instance to '
+                        'force-complete', instance=instance)
+            return
+        lm.force_requested = True
+        lm.started.wait(_START_WAIT)
+        if lm.mid is not None:
+            self._api.migration_force_complete(lm.mid)
+
+    # -- live migration: afterwards ------------------------------------------
+
+    def post_live_migration(self, context, instance, block_device_info,
+                            migrate_data=None):
+        """The engine's clean-up already removed the VM and its VDIs."""
+        if self.instance_exists(instance):
+            LOG.warning('the xsm VM is still on the source after its live '
+                        'migration (the engine\'s clean-up failed; the '
+                        'agent finishes it at its next start)',
+                        instance=instance)
+
+    def post_live_migration_at_source(self, context, instance, network_info):
+        """Nothing to unplug (see :meth:`unplug_vifs`)."""
+
+    def post_live_migration_at_destination(self, context, instance,
+                                           network_info,
+                                           block_migration=False,
+                                           block_device_info=None):
+        vm = self._vm(instance)
+        LOG.info('xsm VM %s is %s here with disks %s', vm['uuid'],
+                 vm['power_state'],
+                 ', '.join('%s:%s' % (d['sr'], d['vdi'])
+                           for d in vm['disks']), instance=instance)
+
+    def _roll_back_destination(self, api, migrate_data, instance):
+        if not isinstance(migrate_data,
+                          xsm_migrate_data.XSMLiveMigrateData) or \
+                not migrate_data.obj_attr_is_set('migration_id') or \
+                migrate_data.migration_id is None:
+            return None
+        mid = migrate_data.migration_id
+        answer = rpc_api.RemotePeer(api).abort(mid)
+        if answer == 'committed':
+            LOG.error('xsm live migration %s had committed on host %s: the '
+                      'instance runs there', mid, migrate_data.dest_host,
+                      instance=instance)
+        else:
+            LOG.info('xsm live migration %s: host %s holds nothing of it '
+                     '(%s)', mid, migrate_data.dest_host, answer,
+                     instance=instance)
+        return answer
+
+    def rollback_live_migration_at_source(self, context, instance,
+                                          migrate_data):
+        """Make sure the destination holds nothing of a failed migration.
+
+        The engine's abort has already asked it; this asks again (it is
+        idempotent), because Nova's manager does not call
+        ``rollback_live_migration_at_destination`` for this driver's
+        migrate_data.
+        """
+        if isinstance(migrate_data, xsm_migrate_data.XSMLiveMigrateData):
+            try:
+                self._roll_back_destination(
+                    self._agent_api(migrate_data.dest_host), migrate_data,
+                    instance)
+            except Exception as exc:
+                LOG.error('xsm: host %s could not be asked to roll back: %s '
+                          '(its agent rolls back at its next start)',
+                          migrate_data.dest_host, exc, instance=instance)
+
+    def rollback_live_migration_at_destination(self, context, instance,
+                                               network_info,
+                                               block_device_info,
+                                               destroy_disks=True,
+                                               migrate_data=None):
+        self._roll_back_destination(self._api, migrate_data, instance)
