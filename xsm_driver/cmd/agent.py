@@ -62,6 +62,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if conf.debug else logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s '
                         '%(message)s')
+    common.tune_malloc()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

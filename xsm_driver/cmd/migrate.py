@@ -222,6 +222,7 @@ def cmd_abort(args):
 
 def cmd_demo(args):
     from xsm_driver.cmd import demo
+    common.tune_malloc()
     return demo.run(args)
 
 
