@@ -93,8 +93,12 @@ agent_opts = [
 
 
 def register_opts(conf):
-    conf.register_group(agent_group)
-    conf.register_opts(agent_opts, group=agent_group)
+    # A fresh group each time: an OptGroup object keeps the options
+    # (and their overrides) of the ConfigOpts it was registered with.
+    group = cfg.OptGroup(agent_group.name, title=agent_group.title,
+                         help=agent_group.help)
+    conf.register_group(group)
+    conf.register_opts(agent_opts, group=group)
 
 
 def list_opts():

@@ -96,8 +96,12 @@ cloudstack_opts = [
 
 
 def register_opts(conf):
-    conf.register_group(cloudstack_group)
-    conf.register_opts(cloudstack_opts, group=cloudstack_group)
+    # A fresh group each time: an OptGroup object keeps the options
+    # (and their overrides) of the ConfigOpts it was registered with.
+    group = cfg.OptGroup(cloudstack_group.name, title=cloudstack_group.title,
+                         help=cloudstack_group.help)
+    conf.register_group(group)
+    conf.register_opts(cloudstack_opts, group=group)
 
 
 def list_opts():

@@ -132,8 +132,12 @@ xsm_opts = [
 
 
 def register_opts(conf):
-    conf.register_group(xsm_group)
-    conf.register_opts(xsm_opts, group=xsm_group)
+    # A fresh group each time: an OptGroup object keeps the options
+    # (and their overrides) of the ConfigOpts it was registered with.
+    group = cfg.OptGroup(xsm_group.name, title=xsm_group.title,
+                         help=xsm_group.help)
+    conf.register_group(group)
+    conf.register_opts(xsm_opts, group=group)
 
 
 def list_opts():

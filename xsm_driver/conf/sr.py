@@ -31,8 +31,12 @@ sr_opts = [
 
 
 def register_opts(conf):
-    conf.register_group(sr_group)
-    conf.register_opts(sr_opts, group=sr_group)
+    # A fresh group each time: an OptGroup object keeps the options
+    # (and their overrides) of the ConfigOpts it was registered with.
+    group = cfg.OptGroup(sr_group.name, title=sr_group.title,
+                         help=sr_group.help)
+    conf.register_group(group)
+    conf.register_opts(sr_opts, group=group)
 
 
 def list_opts():

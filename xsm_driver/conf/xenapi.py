@@ -104,8 +104,12 @@ xenapi_opts = [
 
 
 def register_opts(conf):
-    conf.register_group(xenapi_group)
-    conf.register_opts(xenapi_opts, group=xenapi_group)
+    # A fresh group each time: an OptGroup object keeps the options
+    # (and their overrides) of the ConfigOpts it was registered with.
+    group = cfg.OptGroup(xenapi_group.name, title=xenapi_group.title,
+                         help=xenapi_group.help)
+    conf.register_group(group)
+    conf.register_opts(xenapi_opts, group=group)
 
 
 def list_opts():

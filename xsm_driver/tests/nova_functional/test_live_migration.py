@@ -270,8 +270,8 @@ class TestLiveMigrationNoSpace(base.XSMLiveMigrationTestCase):
                  'compute_check_can_live_migrate_destination'][0]
         self.assertEqual('Error', check['result'])
         self.assertRegex(check['details'],
-                         r"^Migration pre-check error: SR 'local.*host2.*' "
-                         r"needs .* \(\d+ bytes\) but has .* free$")
+                         r"^Migration pre-check error: SR 'local' on host "
+                         r"host2 needs .* \(\d+ bytes\) but has .* free$")
         self.assertIsNone(self.engine_migration())   # never started
         self.assertEqual([], self.xsm[DEST].vdi_list())
         self.assertEqual(source_before, self.sr_records(SOURCE))
