@@ -14,6 +14,8 @@ import socket
 
 from oslo_config import cfg
 
+from xsm_driver.conf import _util
+
 agent_group = cfg.OptGroup(
     'agent',
     title='Agent options',
@@ -92,13 +94,7 @@ agent_opts = [
 ]
 
 
-def register_opts(conf):
-    # A fresh group each time: an OptGroup object keeps the options
-    # (and their overrides) of the ConfigOpts it was registered with.
-    group = cfg.OptGroup(agent_group.name, title=agent_group.title,
-                         help=agent_group.help)
-    conf.register_group(group)
-    conf.register_opts(agent_opts, group=group)
+register_opts = _util.registrar(agent_group, agent_opts)
 
 
 def list_opts():

@@ -12,6 +12,8 @@
 
 from oslo_config import cfg
 
+from xsm_driver.conf import _util
+
 cloudstack_group = cfg.OptGroup(
     'cloudstack',
     title='CloudStack adapter options',
@@ -95,13 +97,7 @@ cloudstack_opts = [
 ]
 
 
-def register_opts(conf):
-    # A fresh group each time: an OptGroup object keeps the options
-    # (and their overrides) of the ConfigOpts it was registered with.
-    group = cfg.OptGroup(cloudstack_group.name, title=cloudstack_group.title,
-                         help=cloudstack_group.help)
-    conf.register_group(group)
-    conf.register_opts(cloudstack_opts, group=group)
+register_opts = _util.registrar(cloudstack_group, cloudstack_opts)
 
 
 def list_opts():

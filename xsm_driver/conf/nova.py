@@ -18,6 +18,8 @@ oslo-config-generator documents in xsm-driver's sample configuration.
 
 from oslo_config import cfg
 
+from xsm_driver.conf import _util
+
 xsm_group = cfg.OptGroup(
     'xsm',
     title='xsm-driver options of nova-compute',
@@ -131,13 +133,7 @@ xsm_opts = [
 ]
 
 
-def register_opts(conf):
-    # A fresh group each time: an OptGroup object keeps the options
-    # (and their overrides) of the ConfigOpts it was registered with.
-    group = cfg.OptGroup(xsm_group.name, title=xsm_group.title,
-                         help=xsm_group.help)
-    conf.register_group(group)
-    conf.register_opts(xsm_opts, group=group)
+register_opts = _util.registrar(xsm_group, xsm_opts)
 
 
 def list_opts():

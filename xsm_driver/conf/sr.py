@@ -12,6 +12,8 @@
 
 from oslo_config import cfg
 
+from xsm_driver.conf import _util
+
 sr_group = cfg.OptGroup(
     'sr',
     title='Storage repository options',
@@ -30,13 +32,7 @@ sr_opts = [
 ]
 
 
-def register_opts(conf):
-    # A fresh group each time: an OptGroup object keeps the options
-    # (and their overrides) of the ConfigOpts it was registered with.
-    group = cfg.OptGroup(sr_group.name, title=sr_group.title,
-                         help=sr_group.help)
-    conf.register_group(group)
-    conf.register_opts(sr_opts, group=group)
+register_opts = _util.registrar(sr_group, sr_opts)
 
 
 def list_opts():

@@ -12,6 +12,8 @@
 
 from oslo_config import cfg
 
+from xsm_driver.conf import _util
+
 xenapi_group = cfg.OptGroup(
     'xenapi',
     title='XenServer / XCP-ng pool options',
@@ -103,13 +105,7 @@ xenapi_opts = [
 ]
 
 
-def register_opts(conf):
-    # A fresh group each time: an OptGroup object keeps the options
-    # (and their overrides) of the ConfigOpts it was registered with.
-    group = cfg.OptGroup(xenapi_group.name, title=xenapi_group.title,
-                         help=xenapi_group.help)
-    conf.register_group(group)
-    conf.register_opts(xenapi_opts, group=group)
+register_opts = _util.registrar(xenapi_group, xenapi_opts)
 
 
 def list_opts():
