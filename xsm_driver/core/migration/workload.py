@@ -14,9 +14,12 @@
 
 Each disk is seen as 4 KiB blocks. The guest writes block ``b`` with the
 pattern of its next *generation* ``g`` (a pure function of disk, block and
-generation) and remembers ``g`` in its model, one 32-bit number per block
-(1 MiB of model per GiB of disk). Reads during the run are checked against
-the model at once; :func:`verify` checks a whole disk. The model is the
+generation) and remembers ``g`` in its model, one byte per block (256 KiB
+of model per GiB of disk): generations go 1, 2 ... 255, 1, 2 ..., so a lost
+write always shows (the block holds the generation before), and only the
+loss of exactly 255 writes in a row to one block would not. Reads during
+the run are checked against the model at once; :func:`verify` checks a
+whole disk. The model is the
 VM's "memory": it travels with the VM when it migrates (:meth:`export`,
 :meth:`Workload.from_state`), so the guest goes on on the destination
 exactly where it paused on the source.
@@ -73,11 +76,16 @@ class DiskModel:
     def __init__(self, index, blocks, generations=None):
         self.index = index
         self.gen = generations if generations is not None else \
-            array.array('I', bytes(4 * blocks))
+            array.array('B', bytes(blocks))
 
     @property
     def blocks(self):
         return len(self.gen)
+
+    def bump(self, block):
+        """The next generation of ``block``, remembered."""
+        gen = self.gen[block] = self.gen[block] % 255 + 1
+        return gen
 
     def check(self, block, data):
         expected = self.gen[block]
@@ -96,7 +104,7 @@ class DiskModel:
 
     @classmethod
     def from_primitive(cls, data):
-        gen = array.array('I')
+        gen = array.array('B')
         gen.frombytes(zlib.decompress(base64.b64decode(data['generations'])))
         return cls(data['index'], 0, gen)
 
@@ -116,8 +124,7 @@ def fill(dev, model, fraction, rng=None):
         stop = min(first + run, model.blocks)
         buf = bytearray()
         for b in range(first, stop):
-            model.gen[b] += 1
-            buf += pattern(model.index, b, model.gen[b])
+            buf += pattern(model.index, b, model.bump(b))
         dev.pwrite(buf, first * BLOCK)
         written += len(buf)
     dev.flush()
@@ -248,8 +255,7 @@ class Workload:
         try:
             while self._park():
                 block = rng.randrange(model.blocks)
-                model.gen[block] += 1
-                dev.pwrite(pattern(model.index, block, model.gen[block]),
+                dev.pwrite(pattern(model.index, block, model.bump(block)),
                            block * BLOCK)
                 reads = int(self.read_ratio) + (
                     rng.random() < self.read_ratio % 1)

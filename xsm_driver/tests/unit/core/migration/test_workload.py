@@ -56,6 +56,11 @@ class TestModel(base.TestCase):
         self.assertIn('generation 1', str(exc))
         self.assertIn('generation 2', str(exc))
 
+    def test_generations_wrap_past_zero(self):
+        model = workload.DiskModel(0, 4)
+        model.gen[2] = 254
+        self.assertEqual([255, 1, 2], [model.bump(2) for _ in range(3)])
+
     def test_state_round_trip(self):
         model = workload.DiskModel(1, 1000)
         model.gen[10] = 5
@@ -109,7 +114,7 @@ class TestWorkload(base.TestCase):
     def test_a_wrong_read_stops_the_guest_with_the_error(self):
         dev = _raw(self, 1 << 20)
         model = workload.DiskModel(0, dev.size // workload.BLOCK)
-        model.gen[:] = model.gen.__class__('I', [1] * model.blocks)
+        model.gen[:] = model.gen.__class__('B', [1] * model.blocks)
         guest = workload.Workload([dev], [model], seed=2).start()
         self.addCleanup(guest.stop)
         for _ in range(500):
