@@ -168,6 +168,7 @@ class Receive:
             self.result = {'vdis': new, 'vm': vm_uuid}
             self._record('done', result=self.result)
             self._forget_credentials()
+            self._receivers = {}        # composed: nothing more to hold
             return self.result
 
     def _adopt(self, vm_state, new):
@@ -194,6 +195,7 @@ class Receive:
             self._stop_server()
             for _sr, rec in self._receivers.values():
                 rec.discard()
+            self._receivers = {}
             self._forget_credentials()
             self.phase = ABORTED
             self.host.journal.finish(self.id, ABORTED, role=ROLE)

@@ -151,6 +151,10 @@ class Manager:
                        if m.finished is not None), key=lambda m: m.finished)
         for mig in done[:max(0, len(done) - self.KEEP_FINISHED)]:
             del self._sources[mig.id]
+        # a finished receive answers from the journal
+        for mid in [r.id for r in self._receives.values()
+                    if r.phase in ('done', 'aborted')]:
+            del self._receives[mid]
 
     def _running(self):
         with self._lock:
@@ -199,10 +203,12 @@ class Manager:
         rcv = destination.Receive(self.host, spec,
                                   spec.get('network') or self.options.address)
         with self._lock:
-            if spec['id'] in self._receives:
+            if spec['id'] in self._receives or self.host.journal.get(
+                    spec['id'], role=destination.ROLE) is not None:
                 raise errors.InvalidPhase(id=spec['id'], phase='prepare-'
                                           'receive', reason='it is already '
                                           'being received')
+            self._forget_old()
             self._receives[spec['id']] = rcv
         return rcv.prepare()
 

@@ -80,6 +80,13 @@ class _Item:
         return self.sr.type == 'vhd' and self.live
 
 
+class _Done:
+    """What a finished migration keeps of an item: its VDI."""
+
+    def __init__(self, vdi):
+        self.vdi = vdi
+
+
 class Migration:
     """A migration this host is the source of.
 
@@ -97,6 +104,7 @@ class Migration:
         self.id = mid
         self.peer = peer
         self.vm = vm
+        self.vm_ref = (vm.uuid, vm.name) if vm is not None else (None, None)
         self.vdi_map = dict(vdi_map)
         self.vif_map = dict(vif_map or {})
         self.dest_host = dest_host
@@ -128,6 +136,17 @@ class Migration:
         disks = self.vm.disks if self.vm is not None else ()
         return set(self.vdi_map) | {d.vdi for d in disks}
 
+    def _let_go(self):
+        """Drop what a finished migration no longer needs.
+
+        The manager keeps finished migrations for ``get``; without this
+        they would hold the VM (its guest's model) and every device.
+        """
+        self.vm = None
+        self.peer = None
+        self._items = [_Done(i.vdi) for i in self._items]
+        self._conns = set()
+
     # -- status ------------------------------------------------------------
 
     def status(self):
@@ -135,8 +154,8 @@ class Migration:
         snap['phase'] = self.phase
         return {
             'id': self.id, 'kind': self.kind, 'phase': self.phase,
-            'vm': self.vm.uuid if self.vm else None,
-            'vm_name': self.vm.name if self.vm else None,
+            'vm': self.vm_ref[0],
+            'vm_name': self.vm_ref[1],
             'vdis': [i.vdi for i in self._items] or list(self.vdi_map),
             'source': self.host.name, 'destination': self.dest_host,
             'progress': snap,
@@ -246,11 +265,12 @@ class Migration:
                               self.id)
         finally:
             self.progress.stop()
-            self.finished = time.time()
             if self.vm is not None and self._guest_writes_before is not None \
                     and self.vm.workload is not None:
                 self.guest_writes = (self.vm.workload.writes -
                                      self._guest_writes_before)
+            self._let_go()
+            self.finished = time.time()
 
     # -- preflight ---------------------------------------------------------
 

@@ -108,6 +108,13 @@ class TestVMMigration(EngineFixture):
         self.assertGreater(status['guest_writes_during_migration'], 0)
         self.assertEqual([], self.a.vm_list())
         self.assertEqual([], self.a.vdi_list())
+        # the finished migration holds neither the VM nor its devices
+        # (status answers come from what it kept)
+        mig = self.agents['host-a'].manager._sources[mid]
+        self.assertIsNone(mig.vm)
+        self.assertEqual(set(vdi_map), {i.vdi for i in mig._items})
+        self.assertFalse(any(hasattr(i, 'mirror') for i in mig._items))
+        self.assertEqual(vm['uuid'], status['vm'])
         moved = self.b.vm_get(vm['uuid'])
         self.assertEqual('running', moved['power_state'])
         time.sleep(0.1)     # the guest goes on on host-b
