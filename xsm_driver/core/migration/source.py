@@ -482,7 +482,7 @@ class Migration:
         finally:
             self._close_later(remotes)
         if self.kind == 'vdi':
-            self._repoint(live)
+            self._repoint()
         elif not moving_vm:
             self._unpause(paused, None)
         self.downtime = time.monotonic() - start
@@ -527,7 +527,7 @@ class Migration:
         if guest is not None:
             guest.resume()
 
-    def _repoint(self, live):
+    def _repoint(self):
         """A VDI move within the host: the disk now reads the new VDI."""
         for item in self._items:
             new = self.result['vdis'][item.vdi]
