@@ -335,9 +335,12 @@ class Migration:
     def _connect(self, export):
         # A dead link fails the connection within the mirror timeout
         # instead of blocking a sender for as long as TCP retries.
+        host, port = self._remote['host'], self._remote['port']
         dev = nbd_device.NBDDevice.connect(
-            self._remote['host'], self._remote['port'], export,
-            tls_context=self._tls, user_timeout=self.options.mirror_timeout)
+            host, port, export, tls_context=self._tls,
+            user_timeout=self.options.mirror_timeout,
+            # the export name is a one-time secret: keep it out of messages
+            label='nbd://%s:%d (migration %s)' % (host, port, self.id))
         with self._lock:
             self._conns.add(dev)
         return dev

@@ -103,13 +103,16 @@ class Client:
         the kernel gives up on the connection (``TCP_USER_TIMEOUT``, with
         keep-alives): a dead link then fails every request instead of
         blocking a sender for the minutes TCP retries by default.
+    :param label: the name in messages and logs (default
+        ``nbd://HOST:PORT/EXPORT``); give one when the export name is a
+        secret.
     """
 
     def __init__(self, host, port, export='', tls_context=None,
                  server_hostname=None, timeout=30.0,
-                 max_payload=p.MAX_PAYLOAD, user_timeout=None):
+                 max_payload=p.MAX_PAYLOAD, user_timeout=None, label=None):
         self.host, self.port, self.export = host, port, export
-        self.name = 'nbd://%s:%d/%s' % (host, port, export)
+        self.name = label or 'nbd://%s:%d/%s' % (host, port, export)
         self._tls = tls_context
         self._server_hostname = server_hostname or host
         self.timeout = timeout

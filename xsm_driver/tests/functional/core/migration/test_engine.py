@@ -18,9 +18,11 @@ NBD connections on loopback. (The same over RabbitMQ with agents in their
 own processes is in test_rabbit.py.)
 """
 
+import logging
 import os
 import time
 
+import fixtures
 from oslo_config import cfg
 
 from xsm_driver.core.migration import errors
@@ -264,11 +266,18 @@ class TestRefusals(EngineFixture):
 
         manager._peer_factory = lambda name: WrongCA(real(name))
         vm = self.make_vm(snapshots=0)
+        logs = self.useFixture(fixtures.FakeLogger(level=logging.INFO))
         mid = self.a.migrate_vm(vm['uuid'], 'host-b',
                                 {d['vdi']: 'sr-b' for d in vm['disks']},
                                 {'net0': 'net0'})
         status = self.wait(self.a, mid)
         self.assertEqual('aborted', status['phase'])
+        self.assertIn('CERTIFICATE_VERIFY_FAILED', status['error'])
+        # the one-time export names appear in no message
+        self.assertIn('(migration %s)' % mid, status['error'])
+        self.assertNotIn('/%s' % mid, logs.output)
+        self.assertNotRegex(status['error'] + logs.output,
+                            r'nbd://[^ ]+:\d+/[A-Za-z0-9_-]{20,}')
         self.assertEqual([], self.b.vdi_list())
         self.assertTrue(self.a.guest_verify(vm['uuid'])['verified'])
 
