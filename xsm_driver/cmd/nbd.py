@@ -24,6 +24,7 @@ import signal
 import ssl
 import sys
 
+from xsm_driver.cmd import common
 from xsm_driver.core.block import backends
 from xsm_driver.core import exception
 from xsm_driver.core.nbd import server as nbd_server
@@ -224,18 +225,8 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else
-                        logging.WARNING, format='%(levelname)s %(message)s')
-    try:
-        return args.func(args) or 0
-    except (CommandError, exception.XSMError, OSError, ValueError) as exc:
-        print('%s %s: error: %s' % (PROG, args.command, exc),
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print('%s %s: interrupted' % (PROG, args.command), file=sys.stderr)
-        return 130
+    return common.run(PROG, build_parser().parse_args(argv),
+                      errors=(CommandError,))
 
 
 if __name__ == '__main__':

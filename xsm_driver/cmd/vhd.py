@@ -14,10 +14,9 @@
 
 import argparse
 import json
-import logging
 import sys
 
-from xsm_driver.core import exception
+from xsm_driver.cmd import common
 from xsm_driver.core.vhd import chain as vhd_chain
 from xsm_driver.core.vhd import check as vhd_check
 from xsm_driver.core.vhd import format as fmt
@@ -172,18 +171,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else
-                        logging.WARNING, format='%(levelname)s %(message)s')
-    try:
-        return args.func(args) or 0
-    except (exception.XSMError, OSError, ValueError) as exc:
-        print('%s %s: error: %s' % (PROG, args.command, exc),
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print('%s %s: interrupted' % (PROG, args.command), file=sys.stderr)
-        return 130
+    return common.run(PROG, build_parser().parse_args(argv))
 
 
 if __name__ == '__main__':
