@@ -63,6 +63,25 @@ LOCK_NAME = '.lock'
 JOURNAL_SUFFIX = '.journal'
 
 
+class Volume:
+    """Mixin of an attached VDI's device: ``release()`` runs once, at close.
+
+    Put it before the device class: ``class V(Volume, backends.RawDevice)``.
+    """
+
+    def __init__(self, path, writable, release):
+        super().__init__(path, writable=writable)
+        self._release = release
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
 class _Unset:
     def __repr__(self):
         return '<not given>'

@@ -46,20 +46,8 @@ _ANY_SET = re.compile(rb'[^\x00]')
 _ANY_CLEAR = re.compile(rb'[^\xff]')
 
 
-class RawVolume(backends.RawDevice):
+class RawVolume(base.Volume, backends.RawDevice):
     """A raw VDI attached from an SR; tells the SR when it is closed."""
-
-    def __init__(self, path, writable, release):
-        super().__init__(path, writable=writable)
-        self._release = release
-
-    def close(self):
-        try:
-            super().close()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
 
 
 class SectorMap:

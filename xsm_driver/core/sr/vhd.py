@@ -69,20 +69,8 @@ from xsm_driver.core.vhd import ops
 LOG = logging.getLogger(__name__)
 
 
-class VHDVolume(backends.VHDDevice):
+class VHDVolume(base.Volume, backends.VHDDevice):
     """A VHD chain attached from an SR; tells the SR when it is closed."""
-
-    def __init__(self, path, writable, release):
-        super().__init__(path, writable=writable)
-        self._release = release
-
-    def close(self):
-        try:
-            super().close()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
 
 
 def _parent_uuid(img):
