@@ -18,6 +18,12 @@ holding one chunk at a time (memory stays under ``depth * chunk``). The
 NBD client is thread-safe and pipelines requests from many threads, so a
 remote destination sees up to ``depth`` writes in flight.
 
+The destination may also be several devices that write the same disk --
+several NBD connections to one export (or to one-shot exports of the same
+device) -- and the workers then share them out (:func:`assign`): over TLS
+one connection is one stream encrypted and decrypted by one thread at a
+time, several use every core on both sides.
+
 Plain threads, no eventlet: the copier runs inside the agent's data path,
 beside the NBD client's own reader thread.
 """
@@ -193,6 +199,18 @@ class TokenBucket:
                 raise _aborted(self.migration_id)
 
 
+def assign(workers, devices):
+    """Which device each worker writes to: as even a share as can be.
+
+    :returns: a list of ``workers`` indexes into ``devices`` devices,
+        round-robin (worker ``i`` writes to device ``i % devices``).
+    """
+    if devices < 1:
+        raise ValueError('at least one destination device is needed, not '
+                         '%r' % (devices,))
+    return [i % devices for i in range(workers)]
+
+
 def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
                    limiter=None, progress=None, cancel=None,
                    migration_id=None):
@@ -200,7 +218,12 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
 
     :param src: a :class:`~xsm_driver.core.block.device.BlockDevice`.
     :param dst: a writable block device that reads as zeros where the copy
-        does not write (a new image, a sparse file, a fresh export).
+        does not write (a new image, a sparse file, a fresh export); or a
+        list of such devices that are views of the same disk (several
+        connections to it): the workers share them out (:func:`assign`)
+        and each is flushed at the end, so whatever one of them
+        acknowledged is durable whatever its server's multi-connection
+        semantics.
     :param ranges: ``(offset, length)`` to copy; default: the allocated
         extents of ``src`` (see :func:`plan.split_extents`). Ranges longer
         than ``chunk`` are cut.
@@ -219,6 +242,9 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
     """
     if depth < 1:
         raise ValueError('depth must be at least 1, not %r' % (depth,))
+    dsts = list(dst) if isinstance(dst, (list, tuple)) else [dst]
+    if not dsts:
+        raise ValueError('at least one destination device is needed')
     if ranges is None:
         ranges = plan.split_extents(src.extents(0, src.size), chunk)
     else:
@@ -238,7 +264,7 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
             state['next'] = i + 1
             return ranges[i]
 
-    def work():
+    def work(out):
         try:
             while not stop.is_set() and not cancel.is_set():
                 item = take()
@@ -250,7 +276,7 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
                 data = src.pread(offset, length)
                 if stop.is_set() or cancel.is_set():
                     return
-                dst.pwrite(data, offset)
+                out.pwrite(data, offset)
                 del data
                 with lock:
                     state['copied'] += length
@@ -264,12 +290,14 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
                     state['error'] = (exc, cancel.is_set())
             stop.set()
 
-    workers = [threading.Thread(target=work, daemon=True,
+    count = min(depth, len(ranges))
+    workers = [threading.Thread(target=work, args=(dsts[d],), daemon=True,
                                 name='xsm-copy-%d' % i)
-               for i in range(min(depth, len(ranges)))]
-    LOG.debug('copying %d ranges (%d bytes) from %s to %s, %d in flight',
-              len(ranges), sum(n for _o, n in ranges), src.name, dst.name,
-              len(workers))
+               for i, d in enumerate(assign(count, len(dsts)))]
+    LOG.debug('copying %d ranges (%d bytes) from %s to %s, %d in flight '
+              'over %d connection(s)', len(ranges),
+              sum(n for _o, n in ranges), src.name, dsts[0].name,
+              len(workers), min(len(dsts), max(count, 1)))
     started = []
     try:
         for worker in workers:
@@ -287,10 +315,11 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
     if error is not None and not error[1]:
         raise error[0]
     if cancel.is_set():
-        LOG.info('copy to %s cancelled after %d bytes', dst.name,
+        LOG.info('copy to %s cancelled after %d bytes', dsts[0].name,
                  state['copied'])
         raise _aborted(migration_id)
     if error is not None:
         raise error[0]
-    dst.flush()
+    for out in dsts:
+        out.flush()
     return state['copied']

@@ -13,12 +13,14 @@
 """The destination role: receive a migration's disks and, at the end, the VM.
 
 Phases (journalled): ``prepare-receive`` (a receiver -- empty base plus
-leaf -- per VDI in the chosen SR, and a TLS NBD server with one one-shot,
-unguessable export for each base and each leaf), ``compose`` (the copy is
-done: the bases are flushed), ``switch-over`` (commit: the NBD server is
-closed, each leaf is composed over its base, the VM is registered and
-resumed), ``done``. ``abort`` from any phase before the commit destroys
-everything this migration made; it can be run again.
+leaf -- per VDI in the chosen SR, and a TLS NBD server with one-shot,
+unguessable exports: one for each leaf, and for each base as many as the
+source asks for copy connections, up to :data:`MAX_COPY_CONNECTIONS`),
+``compose`` (the copy is done: the bases are flushed), ``switch-over``
+(commit: the NBD server is closed, each leaf is composed over its base,
+the VM is registered and resumed), ``done``. ``abort`` from any phase
+before the commit destroys everything this migration made; it can be run
+again.
 
 Recovery after a crash: a migration found before ``switch-over`` is rolled
 back; one found in ``switch-over`` is finished when its VM record made it
@@ -41,6 +43,22 @@ LOG = logging.getLogger(__name__)
 ROLE = 'destination'
 COMMITTED = 'committed'
 ABORTED = 'aborted'
+#: most one-shot base exports offered for the copy of one VDI
+MAX_COPY_CONNECTIONS = 8
+
+
+def copy_connections(requested):
+    """How many one-shot base exports to offer for one VDI.
+
+    :param requested: the source's ``copy_connections`` (None from a source
+        that predates it: one).
+    :returns: 1 to :data:`MAX_COPY_CONNECTIONS`.
+    """
+    try:
+        wanted = int(requested) if requested is not None else 1
+    except (TypeError, ValueError):
+        wanted = 1
+    return max(1, min(MAX_COPY_CONNECTIONS, wanted))
 
 
 def preflight(host, spec, active, limit, leaf_headroom):
@@ -122,10 +140,15 @@ class Receive:
                 self.spec['client_ca_pem']),
             list_exports=False).start()
         exports = {}
+        count = copy_connections(self.spec.get('copy_connections'))
         for src, (_sr, rec) in self._receivers.items():
-            names = {'base': nbd_server.unguessable_name(),
+            # The copy may use several connections to the base, each
+            # through its own one-shot name; 'base' is the first of them.
+            bases = [nbd_server.unguessable_name() for _ in range(count)]
+            names = {'base': bases[0], 'bases': bases,
                      'leaf': nbd_server.unguessable_name()}
-            self._server.add_export(names['base'], rec.base, once=True)
+            for name in bases:
+                self._server.add_export(name, rec.base, once=True)
             self._server.add_export(names['leaf'], rec.leaf, once=True)
             exports[src] = names
         host, port = self._server.address

@@ -88,6 +88,26 @@ def _set_user_timeout(sock, seconds):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+def _shutdown(sock):
+    """shutdown(2) ``sock`` at once, whatever other threads do with it.
+
+    Their blocked ``recv``/``send`` return (end of stream, EPIPE): with a
+    native thread in the kernel's call, and with an eventlet green thread
+    waiting in the hub for the descriptor to become ready. Not
+    ``SSLSocket.shutdown``, which drops the TLS state under the feet of a
+    thread still using it (its next read raises ValueError); and not
+    through ``socket.socket``, which is eventlet's wrapper class, without a
+    ``shutdown`` of its own, in a monkey-patched process.
+    """
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            socket.SocketType.shutdown(sock, socket.SHUT_RDWR)
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class Client:
     """A connection to one export of an NBD server.
 
@@ -124,6 +144,7 @@ class Client:
         self._failure = None
         self._sock = None
         self._reader = None
+        self._closing = False
         self.size = None
         self.flags = 0
         self.structured = False
@@ -300,7 +321,7 @@ class Client:
                 with self._core:
                     event = self.conn.next_event()
                 if event is p.NEED_DATA:
-                    if not wire.receive(self._sock, self.conn, self._core):
+                    if not self._receive():
                         raise NBDError(where=self.name, errno=errno.EPIPE,
                                        reason='the server closed the '
                                        'connection')
@@ -317,6 +338,24 @@ class Client:
         except (OSError, ssl.SSLError) as exc:
             self._fail(NBDError(where=self.name, errno=errno.EPIPE,
                                 reason='connection lost: %s' % exc))
+
+    def _receive(self):
+        """More bytes for the core; False at the end of the stream.
+
+        A socket closed under the reader is the end of the stream too: a
+        TLS socket without its TLS object raises ValueError, and a closed
+        descriptor OSError (which :meth:`close` does not report).
+        """
+        sock = self._sock
+        try:
+            return sock is not None and wire.receive(sock, self.conn,
+                                                     self._core)
+        except ValueError:
+            return False
+        except OSError:
+            if self._closing:
+                return False
+            raise
 
     def _complete(self, event):
         with self._core:
@@ -358,24 +397,41 @@ class Client:
     # -- closing ----------------------------------------------------------
 
     def close(self):
-        """Say goodbye (NBD_CMD_DISC) and close the connection."""
-        if self._sock is None:
+        """Say goodbye (NBD_CMD_DISC) and close the connection.
+
+        Returns once the reader thread has ended: the socket is shut down
+        first, which ends its wait for data (a native or an eventlet green
+        thread alike), and closed only after. A sender still blocked after
+        :attr:`timeout` (a dead link) is not waited for: the goodbye is
+        skipped and the shutdown fails its send.
+        """
+        sock = self._sock
+        if sock is None:
             return
-        try:
-            with self._send:
+        self._closing = True
+        wait = -1 if self.timeout is None else self.timeout
+        if self._send.acquire(timeout=wait):
+            try:
                 with self._core:
                     ready = (self._failure is None and
                              self.conn.state is p.State.TRANSMISSION)
                     buffers = (self.conn.send_buffers(p.Disconnect())
                                if ready else [])
                 self._write(buffers)
-        except (OSError, ssl.SSLError, p.NBDProtocolError):
-            pass
+            except (OSError, ssl.SSLError, p.NBDProtocolError):
+                pass
+            finally:
+                self._send.release()
         self._fail(NBDError(where=self.name, errno=errno.ESHUTDOWN,
                             reason='the client closed the connection'))
+        _shutdown(sock)
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(self.timeout)
+            if reader.is_alive():
+                LOG.warning('%s: the reader thread did not end within %s s '
+                            'of the shutdown', self.name, self.timeout)
         self._close_socket()
-        if self._reader is not None:
-            self._reader.join()
 
     def abort(self):
         """Drop the connection now, without a goodbye.
@@ -383,16 +439,13 @@ class Client:
         Every request in flight fails at once, and so does a sender blocked
         on a link that went dead; :meth:`close` still releases the rest.
         """
-        sock = self._sock
-        if sock is not None:
-            try:
-                # The plain socket's shutdown: SSLSocket.shutdown would
-                # need the TLS state another thread is using.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # The failure first: the shutdown wakes the reader, whose end of
+        # stream must not become the reason the requests fail with.
         self._fail(NBDError(where=self.name, errno=errno.ECONNABORTED,
                             reason='the connection was aborted'))
+        sock = self._sock
+        if sock is not None:
+            _shutdown(sock)
 
     def _close_socket(self):
         sock, self._sock = self._sock, None

@@ -1346,6 +1346,12 @@ class ServerConnection(Connection):
             if offset or length:
                 return c.NBD_EINVAL, 'NBD_CMD_FLUSH with offset or length'
             return 0, None
+        if not length and (command == c.NBD_CMD_BLOCK_STATUS or (
+                command == c.NBD_CMD_READ and self.structured)):
+            # No reply chunk describes zero bytes (a data chunk carries at
+            # least one, an extent is never empty): refuse the request
+            # rather than leave it unanswered.
+            return c.NBD_EINVAL, '%s of 0 bytes' % name
         if offset + length > self.export.size:
             error = c.NBD_ENOSPC if command in (
                 c.NBD_CMD_WRITE, c.NBD_CMD_WRITE_ZEROES) else c.NBD_EINVAL

@@ -31,9 +31,11 @@ import collections.abc
 import concurrent.futures
 import errno
 import logging
+import mmap
 import secrets
 import socket
 import ssl
+import sys
 import threading
 import time
 
@@ -63,6 +65,44 @@ INLINE_BUDGET = 0.001
 INLINE_RATE = 1e9
 SLOW_IN_A_ROW = 2
 POOLED_RUN = 64
+# Write payloads of at least POOLED_PAYLOAD bytes are received into
+# page-aligned buffers that a connection reuses (PAYLOAD_BUFFERS at most of
+# each size are kept): no new memory to zero and fault in for each request,
+# and a device can hand them to O_DIRECT as they are.
+POOLED_PAYLOAD = 64 * 1024
+PAYLOAD_BUFFERS = 4
+
+
+class _Buffers:
+    """Page-aligned payload buffers of one connection, reused.
+
+    A buffer goes back to the pool only when nothing but the pool's caller
+    holds it any more (a device that kept a reference, or a view, keeps
+    its buffer: it is never written again).
+    """
+
+    def __init__(self, keep=PAYLOAD_BUFFERS):
+        self._keep = keep
+        self._free = {}
+        self._lock = threading.Lock()
+
+    def get(self, size):
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return mmap.mmap(-1, size)
+
+    def put(self, buf):
+        # 3: ``buf`` here, the caller's name and getrefcount's argument.
+        if type(buf) is not mmap.mmap or sys.getrefcount(buf) > 3:
+            return False
+        with self._lock:
+            free = self._free.setdefault(len(buf), [])
+            if len(free) >= self._keep:
+                return False
+            free.append(buf)
+        return True
 
 
 def export_flags(dev):
@@ -133,6 +173,16 @@ class _ServerConnection(p.ServerConnection):
     def __init__(self, server, exports, **kwargs):
         super().__init__(exports, **kwargs)
         self._server = server
+        #: the chosen export is a one-shot one: its name is a secret
+        self.one_shot = False
+
+    def _refuse(self, event, reply, message):
+        # The name a client asked for may be a one-shot secret (a replayed
+        # or mistyped one): it goes neither to the log nor back.
+        name = getattr(event, 'name', None)
+        if name:
+            message = message.replace(repr(name), '(name withheld)')
+        return super()._refuse(event, reply, message)
 
     def _answer_info(self, event):
         if not isinstance(event, p.GoRequest):
@@ -142,6 +192,7 @@ class _ServerConnection(p.ServerConnection):
             return self._refuse(event, c.NBD_REP_ERR_UNKNOWN,
                                 'no export named %r' % event.name)
         dev, once = claimed
+        self.one_shot = once
         self.exports.pinned[event.name] = dev
         try:
             return super()._answer_info(event)
@@ -207,9 +258,13 @@ class Server:
                 self._listener.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self._listener.close()
+        # Closed only once the accept thread has left accept(): an eventlet
+        # green thread waits for the descriptor in the hub, which never
+        # hears of a descriptor closed under it (the shutdown wakes it).
         if self._thread is not None:
             self._thread.join()
+        if self._listener is not None:
+            self._listener.close()
         with self._lock:
             handlers = list(self._handlers)
         for handler in handlers:
@@ -308,6 +363,7 @@ class _Handler:
         self._send = threading.Lock()      # keeps replies whole on the wire
         self._slots = threading.BoundedSemaphore(server._workers * 2)
         self._pool = None
+        self._buffers = _Buffers()
         self._deadline = None              # end of the handshake
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='xsm-nbd-' + self.peer)
@@ -319,10 +375,16 @@ class _Handler:
         self._thread.join()
 
     def abort(self):
+        sock = self.sock
         try:
+            # shutdown(2) wakes the reader, a native or a green thread.
             # Not SSLSocket.shutdown: it would drop the TLS state under the
-            # feet of the threads still using the socket.
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            # feet of the threads still using the socket. Nor through
+            # socket.socket, eventlet's wrapper class when monkey-patched.
+            if isinstance(sock, ssl.SSLSocket):
+                socket.SocketType.shutdown(sock, socket.SHUT_RDWR)
+            else:
+                sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -395,7 +457,29 @@ class _Handler:
 
     def _feed(self):
         self._handshake_time_left()
-        wire.receive(self.sock, self.conn, self._core)
+        with self._core:
+            size = self.conn.expected_payload
+        if size < POOLED_PAYLOAD:
+            wire.receive(self.sock, self.conn, self._core)
+            return
+        # A large write payload: straight into a reused buffer, and the core
+        # is told once, when it is all there (over TLS one recv_into
+        # returns one 16 KiB record).
+        buf = self._buffers.get(size)
+        with self._core:
+            view = self.conn.payload_view(buf)
+        want, got = len(view), 0
+        recv_into = self.sock.recv_into
+        while got < want:
+            n = recv_into(view[got:])
+            if not n:
+                with self._core:
+                    self.conn.payload_received(got)
+                    self.conn.receive_data(b'')
+                return
+            got += n
+        with self._core:
+            self.conn.payload_received(got)
 
     def _next(self):
         while True:
@@ -423,8 +507,10 @@ class _Handler:
                 self._handshake_time_left()
                 self.sock.do_handshake()
             elif isinstance(event, p.ExportChosen):
-                LOG.debug('NBD client %s uses export %r', self.peer,
-                          event.name)
+                # A one-shot name is a secret: it stays out of the logs.
+                LOG.debug('NBD client %s uses export %s', self.peer,
+                          'a one-shot export' if self.conn.one_shot
+                          else repr(event.name))
                 return self.conn.exports.device(event.name)
             elif isinstance(event, (p.Disconnect, p.ConnectionClosed)):
                 return None
@@ -443,20 +529,34 @@ class _Handler:
                     event.flags & c.NBD_CMD_FLAG_FUA):
                 pooled = max(pooled - 1, 0)
                 self._slots.acquire()
-                self._pool.submit(self._serve_pooled, dev, event)
-            elif self._serve(dev, event) <= (
-                    INLINE_BUDGET + event.length / INLINE_RATE):
+                # in a box the worker empties: then nothing but the worker
+                # holds the request, and its buffer can be reused
+                self._pool.submit(self._serve_pooled, dev, [event])
+                event = None
+                continue
+            buf = event.data if type(event) is p.WriteRequest else None
+            took = self._serve(dev, event)
+            length, event = event.length, None
+            if buf is not None:
+                self._buffers.put(buf)
+                buf = None
+            if took <= INLINE_BUDGET + length / INLINE_RATE:
                 slow = 0
             else:
                 slow += 1
                 if slow >= SLOW_IN_A_ROW:
                     pooled, slow = POOLED_RUN, 0
 
-    def _serve_pooled(self, dev, req):
+    def _serve_pooled(self, dev, box):
+        req = box.pop()
+        buf = req.data if type(req) is p.WriteRequest else None
         try:
             self._serve(dev, req)
         finally:
+            req = None
             self._slots.release()
+        if buf is not None:
+            self._buffers.put(buf)
 
     def _serve(self, dev, req):
         """Execute a request and send its reply.

@@ -492,6 +492,9 @@ class VHDSR(base.SR):
                 raise self._error('receive into', created[-1] if created
                                   else 'new', exc)
             raise
+        # The base receives the bulk copy: its data goes to the disk with
+        # O_DIRECT, not through the page cache (see enable_direct_writes).
+        devices[0].chain.leaf.enable_direct_writes()
         LOG.info('SR %s: receiving into VDI %s over base %s', self.name,
                  leaf, created[0])
         return base.Receiver(self, devices[0], base.AlignedWrites(devices[1]),

@@ -203,6 +203,67 @@ class CopyTest(CopyTestCase):
         server.stop()
         self.assertNoThreadsLeft(wait=5)
 
+    def test_into_several_tls_connections_of_one_export(self):
+        src = self.make_chain()
+        expected = self.allocated(src, 256 * KiB)
+        dst_path = os.path.join(self.dir, 'dst.vhd')
+        ops.create(dst_path, SIZE)
+        export = backends.VHDDevice(dst_path, writable=True)
+        self.addCleanup(export.close)
+        server_creds = credentials.Credentials.make(
+            os.path.join(self.dir, 'server-pki'), 'server', ['127.0.0.1'])
+        client_creds = credentials.Credentials.make(
+            os.path.join(self.dir, 'client-pki'), 'client')
+        names = [nbd_server.unguessable_name() for _ in range(3)]
+        server = nbd_server.Server(
+            {}, list_exports=False,
+            tls_context=server_creds.server_context(client_creds.ca_pem))
+        for name in names:
+            server.add_export(name, export, once=True)
+        server.start()
+        self.addCleanup(server.stop)
+        remotes = []
+        for name in names:
+            remote = nbd_device.NBDDevice.connect(
+                *server.address, export=name, timeout=10,
+                tls_context=client_creds.client_context(server_creds.ca_pem))
+            self.addCleanup(remote.close)
+            remotes.append(filters.Counter(remote))
+        copied = copy.copy_allocated(src, remotes, chunk=256 * KiB, depth=6)
+        self.assertEqual(expected, copied)
+        written = [r.stats()['bytes_written'] for r in remotes]
+        self.assertEqual(expected, sum(written))
+        # every connection carried a share, and each was flushed
+        for r in remotes:
+            self.assertGreater(r.stats()['bytes_written'], 0)
+            self.assertEqual(1, r.stats()['requests']['flush'])
+        self.assertSameContent(src, remotes[0])
+        for r in remotes:
+            r.close()
+        server.stop()
+        with vhd_chain.Chain(dst_path) as c:
+            got = [(o, n) for o, n, alloc in c.extents() if alloc]
+        want = [(o, n) for o, n, flags in src.extents(0, SIZE)
+                if not flags & device.ZERO]
+        self.assertEqual(want, got)
+        self.assertNoThreadsLeft(wait=5)
+
+    def test_error_of_one_of_several_destinations_stops_all(self):
+        src = self.make_src(64, 64 * KiB)
+        raw = self.make_raw(src.size)
+        good = filters.Counter(Slow(raw, write=0.005))
+        bad = Failing(Slow(raw, write=0.005), nth=3)
+        err = self.assertRaises(device.BlockError, copy.copy_allocated,
+                                src, [good, bad], chunk=64 * KiB, depth=4)
+        self.assertIs(bad.error, err)
+        self.assertLess(good.stats()['bytes_written'], 64 * 64 * KiB)
+        self.assertNotIn('flush', good.stats()['requests'])
+        self.assertNoThreadsLeft()
+
+    def test_no_destination(self):
+        src = self.make_src(1, 4096)
+        self.assertRaises(ValueError, copy.copy_allocated, src, [])
+
     def test_raw_source_with_holes(self):
         src = self.make_raw(name='src.raw')
         src.pwrite(os.urandom(MiB), 8 * MiB)
@@ -331,6 +392,26 @@ class CopyTest(CopyTestCase):
         src = self.make_src(1, 4096)
         self.assertRaises(ValueError, copy.copy_allocated, src,
                           self.make_raw(4096), depth=0)
+
+
+class AssignTest(base.TestCase):
+
+    def test_round_robin(self):
+        self.assertEqual([0, 1, 2, 0, 1, 2, 0, 1], copy.assign(8, 3))
+        self.assertEqual([0, 0, 0], copy.assign(3, 1))
+        self.assertEqual([0, 1], copy.assign(2, 4))
+        self.assertEqual([], copy.assign(0, 4))
+
+    def test_each_device_gets_an_even_share(self):
+        for workers in range(1, 17):
+            for devices in range(1, 9):
+                shares = [copy.assign(workers, devices).count(d)
+                          for d in range(devices)]
+                self.assertLessEqual(max(shares) - min(shares), 1)
+                self.assertEqual(workers, sum(shares))
+
+    def test_no_device(self):
+        self.assertRaises(ValueError, copy.assign, 4, 0)
 
 
 class TokenBucketTest(base.TestCase):
