@@ -13,9 +13,9 @@
 #   1. native threads (OS_NOVA_DISABLE_EVENTLET_PATCHING=True, nova 34's
 #      default): every test but the eventlet one; extra arguments are
 #      passed to this "stestr run" as a test filter;
-#   2. eventlet (patching enabled): the live-migration test again (its
-#      agents run as child processes and meet on RabbitMQ at
-#      127.0.0.1:5672); XSM_NOVA_SKIP_EVENTLET=1 leaves it out.
+#   2. eventlet (patching enabled): the live-migration test again, with
+#      the agents inside nova-compute and as child processes (they meet on
+#      RabbitMQ at 127.0.0.1:5672); XSM_NOVA_SKIP_EVENTLET=1 leaves it out.
 #
 # The last line is "N passed, N failed, N skipped" over both runs; the exit
 # status is non-zero if a test failed or none ran.

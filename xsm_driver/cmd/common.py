@@ -98,4 +98,5 @@ def migration_options(conf):
         pause_timeout=conf.agent.pause_timeout,
         mirror_timeout=conf.agent.mirror_timeout,
         chunk=conf.agent.copy_chunk_mb * mib,
-        depth=conf.agent.copy_depth)
+        depth=conf.agent.copy_depth,
+        connections=conf.agent.copy_connections)

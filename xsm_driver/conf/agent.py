@@ -86,6 +86,12 @@ agent_opts = [
         'copy_depth',
         default=8, min=1, max=64,
         help='Copy requests in flight per disk.'),
+    cfg.IntOpt(
+        'copy_connections',
+        default=4, min=1, max=8,
+        help='TLS connections the copy of one disk uses (the destination '
+             'offers at most 8). One connection is encrypted by one thread '
+             'and decrypted by one, so several use several cores.'),
     cfg.FloatOpt(
         'progress_interval',
         default=2.0, min=0.1,

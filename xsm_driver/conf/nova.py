@@ -41,9 +41,9 @@ xsm_opts = [
         'agent',
         default='auto',
         choices=[
-            ('auto', 'thread when nova-compute runs on native threads (the '
-                     'default of nova 34), process when it runs '
-                     'monkey-patched by eventlet.'),
+            ('auto', 'thread, on native threads (the default of nova 34) '
+                     'and when nova-compute runs monkey-patched by '
+                     'eventlet alike.'),
             ('thread', 'nova-compute is the xsm agent of its host: it serves '
                        'the host\'s SRs, VMs and migrations in its own '
                        'threads.'),
@@ -55,9 +55,11 @@ xsm_opts = [
                          'options of this group that describe the agent '
                          '(SRs, state, address, limits) are not used.'),
         ],
-        help='Where the xsm agent of this host runs. The migration engine '
-             'needs real threads: in eventlet mode (deprecated in nova 34) '
-             'it must not run inside nova-compute.'),
+        help='Where the xsm agent of this host runs. Inside nova-compute '
+             '(thread) works on native threads and under eventlet; under '
+             'eventlet the engine\'s blocking file I/O (fsync, unlink) '
+             'briefly holds nova-compute\'s green threads, which process '
+             'or external avoid.'),
     cfg.MultiStrOpt(
         'sr_repositories',
         default=['local:vhd:/var/lib/xsm-driver/sr'],
@@ -120,6 +122,18 @@ xsm_opts = [
         ],
         help='What to do when a live migration reaches its completion '
              'timeout.'),
+    cfg.IntOpt(
+        'prepared_receive_timeout',
+        default=300, min=1,
+        help='Seconds the destination of a live migration keeps the '
+             'receive it prepared in pre_live_migration (its new VDIs and '
+             'the NBD-over-TLS export with one-time names) waiting for the '
+             'source to start copying; a receive not claimed by then is '
+             'rolled back, so nothing stays behind when the source never '
+             'comes. The source likewise drops a migration it began in '
+             'check_can_live_migrate_source (its TLS client credentials) '
+             'when live_migration has not started it within this time. '
+             'Nova calls the three steps within seconds of each other.'),
     cfg.FloatOpt(
         'progress_interval',
         default=1.0, min=0.05,

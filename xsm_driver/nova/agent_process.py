@@ -12,12 +12,36 @@
 
 """The host's xsm agent as a child process of nova-compute.
 
-When nova-compute runs monkey-patched by eventlet, the migration engine
-must not run in its (green) threads: its NBD data path relies on real
-threads and blocking sockets. nova-compute then starts ``xsm-agent`` as a
-child process with a configuration file written from nova.conf's ``[xsm]``
+With ``[xsm]agent = process`` nova-compute starts ``xsm-agent`` as a child
+process with a configuration file written from nova.conf's ``[xsm]``
 group, and talks to it over the message bus like to any other host's
-agent; it stops the child when the compute service stops.
+agent (so the bus must be one other processes reach, not ``fake://``); it
+stops the child when the compute service stops. A child outlives a
+nova-compute that dies without stopping it (SIGKILL, a crash); the next
+one's child then shares the host's RPC queue (``xsm-agent.HOST``) with it,
+which takes part of the calls: stop the old one by hand.
+
+``auto`` used to choose this under eventlet, because the NBD client's
+``close()`` hung there: ``SSLSocket.shutdown`` dropped the TLS object and
+the descriptor was closed while the client's reader, a green thread, was
+parked in eventlet's hub waiting for that descriptor to become readable.
+The hub is never told of a descriptor closed under it (epoll forgets it),
+so the reader never woke and ``close()`` joined it forever; had it woken,
+it would have read from an SSL socket without its TLS object (ValueError).
+The server's ``stop()`` had the same flaw with its listening socket, and
+its and the client's ``abort()`` called ``socket.socket.shutdown``, which
+eventlet's green socket class does not have. Now the client and the
+server shut the socket down (the plain ``shutdown(2)``), let the reader
+see the end of the stream and leave, and close only then; ``auto`` runs
+the agent in nova-compute's threads in both modes (tests:
+xsm_driver/tests/unit/core/nbd/test_eventlet.py and the eventlet run of
+tools/run-nova-tests.sh).
+
+The child remains the choice for keeping the engine out of nova-compute:
+under eventlet, the engine's blocking system calls (file reads and writes,
+fsync, unlink, an SR's flock held by another process) and its CPU work
+(TLS, copying) run on nova-compute's one OS thread and pause its other
+green threads while they last.
 
 Nothing here imports nova or eventlet.
 """

@@ -149,6 +149,36 @@ def bandwidth(limit_mib):
     return limit_mib * MiB if limit_mib else None
 
 
+#: image disk formats spawn writes into the root disk as they are
+IMAGE_DISK_FORMATS = ('raw', 'vhd')
+#: container formats that wrap the disk in something else
+WRAPPING_CONTAINERS = ('ova', 'docker', 'compressed')
+
+
+def image_format(disk_format, container_format=None):
+    """The format to write a Glance image's data in; raises ValueError.
+
+    The data of a ``raw`` image is the disk, a ``vhd`` image's data is a
+    VHD file whose virtual disk is the disk; anything else (qcow2, vmdk,
+    iso, a kernel, an image inside an OVA) cannot be written as it is.
+
+    >>> image_format('raw', 'bare'), image_format('vhd')
+    ('raw', 'vhd')
+    >>> image_format('qcow2')  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: disk format 'qcow2' cannot be written ... (raw and vhd can)
+    """
+    if disk_format not in IMAGE_DISK_FORMATS:
+        raise ValueError('disk format %r cannot be written into an xsm root '
+                         'disk (%s can)' % (disk_format,
+                                            ' and '.join(IMAGE_DISK_FORMATS)))
+    if container_format in WRAPPING_CONTAINERS:
+        raise ValueError('container format %r wraps the disk; an xsm root '
+                         'disk takes bare images' % container_format)
+    return disk_format
+
+
 def vm_name(instance_uuid):
     """The xsm VM of a Nova instance is named after the instance's uuid."""
     return str(instance_uuid)

@@ -15,17 +15,19 @@
 Each nova-compute is the xsm agent of its host: at ``init_host`` the
 driver opens the host's SRs and serves them as an xsm agent named after
 the compute host, on ``[xsm]transport_url`` (nova's own message bus when
-unset) -- in its own threads (``[xsm]agent = thread``, what ``auto`` means
-on native threads), or as a child ``xsm-agent`` process (``process``, what
-``auto`` means under eventlet, whose green threads the engine's data path
-cannot run on). With ``external`` a separate ``xsm-agent`` of the same
-host name does it. Either way every call below goes through the agent's
-RPC API (:class:`xsm_driver.core.rpc.api.AgentAPI`), to this host's agent
-or to the other host's.
+unset) -- in its own threads (``[xsm]agent = thread``, what ``auto``
+means; green threads when nova-compute runs monkey-patched by eventlet),
+or as a child ``xsm-agent`` process (``process``). With ``external`` a
+separate ``xsm-agent`` of the same host name does it. Either way every
+call below goes through the agent's RPC API
+(:class:`xsm_driver.core.rpc.api.AgentAPI`), to this host's agent or to
+the other host's.
 
 An instance is an xsm VM named after the instance's uuid; its disks are
 VDIs in ``[xsm]instance_sr``, made from the flavor's root, ephemeral and
-swap sizes (the image is not copied in: the root disk starts empty).
+swap sizes; the root disk holds the instance's Glance image (``raw`` or
+``vhd``), downloaded to ``[xsm]state_path``/images and written into the
+VDI by the host's agent (``vdi_import``).
 
 ``nova live-migration --block-migrate`` maps onto the engine so:
 
@@ -39,22 +41,44 @@ Nova calls (host)                           xsm
                                             refusals become
                                             ``MigrationPreCheckError``
 ``check_can_live_migrate_source`` (s)       every VDI mapped, chain depth,
-                                            room for the snapshot leaf
-``pre_live_migration`` (d)                  the same receive preflight
-                                            again, with the source's disk
-                                            info; the receive itself is
-                                            prepared by the engine when
-                                            the source starts it
-``live_migration`` (s)                      ``migrate_vm`` on the source
-                                            agent, polled to the end;
-                                            progress saved; completion
-                                            timeout; ``post_method`` /
+                                            room for the snapshot leaf;
+                                            ``migrate_vm_begin``: the
+                                            migration id and the receive
+                                            request (with this host's
+                                            new client CA certificate)
+                                            go into migrate_data
+``pre_live_migration`` (d)                  ``receive_prepare_ahead``: the
+                                            receive preflight, then the
+                                            parent and leaf VDIs and the
+                                            TLS NBD export; its address,
+                                            port, server CA, fingerprint
+                                            and one-time export names go
+                                            into migrate_data; rolled
+                                            back if unclaimed in time
+                                            (``[xsm]`` option
+                                            ``prepared_receive_timeout``)
+``live_migration`` (s)                      ``migrate_vm`` with that id
+                                            and receive: the engine
+                                            claims it (once) and mirrors,
+                                            snapshots, copies; polled to
+                                            the end; progress saved;
+                                            completion timeout;
+                                            ``post_method`` /
                                             ``recover_method``
 ``live_migration_abort`` (s)                ``migration_abort``
 ``live_migration_force_complete`` (s)       ``migration_force_complete``
 ``rollback_live_migration_at_source`` (s)   the destination's
                                             ``receive_abort`` (idempotent)
+                                            and this host's
+                                            ``migration_abort`` of a
+                                            begun migration
 =========================================== ==============================
+
+``rollback_live_migration_at_destination`` (d), when Nova calls it (it
+does not for this driver's migrate_data), is ``receive_abort`` as well.
+
+A destination check from a 1.0 host (no ``receive_request``) runs the old
+way: the source's engine prepares the receive when it starts.
 
 Nothing here imports eventlet. The monitor of a live migration uses
 ``time.sleep`` in the thread Nova runs ``live_migration`` in (a green
@@ -66,8 +90,10 @@ import os
 import sys
 import threading
 import time
+import uuid as uuidlib
 
 from oslo_log import log as logging
+from oslo_serialization import jsonutils
 from oslo_utils import versionutils
 
 from nova.compute import power_state
@@ -76,9 +102,11 @@ from nova import exception
 from nova.objects import fields as obj_fields
 from nova.virt import driver
 from nova.virt import hardware
+from nova.virt import images
 import nova.virt.node
 
 from xsm_driver.conf import nova as xsm_conf
+from xsm_driver.core.block import backends
 from xsm_driver.core import exception as xsm_exception
 from xsm_driver.core.migration import errors as mig_errors
 from xsm_driver.core.migration import host as host_mod
@@ -140,10 +168,19 @@ def eventlet_patched():
 
 
 def agent_mode(option):
-    """The ``[xsm]agent`` mode to use: ``auto`` resolved."""
-    if option == 'auto':
-        return 'process' if eventlet_patched() else 'thread'
-    return option
+    """The ``[xsm]agent`` mode to use: ``auto`` is ``thread``.
+
+    Under eventlet too: the engine's threads are then green threads and
+    its NBD sockets green sockets, which it closes the way a green thread
+    waiting on them notices (xsm_driver/tests/unit/core/nbd/
+    test_eventlet.py). Its blocking system calls (file reads and writes,
+    fsync, unlink) then pause nova-compute's other green threads while
+    they run; ``process`` keeps the engine out of nova-compute.
+
+    >>> agent_mode('auto'), agent_mode('process')
+    ('thread', 'process')
+    """
+    return 'thread' if option == 'auto' else option
 
 
 def _precheck_error(exc):
@@ -177,6 +214,7 @@ class XSMDriver(driver.ComputeDriver):
         self._agent = None
         self._api = None
         self._sr = None
+        self._state_path = None
         self._migrations = {}
         self._lock = threading.Lock()
 
@@ -185,6 +223,7 @@ class XSMDriver(driver.ComputeDriver):
     def init_host(self, host):
         self._host = host
         self._node_uuid = nova.virt.node.get_local_node_uuid()
+        self._state_path = CONF.xsm.state_path
         self._transport = _transport(CONF)
         self._api = self._agent_api(host)
         mode = agent_mode(CONF.xsm.agent)
@@ -199,8 +238,9 @@ class XSMDriver(driver.ComputeDriver):
                 'xsm host %s has no SR %s for instance disks (it has: %s); '
                 'check [xsm]instance_sr and [xsm]sr_repositories'
                 % (host, self._sr, ', '.join(srs) or 'none'))
-        LOG.info('xsm host %s: instance disks in SR %s, agent: %s', host,
-                 self._sr, mode)
+        LOG.info('xsm host %s: instance disks in SR %s, agent: %s%s', host,
+                 self._sr, mode, ' (green threads: eventlet)'
+                 if mode == 'thread' and eventlet_patched() else '')
 
     def _thread_agent(self, host):
         xsm_host = host_mod.Host.from_config(
@@ -333,22 +373,110 @@ class XSMDriver(driver.ComputeDriver):
               admin_password, allocations, network_info=None,
               block_device_info=None, power_on=True, accel_info=None):
         flavor = instance.flavor
-        sizes = decisions.disk_sizes(
-            flavor.root_gb, flavor.ephemeral_gb, flavor.swap,
-            getattr(image_meta, 'size', 0) if image_meta else 0)
-        vifs = [vif['id'] for vif in network_info or []]
-        vm = self._api.vm_create(decisions.vm_name(instance.uuid),
-                                 [{'sr': self._sr, 'size': s} for s in sizes],
-                                 vifs)
+        image = self._fetch_image(context, instance, image_meta)
         try:
-            if power_on:
-                self._api.vm_start(vm['uuid'])
-        except Exception:
-            self._api.vm_destroy(vm['uuid'])
-            raise
+            image_size = (image['size'] if image is not None else
+                          getattr(image_meta, 'size', 0) if image_meta
+                          else 0)
+            sizes = decisions.disk_sizes(
+                flavor.root_gb, flavor.ephemeral_gb, flavor.swap,
+                image_size)
+            vifs = [vif['id'] for vif in network_info or []]
+            vm = self._api.vm_create(
+                decisions.vm_name(instance.uuid),
+                [{'sr': self._sr, 'size': s} for s in sizes], vifs)
+            try:
+                if image is not None:
+                    self._write_image(instance, image, vm['disks'][0]['vdi'])
+                if power_on:
+                    self._api.vm_start(vm['uuid'])
+            except Exception:
+                self._api.vm_destroy(vm['uuid'])
+                raise
+        finally:
+            if image is not None:
+                self._remove_image_file(image['path'])
         LOG.info('xsm VM %s made with disks %s in SR %s', vm['uuid'],
                  ', '.join(d['vdi'] for d in vm['disks']), self._sr,
                  instance=instance)
+
+    def _fetch_image(self, context, instance, image_meta):
+        """Download the instance's image next to the agent; None: none.
+
+        :returns: ``{'id', 'path', 'format', 'size'}``, ``size`` being the
+            virtual size of the disk the image holds; None when the
+            instance has no image (boot from volume) or its image has no
+            data.
+        :raises exception.ImageUnacceptable: a format the root disk cannot
+            take as it is (only raw and vhd).
+        """
+        image_id = instance.image_ref
+        if not image_id:
+            return None
+        meta = image_meta
+        disk_format = (meta.disk_format if meta is not None and
+                       meta.obj_attr_is_set('disk_format') else None)
+        container = (meta.container_format if meta is not None and
+                     meta.obj_attr_is_set('container_format') else None)
+        try:
+            fmt = decisions.image_format(disk_format, container)
+        except ValueError as exc:
+            raise exception.ImageUnacceptable(image_id=image_id,
+                                              reason=str(exc))
+        # the one folder the agent writes images from (the agent's
+        # state_path is [xsm]state_path, unless agent = external)
+        folder = os.path.join(self._state_path, manager_mod.IMAGE_FOLDER)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        path = os.path.join(folder, '%s.%s.part' % (instance.uuid, fmt))
+        try:
+            images.fetch(context, image_id, path,
+                         trusted_certs=instance.trusted_certs)
+            length = os.path.getsize(path)
+            if length == 0:
+                LOG.warning('image %s has no data (Glance gave 0 bytes); the '
+                            'root disk starts empty', image_id,
+                            instance=instance)
+                self._remove_image_file(path)
+                return None
+            size = length
+            if fmt == 'vhd':
+                size = self._vhd_size(image_id, path)
+        except Exception:
+            self._remove_image_file(path)
+            raise
+        LOG.info('image %s (%s): %d bytes downloaded, a disk of %d bytes',
+                 image_id, fmt, length, size, instance=instance)
+        return {'id': image_id, 'path': path, 'format': fmt, 'size': size}
+
+    @staticmethod
+    def _vhd_size(image_id, path):
+        try:
+            dev = backends.VHDDevice(path)
+        except Exception as exc:
+            raise exception.ImageUnacceptable(
+                image_id=image_id, reason='its data is not a VHD this host '
+                'reads: %s' % exc)
+        try:
+            return dev.size
+        finally:
+            dev.close()
+
+    def _write_image(self, instance, image, vdi):
+        try:
+            result = self._api.vdi_import(vdi, image['path'],
+                                          image['format'])
+        except xsm_exception.XSMError as exc:
+            raise exception.ImageUnacceptable(image_id=image['id'],
+                                              reason=str(exc))
+        LOG.info('image %s written into root disk %s (%d bytes of data)',
+                 image['id'], vdi, result['written'], instance=instance)
+
+    @staticmethod
+    def _remove_image_file(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     def destroy(self, context, instance, network_info, block_device_info=None,
                 destroy_disks=True, destroy_secrets=True):
@@ -419,7 +547,10 @@ class XSMDriver(driver.ComputeDriver):
     def _receive_spec(self, instance, vm, disks, vif_map):
         """What the destination's preflight checks (see core.destination)."""
         return {
-            'id': 'nova-precheck-%s' % instance.uuid,
+            # a uuid of its own (the agent takes migration uuids only),
+            # never one of a real migration
+            'id': str(uuidlib.uuid5(uuidlib.NAMESPACE_URL,
+                                    'xsm-nova-precheck:%s' % instance.uuid)),
             'source_host': instance.host,
             'vm': {k: vm[k] for k in ('uuid', 'name', 'disks', 'vifs')},
             'vif_map': vif_map, 'cross_pool': True,
@@ -506,22 +637,64 @@ class XSMDriver(driver.ComputeDriver):
                     plan.check_space(disk['sr'],
                                      CONF.xsm.leaf_headroom_mb * MiB,
                                      free[disk['sr']], host=self._host)
+            # Begin the engine's migration: its id, and the request the
+            # destination prepares the receive of (with the client CA
+            # certificate of this migration; the key stays here).
+            begun = self._api.migrate_vm_begin(
+                vm['uuid'], dest_check_data.dest_host,
+                dict(dest_check_data.vdi_map), dict(dest_check_data.vif_map),
+                prepared_timeout=CONF.xsm.prepared_receive_timeout)
         except xsm_exception.XSMError as exc:
             raise _precheck_error(exc)
         dest_check_data.source_host = self._host
+        dest_check_data.migration_id = begun['id']
+        dest_check_data.receive_request = jsonutils.dumps(begun['request'])
+        LOG.info('xsm live migration %s to %s begun', begun['id'],
+                 dest_check_data.dest_host, instance=instance)
         return dest_check_data
 
     def pre_live_migration(self, context, instance, block_device_info,
                            network_info, disk_info, migrate_data):
-        """Check again, right before the copy, that this host can receive.
+        """Prepare the receive; migrate_data then says how to reach it.
 
-        The receive itself (parent and leaf VDIs, the TLS NBD export and
-        its one-time credentials) is made by this host's agent when the
-        source's engine asks for it, inside ``live_migration``: the core
-        prepares a receive only for a migration it has started.
+        This host's agent checks again that it can receive (SR, space,
+        concurrency), makes a parent and a leaf VDI per disk and opens a
+        TLS NBD export for them, which trusts only the client CA the
+        source made for this migration. Its address, port, server CA
+        certificate and fingerprint and the one-time export names go back
+        to the source in migrate_data. The source's ``live_migration``
+        claims it; unclaimed after ``[xsm]prepared_receive_timeout``
+        seconds it is rolled back, and
+        ``rollback_live_migration_at_source`` (or ``..._at_destination``)
+        rolls it back at once.
+
+        A source that did not begin the migration (a 1.0 host) gets the
+        preflight only; its engine prepares the receive when it starts.
         """
-        if isinstance(migrate_data, xsm_migrate_data.XSMLiveMigrateData) \
-                and disk_info:
+        if not isinstance(migrate_data, xsm_migrate_data.XSMLiveMigrateData):
+            return migrate_data
+        if migrate_data.obj_attr_is_set('receive_request') and \
+                migrate_data.receive_request is not None:
+            request = jsonutils.loads(migrate_data.receive_request)
+            try:
+                receive = self._api.receive_prepare_ahead(
+                    request,
+                    prepared_timeout=CONF.xsm.prepared_receive_timeout)
+            except xsm_exception.XSMError as exc:
+                raise exception.MigrationError(
+                    reason='host %s cannot prepare to receive instance %s: '
+                           '%s' % (self._host, instance.uuid, exc))
+            migrate_data.receive_host = receive['host']
+            migrate_data.receive_port = receive['port']
+            migrate_data.server_ca_pem = receive['server_ca_pem']
+            migrate_data.server_fingerprint = receive['fingerprint']
+            migrate_data.receive_exports = jsonutils.dumps(
+                receive['exports'])
+            LOG.info('xsm live migration %s: receive prepared on %s:%d '
+                     '(server certificate %s)', migrate_data.migration_id,
+                     receive['host'], receive['port'],
+                     receive['fingerprint'], instance=instance)
+        elif disk_info:
             vm = self._vm(instance, self._agent_api(instance.host))
             spec = self._receive_spec(instance, vm, json.loads(disk_info),
                                       dict(migrate_data.vif_map))
@@ -564,10 +737,21 @@ class XSMDriver(driver.ComputeDriver):
             return recover('cancelled')
         try:
             vm = self._vm(instance)
+            prepared = {}
+            if migrate_data.prepared:
+                prepared = dict(
+                    migration_id=migrate_data.migration_id,
+                    receive={'host': migrate_data.receive_host,
+                             'port': migrate_data.receive_port,
+                             'server_ca_pem': migrate_data.server_ca_pem,
+                             'fingerprint': migrate_data.server_fingerprint,
+                             'exports': jsonutils.loads(
+                                 migrate_data.receive_exports)})
             mid = self._api.migrate_vm(
                 vm['uuid'], migrate_data.dest_host,
                 dict(migrate_data.vdi_map), dict(migrate_data.vif_map),
-                bandwidth=decisions.bandwidth(CONF.xsm.bandwidth_limit))
+                bandwidth=decisions.bandwidth(CONF.xsm.bandwidth_limit),
+                **prepared)
         except Exception as exc:
             LOG.error('xsm live migration to %s could not start: %s', dest,
                       exc, instance=instance)
@@ -745,8 +929,35 @@ class XSMDriver(driver.ComputeDriver):
                     instance)
             except Exception as exc:
                 LOG.error('xsm: host %s could not be asked to roll back: %s '
-                          '(its agent rolls back at its next start)',
-                          migrate_data.dest_host, exc, instance=instance)
+                          '(a receive it prepared is rolled back after '
+                          '[xsm]prepared_receive_timeout, or at its agent\'s '
+                          'next start)', migrate_data.dest_host, exc,
+                          instance=instance)
+            self._drop_begun(migrate_data, instance)
+
+    def _drop_begun(self, migrate_data, instance):
+        """Drop the migration check_can_live_migrate_source began.
+
+        When live_migration never started it (pre_live_migration failed,
+        an abort came first), its client credentials go now rather than
+        at its timeout; a started migration has ended by now and stays
+        as it is.
+        """
+        mid = migrate_data.migration_id if migrate_data.obj_attr_is_set(
+            'migration_id') else None
+        if mid is None:
+            return
+        try:
+            self._api.migration_abort(mid)
+            LOG.info('xsm live migration %s: dropped before its start', mid,
+                     instance=instance)
+        except mig_errors.MigrationError as exc:
+            LOG.debug('xsm live migration %s: nothing begun to drop (%s)',
+                      mid, exc, instance=instance)
+        except Exception as exc:
+            LOG.warning('xsm live migration %s: could not drop it (%s); it '
+                        'is dropped after [xsm]prepared_receive_timeout',
+                        mid, exc, instance=instance)
 
     def rollback_live_migration_at_destination(self, context, instance,
                                                network_info,

@@ -187,8 +187,10 @@ class Host:
                 return sr
             except sr_base.VDINotFound:
                 continue
-        raise sr_base.VDINotFound(sr='any SR of host %s' % self.name,
-                                  uuid=vdi)
+        raise sr_base.VDINotFound(
+            'host %s: VDI %s is in none of its SRs (%s)'
+            % (self.name, vdi, ', '.join(sorted(self.srs)) or 'it has none'),
+            sr=None, uuid=vdi)
 
     # -- VM life cycle -----------------------------------------------------
 

@@ -16,13 +16,40 @@ The agent (``xsm_driver.core.rpc``) exposes a :class:`Manager` over
 oslo.messaging; adapters (Nova, CloudStack) call the agent. A move between
 two SRs of the same host uses :class:`LocalPeer` and never leaves the
 process.
+
+A migration starts in one of two orders:
+
+* **the source prepares** (xsm-migrate, CloudStack): one call,
+  :meth:`Manager.migrate_vm` on the source; its engine asks the
+  destination to prepare the receive (``receive_prepare``) and goes on.
+* **the destination prepares ahead** (Nova: ``check_can_live_migrate_source``
+  on the source, ``pre_live_migration`` on the destination, then
+  ``live_migration`` on the source):
+
+  1. source: :meth:`Manager.migrate_vm_begin` checks the VM, picks the
+     migration id and makes this migration's client credentials; it
+     returns the id and the *receive request* (the VDIs, the VM record,
+     the client's CA certificate -- nothing secret);
+  2. destination: :meth:`Manager.receive_prepare_ahead` prepares the
+     receive of that request and returns where and how to reach it
+     (address, port, server CA and fingerprint, one-time export names);
+     a receive that no source claims within ``prepared_timeout`` seconds
+     is rolled back;
+  3. source: :meth:`Manager.migrate_vm` with ``migration_id`` and that
+     ``receive``: the engine claims the prepared receive (once only) and
+     starts at the mirror, without a prepare of its own.
 """
 
 import dataclasses
 import logging
+import os
+import shutil
 import threading
 import uuid as uuidlib
 
+from xsm_driver.core.block import backends
+from xsm_driver.core import exception
+from xsm_driver.core.migration import credentials
 from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import plan
@@ -56,6 +83,14 @@ class Options:
     #: copy request size and requests in flight per VDI
     chunk: int = 4 * MiB
     depth: int = 8
+    #: TLS connections the copy of one VDI uses (the destination may offer
+    #: fewer): each is a stream one thread encrypts and one decrypts, so 4,
+    #: like nbdcopy's default, keeps both cores of both hosts busy
+    connections: int = 4
+    #: seconds a receive prepared ahead waits for its source to claim it
+    #: (and a begun source migration for its start) before it is rolled
+    #: back
+    prepared_timeout: float = 300.0
 
     def replace(self, **changes):
         return dataclasses.replace(self, **{k: v for k, v in changes.items()
@@ -79,20 +114,28 @@ class Manager:
         self._start_lock = threading.Lock()
         self._sources = {}
         self._receives = {}
+        #: begun source migrations waiting for their start: id -> _Begun
+        self._begun = {}
+        #: receives prepared ahead, not claimed yet: id -> expiry Timer
+        self._unclaimed = {}
         #: given to each new source migration (see source.Migration)
         self.phase_hook = None
 
     # -- bookkeeping -------------------------------------------------------
 
-    def active(self):
-        """Migrations this host takes part in, in either role."""
-        running = self._running()
+    def active(self, exclude=None):
+        """Migrations this host takes part in, in either role.
+
+        :param exclude: a migration id not to count (the one being
+            checked, when its receive was prepared ahead).
+        """
+        running = [m for m in self._running() if m.id != exclude]
         # a move within the host counts once, not as two migrations
         local = {m.id for m in running}
         with self._lock:
             receiving = [r for r in self._receives.values()
                          if r.phase not in ('done', 'aborted') and
-                         r.id not in local]
+                         r.id not in local and r.id != exclude]
         return len(running) + len(receiving)
 
     def _peer(self, dest_host):
@@ -105,43 +148,172 @@ class Manager:
 
     # -- source role -------------------------------------------------------
 
-    def migrate_vm(self, vm, dest_host, vdi_map, vif_map=None, **options):
+    def migrate_vm(self, vm, dest_host, vdi_map, vif_map=None,
+                   migration_id=None, receive=None, **options):
         """Move (or, with ``copy=True``, copy) a VM and all its disks.
 
+        :param migration_id: the id :meth:`migrate_vm_begin` gave, when
+            the destination has prepared the receive ahead; then
+            ``receive`` is the destination's
+            :meth:`receive_prepare_ahead` answer and the engine claims it
+            instead of preparing one. Both or neither.
         :returns: the migration id; the migration runs in a thread.
         """
         vm = self.host.vm(vm)
-        return self._start(vm, dest_host, vdi_map, 'vm', vif_map, options)
+        if (migration_id is None) != (receive is None):
+            raise errors.MigrationError(
+                'migration %s: a migration whose receive was prepared ahead '
+                'needs both its id and the destination\'s receive; got only '
+                'the %s' % (migration_id, 'id' if receive is None
+                            else 'receive'))
+        begun = None
+        if migration_id is not None:
+            begun = self._take_begun(migration_id, vm, dest_host)
+        return self._start(vm, dest_host, vdi_map, 'vm', vif_map, options,
+                           begun=begun, receive=receive)
 
     def migrate_vdi(self, vdi, dest_sr, **options):
         """Move one VDI to another SR of this host, live."""
         return self._start(None, self.host.name, {vdi: dest_sr}, 'vdi',
                            None, options)
 
-    def _start(self, vm, dest_host, vdi_map, kind, vif_map, options):
+    def _start(self, vm, dest_host, vdi_map, kind, vif_map, options,
+               begun=None, receive=None):
         opts = self.options.replace(**options)
         vdis = set(vdi_map) | {d.vdi for d in (vm.disks if vm else ())}
-        # One start at a time, so two requests cannot both pass the checks.
-        with self._start_lock:
-            plan.check_concurrency(self.host.name, self.active(),
-                                   opts.max_concurrent)
-            for other in self._running():
-                busy = vdis & other.vdis
-                if busy:
-                    raise errors.MigrationError(
-                        'VDI %s is already moving in migration %s'
-                        % (', '.join(sorted(busy)), other.id))
-            mid = str(uuidlib.uuid4())
-            mig = source.Migration(self.host, mid, self._peer(dest_host), vm,
-                                   vdi_map, dest_host, opts,
-                                   vif_map=vif_map, kind=kind)
-            mig.phase_hook = self.phase_hook
-            mig.preflight()
-            with self._lock:
-                self._sources[mid] = mig
-                self._forget_old()
+        mid = begun.id if begun is not None else str(uuidlib.uuid4())
+        peer = None
+        try:
+            peer = self._peer(dest_host)
+            # One start at a time, so two requests cannot both pass the
+            # checks.
+            with self._start_lock:
+                plan.check_concurrency(self.host.name, self.active(),
+                                       opts.max_concurrent)
+                for other in self._running():
+                    busy = vdis & other.vdis
+                    if busy:
+                        raise errors.MigrationError(
+                            'VDI %s is already moving in migration %s'
+                            % (', '.join(sorted(busy)), other.id))
+                mig = source.Migration(
+                    self.host, mid, peer, vm, vdi_map, dest_host, opts,
+                    vif_map=vif_map, kind=kind,
+                    credentials=begun.creds if begun else None,
+                    receive=receive)
+                mig.phase_hook = self.phase_hook
+                mig.preflight()
+                if receive is not None:
+                    check_receive(mid, receive,
+                                  [v['uuid'] for v in mig.spec['vdis']])
+                with self._lock:
+                    self._sources[mid] = mig
+                    self._forget_old()
+        except Exception:
+            if begun is not None:
+                # Refused before it started: nothing of it may stay, here
+                # or in the receive the destination prepared.
+                self._drop_begun(begun, 'refused at its start')
+                if peer is not None:
+                    self._abort_receive_of(peer, mid)
+            raise
         mig.start()
         return mid
+
+    # -- source role, the destination preparing ahead (Nova's order) -------
+
+    def migrate_vm_begin(self, vm, dest_host, vdi_map, vif_map=None,
+                         **options):
+        """Check a VM migration and make what the destination needs first.
+
+        Step 1 of the order where the destination prepares the receive
+        ahead (see the module docstring): picks the migration id, runs the
+        source's and the destination's preflight, and makes this
+        migration's client credentials (their CA certificate goes to the
+        destination; the key stays here).
+
+        :param options: as for :meth:`migrate_vm`; ``prepared_timeout``
+            is how long the begun migration waits for its start
+            (:meth:`migrate_vm` with its id) before it is dropped.
+        :returns: ``{'id': migration id, 'request': receive request}``;
+            give the request to the destination's
+            :meth:`receive_prepare_ahead`.
+        """
+        opts = self.options.replace(**options)
+        vm = self.host.vm(vm)
+        mid = str(uuidlib.uuid4())
+        mig = source.Migration(self.host, mid, self._peer(dest_host), vm,
+                               vdi_map, dest_host, opts, vif_map=vif_map,
+                               kind='vm')
+        creds = None
+        try:
+            mig.preflight()
+            creds = credentials.Credentials.make(
+                os.path.join(self.host.state_path, 'migrations', mid,
+                             source.ROLE), 'client', hosts=[self.host.name])
+        except Exception:
+            if creds is not None:
+                creds.destroy()
+            self._forget_begun_files(mid)
+            raise
+        begun = _Begun(mid, vm.uuid, dest_host, creds)
+        wait = opts.prepared_timeout
+        begun.timer = _timer(wait, self._expire_begun, mid)
+        with self._lock:
+            self._begun[mid] = begun
+        begun.timer.start()
+        LOG.info('migration %s of VM %s to host %s begun; it waits %.0f s '
+                 'for its start', mid, vm.uuid, dest_host, wait)
+        return {'id': mid,
+                'request': dict(mig.spec, client_ca_pem=creds.ca_pem)}
+
+    def _take_begun(self, mid, vm, dest_host):
+        with self._lock:
+            begun = self._begun.get(mid)
+            if begun is not None and (begun.vm, begun.dest_host) == (
+                    vm.uuid, dest_host):
+                del self._begun[mid]
+        if begun is None:
+            raise errors.InvalidPhase(
+                id=mid, phase='preflight', reason='host %s has no begun '
+                'migration of that id waiting for its start: it was never '
+                'begun here, has already started, or waited longer than '
+                'its timeout' % self.host.name)
+        if (begun.vm, begun.dest_host) != (vm.uuid, dest_host):
+            raise errors.MigrationError(
+                'migration %s was begun for VM %s to host %s, not for VM %s '
+                'to host %s' % (mid, begun.vm, begun.dest_host, vm.uuid,
+                                dest_host))
+        begun.timer.cancel()
+        return begun
+
+    def _expire_begun(self, mid):
+        with self._lock:
+            begun = self._begun.pop(mid, None)
+        if begun is not None:
+            LOG.warning('migration %s: begun but not started within its '
+                        'timeout; dropped', mid)
+            self._drop_begun(begun, 'not started in time')
+
+    def _drop_begun(self, begun, why):
+        begun.timer.cancel()
+        begun.creds.destroy()
+        self._forget_begun_files(begun.id)
+        LOG.info('migration %s: begun migration dropped (%s)', begun.id, why)
+
+    def _forget_begun_files(self, mid):
+        shutil.rmtree(os.path.join(self.host.state_path, 'migrations', mid),
+                      ignore_errors=True)
+        if self.host.journal.get(mid, role=source.ROLE) is not None:
+            self.host.journal.finish(mid, 'aborted', role=source.ROLE)
+
+    def _abort_receive_of(self, peer, mid):
+        try:
+            peer.abort(mid)
+        except Exception as exc:
+            LOG.warning('migration %s: the destination could not be told to '
+                        'roll back its prepared receive (%s); it does when '
+                        'the receive times out', mid, exc)
 
     #: finished migrations kept in memory (the journal keeps all of them)
     KEEP_FINISHED = 100
@@ -179,8 +351,15 @@ class Manager:
         return mig.status()
 
     def abort(self, mid):
+        """Abort a running migration, or drop a begun one."""
         mig = self._sources.get(mid)
         if mig is None:
+            with self._lock:
+                begun = self._begun.pop(mid, None)
+            if begun is not None:
+                self._drop_begun(begun, 'aborted before its start')
+                return {'id': mid, 'phase': 'aborted', 'finished': True,
+                        'error': 'aborted before its start', 'result': None}
             raise errors.MigrationNotFound(id=mid, host=self.host.name)
         mig.cancel()
         return mig.status()
@@ -195,11 +374,15 @@ class Manager:
     # -- destination role --------------------------------------------------
 
     def receive_preflight(self, spec):
-        destination.preflight(self.host, spec, self.active(),
+        # A receive prepared ahead for this same migration does not count
+        # against it when the source checks again at its start.
+        destination.preflight(self.host, spec,
+                              self.active(exclude=spec.get('id')),
                               self.options.max_concurrent,
                               self.options.leaf_headroom)
 
     def receive_prepare(self, spec):
+        """Prepare the receive of a migration its source is starting."""
         rcv = destination.Receive(self.host, spec,
                                   spec.get('network') or self.options.address)
         with self._lock:
@@ -211,6 +394,77 @@ class Manager:
             self._forget_old()
             self._receives[spec['id']] = rcv
         return rcv.prepare()
+
+    def receive_prepare_ahead(self, spec, prepared_timeout=None):
+        """Prepare a receive before its source starts (Nova's order).
+
+        Step 2 of that order (see the module docstring): the destination's
+        preflight, then the receive of ``spec`` (the request
+        :meth:`migrate_vm_begin` returned on the source). The source must
+        claim it (its :meth:`migrate_vm` does) within ``prepared_timeout``
+        seconds (default: this host's option), else it is rolled back; it
+        can be claimed once.
+
+        :returns: how to reach it: ``{'host', 'port', 'server_ca_pem',
+            'fingerprint', 'exports': {source VDI: {'base': name, 'leaf':
+            name}}, 'prepared_timeout'}``. The export names are one-time
+            secrets.
+        """
+        self.receive_preflight(spec)
+        answer = self.receive_prepare(spec)
+        mid = spec['id']
+        wait = (self.options.prepared_timeout if prepared_timeout is None
+                else prepared_timeout)
+        timer = _timer(wait, self._expire_receive, mid)
+        with self._lock:
+            self._unclaimed[mid] = timer
+        timer.start()
+        LOG.info('migration %s: receive prepared ahead for host %s; it '
+                 'waits %.0f s for the source to claim it', mid,
+                 spec.get('source_host'), wait)
+        return dict(answer, prepared_timeout=wait)
+
+    def receive_claim(self, mid, source_host):
+        """The source starts on a receive prepared ahead; once only.
+
+        :raises errors.InvalidPhase: no such receive waits for a claim
+            (never prepared ahead, expired, rolled back or already
+            claimed), or it was prepared for another source host.
+        """
+        with self._lock:
+            rcv = self._receives.get(mid)
+            if rcv is not None and mid in self._unclaimed and \
+                    rcv.spec.get('source_host') != source_host:
+                raise errors.InvalidPhase(
+                    id=mid, phase=rcv.phase, reason='its receive was '
+                    'prepared for host %s, not for host %s'
+                    % (rcv.spec.get('source_host'), source_host))
+            timer = self._unclaimed.pop(mid, None)
+        if timer is None:
+            raise errors.InvalidPhase(
+                id=mid, phase='prepare-receive', reason='host %s has no '
+                'receive prepared ahead for it waiting to be claimed: it was '
+                'never prepared, has timed out, was rolled back or was '
+                'claimed already' % self.host.name)
+        timer.cancel()
+        LOG.info('migration %s: prepared receive claimed by host %s', mid,
+                 source_host)
+
+    def _expire_receive(self, mid):
+        with self._lock:
+            timer = self._unclaimed.pop(mid, None)
+            rcv = self._receives.get(mid)
+        if timer is None or rcv is None:
+            return                      # claimed or rolled back meanwhile
+        LOG.warning('migration %s: no source claimed the receive prepared '
+                    'ahead for host %s in time; rolling it back', mid,
+                    rcv.spec.get('source_host'))
+        try:
+            rcv.abort()
+        except Exception:
+            LOG.exception('migration %s: rolling back the unclaimed receive '
+                          'failed; the agent rolls it back at its next '
+                          'start', mid)
 
     def _receive(self, mid):
         rcv = self._receives.get(mid)
@@ -225,6 +479,10 @@ class Manager:
         return self._receive(mid).complete(vm_state)
 
     def receive_abort(self, mid):
+        with self._lock:
+            timer = self._unclaimed.pop(mid, None)
+        if timer is not None:
+            timer.cancel()
         rcv = self._receives.get(mid)
         if rcv is not None:
             return rcv.abort()
@@ -280,6 +538,19 @@ class Manager:
 
     def shutdown(self):
         """Abort what is under way (the agent is stopping)."""
+        with self._lock:
+            begun, self._begun = list(self._begun.values()), {}
+            unclaimed, self._unclaimed = dict(self._unclaimed), {}
+        for b in begun:
+            self._drop_begun(b, 'the agent is stopping')
+        for mid, timer in unclaimed.items():
+            timer.cancel()
+            try:
+                self.receive_abort(mid)
+            except Exception:
+                LOG.exception('migration %s: rolling back the unclaimed '
+                              'receive failed; the agent rolls it back at '
+                              'its next start', mid)
         for mig in list(self._sources.values()):
             if mig.finished is None:
                 try:
@@ -287,6 +558,135 @@ class Manager:
                 except errors.MigrationError:
                     pass
                 mig.thread.join(60)
+
+
+class _Begun:
+    """A source migration begun by :meth:`Manager.migrate_vm_begin`."""
+
+    def __init__(self, mid, vm, dest_host, creds):
+        self.id = mid
+        self.vm = vm
+        self.dest_host = dest_host
+        self.creds = creds
+        self.timer = None
+
+
+def _timer(seconds, func, *args):
+    timer = threading.Timer(seconds, func, args)
+    timer.daemon = True
+    timer.name = 'xsm-expiry'
+    return timer
+
+
+def check_receive(mid, receive, vdis):
+    """Refuse a receive prepared ahead that does not fit the migration.
+
+    It must give an address, a port, the server's CA certificate and a
+    ``base`` and a ``leaf`` export for every VDI that moves -- and none
+    for another VDI (the destination would wait for it forever).
+
+    >>> check_receive('m1', {'host': 'h', 'port': 1, 'server_ca_pem': 'C',
+    ...                      'exports': {'v1': {'base': 'b', 'leaf': 'l'}}},
+    ...               ['v1'])
+    >>> check_receive('m1', {'host': 'h', 'port': 1, 'server_ca_pem': 'C',
+    ...                      'exports': {}}, ['v1'])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    xsm_driver...MigrationError: migration m1: ... no exports for VDI v1
+    """
+    problems = []
+    missing = [k for k in ('host', 'port', 'server_ca_pem')
+               if not receive.get(k)]
+    if missing:
+        problems.append('it has no %s' % ', '.join(missing))
+    exports = receive.get('exports') or {}
+    lacking = sorted(v for v in vdis if not isinstance(exports.get(v), dict)
+                     or not exports[v].get('base') or
+                     not exports[v].get('leaf'))
+    if lacking:
+        problems.append('it has no exports for VDI %s' % ', '.join(lacking))
+    extra = sorted(set(exports) - set(vdis))
+    if extra:
+        problems.append('it has exports for VDI %s, which does not move'
+                        % ', '.join(extra))
+    if problems:
+        raise errors.MigrationError('migration %s: the receive prepared '
+                                    'ahead does not fit: %s'
+                                    % (mid, '; '.join(problems)))
+
+
+#: formats :func:`import_image` reads
+IMAGE_FORMATS = ('raw', 'vhd')
+#: the folder of a host's ``state_path`` :func:`import_image` reads from
+IMAGE_FOLDER = 'images'
+
+
+def image_folder(host):
+    """Where images to write into VDIs must be.
+
+    The agent reads no other file for a caller.
+    """
+    return os.path.join(host.state_path, IMAGE_FOLDER)
+
+
+def import_image(host, vdi, path, image_format, chunk=4 * MiB):
+    """Write an image file into a VDI of ``host`` (a root disk's image).
+
+    ``raw``: the file's bytes, from offset 0; ``vhd``: the virtual disk of
+    a fixed or dynamic VHD (a differencing one needs its parent next to
+    it). Only allocated, non-zero data is written: the VDI must be new
+    (it reads as zeros) and attachable for writing (its VM halted). The
+    file must be in :func:`image_folder`: a caller on the message bus
+    cannot make the agent read any other file of the host.
+
+    :returns: ``{'size': virtual size of the image, 'written': bytes
+        written}``.
+    :raises exception.XSMError: unknown format, unreadable image, or an
+        image larger than the VDI; each names the image and the VDI.
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise exception.XSMError(
+            'image %s: disk format %r cannot be written into VDI %s; this '
+            'host reads %s images' % (path, image_format, vdi,
+                                      ' and '.join(IMAGE_FORMATS)))
+    folder = os.path.realpath(image_folder(host))
+    if os.path.dirname(os.path.realpath(path)) != folder:
+        raise exception.XSMError(
+            'image %s is not in %s, the only folder host %s writes images '
+            'from; nothing was written into VDI %s' % (path, folder,
+                                                       host.name, vdi))
+    sr = host.find_vdi(vdi)
+    try:
+        src = (backends.RawDevice(path) if image_format == 'raw'
+               else backends.VHDDevice(path))
+    except Exception as exc:
+        raise exception.XSMError('image %s (%s) cannot be read: %s'
+                                 % (path, image_format, exc))
+    try:
+        dst = sr.attach(vdi, writable=True)
+        try:
+            if src.size > dst.size:
+                raise exception.XSMError(
+                    'image %s is %d bytes, larger than VDI %s of SR %s (%d '
+                    'bytes); nothing was written' % (path, src.size, vdi,
+                                                     sr.name, dst.size))
+            written = 0
+            zeros = bytes(chunk)
+            for offset, length in plan.split_extents(
+                    src.extents(0, src.size), chunk):
+                data = src.pread(offset, length)
+                if data != zeros[:length]:
+                    dst.pwrite(data, offset)
+                    written += length
+            dst.flush()
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    LOG.info('image %s (%s, %d bytes) written into VDI %s of SR %s (%d '
+             'bytes of data)', path, image_format, src.size, vdi, sr.name,
+             written)
+    return {'size': src.size, 'written': written}
 
 
 class LocalPeer:
@@ -303,6 +703,9 @@ class LocalPeer:
 
     def prepare(self, spec):
         return self._m.receive_prepare(spec)
+
+    def claim(self, mid, source_host):
+        return self._m.receive_claim(mid, source_host)
 
     def compose(self, mid):
         return self._m.receive_compose(mid)

@@ -96,10 +96,15 @@ class Migration:
     :param vm: the :class:`host.VM` that moves, or None for a VDI move.
     :param vdi_map: VDI uuid -> destination SR name.
     :param options: a :class:`Options`.
+    :param credentials: this side's client credentials, made beforehand,
+        when the destination prepared the receive ahead; with ``receive``,
+        the destination's answer to that prepare (see
+        :meth:`manager.Manager.receive_prepare_ahead`): the migration then
+        claims that receive instead of asking for one.
     """
 
     def __init__(self, host, mid, peer, vm, vdi_map, dest_host, options,
-                 vif_map=None, kind='vm'):
+                 vif_map=None, kind='vm', credentials=None, receive=None):
         self.host = host
         self.id = mid
         self.peer = peer
@@ -122,8 +127,9 @@ class Migration:
         self._limiter = copy_mod.TokenBucket(options.bandwidth)
         self._items = []
         self._conns = set()             # open NBD connections
-        self._creds = None
+        self._creds = credentials
         self._remote = None
+        self._prepared = receive
         self._guest_writes_before = None
         self.guest_writes = 0
         self.thread = None
@@ -298,8 +304,10 @@ class Migration:
         self._items = [by_uuid[v['uuid']] for v in ordered]
         self.spec = self._spec()
         self.peer.preflight(self.spec)
+        # vm and copy: what a recovery after the commit must clean up
         self._set_phase('preflight', items=self._journal_items(),
-                        dest_host=self.dest_host, kind=self.kind)
+                        dest_host=self.dest_host, kind=self.kind,
+                        vm=self.vm_ref[0], copy=bool(self.options.copy))
 
     def _describe(self, item):
         record = item.sr.get(item.vdi)
@@ -317,17 +325,36 @@ class Migration:
                 'vm': vm, 'vif_map': self.vif_map,
                 'cross_pool': self.kind == 'vm',
                 'network': self.options.network,
+                'copy_connections': self._copy_connections(),
                 'vdis': [self._describe(i) for i in self._items]}
+
+    def _copy_connections(self):
+        return max(1, int(self.options.connections))
 
     # -- prepare -----------------------------------------------------------
 
     def _prepare(self):
-        self._set_phase('prepare-receive')
-        self._creds = credentials.Credentials.make(
-            os.path.join(self.host.state_path, 'migrations', self.id,
-                         ROLE), 'client', hosts=[self.host.name])
-        spec = dict(self.spec, client_ca_pem=self._creds.ca_pem)
-        self._remote = self.peer.prepare(spec)
+        if self._prepared is not None:
+            # The destination prepared the receive ahead: claim it (once
+            # only). A refusal leaves the phase at preflight, so that the
+            # abort does not roll back a receive that is not ours; any
+            # other failure may have claimed it: the abort rolls it back.
+            try:
+                self.peer.claim(self.id, self.host.name)
+            except errors.MigrationError:
+                raise
+            except Exception:
+                self._set_phase('prepare-receive')
+                raise
+            self._set_phase('prepare-receive')
+            self._remote = self._prepared
+        else:
+            self._set_phase('prepare-receive')
+            self._creds = credentials.Credentials.make(
+                os.path.join(self.host.state_path, 'migrations', self.id,
+                             ROLE), 'client', hosts=[self.host.name])
+            spec = dict(self.spec, client_ca_pem=self._creds.ca_pem)
+            self._remote = self.peer.prepare(spec)
         self._tls = self._creds.client_context(self._remote['server_ca_pem'])
         for item in self._items:
             item.export = self._remote['exports'][item.vdi]
@@ -434,14 +461,21 @@ class Migration:
                 src.close()
 
     def _copy_one(self, item, src, ranges):
-        dst = self._connect(item.export['base'])
+        names = copy_exports(item.export, self._copy_connections(),
+                             len(ranges))
+        dsts = []
         try:
+            for name in names:
+                self._check()
+                dsts.append(self._connect(name))
             copy_mod.copy_allocated(
-                src, dst, ranges=ranges, chunk=self.options.chunk,
-                depth=self.options.depth, limiter=self._limiter,
-                progress=self.progress, cancel=self._cancel)
+                src, dsts, ranges=ranges, chunk=self.options.chunk,
+                depth=max(self.options.depth, len(dsts)),
+                limiter=self._limiter, progress=self.progress,
+                cancel=self._cancel)
         finally:
-            self._disconnect(dst)
+            for dst in dsts:
+                self._disconnect(dst)
 
     # -- switch-over -------------------------------------------------------
 
@@ -626,6 +660,19 @@ class Migration:
             item.remote_leaf = None
 
 
+def copy_exports(export, wanted, ranges):
+    """The one-shot base export names the copy of one VDI connects to.
+
+    :param export: what the destination returned for the VDI: ``base``
+        (always), ``bases`` (several names of the same base; a destination
+        that predates it offers only ``base``).
+    :param wanted: connections the source would use.
+    :param ranges: requests to send: no more connections than requests.
+    """
+    names = list(export.get('bases') or [export['base']])
+    return names[:max(1, min(wanted, ranges, len(names)))]
+
+
 def recover(host, entry, peer):
     """Roll back or finish a migration the journal says was under way."""
     items = entry.state.get('items', [])
@@ -637,16 +684,22 @@ def recover(host, entry, peer):
             LOG.error('migration %s: cannot reach the destination to learn '
                       'whether it committed: %s', entry.id, exc)
         if answer == 'committed':
-            for it in items:
-                host_mod.destroy_chain(host.sr(it['sr']), it['vdi'])
+            # finish the clean-up (see Migration._clean_up)
+            if entry.state.get('copy'):
+                _merge_back(host, items)        # the VM stays here
+            else:
+                vm = entry.state.get('vm')
+                if entry.state.get('kind') == 'vm' and vm in host.vms:
+                    host.forget_vm(vm)          # it runs there now
+                for it in items:
+                    host_mod.destroy_chain(host.sr(it['sr']), it['vdi'])
+            shutil.rmtree(os.path.join(host.state_path, 'migrations',
+                                       entry.id), ignore_errors=True)
             host.journal.finish(entry.id, 'done', role=ROLE)
             return 'done'
         if answer == 'unknown':
             return 'unknown'
-    for it in items:
-        sr = host.sr(it['sr'])
-        if len(sr.chain(it['vdi'])) > it['depth_before']:
-            sr.coalesce(it['vdi'])
+    _merge_back(host, items)
     if peer is not None and entry.phase != 'preflight':
         try:
             peer.abort(entry.id)
@@ -657,3 +710,11 @@ def recover(host, entry, peer):
                   ignore_errors=True)
     host.journal.finish(entry.id, 'aborted', role=ROLE)
     return 'aborted'
+
+
+def _merge_back(host, items):
+    """Merge each VDI's snapshot back: its chain is as deep as before."""
+    for it in items:
+        sr = host.sr(it['sr'])
+        if len(sr.chain(it['vdi'])) > it['depth_before']:
+            sr.coalesce(it['vdi'])

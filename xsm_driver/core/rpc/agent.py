@@ -18,6 +18,7 @@ threads of the :class:`~xsm_driver.core.migration.manager.Manager`; a
 reporter thread publishes their progress.
 """
 
+import functools
 import inspect
 import logging
 import threading
@@ -28,6 +29,7 @@ from xsm_driver.core import exception
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core import rpc
 from xsm_driver.core.rpc import api
+from xsm_driver.core.rpc import arguments
 
 LOG = logging.getLogger(__name__)
 
@@ -35,13 +37,25 @@ LOG = logging.getLogger(__name__)
 def _expected_errors(cls):
     """Mark xsm-driver's own errors as answers, not agent failures.
 
-    oslo.messaging then logs them without a traceback.
+    oslo.messaging then logs them without a traceback. The arguments of
+    every call are checked first (:func:`arguments.check_arguments`).
     """
     for name, func in list(vars(cls).items()):
         if inspect.isfunction(func) and not name.startswith('_'):
-            setattr(cls, name,
-                    messaging.expected_exceptions(exception.XSMError)(func))
+            checked = _checked(name, func)
+            setattr(cls, name, functools.update_wrapper(
+                messaging.expected_exceptions(exception.XSMError)(checked),
+                func))
     return cls
+
+
+def _checked(name, func):
+    signature = inspect.signature(func)
+
+    def checked(*args, **kwargs):
+        arguments.check_arguments(name, signature, args, kwargs)
+        return func(*args, **kwargs)
+    return checked
 
 
 @_expected_errors
@@ -90,6 +104,9 @@ class AgentEndpoint:
     def vm_snapshot(self, context, vm):
         return self.host.snapshot_vm(vm)
 
+    def vdi_import(self, context, vdi, path, image_format):
+        return manager_mod.import_image(self.host, vdi, path, image_format)
+
     def guest_start(self, context, vm, rate=None, read_ratio=1.0, fill=0.0):
         return self.host.guest_start(vm, rate, read_ratio, fill).to_dict()
 
@@ -99,9 +116,18 @@ class AgentEndpoint:
     # -- migrations, as their source ---------------------------------------
 
     def migrate_vm(self, context, vm, dest_host, vdi_map, vif_map=None,
-                   options=None):
+                   options=None, migration_id=None, receive=None):
+        if migration_id is None and receive is None:
+            return self.manager.migrate_vm(vm, dest_host, vdi_map, vif_map,
+                                           **(options or {}))
         return self.manager.migrate_vm(vm, dest_host, vdi_map, vif_map,
-                                       **(options or {}))
+                                       migration_id=migration_id,
+                                       receive=receive, **(options or {}))
+
+    def migrate_vm_begin(self, context, vm, dest_host, vdi_map,
+                         vif_map=None, options=None):
+        return self.manager.migrate_vm_begin(vm, dest_host, vdi_map,
+                                             vif_map, **(options or {}))
 
     def migrate_vdi(self, context, vdi, dest_sr, options=None):
         return self.manager.migrate_vdi(vdi, dest_sr, **(options or {}))
@@ -125,6 +151,13 @@ class AgentEndpoint:
 
     def receive_prepare(self, context, spec):
         return self.manager.receive_prepare(spec)
+
+    def receive_prepare_ahead(self, context, spec, prepared_timeout=None):
+        return self.manager.receive_prepare_ahead(
+            spec, prepared_timeout=prepared_timeout)
+
+    def receive_claim(self, context, migration, source_host):
+        self.manager.receive_claim(migration, source_host)
 
     def receive_compose(self, context, migration):
         self.manager.receive_compose(migration)

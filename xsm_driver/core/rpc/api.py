@@ -17,13 +17,21 @@ API version history:
 * 1.0 - first version: hosts, VMs and their verifying guests, migrations
   as source (``migrate_vm``, ``migrate_vdi``, ``migration_*``) and as
   destination (``receive_*``).
+* 1.1 - the destination may prepare the receive before the source starts
+  (Nova's order): ``migrate_vm_begin``, ``receive_prepare_ahead``,
+  ``receive_claim``; ``migrate_vm`` takes ``migration_id`` and
+  ``receive``; ``migration_abort`` drops a begun migration; ``vdi_import``
+  writes an image file into a VDI.
 """
 
 import oslo_messaging as messaging
 
 from xsm_driver.core import rpc
 
-VERSION = '1.0'
+VERSION = '1.1'
+#: the version calls that exist since 1.0 are sent as, so that a 1.0 agent
+#: still answers them
+BASE_VERSION = '1.0'
 
 
 def _register_messaging_opts(conf):
@@ -58,14 +66,15 @@ class AgentAPI:
     def __init__(self, transport, host, timeout=None):
         self.host = host
         target = messaging.Target(topic=rpc.TOPIC, server=host,
-                                  version=VERSION)
+                                  version=BASE_VERSION)
         self._client = messaging.get_rpc_client(transport, target,
                                                 timeout=timeout)
 
-    def call(self, method, timeout=None, **kwargs):
+    def call(self, method, timeout=None, version=None, **kwargs):
         client = self._client
-        if timeout is not None:
-            client = client.prepare(timeout=timeout)
+        if timeout is not None or version is not None:
+            client = client.prepare(**{k: v for k, v in (
+                ('timeout', timeout), ('version', version)) if v is not None})
         return client.call({}, method, **kwargs)
 
     # hosts and VMs
@@ -104,11 +113,41 @@ class AgentAPI:
     def guest_verify(self, vm):
         return self.call('guest_verify', vm=vm)
 
+    def vdi_import(self, vdi, path, image_format):
+        """Write an image file of this host into a VDI (new in 1.1)."""
+        return self.call('vdi_import', version='1.1', vdi=vdi, path=path,
+                         image_format=image_format)
+
     # migrations, as their source
-    def migrate_vm(self, vm, dest_host, vdi_map, vif_map=None, **options):
-        return self.call('migrate_vm', vm=vm, dest_host=dest_host,
-                         vdi_map=vdi_map, vif_map=vif_map or {},
-                         options=options)
+    def migrate_vm(self, vm, dest_host, vdi_map, vif_map=None,
+                   migration_id=None, receive=None, **options):
+        if migration_id is None and receive is None:
+            return self.call('migrate_vm', vm=vm, dest_host=dest_host,
+                             vdi_map=vdi_map, vif_map=vif_map or {},
+                             options=options)
+        return self.call('migrate_vm', version='1.1', vm=vm,
+                         dest_host=dest_host, vdi_map=vdi_map,
+                         vif_map=vif_map or {}, options=options,
+                         migration_id=migration_id, receive=receive)
+
+    def migrate_vm_begin(self, vm, dest_host, vdi_map, vif_map=None,
+                         **options):
+        """Step 1 of the destination-prepares-ahead order (new in 1.1).
+
+        :returns: ``{'id', 'request'}``; see
+            :meth:`xsm_driver.core.migration.manager.Manager.migrate_vm_begin`.
+        """
+        return self.call('migrate_vm_begin', version='1.1', vm=vm,
+                         dest_host=dest_host, vdi_map=vdi_map,
+                         vif_map=vif_map or {}, options=options)
+
+    def receive_prepare_ahead(self, request, prepared_timeout=None):
+        """Step 2, on the destination (new in 1.1): prepare the receive.
+
+        :returns: how to reach it; its export names are one-time secrets.
+        """
+        return self.call('receive_prepare_ahead', version='1.1',
+                         spec=request, prepared_timeout=prepared_timeout)
 
     def migrate_vdi(self, vdi, dest_sr, **options):
         return self.call('migrate_vdi', vdi=vdi, dest_sr=dest_sr,
@@ -138,6 +177,10 @@ class RemotePeer:
 
     def prepare(self, spec):
         return self._api.call('receive_prepare', spec=spec)
+
+    def claim(self, mid, source_host):
+        return self._api.call('receive_claim', version='1.1', migration=mid,
+                              source_host=source_host)
 
     def compose(self, mid):
         return self._api.call('receive_compose', migration=mid)

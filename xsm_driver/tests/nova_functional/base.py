@@ -41,7 +41,7 @@ from oslo_utils import uuidutils
 
 # The SR drivers probe libc (os.uname) when imported; nova's test fixtures
 # forbid host probes during a test, so they are imported here, before.
-from xsm_driver.core.block import backends  # noqa: F401
+from xsm_driver.core.block import backends
 from xsm_driver.core.rpc import api as rpc_api
 from xsm_driver.core.sr import raw as raw_sr  # noqa: F401
 from xsm_driver.core.sr import vhd as vhd_sr  # noqa: F401
@@ -115,7 +115,11 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
             bandwidth_limit=self.BANDWIDTH_MIB,
             completion_timeout=self.COMPLETION_TIMEOUT,
             completion_timeout_action=self.TIMEOUT_ACTION,
-            progress_interval=0.1, rpc_timeout=30, leaf_headroom_mb=8)
+            progress_interval=0.1, rpc_timeout=30, leaf_headroom_mb=8,
+            prepared_receive_timeout=self.PREPARED_TIMEOUT)
+
+    #: [xsm]prepared_receive_timeout of the test
+    PREPARED_TIMEOUT = 300
 
     def missing(self, message):
         """Fail in CI, skip elsewhere: CI must never hide a missing peer."""
@@ -244,6 +248,47 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
             if name.endswith('.vhd'):
                 self.assertEqual([], vhd_check.check(os.path.join(path,
                                                                   name)))
+
+    def spy_live_migration(self, before=None):
+        """Record the migrate_data the source's live_migration gets.
+
+        :param before: called with that migrate_data before the driver's
+            own live_migration runs.
+        :returns: the list the migrate_data objects are appended to.
+        """
+        drv = self.computes[SOURCE].manager.driver
+        real = drv.live_migration
+        seen = []
+
+        def live_migration(context, instance, dest, post_method,
+                           recover_method, block_migration=False,
+                           migrate_data=None):
+            seen.append(migrate_data)
+            if before is not None:
+                before(migrate_data)
+            return real(context, instance, dest, post_method,
+                        recover_method, block_migration, migrate_data)
+
+        patcher = mock.patch.object(drv, 'live_migration', live_migration)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return seen
+
+    def migration_files(self, host):
+        """What is left in a host's per-migration state folder."""
+        top = os.path.join(self.root, host, 'state', 'migrations')
+        return sorted(os.path.relpath(os.path.join(d, n), top)
+                      for d, dirs, files in os.walk(top)
+                      for n in dirs + files)
+
+    def read_disk(self, host, vdi, length):
+        """The first ``length`` bytes of a VDI's virtual disk."""
+        dev = backends.VHDDevice(os.path.join(self.sr_path(host),
+                                              '%s.vhd' % vdi))
+        try:
+            return bytes(dev.pread(0, length))
+        finally:
+            dev.close()
 
     def assert_guest_verified(self, server, host):
         result = self.xsm[host].guest_verify(server['id'])

@@ -13,14 +13,21 @@
 """``POST /servers/{id}/action {"os-migrateLive": {"block_migration":
 true}}`` through the real Nova API, with two xsm computes."""
 
+import io
+import json
 import os
 import subprocess
 import time
 
 from nova.compute import power_state
+from unittest import mock
+
 from nova import objects
 from oslo_utils import uuidutils
 
+from xsm_driver.core import rpc
+from xsm_driver.core.rpc import agent as agent_mod
+from xsm_driver.nova import agent_process
 from xsm_driver.tests.nova_functional import base
 
 MiB = base.MiB
@@ -38,6 +45,9 @@ class TestLiveMigration(base.XSMLiveMigrationTestCase):
         self.start_guest(server)
         time.sleep(0.3)
         vm = self.xsm[SOURCE].vm_get(server['id'])
+        received = []
+        calls = self.spy_live_migration(
+            before=lambda md: received.append(self.xsm[DEST].vdi_list()))
         self.live_migrate(server)
 
         # progress is saved on the migration record while it runs
@@ -61,6 +71,16 @@ class TestLiveMigration(base.XSMLiveMigrationTestCase):
         self.assertEqual('done', engine['phase'], engine['error'])
         self.assertGreater(engine['guest_writes_during_migration'], 0)
         self.assertIsNotNone(engine['downtime_ms'])
+
+        # live_migration got what pre_live_migration prepared on the
+        # destination, and the engine ran on it
+        self.assertEqual(1, len(calls))
+        self.assert_prepared(calls[0], vm, engine['id'])
+        # the receive (a parent and a leaf per disk) existed before the
+        # source started
+        self.assertEqual(2 * len(vm['disks']), len(received[0]))
+        self.assertEqual([], self.migration_files(SOURCE))
+        self.assertEqual([], self.migration_files(DEST))
 
         # nothing left on the source; the VM runs on the destination
         self.assertEqual([], self.xsm[SOURCE].vm_list())
@@ -92,15 +112,59 @@ class TestLiveMigration(base.XSMLiveMigrationTestCase):
         self._delete_and_check_allocations(server)
         self.assertEqual([], self.xsm[DEST].vdi_list())
 
+    def assert_prepared(self, migrate_data, vm, mid):
+        self.assertEqual('1.1', migrate_data.VERSION)
+        self.assertTrue(migrate_data.prepared)
+        self.assertEqual(mid, migrate_data.migration_id)
+        self.assertEqual('127.0.0.1', migrate_data.receive_host)
+        self.assertGreater(migrate_data.receive_port, 0)
+        self.assertIn('BEGIN CERTIFICATE', migrate_data.server_ca_pem)
+        self.assertRegex(migrate_data.server_fingerprint,
+                         r'^([0-9A-F]{2}:){31}[0-9A-F]{2}$')
+        disks = {d['vdi'] for d in vm['disks']}
+        self.assertEqual({v: base.SR for v in disks},
+                         dict(migrate_data.vdi_map))
+        exports = json.loads(migrate_data.receive_exports)
+        self.assertEqual(disks, set(exports))
+        request = json.loads(migrate_data.receive_request)
+        self.assertEqual(mid, request['id'])
+        self.assertIn('BEGIN CERTIFICATE', request['client_ca_pem'])
+        # the one-time export names never show where Nova logs the object
+        text = repr(migrate_data)
+        self.assertIn("receive_exports='<secret>'", text)
+        for names in exports.values():
+            self.assertTrue(names['leaf'])
+            self.assertNotIn(names['leaf'], text)
+            self.assertNotIn(names['base'], text)
+
+
+def broker_consumers(queue):
+    """How many consumers RabbitMQ's ``queue`` has (0 when it has none)."""
+    import amqp          # kombu's AMQP client, there with oslo.messaging
+    conn = amqp.Connection(host='127.0.0.1:5672', userid='guest',
+                           password='guest', connect_timeout=5)
+    conn.connect()
+    try:
+        return conn.channel().queue_declare(queue, passive=True)[2]
+    except amqp.exceptions.NotFound:
+        return 0
+    finally:
+        conn.close()
+
 
 class TestLiveMigrationEventlet(TestLiveMigration):
     """The same with nova monkey-patched by eventlet (deprecated mode).
 
     Run by tools/run-nova-tests.sh in a second process without
     OS_NOVA_DISABLE_EVENTLET_PATCHING; skipped in the native-threads run.
-    Each compute then runs its xsm agent as a child process
-    (``[xsm]agent = auto``), so the agents meet on a real RabbitMQ.
+    Each compute runs its xsm agent in its own threads (``[xsm]agent =
+    auto``), green threads here: the engine's NBD client and server use
+    eventlet's green TLS sockets. The agents meet on a real RabbitMQ, as
+    nova-compute's own bus would be.
     """
+
+    #: what ``[xsm]agent`` gives each compute here
+    AGENT_CLASS = agent_mod.Agent
 
     def setUp(self):
         if not base.eventlet_patched():
@@ -108,14 +172,55 @@ class TestLiveMigrationEventlet(TestLiveMigration):
                           'OS_NOVA_DISABLE_EVENTLET_PATCHING')
         super().setUp()
 
+    def test_block_migration(self):
+        for host in (SOURCE, DEST):
+            self.assertIsInstance(self.computes[host].manager.driver._agent,
+                                  self.AGENT_CLASS)
+        super().test_block_migration()
+
+    def start_xsm_compute(self, host, sr_path=None):
+        compute = super().start_xsm_compute(host, sr_path)
+        # Stop the agent when the test ends: nova's service fixture runs
+        # cleanup_host in a thread nobody waits for, and an agent still
+        # serving (a child agent outlives this process) would take the
+        # calls of the next test for the same host name.
+        self.addCleanup(compute.manager.driver.cleanup_host, host)
+        return compute
+
     def xsm_flags(self):
         flags = super().xsm_flags()
         problem = base.broker_problem()
         if problem:
             self.missing(problem)
+        # An exchange of its own, for its notifications and fanouts. The RPC
+        # queues are named after topic and server only (xsm-agent.host1),
+        # whatever the exchange: an agent of another run, or one left over,
+        # would take this test's calls.
+        for host in (SOURCE, DEST):
+            queue = '%s.%s' % (rpc.TOPIC, host)
+            others = broker_consumers(queue)
+            if others:
+                self.fail('RabbitMQ queue %s already has %d consumer(s): '
+                          'an xsm agent of another run, or one left over '
+                          '(ps -ef | grep xsm_driver.cmd.agent), would take '
+                          'this test\'s calls' % (queue, others))
         flags['transport_url'] = base.RABBIT_URL
-        # an exchange of its own: other runs on the broker never meet it
         self.flags(control_exchange='xsm-nova-%s' % uuidutils.generate_uuid())
+        return flags
+
+
+class TestLiveMigrationEventletChild(TestLiveMigrationEventlet):
+    """The same with ``[xsm]agent = process``: a child xsm-agent per host.
+
+    (In the eventlet run of tools/run-nova-tests.sh, whose filter matches
+    this class's name too.)
+    """
+
+    AGENT_CLASS = agent_process.AgentProcess
+
+    def xsm_flags(self):
+        flags = super().xsm_flags()
+        flags['agent'] = 'process'
         return flags
 
 
@@ -276,3 +381,122 @@ class TestLiveMigrationNoSpace(base.XSMLiveMigrationTestCase):
         self.assertEqual([], self.xsm[DEST].vdi_list())
         self.assertEqual(source_before, self.sr_records(SOURCE))
         self.assert_guest_verified(server, SOURCE)
+
+
+class TestPreparedReceive(base.XSMLiveMigrationTestCase):
+    """A receive pre_live_migration prepared and nobody used."""
+
+    EPHEMERAL_GB = 0
+    PREPARED_TIMEOUT = 2
+
+    def test_rolled_back_when_the_source_cannot_start(self):
+        server = self.boot()
+        self.start_guest(server)
+        source_before = self.sr_records(SOURCE)
+        received = []
+
+        def fail_to_start(*args, **kwargs):
+            received.append(self.xsm[DEST].vdi_list())
+            raise RuntimeError('the source agent is unreachable (test)')
+
+        drv = self.computes[SOURCE].manager.driver
+        with mock.patch.object(drv._api, 'migrate_vm', fail_to_start):
+            self.live_migrate(server)
+            self.wait_for_migration(server, ['error', 'failed'])
+            self.wait_for_server(server, SOURCE)
+        # it had been prepared; the rollback removed it at once (long
+        # before its timeout), and the source's begun migration too
+        self.assertEqual(2, len(received[0]))
+        self.assertEqual([], self.xsm[DEST].vdi_list())
+        self.assertEqual([], self.migration_files(DEST))
+        self.assertEqual([], self.migration_files(SOURCE))
+        self.assertEqual(source_before, self.sr_records(SOURCE))
+        self.assert_guest_verified(server, SOURCE)
+
+    def test_a_source_too_late_finds_it_rolled_back(self):
+        server = self.boot()
+        self.start_guest(server)
+        source_before = self.sr_records(SOURCE)
+        received = []
+
+        def late(migrate_data):
+            received.append(self.xsm[DEST].vdi_list())
+            # [xsm]prepared_receive_timeout (2 s) passes
+            self.wait_for('the prepared receive to time out',
+                          lambda: self.xsm[DEST].vdi_list() == [],
+                          timeout=30)
+
+        seen = self.spy_live_migration(before=late)
+        self.live_migrate(server)
+        self.wait_for_migration(server, ['error', 'failed'])
+        self.wait_for_server(server, SOURCE)
+        self.assertEqual(2, len(received[0]))
+        # the source's begun migration timed out as well: the engine
+        # refused to start it, and nothing ran
+        self.assertIsNone(self.engine_migration())
+        self.assertEqual('aborted', self.xsm[SOURCE].migration_get(
+            seen[0].migration_id)['phase'])
+        self.assertEqual('aborted', self.xsm[DEST].call(
+            'receive_status', migration=seen[0].migration_id)['phase'])
+        self.assertEqual([], self.xsm[DEST].vdi_list())
+        self.assertEqual([], self.migration_files(DEST))
+        self.assertEqual([], self.migration_files(SOURCE))
+        self.assertEqual(source_before, self.sr_records(SOURCE))
+        self.assert_guest_verified(server, SOURCE)
+
+
+class TestSpawnFromImage(base.XSMLiveMigrationTestCase):
+    """The root disk holds the Glance image's data, and it migrates."""
+
+    EPHEMERAL_GB = 0
+
+    def create_image(self, data, disk_format='raw'):
+        image_id = uuidutils.generate_uuid()
+        self.glance.create(None, {
+            'id': image_id, 'name': 'xsm-%s' % disk_format,
+            'status': 'active', 'disk_format': disk_format,
+            'container_format': 'bare', 'size': len(data),
+            'min_disk': 0, 'min_ram': 0, 'is_public': True,
+            'properties': {}}, data=io.BytesIO(data))
+        return image_id
+
+    def boot_image(self, image_id, status='ACTIVE'):
+        request = self._build_server(image_uuid=image_id,
+                                     flavor_id=self.flavor['id'],
+                                     networks='none')
+        request['availability_zone'] = 'nova:%s' % SOURCE
+        return self._wait_for_state_change(
+            self.api.post_server({'server': request}), status)
+
+    def test_root_disk_holds_the_image_and_it_migrates(self):
+        # 3 MiB and a bit: data, a zero MiB the SR need not store, data
+        data = (os.urandom(MiB) + bytes(MiB) + os.urandom(MiB) + b'end')
+        server = self.boot_image(self.create_image(data))
+        vm = self.xsm[SOURCE].vm_get(server['id'])
+        root = vm['disks'][0]['vdi']
+        self.assertEqual(data + bytes(4096),
+                         self.read_disk(SOURCE, root, len(data) + 4096))
+        vdis = {v['uuid']: v for v in self.xsm[SOURCE].vdi_list()}
+        self.assertEqual(base.GiB, vdis[root]['size'])
+        # no downloaded file stays behind
+        self.assertEqual([], os.listdir(os.path.join(
+            self.root, SOURCE, 'state', 'images')))
+
+        self.live_migrate(server)
+        self.wait_for_server(server, DEST)
+        self.wait_for_migration(server, ['completed'])
+        moved = self.xsm[DEST].vm_get(server['id'])
+        root = moved['disks'][0]['vdi']
+        self.assertEqual(data + bytes(4096),
+                         self.read_disk(DEST, root, len(data) + 4096))
+        self.assertEqual([], self.xsm[SOURCE].vdi_list())
+        self.assert_images_valid(DEST)
+
+    def test_an_image_the_root_disk_cannot_take_is_refused(self):
+        image_id = self.create_image(b'QFI\xfb' + bytes(4092), 'qcow2')
+        server = self.boot_image(image_id, status='ERROR')
+        self.assertIn("disk format 'qcow2' cannot be written",
+                      server['fault']['message'])
+        for host in (SOURCE, DEST):
+            self.assertEqual([], self.xsm[host].vdi_list())
+            self.assertEqual([], self.xsm[host].vm_list())

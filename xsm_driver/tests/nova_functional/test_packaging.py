@@ -88,6 +88,48 @@ class TestMigrateData(test.NoDBTestCase):
         self.assertEqual('host2', obj.dest_host)
         self.assertIsNone(obj.migration_id)
 
+    def _prepared(self):
+        data = self._data()
+        data.migration_id = 'm1'
+        data.receive_request = '{"id": "m1"}'
+        data.receive_host = '192.0.2.7'
+        data.receive_port = 40123
+        data.server_ca_pem = 'CA PEM'
+        data.server_fingerprint = 'AB:CD'
+        data.receive_exports = '{"v1": {"base": "SECRET-B", "leaf": ' \
+                               '"SECRET-L"}}'
+        return data
+
+    def test_prepared_round_trip(self):
+        serializer = obj_base.NovaObjectSerializer()
+        primitive = json.loads(jsonutils.dumps(
+            serializer.serialize_entity(None, self._prepared())))
+        self.assertEqual('1.1', primitive['nova_object.version'])
+        obj = serializer.deserialize_entity(None, primitive)
+        self.assertTrue(obj.prepared)
+        self.assertEqual(40123, obj.receive_port)
+        self.assertEqual({'v1': {'base': 'SECRET-B', 'leaf': 'SECRET-L'}},
+                         json.loads(obj.receive_exports))
+        self.assertFalse(self._data().prepared)
+
+    def test_export_names_never_show_in_a_repr(self):
+        text = repr(self._prepared())
+        self.assertIn("receive_exports='<secret>'", text)
+        self.assertIn('receive_port=40123', text)
+        self.assertNotIn('SECRET', text)
+
+    def test_a_1_0_host_gets_the_old_fields_only(self):
+        primitive = self._prepared().obj_to_primitive(target_version='1.0')
+        self.assertEqual('1.0', primitive['nova_object.version'])
+        data = primitive['nova_object.data']
+        for name in xsm_migrate_data.PREPARED_FIELDS:
+            self.assertNotIn(name, data)
+        self.assertEqual('m1', data['migration_id'])
+        self.assertEqual('host2', data['dest_host'])
+        old = xsm_migrate_data.XSMLiveMigrateData.obj_from_primitive(
+            primitive)
+        self.assertFalse(old.prepared)
+
     def test_plain_conductor_refuses_it(self):
         """Why xsm-nova-conductor exists: nova-conductor alone fails."""
         primitive = obj_base.NovaObjectSerializer().serialize_entity(

@@ -197,3 +197,19 @@ class TestOptions(base.TestCase):
     def test_the_main_run_never_imports_nova(self):
         # xsm_driver.nova's pure modules and the conf module stay nova-free
         self.assertNotIn('nova', sys.modules)
+
+
+class TestImageFormat(base.TestCase):
+
+    def test_raw_and_vhd_are_written_as_they_are(self):
+        self.assertEqual('raw', decisions.image_format('raw', 'bare'))
+        self.assertEqual('vhd', decisions.image_format('vhd', None))
+
+    def test_other_formats_are_refused_by_name(self):
+        for fmt in ('qcow2', 'vmdk', 'iso', 'ami', None):
+            exc = self.assertRaises(ValueError, decisions.image_format, fmt)
+            self.assertIn('disk format %r cannot be written' % (fmt,),
+                          str(exc))
+        exc = self.assertRaises(ValueError, decisions.image_format, 'vhd',
+                                'ova')
+        self.assertIn("container format 'ova' wraps the disk", str(exc))

@@ -18,8 +18,10 @@ NBD connections on loopback. (The same over RabbitMQ with agents in their
 own processes is in test_rabbit.py.)
 """
 
+import hashlib
 import logging
 import os
+import threading
 import time
 
 import fixtures
@@ -28,6 +30,7 @@ from oslo_config import cfg
 from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
+from xsm_driver.core.migration import source as source_mod
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
 from xsm_driver.core.vhd import check as vhd_check
@@ -322,3 +325,93 @@ class TestMore(EngineFixture):
         # 8 MiB at 256 KiB/s would take 30 s
         self.assertLess(time.monotonic() - start, 10)
         self.assertTrue(self.b.guest_verify(vm['uuid'])['verified'])
+
+
+class TestSeveralCopyConnections(EngineFixture):
+    """The copy of one VDI over several one-shot TLS connections."""
+
+    def record_connections(self):
+        used = []
+        real = source_mod.Migration._connect
+
+        def connect(mig, export):
+            used.append(export)
+            return real(mig, export)
+        self.useFixture(fixtures.MonkeyPatch(
+            'xsm_driver.core.migration.source.Migration._connect', connect))
+        return used
+
+    @staticmethod
+    def digest(sr, vdi):
+        dev = sr.attach(vdi, writable=False)
+        try:
+            h = hashlib.sha256()
+            for pos in range(0, dev.size, 4 * MiB):
+                h.update(bytes(dev.pread(pos, min(4 * MiB,
+                                                  dev.size - pos))))
+            return h.hexdigest()
+        finally:
+            dev.close()
+
+    def test_copy_is_bit_identical(self):
+        used = self.record_connections()
+        vm = self.make_vm(sizes=(16 * MiB, 8 * MiB), rate=None, snapshots=1)
+        self.a.vm_stop(vm['uuid'])
+        sr_a = self.hosts['host-a'].sr('sr-a')
+        want = {d['vdi']: self.digest(sr_a, d['vdi']) for d in vm['disks']}
+        mid = self.a.migrate_vm(vm['uuid'], 'host-b',
+                                {d['vdi']: 'sr-b' for d in vm['disks']},
+                                {'net0': 'net0'}, copy=True)
+        status = self.wait(self.a, mid)
+        self.assertEqual('done', status['phase'], status['error'])
+        # two VDIs, each copied over 4 connections (1 MiB requests)
+        self.assertEqual(2 * manager_mod.Options.connections, len(used))
+        self.assertEqual(len(used), len(set(used)))
+        sr_b = self.hosts['host-b'].sr('sr-b')
+        for vdi, new in status['result']['vdis'].items():
+            self.assertEqual(want[vdi], self.digest(sr_b, new))
+        self.assert_images_valid('host-b')
+
+    def test_abort_during_the_copy_leaves_nothing_behind(self):
+        used = self.record_connections()
+        vm = self.make_vm(sizes=(16 * MiB,), snapshots=1)
+        sr_a = self.hosts['host-a'].sr('sr-a')
+        before = sr_state(sr_a)
+        depth = len(sr_a.chain(vm['disks'][0]['vdi']))
+        threads = {t.name for t in threading.enumerate()}
+        mid = self.a.migrate_vm(vm['uuid'], 'host-b',
+                                {vm['disks'][0]['vdi']: 'sr-b'},
+                                {'net0': 'net0'}, bandwidth=512 * 1024)
+        receives = self.agents['host-b'].manager._receives
+        deadline = time.monotonic() + 20
+        server = None
+        while time.monotonic() < deadline:
+            status = self.a.migration_get(mid)
+            rec = receives.get(mid)
+            server = rec._server if rec is not None else None
+            # the leaf (mirror) and the four base connections are up
+            if status['phase'] == 'copy' and status['bytes_copied'] and \
+                    server is not None and server.connections == 5:
+                break
+            time.sleep(0.01)
+        else:
+            self.fail('the copy did not get under way: %s' % status)
+        self.assertEqual(1 + manager_mod.Options.connections, len(used))
+        self.a.migration_abort(mid)
+        status = self.wait(self.a, mid)
+        self.assertEqual('aborted', status['phase'])
+        self.assertEqual(0, server.connections)
+        self.assertEqual(before, sr_state(sr_a))
+        self.assertEqual(depth, len(sr_a.chain(vm['disks'][0]['vdi'])))
+        self.assertEqual([], self.b.vdi_list())
+        self.assertTrue(self.a.guest_verify(vm['uuid'])['verified'])
+        # no connection, copier or server thread of the migration is left
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            left = sorted(t.name for t in threading.enumerate()
+                          if t.name.startswith(('xsm-nbd', 'xsm-copy')) and
+                          t.name not in threads)
+            if not left:
+                break
+            time.sleep(0.05)
+        self.assertEqual([], left)
