@@ -25,8 +25,10 @@ in CI (``CI=true``) they fail.
 """
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid as uuidlib
 
@@ -34,6 +36,7 @@ from xsm_driver.core.rpc import api
 from xsm_driver.tests import base
 from xsm_driver.tests.functional.core.migration import fixtures
 from xsm_driver.tests.functional.core.migration import test_rabbit
+from xsm_driver.tests.functional.faults import hooked_agent
 from xsm_driver.tests.functional.faults import netns
 
 MiB = fixtures.MiB
@@ -46,13 +49,19 @@ class NamespacedAgent(fixtures.AgentProcess):
     :param role: ``a`` or ``b``: the namespace it runs in.
     :param transport_url: the broker as seen from the namespace; written
         to a second config file that overrides the first one's.
+    :param hold_dir: when given, the agent is :mod:`hooked_agent` (with
+        its test-only phase hook) talking to the test through this folder.
     """
 
+    #: the agent's module: the real command
+    MODULE = 'xsm_driver.cmd.agent'
+
     def __init__(self, name, folder, srs, exchange, hosts, role,
-                 transport_url, options=None):
+                 transport_url, options=None, hold_dir=None):
         super().__init__(name, folder, srs, exchange, options)
         self.hosts = hosts
         self.role = role
+        self.hold_dir = hold_dir
         self.netns_config = os.path.join(folder, 'netns.conf')
         with open(self.netns_config, 'w') as f:
             f.write('[DEFAULT]\ntransport_url = %s\n' % transport_url)
@@ -67,9 +76,13 @@ class NamespacedAgent(fixtures.AgentProcess):
         env['PYTHONPATH'] = os.pathsep.join(
             [base.REPO_TOP] + [p for p in [env.get('PYTHONPATH')] if p])
         env['PYTHONUNBUFFERED'] = '1'
+        module = self.MODULE
+        if self.hold_dir is not None:
+            module = hooked_agent.__name__
+            env[hooked_agent.ENV] = self.hold_dir
         # ``ip netns exec`` execs the command: self.proc is the agent.
         argv = self.hosts.argv(self.role, sys.executable, '-m',
-                               'xsm_driver.cmd.agent', '--config-file',
+                               module, '--config-file',
                                self.config, '--config-file',
                                self.netns_config)
         with open(self.stdout, 'ab') as out, open(self.stderr, 'ab') as err:
@@ -87,7 +100,16 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
     ``self.b``, ``wait``, ``wait_phase``, ...) and
     :class:`test_rabbit.RabbitMigrationTest` (``make_vm``, ``migrate``,
     ``assert_guest_verifies``, ``assert_nothing_received``).
+
+    With :attr:`HOLD_PHASES`, host a's agent has the test-only phase hook
+    of :mod:`hooked_agent`: :meth:`hold_at`, :meth:`wait_held` and
+    :meth:`release` put a migration's pause exactly where a fault must
+    land.
     """
+
+    #: run host a's agent with the phase hook of :mod:`hooked_agent`
+    HOLD_PHASES = False
+    hold_dir = None
 
     def setUp(self):
         # Not RabbitAgentsFixture.setUp: the agents are made differently.
@@ -115,21 +137,38 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
             folder = os.path.join(self.root, 'host-' + role)
             options = {'migration_address': self.net.migration[role]}
             options.update(self.agent_options(role))
+            hold_dir = None
+            if self.HOLD_PHASES and role == 'a':
+                hold_dir = self.hold_dir = os.path.join(self.root, 'hold')
+                os.makedirs(hold_dir)
             self.agents[role] = NamespacedAgent(
                 name, folder, self.sr_layout(role, folder), self.exchange,
-                self.net, role, proxy.url, options)
+                self.net, role, proxy.url, options, hold_dir=hold_dir)
         self.addCleanup(fixtures._delete_from_broker,
                         ['xsm-agent.%s' % a.name
                          for a in self.agents.values()], self.exchange)
         self.addCleanup(self._attach_logs)
-        for agent in self.agents.values():
-            self.addCleanup(agent.stop)
+        self.addCleanup(self._stop_agents)
+        # before they stop, a held migration is let go
+        self.addCleanup(self.release)
         self.start_agents(*self.agents.values())
         self.transport = api.get_transport(
             self.client_conf(), url=fixtures.RABBIT_URL)
-        self.addCleanup(self.transport.cleanup)
+        # its clean-up waits seconds for the reply listener: not the test
+        self.addCleanup(lambda: threading.Thread(
+            target=self.transport.cleanup, daemon=True,
+            name='xsm-test-transport-cleanup').start())
         self.a = self.client('a')
         self.b = self.client('b')
+
+    def _stop_agents(self):
+        """Stop the agents together (each takes seconds to stop)."""
+        running = [a for a in self.agents.values()
+                   if a.proc is not None and a.proc.poll() is None]
+        for agent in running:
+            agent.proc.send_signal(signal.SIGTERM)
+        for agent in running:
+            agent.stop()
 
     def _destroy_network(self):
         left = self.net.destroy()
@@ -155,3 +194,51 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
             time.sleep(0.01)
         self.fail('the copy of migration %s made no progress within %s s%s'
                   % (mid, timeout, self.logs()))
+
+    # -- the phase hook (HOLD_PHASES) ------------------------------------
+
+    def hold_at(self, phase, occurrence=1):
+        """Hold host a's next migration when it enters ``phase``.
+
+        :param occurrence: hold the N-th time it enters ``phase``
+            (``snapshot`` is entered twice: before and after the mirrors
+            and snapshots are in place).
+        """
+        path = os.path.join(self.hold_dir, 'hold')
+        with open(path + '.tmp', 'w') as f:
+            f.write('%s %d\n' % (phase, occurrence))
+        os.replace(path + '.tmp', path)
+
+    def wait_held(self, mid, phase, timeout=30):
+        """Wait until migration ``mid`` is held in ``phase``."""
+        held = os.path.join(self.hold_dir, 'held')
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(held) as f:
+                    words = f.read().split()
+            except FileNotFoundError:
+                words = None
+            if words:
+                self.assertEqual([mid, phase], words, self.logs())
+                status = self.a.migration_get(mid)
+                self.assertEqual(phase, status['phase'], self.logs())
+                return status
+            status = self.a.migration_get(mid)
+            if status.get('finished') is not None:
+                self.fail('migration %s ended (%s: %s) before it was held '
+                          'in phase %s%s' % (mid, status['phase'],
+                                             status.get('error'), phase,
+                                             self.logs()))
+            time.sleep(0.02)
+        self.fail('migration %s was not held in phase %s within %s s%s'
+                  % (mid, phase, timeout, self.logs()))
+
+    def release(self):
+        """Let a held migration go on (nothing happens when none is)."""
+        if self.hold_dir is None:
+            return
+        try:
+            os.remove(os.path.join(self.hold_dir, 'hold'))
+        except FileNotFoundError:
+            pass

@@ -95,17 +95,23 @@ class LinkFaultTest(fixtures.NamespacedAgentsFixture):
         self.stall = stall
         return status
 
-    def cut_and_check_abort(self, vm, mid, before_a, how, error):
+    def cut_and_check_abort(self, vm, mid, before_a, how, error,
+                            after_cut=None):
         """Cut now; the migration aborts and leaves nothing behind.
 
         When it has not ended within :data:`ABORT_WITHIN`, the link is
         restored so that it can end, and the checks go on.
+
+        :param after_cut: called right after the cut (e.g. to release a
+            migration held by the phase hook).
 
         :returns: seconds from the cut to the end of the migration, or
             None when it had to be unstuck by restoring the link.
         """
         cut_at = time.monotonic()
         self.net.cut(how)
+        if after_cut is not None:
+            after_cut()
         status = self.poll_end(mid, ABORT_WITHIN)
         took = time.monotonic() - cut_at
         if status is None:
