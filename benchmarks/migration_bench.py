@@ -88,13 +88,20 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid as uuidlib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+median = _common.median
+nearest_rank = _common.nearest_rank
+free_port = _common.free_port
+tool_version = _common.tool_version
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -130,19 +137,6 @@ def human(n):
         if n >= size:
             return '%.4g %s' % (n / size, unit)
     return '%d B' % n
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def nearest_rank(values, p):
-    """The p-th percentile by nearest rank (p99 of 20 values is the max)."""
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    return values[max(1, math.ceil(p / 100.0 * len(values))) - 1]
 
 
 # -- /proc --------------------------------------------------------------------
@@ -213,12 +207,6 @@ def hist_percentile(hist, p):
 
 # -- processes ----------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def run_cmd(argv, timeout=None):
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -244,15 +232,6 @@ def timed_cmd(argv):
                          % (' '.join(argv), proc.returncode,
                             out.decode('utf-8', 'replace')[-2000:]))
     return took, usage.ru_utime, usage.ru_stime
-
-
-def tool_version(argv):
-    try:
-        out = subprocess.run(argv, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
-        return out.stdout.decode('utf-8', 'replace').splitlines()[0].strip()
-    except (OSError, IndexError):
-        return None
 
 
 def code_version():

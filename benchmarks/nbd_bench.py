@@ -60,7 +60,6 @@ import pstats
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,6 +69,11 @@ import time
 from xsm_driver.core.nbd import tls
 from xsm_driver.core.vhd import chain as vhd_chain
 from xsm_driver.core.vhd import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+free_port = _common.free_port
 
 MiB = 1024 * 1024
 BLOCK = 2 * MiB
@@ -163,12 +167,6 @@ def tool_version(argv):
     out = subprocess.run(argv, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
     return out.stdout.decode('utf-8', 'replace').splitlines()[0].strip()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def vm_hwm_kib(pid):
