@@ -80,7 +80,6 @@ import cProfile
 import io
 import json
 import logging
-import math
 import os
 import platform
 import pstats
@@ -102,6 +101,7 @@ median = _common.median
 nearest_rank = _common.nearest_rank
 free_port = _common.free_port
 tool_version = _common.tool_version
+hist_percentile = _common.hist_percentile
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -181,28 +181,6 @@ def cpu_delta(before, after):
 
 def hist_delta(after, before):
     return [a - b for a, b in zip(after, before)]
-
-
-def hist_percentile(hist, p):
-    """Percentile of a Counter histogram (bucket i: 2**(i-1) <= us < 2**i).
-
-    :returns: ``(low_us, high_us, estimate_us)``: the bucket and a
-        geometric interpolation inside it; None when empty.
-    """
-    n = sum(hist)
-    if not n:
-        return None
-    rank = max(1, math.ceil(p / 100.0 * n))
-    cum = 0
-    for i, count in enumerate(hist):
-        if count and cum + count >= rank:
-            low = 2 ** (i - 1) if i else 0
-            high = 2 ** i
-            frac = (rank - cum) / count
-            est = low * (high / low) ** frac if low else high * frac
-            return (low, high, round(est, 1))
-        cum += count
-    return None
 
 
 # -- processes ----------------------------------------------------------------
