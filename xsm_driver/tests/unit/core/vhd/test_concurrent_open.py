@@ -156,6 +156,23 @@ class InterleavingTest(ConcurrentOpenCase):
 class CorruptImageTest(ConcurrentOpenCase):
     """Retrying must not hide corruption nor loop on it."""
 
+    def record_pauses(self):
+        """The seconds this test's thread sleeps in the VHD module, instead.
+
+        ``time.sleep`` is the whole process's: threads of earlier tests
+        still running in this worker sleep for real and are not counted.
+        """
+        pauses = []
+        me, real_sleep = threading.current_thread(), time.sleep
+
+        def sleep(seconds):
+            if threading.current_thread() is me:
+                pauses.append(seconds)
+            else:
+                real_sleep(seconds)
+        self.patch(vhd_image.time, 'sleep', sleep)
+        return pauses
+
     def corrupt_bat(self):
         w = self.writer()
         w.close()
@@ -169,8 +186,7 @@ class CorruptImageTest(ConcurrentOpenCase):
     def test_corrupt_image_is_reported_after_two_identical_readings(self):
         self.corrupt_bat()
         loads = self.count_loads()
-        pauses = []
-        self.patch(vhd_image.time, 'sleep', pauses.append)
+        pauses = self.record_pauses()
         exc = self.assertRaises(errors.InvalidImage, vhd_image.Image,
                                 self.path)
         self.assertIn('BAT entry 2 points at', str(exc))
@@ -197,8 +213,7 @@ class CorruptImageTest(ConcurrentOpenCase):
             img._seen.append(len(attempts))        # differs every time
             raise fmt.FormatError('changing %d' % len(attempts))
         self.patch(vhd_image.Image, '_load', changing)
-        pauses = []
-        self.patch(vhd_image.time, 'sleep', pauses.append)
+        pauses = self.record_pauses()
         exc = self.assertRaises(errors.InvalidImage, vhd_image.Image,
                                 self.path)
         self.assertIn('changing %d' % vhd_image._LOAD_TRIES, str(exc))
