@@ -55,6 +55,7 @@ for _p in (TOP, HERE):
         sys.path.insert(0, _p)
 
 import _common  # noqa: E402
+from migration_bench import write_runs  # noqa: E402
 
 MiB = _common.MiB
 BLOCK = 2 * MiB
@@ -62,19 +63,6 @@ BLOCK = 2 * MiB
 
 class BenchError(Exception):
     pass
-
-
-def write_runs(path, runs, seed):
-    """Seeded random 2 MiB pieces at ``runs``; the allocated bytes."""
-    from xsm_driver.core.vhd import chain as vhd_chain
-    rng = random.Random(seed)
-    with vhd_chain.Chain(path, writable=True) as c:
-        for start, length in runs:
-            for off in range(start, start + length, BLOCK):
-                c.pwrite(rng.randbytes(BLOCK), off)
-        c.flush()
-    with vhd_chain.Chain(path) as c:
-        return sum(n for _o, n, a in c.extents(0, c.size) if a)
 
 
 def copy_span(polls):
