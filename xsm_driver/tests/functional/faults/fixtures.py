@@ -178,6 +178,35 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
 
     # -- helpers -------------------------------------------------------------
 
+    def assert_rolled_back(self, vm, before_a, size, note=''):
+        """A failed migration of ``vm`` left both hosts as they were.
+
+        On a: the same VDIs, chains as deep as in ``before_a`` (a's
+        ``vdi_list()`` before), the VM running, its guest (writing all
+        along) verified over ``size`` bytes without an error. On b:
+        nothing received, no export of the migration listening.
+
+        :param note: prefixed to failure messages (which phase, say).
+        :returns: the guest's verify result.
+        """
+        after_a = self.a.vdi_list()
+        self.assertEqual(fixtures.records(before_a), fixtures.records(after_a),
+                         '%s%s' % (note, self.logs()))
+        for disk in vm['disks']:
+            self.assertEqual(fixtures.chain_depth(before_a, disk['vdi']),
+                             fixtures.chain_depth(after_a, disk['vdi']), note)
+        self.assert_nothing_received()
+        self.assertEqual([], self.net.listening_ports(
+            'b', self.net.migration['b']), note)
+        self.assertEqual('running', self.a.vm_get(vm['uuid'])['power_state'],
+                         note)
+        result = self.a.guest_verify(vm['uuid'])
+        self.assertTrue(result['verified'],
+                        '%s %s%s' % (note, result, self.logs()))
+        self.assertIsNone(result['error'], note)
+        self.assertEqual(size, result['bytes_verified'], note)
+        return result
+
     def wait_progress(self, client, mid, timeout=30):
         """Poll until the copy has made progress; the status then."""
         first = client.migration_get(mid)['bytes_copied']
