@@ -71,6 +71,23 @@ def _missing(command, name):
                     'due to missing parameter %s' % (command, name))
 
 
+def _invalid(command, name, value, what):
+    """An id that names nothing, as CloudStack refuses it (431)."""
+    return ApiError(jobs_mod.PARAM_ERROR, 'Unable to execute API command %s '
+                    'due to invalid value. Invalid parameter %s value=%s: '
+                    'no %s has this id' % (command, name, value, what))
+
+
+def _unknown_vm(snap, vm_id):
+    """The VM is nowhere: say so, and name the hosts that did not answer."""
+    down = sorted(h for h, info in snap.hosts.items() if info is None)
+    text = 'Unable to find the VM by id=%s' % vm_id
+    if down:
+        text += ('; host(s) %s do not answer (is their xsm-agent '
+                 'running?), the VM may be there' % ', '.join(down))
+    return ApiError(jobs_mod.PARAM_ERROR, text)
+
+
 def _page(items, params):
     """CloudStack's paging: ``page`` (from 1) and ``pagesize``."""
     try:
@@ -142,17 +159,24 @@ class API:
 
     def list_virtual_machines(self, params):
         snap = self.snapshot()
-        host = None
+        host = vm_uuid = None
         if params.get('hostid'):
             host = snap.find_host(params['hostid'])
             if host is None:
-                return {}
+                raise _invalid('listVirtualMachines', 'hostid',
+                               params['hostid'], 'host')
+        if params.get('id'):
+            found = snap.find_vm(params['id'])
+            if found is None:
+                raise _invalid('listVirtualMachines', 'id', params['id'],
+                               'virtual machine')
+            vm_uuid = found[1]['uuid']
         out = []
         for h, vms in snap.vms.items():
             for vm in vms:
                 if host not in (None, h):
                     continue
-                if params.get('id') and params['id'] != vm['uuid']:
+                if vm_uuid not in (None, vm['uuid']):
                     continue
                 if params.get('name') and params['name'] != vm['name']:
                     continue
@@ -161,6 +185,12 @@ class API:
 
     def list_volumes(self, params):
         snap = self.snapshot()
+        for name, find, what in (
+                ('id', snap.find_volume, 'volume'),
+                ('virtualmachineid', snap.find_vm, 'virtual machine'),
+                ('storageid', snap.find_pool, 'storage pool')):
+            if params.get(name) and find(params[name]) is None:
+                raise _invalid('listVolumes', name, params[name], what)
         out = []
         for item in snap.volumes():
             vol = snap.volume_response(item)
@@ -172,6 +202,8 @@ class API:
 
     def list_hosts(self, params):
         snap = self.snapshot()
+        if params.get('id') and snap.find_host(params['id']) is None:
+            raise _invalid('listHosts', 'id', params['id'], 'host')
         out = [snap.host_response(h) for h in snap.hosts
                if params.get('id') in (None, '', inventory.host_id(h))
                and params.get('name') in (None, '', h)]
@@ -179,6 +211,9 @@ class API:
 
     def list_storage_pools(self, params):
         snap = self.snapshot()
+        if params.get('id') and snap.find_pool(params['id']) is None:
+            raise _invalid('listStoragePools', 'id', params['id'],
+                           'storage pool')
         out = [snap.pool_response(h, sr) for h, sr in snap.pools()]
         out = [p for p in out if params.get('id') in (None, '', p['id'])
                and params.get('name') in (None, '', p['name'])]
@@ -193,8 +228,7 @@ class API:
         snap = self.snapshot()
         found = snap.find_vm(vm_id)
         if found is None:
-            raise ApiError(jobs_mod.PARAM_ERROR, 'Unable to find the VM by '
-                           'id=%s' % vm_id)
+            raise _unknown_vm(snap, vm_id)
         source, vm = found
         needed = sum(snap.needed(source, d['vdi']) for d in vm['disks'])
         out = []
@@ -266,24 +300,23 @@ class API:
         snap = self.snapshot()
         found = snap.find_vm(vm_id)
         if found is None:
-            raise ApiError(jobs_mod.PARAM_ERROR, 'Unable to find the VM by '
-                           'id=%s' % vm_id)
+            raise _unknown_vm(snap, vm_id)
         source, vm = found
         mapping = self._migrate_to(params)
-        pools = {}
+        pools = []          # [(volume ref, (host, sr))], as given
         for volume_ref, pool_ref in mapping:
             pool = snap.find_pool(pool_ref)
             if pool is None:
                 raise ApiError(jobs_mod.PARAM_ERROR, 'Unable to find the '
                                'storage pool by id=%s' % pool_ref)
-            pools[volume_ref] = pool
+            pools.append((volume_ref, pool))
         if params.get('hostid'):
             dest = snap.find_host(params['hostid'])
             if dest is None:
                 raise ApiError(jobs_mod.PARAM_ERROR, 'Unable to find the '
                                'host by id=%s' % params['hostid'])
         else:
-            dests = {h for h, _ in pools.values()}
+            dests = {h for _, (h, _sr) in pools}
             if len(dests) != 1:
                 raise _missing(command, 'hostid')
             dest = dests.pop()
@@ -311,11 +344,15 @@ class API:
             by_volume[inventory.volume_id(vm['uuid'], disk['name'])] = disk
             by_volume[disk['vdi']] = disk
         vdi_map = {}
-        for volume_ref, (host, sr) in pools.items():
+        for volume_ref, (host, sr) in pools:
             disk = by_volume.get(volume_ref)
             if disk is None:
                 raise ApiError(jobs_mod.PARAM_ERROR, 'Volume %s is not a '
                                'volume of VM %s' % (volume_ref, vm['name']))
+            if disk['vdi'] in vdi_map:
+                raise ApiError(jobs_mod.PARAM_ERROR, 'Volume %s of VM %s is '
+                               'given twice in migrateto: map each volume '
+                               'to one pool' % (volume_ref, vm['name']))
             if host != dest:
                 raise ApiError(jobs_mod.PARAM_ERROR, 'Storage pool %s is on '
                                'host %s, not on the destination host %s: '

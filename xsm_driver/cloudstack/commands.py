@@ -85,11 +85,34 @@ def _field(fields, name, command, kind=None, required=True):
     return value
 
 
+_KINDS = {dict: 'an object', list: 'an array', str: 'a string',
+          int: 'an integer'}
+
+
+def _check(value, kind, what, command):
+    """``value`` if it is of ``kind``; else a CommandError naming ``what``.
+
+    A JSON ``true``/``false`` is no integer here, though Python's bool is.
+    """
+    if not isinstance(value, kind) or (kind is int and
+                                       isinstance(value, bool)):
+        raise CommandError(command=short_name(command),
+                           reason='%s must be %s, not %s'
+                           % (what, _KINDS.get(kind, kind.__name__),
+                              gson.short(value)))
+    return value
+
+
+def _int(value, what, command):
+    """An integer field; None stays None."""
+    return None if value is None else _check(value, int, what, command)
+
+
 class Disk:
     """A ``DiskTO`` of a ``VirtualMachineTO``."""
 
     def __init__(self, fields, command):
-        self.fields = fields
+        self.fields = _check(fields, dict, 'a DiskTO of vm.disks', command)
         self.type = fields.get('type')
         self.path = fields.get('path')
         self.data_class, self.data = None, {}
@@ -99,7 +122,7 @@ class Disk:
         seq = fields.get('diskSeq')
         if seq is None:
             seq = self.data.get('deviceId')
-        self.seq = None if seq is None else int(seq)
+        self.seq = _int(seq, 'DiskTO.diskSeq', command)
         self.volume_id = self.data.get('id', self.data.get('volumeId'))
 
     @property
@@ -111,9 +134,10 @@ class Disk:
 class Nic:
     """A ``NicTO`` of a ``VirtualMachineTO``."""
 
-    def __init__(self, fields):
-        self.fields = fields
-        self.device = fields.get('deviceId', 0)
+    def __init__(self, fields, command):
+        self.fields = _check(fields, dict, 'a NicTO', command)
+        self.device = _int(fields.get('deviceId', 0), 'NicTO.deviceId',
+                           command)
         self.name = fields.get('name')
         self.mac = fields.get('mac')
 
@@ -129,8 +153,10 @@ class VirtualMachine:
         self.fields = fields
         self.name = _field(fields, 'name', command, str)
         self.uuid = fields.get('uuid')
-        self.disks = [Disk(d, command) for d in fields.get('disks') or ()]
-        self.nics = [Nic(n) for n in fields.get('nics') or ()]
+        disks = _field(fields, 'disks', command, list, required=False)
+        nics = _field(fields, 'nics', command, list, required=False)
+        self.disks = [Disk(d, command) for d in disks or ()]
+        self.nics = [Nic(n, command) for n in nics or ()]
 
 
 class Volume:
@@ -144,7 +170,8 @@ class Volume:
         self.fields = fields
         self.id = fields.get('id')
         self.path = _field(fields, 'path', command, str)
-        self.device = fields.get('deviceId')
+        self.device = _int(fields.get('deviceId'), 'VolumeTO.deviceId',
+                           command)
 
 
 def vm_of(command, fields):
@@ -163,9 +190,25 @@ def volume_pairs(command, fields, name):
 def nic_pairs(command, fields, name='nicToNetwork'):
     """``List<Pair<NicTO, Object>>`` -> ``[(Nic, Object), ...]``."""
     out = []
-    for item in fields.get(name) or ():
+    for item in _field(fields, name, command, list, required=False) or ():
         t, u = gson.unpair(item, '%s entry' % name)
-        out.append((Nic(t or {}), u))
+        out.append((Nic(t or {}, command), u))
+    return out
+
+
+def filer_pairs(command, fields, name):
+    """``List<Pair<VolumeTO, StorageFilerTO>>`` -> ``[(Volume, label)]``."""
+    out = []
+    for volume, filer in volume_pairs(command, fields, name):
+        _check(filer, dict, 'the StorageFilerTO of volume %s in %s'
+               % (volume.path, name), command)
+        label = filer_label(filer)
+        if not isinstance(label, str) or not label:
+            raise CommandError(
+                command=short_name(command),
+                reason='the StorageFilerTO of volume %s in %s has neither '
+                'uuid nor path' % (volume.path, name))
+        out.append((volume, label))
     return out
 
 

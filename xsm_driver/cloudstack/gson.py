@@ -57,15 +57,16 @@ def _one_key(obj, what):
     if not isinstance(obj, dict) or len(obj) != 1:
         raise GsonError(reason='%s must be an object with exactly one key, '
                         'the Java class name; got %s'
-                        % (what, _short(obj)))
+                        % (what, short(obj)))
     [(name, fields)] = obj.items()
     if not isinstance(fields, dict):
         raise GsonError(reason='%s %s: the fields must be an object; got %s'
-                        % (what, name, _short(fields)))
+                        % (what, name, short(fields)))
     return name, fields
 
 
-def _short(value, limit=120):
+def short(value, limit=120):
+    """``value`` as JSON, cut to ``limit`` characters, for a message."""
     text = json.dumps(value)
     return text if len(text) <= limit else text[:limit] + '...'
 
@@ -85,7 +86,7 @@ def decode(text):
         items = [items]
     if not isinstance(items, list) or not items:
         raise GsonError(reason='expected a non-empty array of commands; got '
-                        '%s' % _short(items))
+                        '%s' % short(items))
     return [_one_key(item, 'command') for item in items]
 
 
@@ -114,5 +115,5 @@ def unpair(obj, what='pair'):
     """A ``com.cloud.utils.Pair`` -> ``(first, second)``."""
     if not isinstance(obj, dict) or not set(obj) <= {'t', 'u'}:
         raise GsonError(reason='%s must be a Pair {"t": ..., "u": ...}; got '
-                        '%s' % (what, _short(obj)))
+                        '%s' % (what, short(obj)))
     return obj.get('t'), obj.get('u')

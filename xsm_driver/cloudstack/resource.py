@@ -231,14 +231,19 @@ class Resource:
         vifs = list(record.get('vifs') or ())
         out = {}
         for nic, target in nic_pairs:
-            if not 0 <= int(nic.device) < len(vifs):
+            if not 0 <= nic.device < len(vifs):
                 raise cmds.CommandError(
                     command=cmds.short_name(command),
                     reason='NIC with deviceId %s: VM %s has %d network '
                     'interfaces' % (nic.device, record['name'], len(vifs)))
-            vif = vifs[int(nic.device)]
+            vif = vifs[nic.device]
             network = target.get('network') if isinstance(target, dict) \
                 else target
+            if network is not None and not isinstance(network, str):
+                raise cmds.CommandError(
+                    command=cmds.short_name(command),
+                    reason='NIC with deviceId %s: the network must be a '
+                    'string, not %s' % (nic.device, gson.short(network)))
             out[vif] = network or vif
         return out
 
@@ -250,9 +255,23 @@ class Resource:
         if fields.get('volumeToStorageUuid') is not None:
             pairs = cmds.volume_pairs(cmds.RECEIVE, fields,
                                       'volumeToStorageUuid')
-        else:                   # CloudStack before 4.9: StorageFilerTO
-            pairs = [(v, cmds.filer_label(f or {})) for v, f in
-                     cmds.volume_pairs(cmds.RECEIVE, fields, 'volumeToFiler')]
+            for volume, label in pairs:
+                if not isinstance(label, str) or not label:
+                    raise cmds.CommandError(
+                        command='MigrateWithStorageReceiveCommand',
+                        reason='volumeToStorageUuid: the storage label of '
+                        'volume %s must be a string (the destination '
+                        'pool\'s uuid), not %s'
+                        % (volume.path, gson.short(label)))
+        elif fields.get('volumeToFiler') is not None:
+            # CloudStack before 4.9: StorageFilerTO
+            pairs = cmds.filer_pairs(cmds.RECEIVE, fields, 'volumeToFiler')
+        else:
+            raise cmds.CommandError(
+                command='MigrateWithStorageReceiveCommand',
+                reason='field \'volumeToStorageUuid\' (or, before '
+                'CloudStack 4.9, \'volumeToFiler\') is missing: it maps '
+                'each volume to its destination storage')
         srs = self._dest_srs(cmds.RECEIVE, self.host, [u for _, u in pairs])
         if self._find_vm(self.host, vm) is not None:
             raise cmds.CommandError(
@@ -274,19 +293,25 @@ class Resource:
         """Source: run the migration to the token's host; wait for it."""
         vm = cmds.vm_of(cmds.SEND, fields)
         token = fields.get('token') or {}
-        if not isinstance(token, dict):
-            raise cmds.CommandError(command='MigrateWithStorageSendCommand',
-                                    reason='token must be a map')
+        if not isinstance(token, dict) or not isinstance(
+                token.get('host'), (str, type(None))):
+            raise cmds.CommandError(
+                command='MigrateWithStorageSendCommand',
+                reason='token must be the map the '
+                'MigrateWithStorageReceiveAnswer gave, with a "host" '
+                'string; got %s' % gson.short(token))
         dest = self._check_host(token.get('host'),
                                 'MigrateWithStorageSendCommand')
         vdi_map = {}
         for volume, target in cmds.volume_pairs(cmds.SEND, fields,
                                                 'volumeToSr'):
             sr = target.get('sr') if isinstance(target, dict) else target
-            if not sr:
+            if not sr or not isinstance(sr, str):
                 raise cmds.CommandError(
                     command='MigrateWithStorageSendCommand',
-                    reason='volume %s has no destination SR' % volume.path)
+                    reason='volume %s has no destination SR in volumeToSr '
+                    '(expected the SR the MigrateWithStorageReceiveAnswer '
+                    'gave, got %s)' % (volume.path, gson.short(target)))
             vdi_map[volume.path] = self.sr_name(sr)
         record = self._find_vm(self.host, vm)
         if record is None:
@@ -341,15 +366,20 @@ class Resource:
         """One command for the whole migration (within a cluster)."""
         vm = cmds.vm_of(cmds.MIGRATE, fields)
         if fields.get('volumeToFilerAsList') is not None:
-            pairs = [(v, cmds.filer_label(f or {})) for v, f in
-                     cmds.volume_pairs(cmds.MIGRATE, fields,
-                                       'volumeToFilerAsList')]
+            pairs = cmds.filer_pairs(cmds.MIGRATE, fields,
+                                     'volumeToFilerAsList')
         else:
             raise cmds.CommandError(
                 command='MigrateWithStorageCommand',
                 reason='volumeToFilerAsList is missing (a volumeToFiler map '
                 'has VolumeTO keys, which Gson writes as text and cannot '
                 'be read back)')
+        if fields.get('tgtHost') is not None and not isinstance(
+                fields['tgtHost'], str):
+            raise cmds.CommandError(
+                command='MigrateWithStorageCommand',
+                reason='tgtHost must be a host name, not %s'
+                % gson.short(fields['tgtHost']))
         if fields.get('tgtHost'):
             source = self.host
             dest = self._check_host(fields['tgtHost'],

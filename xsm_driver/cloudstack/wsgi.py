@@ -64,6 +64,15 @@ def _status(code):
     return '%d %s' % (code, _REASONS.get(code, 'Error'))
 
 
+class BadRequest(Exception):
+    """A request whose parameters cannot be read."""
+
+    def __init__(self, code, text):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
 class Application:
     """The WSGI application of xsm-cloudstack-api.
 
@@ -121,7 +130,8 @@ class Application:
         except ValueError:
             length = 0
         if length > MAX_BODY:
-            raise ValueError('request body of %d bytes is too large' % length)
+            raise BadRequest(413, 'request body of %d bytes is larger than '
+                             '%d bytes' % (length, MAX_BODY))
         return environ['wsgi.input'].read(length) if length else b''
 
     def _params(self, environ, method):
@@ -130,8 +140,13 @@ class Application:
         ctype = environ.get('CONTENT_TYPE', '')
         if method == 'POST' and ctype.startswith(
                 'application/x-www-form-urlencoded'):
-            pairs += parse.parse_qsl(self._read(environ).decode('utf-8'),
-                                     keep_blank_values=True)
+            try:
+                body = self._read(environ).decode('utf-8')
+            except UnicodeDecodeError as exc:
+                raise BadRequest(jobs_mod.PARAM_ERROR,
+                                 'the request body is not UTF-8 form data '
+                                 '(%s)' % exc)
+            pairs += parse.parse_qsl(body, keep_blank_values=True)
         params = {}
         for key, value in pairs:
             params.setdefault(key, value)   # the first value, as CloudStack
@@ -140,7 +155,14 @@ class Application:
     def _api(self, environ, method):
         if method not in ('GET', 'POST'):
             return 405, {'errortext': 'use GET or POST'}
-        params = self._params(environ, method)
+        try:
+            params = self._params(environ, method)
+        except BadRequest as exc:
+            LOG.warning('refused a request from %s: %s',
+                        environ.get('REMOTE_ADDR'), exc.text)
+            return exc.code, {'errorresponse': {
+                'uuidList': [], 'errorcode': exc.code,
+                'errortext': exc.text}}
         command = params.get('command') or ''
         key = '%sresponse' % (command.lower() or 'error')
         try:
@@ -182,8 +204,8 @@ class Application:
                          '%s)' % (host, ', '.join(sorted(hosts)))}
         try:
             body = self._read(environ)
-        except ValueError as exc:
-            return 413, {'errortext': str(exc)}
+        except BadRequest as exc:
+            return exc.code, {'errortext': exc.text}
         try:
             return 200, self.api.resource(host).handle(body)
         except gson.GsonError as exc:

@@ -48,6 +48,16 @@ TOKEN = 'xsm-test-command-token'
 API = 'com.cloud.agent.api.'
 
 
+def wait_job(client, jobid, timeout=60):
+    """Poll queryAsyncJobResult until the job leaves jobstatus 0."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.queryAsyncJobResult(jobid=jobid, fetch_result=False)
+        if job['jobstatus'] != 0 or time.monotonic() > deadline:
+            return job
+        time.sleep(0.05)
+
+
 class CloudStackFixture(base.TestCase):
     """Two hosts behind xsm-cloudstack-api.
 
@@ -159,6 +169,12 @@ class TestMigrateWithTheCsClient(CloudStackFixture):
             self.assertNotEqual(old['path'], new['path'])
         self.assertEqual([], self.a.vm_list())
         self.assertEqual([], self.a.vdi_list())
+        # the verifying guest wrote while its disks were moving
+        [migration] = [m for m in self.a.migration_list()
+                       if m['vm'] == vm['uuid']]
+        self.assertEqual(('done', 'host-b'),
+                         (migration['phase'], migration['destination']))
+        self.assertGreater(migration['guest_writes_during_migration'], 0)
         time.sleep(0.1)             # the guest goes on on host-b
         check = self.b.guest_verify(vm['uuid'])
         self.assertTrue(check['verified'], check)
@@ -171,10 +187,26 @@ class TestMigrateWithTheCsClient(CloudStackFixture):
 
     def test_unmapped_volumes_go_to_the_roomiest_pool(self):
         vm = self.make_vm(snapshots=0)
-        result = self.cs.migrateVirtualMachineWithVolume(
+        started = self.cs.migrateVirtualMachineWithVolume(
             virtualmachineid=vm['uuid'],
-            hostid=inventory.host_id('host-b'))
-        self.assertEqual(2, len(result['volume']))
+            hostid=inventory.host_id('host-b'), fetch_result=False)
+        job = wait_job(self.cs, started['jobid'])
+        self.assertEqual((1, 0), (job['jobstatus'], job['jobresultcode']),
+                         job)
+        self.assertEqual('MigrateVirtualMachineWithVolumeCmd',
+                         job['cmd'].rsplit('.', 1)[1])
+        self.assertEqual(('VirtualMachine', vm['uuid']),
+                         (job['jobinstancetype'], job['jobinstanceid']))
+        result = job['jobresult']
+        moved = self.b.vm_get(vm['uuid'])
+        self.assertEqual(inventory.host_id('host-b'),
+                         result['virtualmachine']['hostid'])
+        # sr-b2 is as empty as sr-b: the roomiest is either, both disks
+        # in it, with their new paths
+        self.assertEqual([(d['vdi'], d['sr']) for d in moved['disks']],
+                         [(v['path'], v['storage'])
+                          for v in result['volume']])
+        self.assertEqual(1, len({d['sr'] for d in moved['disks']}))
         self.assertTrue(self.b.guest_verify(vm['uuid'])['verified'])
 
     def test_a_pool_of_another_host_is_refused_at_once(self):
@@ -251,6 +283,96 @@ class TestSignature(CloudStackFixture):
                       exc.error['errortext'])
 
 
+class TestBadInput(CloudStackFixture):
+    """What an operator may get wrong: a clear 431, never a stack."""
+
+    def test_unknown_ids_and_bad_mappings_are_refused(self):
+        vm = self.make_vm(snapshots=0)
+        host_b = inventory.host_id('host-b')
+        pool_b = inventory.pool_id('host-b', 'sr-b')
+        disk = vm['disks'][0]['vdi']
+        cases = [
+            ('listVirtualMachines', {'id': 'no-vm'},
+             'Invalid parameter id value=no-vm: no virtual machine'),
+            ('listVirtualMachines', {'hostid': 'no-host'},
+             'Invalid parameter hostid value=no-host: no host'),
+            ('listVolumes', {'id': 'no-vol'}, 'no volume has this id'),
+            ('listVolumes', {'virtualmachineid': 'no-vm'},
+             'no virtual machine has this id'),
+            ('listVolumes', {'storageid': 'no-pool'},
+             'no storage pool has this id'),
+            ('listHosts', {'id': 'no-host'}, 'no host has this id'),
+            ('listStoragePools', {'id': 'no-pool'},
+             'no storage pool has this id'),
+            ('listVolumes', {'page': 'one', 'pagesize': '2'},
+             'page and pagesize must be integers'),
+            ('findHostsForMigration', {}, 'missing parameter id'),
+            ('findHostsForMigration', {'id': 'no-vm'},
+             'Unable to find the VM by id=no-vm'),
+            ('findStoragePoolsForMigration', {'id': 'no-vol'},
+             'Unable to find the volume by id=no-vol'),
+            ('queryAsyncJobResult', {'jobid': 'no-job'},
+             'Unable to find a job by id no-job'),
+            ('migrateVirtualMachineWithVolume', {'hostid': host_b},
+             'missing parameter virtualmachineid'),
+            ('migrateVirtualMachineWithVolume',
+             {'virtualmachineid': 'no-vm', 'hostid': host_b},
+             'Unable to find the VM by id=no-vm'),
+            ('migrateVirtualMachineWithVolume',
+             {'virtualmachineid': vm['uuid'], 'hostid': 'no-host'},
+             'Unable to find the host by id=no-host'),
+            ('migrateVirtualMachineWithVolume',
+             {'virtualmachineid': vm['uuid'], 'hostid': host_b,
+              'migrateto': [{'volume': 'no-vol', 'pool': pool_b}]},
+             'Volume no-vol is not a volume of VM i-2-42-VM'),
+            ('migrateVirtualMachineWithVolume',
+             {'virtualmachineid': vm['uuid'], 'hostid': host_b,
+              'migrateto': [{'volume': disk, 'pool': 'no-pool'}]},
+             'Unable to find the storage pool by id=no-pool'),
+            ('migrateVirtualMachineWithVolume',
+             {'virtualmachineid': vm['uuid'], 'hostid': host_b,
+              'migrateto[0].volume': disk},
+             'migrateto[0] needs both volume and pool'),
+            ('migrateVirtualMachineWithVolume',
+             {'virtualmachineid': vm['uuid'], 'hostid': host_b,
+              'migrateto': [{'volume': disk, 'pool': pool_b},
+                            {'volume': disk, 'pool': inventory.pool_id(
+                                'host-b', 'sr-b2')}]},
+             'is given twice in migrateto'),
+            ('migrateVirtualMachineWithVolume',
+             {'virtualmachineid': vm['uuid'],
+              'hostid': inventory.host_id('host-a')},
+             'is already on host host-a'),
+        ]
+        for command, params, words in cases:
+            exc = self.assertRaises(cs.CloudStackApiException,
+                                    getattr(self.cs, command),
+                                    fetch_result=False, **params)
+            self.assertEqual(431, exc.response.status_code, command)
+            body = exc.response.json()
+            self.assertEqual(['%sresponse' % command.lower()], list(body))
+            self.assertEqual(431, exc.error['errorcode'])
+            self.assertIn(words, exc.error['errortext'], (command, params))
+            self.assertNotIn('Traceback', exc.response.text)
+        # nothing was started
+        self.assertEqual([], self.a.migration_list())
+        self.assertEqual([], self.b.vdi_list())
+        self.assertTrue(self.a.guest_verify(vm['uuid'])['verified'])
+
+    def test_a_source_host_that_does_not_answer_is_named(self):
+        vm = self.make_vm(snapshots=0)
+        # the API's client of host-a now calls a server nobody listens on
+        self.clients['host-a'] = api.AgentAPI(self.transport, 'host-a-gone',
+                                              timeout=1)
+        exc = self.assertRaises(
+            cs.CloudStackApiException,
+            self.cs.migrateVirtualMachineWithVolume,
+            virtualmachineid=vm['uuid'], hostid=inventory.host_id('host-b'))
+        self.assertEqual(431, exc.error['errorcode'])
+        self.assertIn('host(s) host-a do not answer (is their xsm-agent '
+                      'running?)', exc.error['errortext'])
+
+
 class TestFullPool(CloudStackFixture):
     """sr-b is a 24 MiB tmpfs: a VM with 40 MiB of data does not fit."""
 
@@ -273,22 +395,21 @@ class TestFullPool(CloudStackFixture):
         layout['host-b']['sr-b'] = os.path.join(tmpfs, 'sr-b')
         return layout
 
+    def sr_b_files(self):
+        return sorted(os.listdir(os.path.join(self.root, 'tmpfs', 'sr-b')))
+
     def test_no_space_fails_the_job_and_leaves_nothing(self):
         vm = self.make_vm(sizes=(8 * MiB, 40 * MiB), fill=1.0, snapshots=0)
         before_a = sorted(v['uuid'] for v in self.a.vdi_list())
+        before_b = self.sr_b_files()
+        self.assertEqual([], [n for n in before_b if not n.startswith('.')])
         pool = inventory.pool_id('host-b', 'sr-b')
         started = self.client().migrateVirtualMachineWithVolume(
             virtualmachineid=vm['uuid'], hostid=inventory.host_id('host-b'),
             migrateto=[{'volume': d['vdi'], 'pool': pool}
                        for d in vm['disks']], fetch_result=False)
         self.assertEqual(vm['uuid'], started['id'])
-        deadline = time.monotonic() + 30
-        while True:
-            job = self.cs.queryAsyncJobResult(jobid=started['jobid'],
-                                              fetch_result=False)
-            if job['jobstatus'] != 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        job = wait_job(self.cs, started['jobid'])
         self.assertEqual(2, job['jobstatus'], job)
         self.assertEqual(533, job['jobresultcode'])
         self.assertEqual(533, job['jobresult']['errorcode'])
@@ -300,8 +421,9 @@ class TestFullPool(CloudStackFixture):
         # nothing on the destination, the source as it was
         self.assertEqual([], self.b.vdi_list())
         self.assertEqual([], self.b.vm_list())
-        self.assertEqual([], [n for n in os.listdir(os.path.join(
-            self.root, 'tmpfs', 'sr-b')) if not n.startswith('.')])
+        # every file, hidden ones too (a temporary or journal file left
+        # behind would be one)
+        self.assertEqual(before_b, self.sr_b_files())
         self.assertEqual(before_a, sorted(v['uuid']
                                           for v in self.a.vdi_list()))
         self.assertEqual('running', self.a.vm_get(vm['uuid'])['power_state'])
@@ -314,6 +436,32 @@ class TestFullPool(CloudStackFixture):
             migrateto=[{'volume': d['vdi'], 'pool': pool}
                        for d in vm['disks']])
         self.assertEqual(533, exc.error['errorcode'])
+
+    def test_a_failed_migrate_with_storage_command_leaves_nothing(self):
+        vm = self.make_vm(sizes=(8 * MiB, 40 * MiB), fill=1.0, snapshots=0)
+        before_a = sorted(v['uuid'] for v in self.a.vdi_list())
+        before_b = self.sr_b_files()
+        self.assertEqual([], [n for n in before_b if not n.startswith('.')])
+        response = requests.post(
+            '%s/xsm/v1/hosts/host-b/commands' % self.base_url,
+            data=fixtures.migrate(vm, [8 * MiB, 40 * MiB], ['sr-b', 'sr-b']),
+            headers={'Authorization': 'Bearer %s' % TOKEN}, timeout=60)
+        self.assertEqual(200, response.status_code, response.text)
+        [answer] = response.json()
+        fields = answer[API + 'MigrateWithStorageAnswer']
+        self.assertIs(False, fields['result'])
+        self.assertNotIn('volumeTos', fields)
+        for word in ('MigrateWithStorageCommand on host host-b failed',
+                     "SR 'sr-b' on host host-b needs", 'free'):
+            self.assertIn(word, fields['details'])
+        self.assertEqual([], self.b.vdi_list())
+        self.assertEqual([], self.b.vm_list())
+        # every file, hidden ones too (a temporary or journal file left
+        # behind would be one)
+        self.assertEqual(before_b, self.sr_b_files())
+        self.assertEqual(before_a, sorted(v['uuid']
+                                          for v in self.a.vdi_list()))
+        self.assertTrue(self.a.guest_verify(vm['uuid'])['verified'])
 
 
 class TestCommandEndpoint(CloudStackFixture):
@@ -366,6 +514,23 @@ class TestCommandEndpoint(CloudStackFixture):
         self.assertEqual([], self.b.vdi_list())
         self.assertEqual([], self.b.vm_list())
         self.assertTrue(self.a.guest_verify(vm['uuid'])['verified'])
+
+    def test_migrate_with_storage_command_moves_the_vm(self):
+        vm = self.make_vm()
+        sizes = [8 * MiB, 12 * MiB]
+        name, fields = self.answer('host-b', fixtures.migrate(
+            vm, sizes, ['sr-b2', 'sr-b']))
+        self.assertEqual([API + 'MigrateWithStorageAnswer'], list(name))
+        self.assertIs(True, fields['result'], fields.get('details'))
+        moved = self.b.vm_get(vm['uuid'])
+        self.assertEqual(['sr-b2', 'sr-b'], [d['sr'] for d in moved['disks']])
+        self.assertEqual([(100, moved['disks'][0]['vdi']),
+                          (101, moved['disks'][1]['vdi'])],
+                         [(v['id'], v['path']) for v in fields['volumeTos']])
+        self.assertEqual([], self.a.vm_list())
+        self.assertEqual([], self.a.vdi_list())
+        check = self.b.guest_verify(vm['uuid'])
+        self.assertTrue(check['verified'], check)
 
     def test_the_endpoint_needs_the_token(self):
         response = self.post('host-a', '[]', token='wrong')

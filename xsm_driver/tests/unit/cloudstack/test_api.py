@@ -159,3 +159,27 @@ class TestApplication(base.TestCase):
 
     def test_unknown_paths_are_404(self):
         self.assertEqual(404, self.request({}, path='/')[0])
+
+    def test_a_body_that_is_not_utf8_gets_cloudstacks_error_shape(self):
+        code, body = self.request({}, 'POST',
+                                  body=b'command=listVolumes&name=\xff')
+        self.assertEqual(431, code)
+        self.assertEqual(431, body['errorresponse']['errorcode'])
+        self.assertIn('the request body is not UTF-8 form data',
+                      body['errorresponse']['errortext'])
+
+    def test_a_body_too_large_is_413(self):
+        code, body = self.request({}, 'POST', headers={
+            'CONTENT_LENGTH': str(wsgi.MAX_BODY + 1)})
+        self.assertEqual(413, code)
+        self.assertIn('larger than', body['errorresponse']['errortext'])
+        code, body = self.request({}, 'POST', '/xsm/v1/hosts/host-a/commands',
+                                  token='T', headers={
+                                      'CONTENT_LENGTH': str(wsgi.MAX_BODY + 1),
+                                      'HTTP_AUTHORIZATION': 'Bearer T'})
+        self.assertEqual(413, code)
+        self.assertIn('larger than', body['errortext'])
+
+    def test_other_methods_are_405(self):
+        self.assertEqual((405, {'errortext': 'use GET or POST'}),
+                         self.request({}, 'PUT'))

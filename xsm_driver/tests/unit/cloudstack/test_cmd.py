@@ -19,6 +19,7 @@ from oslo_config import cfg
 from xsm_driver.cloudstack import wsgi
 from xsm_driver.cmd import cloudstack_api
 from xsm_driver import conf as xsm_conf
+from xsm_driver.conf import cloudstack as cs_conf
 from xsm_driver.core.rpc import api as rpc_api
 from xsm_driver.tests import base
 
@@ -72,3 +73,19 @@ class TestBuild(base.TestCase):
                     'hosts = host-a,host-b\nsr_labels = pool-uuid:sr-a\n'
                     'job_retention = 600\n')
         return path
+
+
+class TestSampleConfig(base.TestCase):
+    """The generated sample has the [cloudstack] group, every option."""
+
+    def test_every_cloudstack_option_is_in_the_sample(self):
+        path = os.path.join(base.REPO_TOP, 'etc', 'xsm-driver',
+                            'xsm-driver.conf.sample')
+        with open(path) as f:
+            text = f.read()
+        self.assertIn('\n[cloudstack]\n', text)
+        section = text.split('\n[cloudstack]\n', 1)[1].split('\n[', 1)[0]
+        names = [opt.dest for opt in cs_conf.cloudstack_opts]
+        self.assertEqual(12, len(names))
+        for name in names:
+            self.assertRegex(section, r'\n#%s =( |\n)' % name)

@@ -154,6 +154,29 @@ class TestReceive(ResourceTest):
         fields = out[0][API + 'MigrateWithStorageReceiveAnswer']
         self.assertEqual('sr-c', fields['volumeToSr'][1]['u']['sr'])
 
+    def test_the_pre_4_9_volume_to_filer_form(self):
+        # CloudStack before 4.9 paired each VolumeTO with a StorageFilerTO
+        text = fixtures.receive(VM, SIZES, ['sr-b', 'sr-c'])
+        [cmd] = json.loads(text)
+        fields = cmd[API + 'MigrateWithStorageReceiveCommand']
+        fields['volumeToFiler'] = [
+            {'t': p['t'], 'u': json.loads(fixtures.render(
+                fixtures.FILER, label=p['u']))}
+            for p in fields.pop('volumeToStorageUuid')]
+        _, out = self.answer('host-b', json.dumps([cmd]))
+        self.assertIs(True, out['result'], out.get('details'))
+        self.assertEqual(['sr-b', 'sr-c'],
+                         [p['u']['sr'] for p in out['volumeToSr']])
+
+    def test_without_a_volume_map_it_names_both_forms(self):
+        [cmd] = json.loads(fixtures.receive(VM, SIZES, ['sr-b', 'sr-c']))
+        del cmd[API + 'MigrateWithStorageReceiveCommand'][
+            'volumeToStorageUuid']
+        _, out = self.answer('host-b', json.dumps([cmd]))
+        self.assertIs(False, out['result'])
+        self.assertIn("'volumeToStorageUuid' (or, before CloudStack 4.9, "
+                      "'volumeToFiler') is missing", out['details'])
+
     def test_a_vm_already_on_the_destination_is_refused(self):
         self.world['host-b'].vms.append(dict(VM))
         _, fields = self.receive_answer()
@@ -241,6 +264,35 @@ class TestMigrateWithStorage(ResourceTest):
                          [v['path'] for v in fields['volumeTos']])
         self.assertEqual('host-b',
                          self.world['host-a'].calls[0][2])
+        self.assertEqual([], self.world['host-b'].calls)
+
+    def test_sent_to_the_source_with_tgthost(self):
+        [cmd] = json.loads(fixtures.migrate(VM, SIZES, ['sr-c', 'sr-b']))
+        cmd[API + 'MigrateWithStorageCommand']['tgtHost'] = 'host-b'
+        name, fields = self.answer('host-a', json.dumps([cmd]))
+        self.assertEqual(API + 'MigrateWithStorageAnswer', name)
+        self.assertIs(True, fields['result'], fields.get('details'))
+        [call] = self.world['host-a'].calls
+        self.assertEqual(('migrate_vm', VM['uuid'], 'host-b',
+                          {VM['disks'][0]['vdi']: 'sr-c',
+                           VM['disks'][1]['vdi']: 'sr-b'},
+                          {'net0': 'net0'}), call)
+        self.assertEqual([(100, 'new-' + VM['disks'][0]['vdi']),
+                          (101, 'new-' + VM['disks'][1]['vdi'])],
+                         [(v['id'], v['path']) for v in fields['volumeTos']])
+
+    def test_a_failed_one_answers_false_and_moves_nothing(self):
+        self.world['host-a'].refuse = errors.InsufficientSpace(
+            sr='sr-b', host='host-b', needed=40 * MiB, free=20 * MiB)
+        name, fields = self.answer('host-b', fixtures.migrate(
+            VM, SIZES, ['sr-b', 'sr-b']))
+        self.assertEqual(API + 'MigrateWithStorageAnswer', name)
+        self.assertIs(False, fields['result'])
+        self.assertIn("MigrateWithStorageCommand on host host-b failed: SR "
+                      "'sr-b' on host host-b needs 40.0 MiB",
+                      fields['details'])
+        self.assertNotIn('volumeTos', fields)
+        self.assertEqual([], self.world['host-b'].vms)
 
 
 class TestProtocol(ResourceTest):
@@ -257,6 +309,98 @@ class TestProtocol(ResourceTest):
             [{API + 'MigrateWithStorageCompleteCommand': {'wait': 0}}]))
         self.assertIs(False, fields['result'])
         self.assertIn("field 'vm' is missing", fields['details'])
+
+    def test_wrong_types_fail_clearly(self):
+        """What an operator may get wrong: each answer names the field."""
+        vm = {'name': VM['name'], 'uuid': VM['uuid']}
+        vdi = VM['disks'][0]['vdi']
+        complete = API + 'MigrateWithStorageCompleteCommand'
+        receive = API + 'MigrateWithStorageReceiveCommand'
+        send = API + 'MigrateWithStorageSendCommand'
+        migrate = API + 'MigrateWithStorageCommand'
+        token = {'host': 'host-b'}
+        cases = [
+            (complete, {'vm': 'i-2-42-VM'}, "field 'vm' must be dict"),
+            (complete, {'vm': {'name': 5}}, "field 'name' must be str"),
+            (complete, {'vm': dict(vm, disks='xvda')},
+             "field 'disks' must be list"),
+            (complete, {'vm': dict(vm, disks=[5])},
+             'a DiskTO of vm.disks must be an object, not 5'),
+            (complete, {'vm': dict(vm, disks=[{'diskSeq': 'first'}])},
+             'DiskTO.diskSeq must be an integer, not "first"'),
+            (complete, {'vm': dict(vm, disks=[{'data': 'x'}])},
+             'DiskTO.data must be an object with exactly one key'),
+            (complete, {'vm': dict(vm, nics=[5])},
+             'a NicTO must be an object, not 5'),
+            (complete, {'vm': dict(vm, nics=[{'deviceId': True}])},
+             'NicTO.deviceId must be an integer, not true'),
+            (receive, {'vm': vm, 'volumeToStorageUuid': 'sr-b'},
+             "field 'volumeToStorageUuid' must be list"),
+            (receive, {'vm': vm, 'volumeToStorageUuid': [5]},
+             'volumeToStorageUuid entry must be a Pair'),
+            (receive, {'vm': vm, 'volumeToStorageUuid': [
+                {'t': {'path': vdi}, 'u': 7}]},
+             'the storage label of volume %s must be a string' % vdi),
+            (receive, {'vm': vm, 'volumeToStorageUuid': [
+                {'t': 'vol', 'u': 'sr-b'}]},
+             "a VolumeTO must be an object, not 'vol'"),
+            (receive, {'vm': vm, 'volumeToStorageUuid': [
+                {'t': {'id': 1}, 'u': 'sr-b'}]},
+             "field 'path' is missing"),
+            (receive, {'vm': vm, 'volumeToFiler': [
+                {'t': {'path': vdi}, 'u': 'sr-b'}]},
+             'the StorageFilerTO of volume %s in volumeToFiler must be an '
+             'object' % vdi),
+            (send, {'vm': vm, 'volumeToSr': [], 'token': 'host-b'},
+             'token must be the map the MigrateWithStorageReceiveAnswer '
+             'gave'),
+            (send, {'vm': vm, 'volumeToSr': [], 'token': {'host': 5}},
+             'token must be the map'),
+            (send, {'vm': vm, 'volumeToSr': [{'t': {'path': vdi},
+                                              'u': 5}], 'token': token},
+             'volume %s has no destination SR in volumeToSr' % vdi),
+            (send, {'vm': vm, 'volumeToSr': [{'t': {'path': vdi},
+                                              'u': 'sr-b'}],
+                    'nicToNetwork': [{'t': {'deviceId': 'eth0'}, 'u': 'n'}],
+                    'token': token},
+             'NicTO.deviceId must be an integer, not "eth0"'),
+            (send, {'vm': vm, 'volumeToSr': [{'t': {'path': vdi},
+                                              'u': 'sr-b'}],
+                    'nicToNetwork': [{'t': {'deviceId': 7}, 'u': 'n'}],
+                    'token': token},
+             'NIC with deviceId 7: VM i-2-42-VM has 1 network interfaces'),
+            (send, {'vm': vm, 'volumeToSr': [{'t': {'path': vdi},
+                                              'u': 'sr-b'}],
+                    'nicToNetwork': [{'t': {'deviceId': 0}, 'u': 5}],
+                    'token': token},
+             'NIC with deviceId 0: the network must be a string'),
+            (migrate, {'vm': vm, 'volumeToFilerAsList': [
+                {'t': {'path': vdi}, 'u': 'sr-b'}], 'tgtHost': 'host-b'},
+             'the StorageFilerTO of volume %s in volumeToFilerAsList must '
+             'be an object' % vdi),
+            (migrate, {'vm': vm, 'volumeToFilerAsList': [
+                {'t': {'path': vdi}, 'u': {'port': 0}}], 'tgtHost': 'host-b'},
+             'has neither uuid nor path'),
+            (migrate, {'vm': vm, 'volumeToFilerAsList': [
+                {'t': {'path': vdi}, 'u': {'uuid': 'sr-b'}}], 'tgtHost': 5},
+             'tgtHost must be a host name, not 5'),
+            (migrate, {'vm': vm, 'volumeToFiler': {'{...}': {}}},
+             'volumeToFilerAsList is missing'),
+        ]
+        for name, fields, words in cases:
+            out = json.loads(self.resource('host-a').handle(json.dumps(
+                [{name: fields}])))
+            [(answer, got)] = out[0].items()
+            self.assertIs(False, got['result'], (name, fields))
+            self.assertIn(words, got['details'], (name, fields))
+            self.assertTrue(got['details'].startswith(
+                name.rsplit('.', 1)[1] + ' on host host-a failed: '),
+                got['details'])
+            for python in ('Error:', 'Traceback', 'Exception'):
+                self.assertNotIn(python, got['details'])
+        # none of them reached an agent
+        self.assertEqual([], self.world['host-a'].calls)
+        self.assertEqual([], self.world['host-b'].calls)
 
     def test_text_that_is_not_gson_raises(self):
         for text in ('{', '[]', '[{"a": 1, "b": 2}]', '[{"x": []}]', '7'):
