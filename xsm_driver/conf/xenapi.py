@@ -26,8 +26,9 @@ xenapi_opts = [
         'url',
         schemes=['https', 'http'],
         help='URL of the master of the pool this agent serves, e.g. '
-             'https://xs-pool-a.example.com. A pool member\'s URL works '
-             'too: the agent follows it to the master.'),
+             'https://xs-pool-a.example.com (https or http, without a user '
+             'name or password in it). A pool member\'s URL works too: the '
+             'agent follows it to the master.'),
     cfg.StrOpt(
         'username',
         default='root',
@@ -86,9 +87,11 @@ xenapi_opts = [
         'call_retries',
         default=3, min=0,
         help='Attempts again of a XenAPI call that changes nothing after '
-             'the connection to the master was lost. A call that starts '
-             'something is never blindly sent again: the agent first asks '
-             'xapi whether it started.'),
+             'the connection to the master was lost or refused. A call the '
+             'master did not answer within call_timeout is not tried again '
+             '(a running migration keeps polling for lost_timeout). A call '
+             'that starts something is never blindly sent again: the agent '
+             'first asks xapi whether it started.'),
     cfg.FloatOpt(
         'lost_timeout',
         default=300.0, min=1.0,

@@ -98,6 +98,9 @@ class FakePool:
         self.sessions = set()
         self.logins = 0
         self.calls = []
+        #: ``(method, args)`` of every call but logins (args without the
+        #: session)
+        self.call_args = []
         self._fail = collections.defaultdict(list)
         self._fail_task = collections.defaultdict(list)
         self._drop = collections.defaultdict(list)
@@ -214,6 +217,10 @@ class FakePool:
             self._add_vbd(snap, copy, i, False)
         return snap
 
+    def args_of(self, method):
+        """The arguments of every call of ``method``, oldest first."""
+        return [args for m, args in list(self.call_args) if m == method]
+
     def find(self, cls, **match):
         return [r for r, rec in self.db[cls].items()
                 if all(rec.get(k) == v for k, v in match.items())]
@@ -263,6 +270,8 @@ class FakePool:
     def dispatch(self, method, params):
         """The envelope of one call."""
         self.calls.append(method)
+        if not method.startswith('session.'):
+            self.call_args.append((method, list(params)[1:]))
         try:
             return {'Status': 'Success',
                     'Value': _wire(self._call(method, list(params)))}
@@ -449,6 +458,8 @@ class FakePool:
                 raise Failure('HOST_DISABLED', dest['host'])
             for sr in vdi_map.values():
                 target._record('SR', sr)
+            for net in vif_map.values():
+                target._record('network', net)
             if tuple(int(x) for x in dst['software_version'][
                     'platform_version'].split('.')) < tuple(
                     int(x) for x in src_v['platform_version'].split('.')):

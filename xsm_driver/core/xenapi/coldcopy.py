@@ -18,9 +18,9 @@ purpose, ``{address, port, cert, exportname, subject}``. We connect with
 our own NBD client over TLS, trusting that host's certificate (``cert``)
 only and checking it names ``subject``, and copy the allocated data
 (``NBD_CMD_BLOCK_STATUS``, base:allocation) into a new VDI of a local SR.
-When the server has no allocation map, every block is read and only the
-ones that are not all zeros are written, so the copy stays sparse either
-way.
+When the server has no allocation map, every block is read; in any case
+only data that is not all zeros is written, so the copy stays sparse
+even from an export that reports every block as data.
 
 The export name holds a xapi session reference, so it is never logged:
 the device is renamed after the VDI.
@@ -54,17 +54,53 @@ def tls_context(cert_pem):
 
 
 class SkipZeros(device.Filter):
-    """Writes of all-zero data are dropped (the target reads as zeros)."""
+    """Writes of all-zero data are dropped (the target reads as zeros).
 
-    _zeros = b''
+    A write is looked at in pieces of ``granule`` bytes, aligned on the
+    disk: only the runs of pieces that hold data are written, so a large
+    request that is mostly zeros does not allocate the target's blocks
+    around its data.
+
+    :param granule: bytes; a power of two (64 KiB by default).
+    """
+
+    def __init__(self, next_device, granule=64 * 1024):
+        super().__init__(next_device)
+        self.granule = granule
+        self._zeros = {}
+
+    def _zero(self, n):
+        zeros = self._zeros.get(n)
+        if zeros is None:
+            # requests are mostly of one size: keep a few and compare at
+            # memcmp speed
+            if len(self._zeros) > 8:
+                self._zeros.clear()
+            zeros = self._zeros[n] = bytes(n)
+        return zeros
 
     def pwrite(self, data, offset, fua=False):
+        if not isinstance(data, bytes):
+            data = bytes(data)
         n = len(data)
-        if len(self._zeros) < n:
-            self._zeros = bytes(n)
-        if data == self._zeros[:n]:
+        if data == self._zero(n):
             return
-        self.next.pwrite(data, offset, fua)
+        if n <= self.granule:
+            self.next.pwrite(data, offset, fua)
+            return
+        run = None                      # start of the current data run
+        pos = 0
+        while pos < n:
+            end = min(n, pos + self.granule - (offset + pos) % self.granule)
+            if data[pos:end] == self._zero(end - pos):
+                if run is not None:
+                    self.next.pwrite(data[run:pos], offset + run, fua)
+                    run = None
+            elif run is None:
+                run = pos
+            pos = end
+        if run is not None:
+            self.next.pwrite(data[run:], offset + run, fua)
 
 
 def _redact(text, secrets):
@@ -131,12 +167,14 @@ def copy_vdi(pool, vdi_ref, sr, name='', progress=None, cancel=None,
         dst = sr.attach(new.uuid, writable=True)
         try:
             ranges = None
-            target = dst
+            # Zeros are never written, whatever the server's map says:
+            # an export that reports every block as data (or that has no
+            # allocation map at all) still makes a sparse copy.
+            target = SkipZeros(dst)
             if not src.client.has_allocation_map:
                 LOG.info('%s has no allocation map: reading it all, '
                          'writing only non-zero blocks', src.name)
                 ranges = [(0, src.size)]
-                target = SkipZeros(dst)
             copied = copy_mod.copy_allocated(
                 src, target, ranges=ranges, chunk=chunk, depth=depth,
                 limiter=limiter, progress=progress, cancel=cancel,

@@ -63,6 +63,10 @@ LOG = logging.getLogger(__name__)
 ROLE = 'source'
 ENGINE = 'xenapi'
 
+#: storage migrations xapi runs at once from one host; it refuses one more
+#: with TOO_MANY_STORAGE_MIGRATES
+XAPI_STORAGE_MIGRATES = 3
+
 #: options a migration request may give (the rest are refused)
 VM_OPTIONS = frozenset(['copy', 'network', 'bandwidth', 'compress',
                         'force'])
@@ -255,6 +259,8 @@ class _Migration:
             LOG.error('migration %s: %s', self.id, exc)
             self.finished = time.time()
         except Exception as exc:
+            if isinstance(exc, XenAPI.Failure):
+                exc = self.engine.translate(exc, self._context())
             with self._lock:
                 if self.error is None:
                     self.error = exc
@@ -379,6 +385,8 @@ class _Migration:
             try:
                 rec = pool.call('task.get_record', task)
                 lost_since = None
+            except XenAPI.Failure as exc:
+                raise self.engine.translate(exc, self._context(), pool)
             except session_mod.ConnectionLost as exc:
                 now = time.monotonic()
                 lost_since = lost_since or now
@@ -425,8 +433,13 @@ class VMMigration(_Migration):
     kind = 'vm'
 
     def _context(self):
-        return 'migrating VM %s to %s' % (self.plan['vm_name'],
-                                          self.plan['destination'])
+        plan = self.plan
+        dest = sorted(set(plan.get('vdi_map_uuids', {}).values()))
+        return 'migrating VM %s (disks %s on SR %s) to %s (SR %s)' % (
+            plan['vm_name'], ', '.join(plan.get('vdis', ())),
+            ', '.join(plan.get('source_srs', ())) or '?',
+            plan['destination'],
+            ', '.join("'%s'" % d for d in dest) or '?')
 
     def _run(self):
         src, dst = self.engine.source, self.plan['dest_pool']
@@ -495,7 +508,13 @@ class PoolMigrate(VMMigration):
             return self._follow(src)
 
         new_vdi = self._busy_retry(attempt)
-        new_uuid = src.call('VDI.get_uuid', new_vdi) if new_vdi else None
+        try:
+            new_uuid = src.call('VDI.get_uuid', new_vdi) if new_vdi \
+                else None
+        except (XenAPI.Failure, errors.XenAPIError) as exc:
+            LOG.warning('migration %s: cannot read the moved VDI: %s',
+                        self.id, exc)
+            new_uuid = None
         self.result = {'vdis': {plan['vdis'][0]: new_uuid},
                        'sr': plan['destination']}
 
@@ -555,7 +574,13 @@ class XenAPIEngine:
         self.poll_interval = poll_interval
         self.lost_timeout = lost_timeout
         self.busy_wait = busy_wait
-        self.slots = SlotQueue(self.options.max_concurrent)
+        limit = self.options.max_concurrent
+        if limit > XAPI_STORAGE_MIGRATES:
+            LOG.warning('xapi runs at most %d storage migrations per host; '
+                        'max_concurrent_migrations = %d is lowered to that',
+                        XAPI_STORAGE_MIGRATES, limit)
+            limit = XAPI_STORAGE_MIGRATES
+        self.slots = SlotQueue(limit)
         self.stopping = threading.Event()
         state_path = state_path or '.'
         self.journal = journal_mod.Journal(
@@ -633,13 +658,16 @@ class XenAPIEngine:
                 what='option %s' % ', '.join(unknown),
                 reason='the xenapi engine knows %s'
                 % ', '.join(sorted(allowed)))
-        if options.get('bandwidth'):
-            LOG.warning('xapi cannot limit the bandwidth of a storage '
-                        'migration; bandwidth=%s is ignored',
-                        options['bandwidth'])
         return self.options.replace(**{k: v for k, v in options.items()
                                        if k in ('copy', 'network',
                                                 'bandwidth')})
+
+    @staticmethod
+    def _no_bandwidth(options):
+        if options.get('bandwidth'):
+            LOG.warning('xapi cannot limit the bandwidth of a storage '
+                        'migration; bandwidth=%s is ignored (only a copy '
+                        'to a local SR honours it)', options['bandwidth'])
 
     def _register(self, mig):
         with self._start_lock:
@@ -673,6 +701,7 @@ class XenAPIEngine:
         :returns: the migration id; the migration runs in a thread.
         """
         opts = self._options(options, VM_OPTIONS)
+        self._no_bandwidth(options)
         plan = self.plan_vm(vm, dest_host, vdi_map or {}, vif_map or {},
                             opts, compress=bool(options.get(
                                 'compress', self.compress)),
@@ -698,6 +727,7 @@ class XenAPIEngine:
             raise errors.NotSupported(
                 what='copy=True within the pool', reason='use "xe vdi-copy"'
                 ', or copy to a local SR of the agent')
+        self._no_bandwidth(options)
         plan = self.plan_pool_migrate(vdi, dest_sr)
         return self._register(PoolMigrate(self, mid, plan, opts))
 
@@ -866,7 +896,8 @@ class XenAPIEngine:
         dsrs = self._call(dpool, 'SR.get_all_records')
         sr_ref = {}
         for target in sorted(set(full.values())):
-            ref = preflight.resolve('SR', dsrs, target)
+            ref = preflight.resolve('SR', dsrs, target,
+                                    'pool %s' % dpool.name)
             preflight.check_sr_receives(dsrs[ref])
             sr_ref[target] = ref
         # a running disk may grow while it moves; its snapshots do not
@@ -901,12 +932,14 @@ class XenAPIEngine:
             vif_refs[rec['uuid']] = r
         vifmap = preflight.resolve_vifs(vifs, vif_map, cross)
         nets = self._call(dpool, 'network.get_all_records')
-        xapi_vif_map = {vif_refs[u]: preflight.resolve('network', nets, n)
+        xapi_vif_map = {vif_refs[u]: preflight.resolve(
+                            'network', nets, n, 'pool %s' % dpool.name)
                         for u, n in vifmap.items()}
         # hosts, versions, migration network
         hosts = self._call(dpool, 'host.get_all_records')
         if host_name:
-            dhost = preflight.resolve('host', hosts, host_name)
+            dhost = preflight.resolve('host', hosts, host_name,
+                                      'pool %s' % dpool.name)
         else:
             pool_ref = self._call(dpool, 'pool.get_all')[0]
             dhost = self._call(dpool, 'pool.get_master', pool_ref)
@@ -919,7 +952,9 @@ class XenAPIEngine:
                                  hosts[dhost])
         network = opts.network or self.migration_network
         if network:
-            net_ref = preflight.resolve('network', nets, network)
+            net_ref = preflight.resolve('network', nets, network,
+                                        'pool %s (the migration network)'
+                                        % dpool.name)
         else:
             net_ref = self._management_network(dpool, dhost)
         return {
@@ -928,6 +963,9 @@ class XenAPIEngine:
             'destination': dest, 'dest_pool': dpool, 'dest_host': dhost,
             'cross_pool': cross, 'network': net_ref,
             'vdis': sorted(rec['uuid'] for rec in disks.values()),
+            'source_srs': sorted(set(
+                "'%s'" % self._call(src, 'SR.get_name_label', ref)
+                for ref in {rec['SR'] for rec in disks.values()})),
             'vdi_map': {by_uuid[u][0]: sr_ref[t] for u, t in full.items()},
             'vdi_map_uuids': full, 'vif_map': xapi_vif_map,
             'userdevices': self._userdevices(src, vm_ref),
@@ -997,7 +1035,8 @@ class XenAPIEngine:
         vdi_ref = self.find_vdi(vdi)
         rec = self._call(src, 'VDI.get_record', vdi_ref)
         srs = self._call(src, 'SR.get_all_records')
-        sr_ref = preflight.resolve('SR', srs, dest_sr)
+        sr_ref = preflight.resolve('SR', srs, dest_sr, 'pool %s (nor a local '
+                                   'SR of this agent)' % self.name)
         if rec.get('SR') == sr_ref:
             raise errors.XenAPIError(code='VDI_ALREADY_THERE', detail='%s '
                                      'is already on SR %s'
@@ -1103,6 +1142,7 @@ def from_config(conf, peer_factory=None, options=None):
             '[xenapi]password')
 
     def pool(name, url, username, password):
+        session_mod.check_url(url, name)
         return session_mod.Pool(name, url, username, password,
                                 ca_file=x.ca_file, insecure=x.insecure,
                                 timeout=x.call_timeout,
@@ -1112,6 +1152,11 @@ def from_config(conf, peer_factory=None, options=None):
     for spec in x.destination_pools:
         name, url, user, password = session_mod.parse_pool_spec(
             spec, x.username, x.password)
+        if name == conf.agent.host or name in destinations:
+            raise errors.XenAPIError(
+                code='NOT_CONFIGURED', detail='[xenapi]destination_pools '
+                'names pool %r twice (or as this agent\'s own [agent]host)'
+                % name)
         destinations[name] = pool(name, url, user, password)
     local = {}
     for spec in x.local_repositories:

@@ -22,8 +22,6 @@ copies) are listed too. Creating, starting and stopping VMs is xapi's
 business (``xe``, XenCenter, Xen Orchestra): those calls are refused.
 """
 
-import XenAPI
-
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.sr import base as sr_base
 from xsm_driver.core.xenapi import errors
@@ -89,19 +87,22 @@ class PoolSR:
                 'free': preflight.sr_free(self.record)}
 
     def list(self):
-        pool = self._host.engine.source
+        call = self._host.call
         out = []
-        for ref in pool.call('SR.get_VDIs', self.ref):
+        for ref in call('SR.get_VDIs', self.ref):
             try:
-                rec = pool.call('VDI.get_record', ref)
-            except XenAPI.Failure:
+                rec = call('VDI.get_record', ref)
+            except errors.PoolUnreachable:
+                raise
+            except errors.XenAPIError:
                 continue                        # removed while we looked
             vm = None
             for vbd in rec.get('VBDs', ()):
                 try:
-                    vm = pool.call('VM.get_uuid',
-                                   pool.call('VBD.get_VM', vbd))
-                except XenAPI.Failure:
+                    vm = call('VM.get_uuid', call('VBD.get_VM', vbd))
+                except errors.PoolUnreachable:
+                    raise
+                except errors.XenAPIError:
                     pass
             sm = rec.get('sm_config') or {}
             out.append(sr_base.VDI(
@@ -137,12 +138,16 @@ class PoolHost:
         self.engine = engine
         self.name = engine.name
 
+    def call(self, method, *args):
+        """A call on the pool; xapi's refusals translated for people."""
+        return self.engine._call(self.engine.source, method, *args)
+
     def _pool_srs(self):
-        pool = self.engine.source
-        srs = {r: rec for r, rec in pool.call('SR.get_all_records').items()
+        call = self.call
+        srs = {r: rec for r, rec in call('SR.get_all_records').items()
                if rec.get('content_type') not in ('iso', 'udev')}
-        names = sr_names(srs, pool.call('PBD.get_all_records'),
-                         pool.call('host.get_all_records'))
+        names = sr_names(srs, call('PBD.get_all_records'),
+                         call('host.get_all_records'))
         return {names[r]: PoolSR(self, r, rec, names[r])
                 for r, rec in srs.items()}
 
@@ -163,27 +168,26 @@ class PoolHost:
                                   have=', '.join(sorted(srs)) or 'none')
 
     def _vm(self, ref, rec, sr_name):
-        pool = self.engine.source
+        call = self.call
         disks = []
         for vbd_ref in rec.get('VBDs', ()):
-            vbd = pool.call('VBD.get_record', vbd_ref)
+            vbd = call('VBD.get_record', vbd_ref)
             if vbd.get('type') != 'Disk' or vbd.get('empty'):
                 continue
-            vdi = pool.call('VDI.get_record', vbd['VDI'])
+            vdi = call('VDI.get_record', vbd['VDI'])
             disks.append({'name': device_name(vbd), 'vdi': vdi['uuid'],
                           'sr': sr_name.get(vdi['SR'], vdi['SR'])})
         vifs = []
         for vif_ref in rec.get('VIFs', ()):
-            vif = pool.call('VIF.get_record', vif_ref)
+            vif = call('VIF.get_record', vif_ref)
             vifs.append(vif['uuid'])
         return PoolVM(rec, disks, vifs)
 
     @property
     def vms(self):
-        pool = self.engine.source
         sr_name = {sr.ref: name for name, sr in self._pool_srs().items()}
         out = {}
-        for ref, rec in pool.call('VM.get_all_records').items():
+        for ref, rec in self.call('VM.get_all_records').items():
             if rec.get('is_a_template') or rec.get('is_a_snapshot') or \
                     rec.get('is_control_domain'):
                 continue
@@ -191,13 +195,14 @@ class PoolHost:
         return out
 
     def vm(self, ref):
-        pool = self.engine.source
         try:
             vm_ref = self.engine.find_vm(ref)
+        except errors.PoolUnreachable:
+            raise
         except errors.XenAPIError:
             raise host_mod.VMNotFound(vm=ref, host=self.name)
         sr_name = {sr.ref: name for name, sr in self._pool_srs().items()}
-        return self._vm(vm_ref, pool.call('VM.get_record', vm_ref), sr_name)
+        return self._vm(vm_ref, self.call('VM.get_record', vm_ref), sr_name)
 
     def _refuse(self, *args, **kwargs):
         raise errors.NotSupported(

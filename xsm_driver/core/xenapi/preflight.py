@@ -310,10 +310,11 @@ def check_versions(src_host, dest_host):
                                         label('host', src_host), src))
 
 
-def resolve(kind, records, wanted):
+def resolve(kind, records, wanted, where='the pool'):
     """The ref of the record whose uuid, or unique name_label, is ``wanted``.
 
     :param records: ``{ref: record}``.
+    :param where: the pool, for the message (e.g. ``"pool pool-b"``).
     :raises XenAPIError: none matches, or the name is ambiguous.
     """
     by_uuid = [r for r, rec in records.items() if rec.get('uuid') == wanted]
@@ -325,9 +326,9 @@ def resolve(kind, records, wanted):
         return named[0][1]
     if named:
         raise errors.XenAPIError(
-            code='AMBIGUOUS_NAME', detail='%d %ss are called %r (%s); name '
-            'one by uuid' % (len(named), kind, wanted,
-                             ', '.join(u for u, _r in named)))
-    raise errors.XenAPIError(code='UUID_INVALID', detail='no %s %r in the '
-                             'pool (give a uuid or a unique name)'
-                             % (kind, wanted))
+            code='AMBIGUOUS_NAME', detail='%d %ss of %s are called %r (%s); '
+            'name one by uuid' % (len(named), kind, where, wanted,
+                                  ', '.join(u for u, _r in named)))
+    raise errors.XenAPIError(code='UUID_INVALID', detail='no %s %r in %s '
+                             '(give the uuid or the unique name of one)'
+                             % (kind, wanted, where))

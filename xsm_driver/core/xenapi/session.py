@@ -30,6 +30,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import xml.parsers.expat
 import xmlrpc.client
 
 import XenAPI
@@ -39,14 +40,75 @@ from xsm_driver.core.xenapi import errors
 LOG = logging.getLogger(__name__)
 
 #: Failure to reach the pool master: the connection broke or timed out.
-CONNECTION_ERRORS = (OSError, http.client.HTTPException,
-                     xmlrpc.client.ProtocolError)
+CONNECTION_ERRORS = (OSError, http.client.HTTPException)
+
+#: The server answered, but not as a XenAPI pool master does: not
+#: XML-RPC (an HTML page, a proxy's error), an HTTP error status, or
+#: XML-RPC without xapi's envelope (the ``XenAPI`` client then fails with
+#: a ``TypeError`` or ``IndexError`` of its own).
+NOT_XENAPI_ERRORS = (xml.parsers.expat.ExpatError,
+                     xmlrpc.client.ProtocolError,
+                     xmlrpc.client.ResponseError)
+
+
+def _envelope_error(exc):
+    """``exc`` is the XenAPI client failing on an answer without envelope.
+
+    (Its ``_parse_result`` concatenates a non-string answer to a message,
+    or indexes an empty ``ErrorDescription``.) A ``TypeError`` anywhere
+    else -- e.g. an argument XML-RPC cannot send -- is a bug, not the
+    pool's fault, and is not caught as this.
+    """
+    if not isinstance(exc, (TypeError, IndexError)):
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_name == '_parse_result'
+
 
 ORIGINATOR = 'xsm-driver'
 
 
 class ConnectionLost(errors.PoolUnreachable):
     """The connection broke during a call (it may or may not have run)."""
+
+
+def _short(exc, limit=200):
+    text = ' '.join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+def check_url(url, pool=None):
+    """Refuse a pool URL the XenAPI client cannot use, without echoing it.
+
+    :raises errors.PoolUnreachable: not ``https://HOST[:PORT]/...`` or
+        ``http://...``, or it carries a user name or password (give them
+        in the ``[xenapi]`` options instead).
+
+    >>> check_url('https://xs-a.example.net')
+    'https://xs-a.example.net'
+    """
+    try:
+        parts = urllib.parse.urlsplit(url or '')
+        parts.port
+    except ValueError as exc:
+        reason = 'it is not a valid URL (%s)' % exc
+    else:
+        if parts.scheme not in ('https', 'http'):
+            reason = 'the scheme must be https (or http), not %r' % (
+                parts.scheme or '')
+        elif not parts.hostname:
+            reason = 'it names no host'
+        elif parts.username or parts.password:
+            reason = ('it must not carry a user name or password: give '
+                      'them in the [xenapi] options')
+        else:
+            return url
+    raise errors.PoolUnreachable(
+        pool=pool or '?', code='BAD_URL',
+        url=url if '@' not in (url or '') else '<a URL with credentials>',
+        reason='the pool URL is unusable: %s' % reason)
 
 
 def _transport(url, timeout, ca_file, insecure):
@@ -159,6 +221,7 @@ class Pool:
     # -- session -------------------------------------------------------------
 
     def _login(self):
+        check_url(self.url, self.name)
         self._transport = _transport(self.url, self.timeout, self._ca_file,
                                      self._insecure)
         session = XenAPI.Session(self.url, transport=self._transport)
@@ -253,9 +316,29 @@ class Pool:
                     pool=self.name, url=self.url, reason='the master\'s '
                     'HTTPS certificate is not trusted (%s): give its CA in '
                     '[xenapi]ca_file' % exc.verify_message)
+            except (NOT_XENAPI_ERRORS + (TypeError, IndexError)) as exc:
+                if isinstance(exc, (TypeError, IndexError)) and \
+                        not _envelope_error(exc):
+                    raise
+                self._drop()
+                raise errors.PoolUnreachable(
+                    pool=self.name, url=self.url, code='NOT_XENAPI',
+                    reason='the server there does not answer as a XenAPI '
+                    'pool master (%s during %s: %s); check [xenapi]url and '
+                    'the URLs of [xenapi]destination_pools'
+                    % (type(exc).__name__, method, _short(exc)))
             except CONNECTION_ERRORS as exc:
                 self._drop()
                 reason = '%s: %s' % (type(exc).__name__, exc)
+                if isinstance(exc, TimeoutError):
+                    # The master took the whole call_timeout: trying again
+                    # would keep the caller waiting that long each time.
+                    raise ConnectionLost(
+                        pool=self.name, url=self.url, maybe_ran=sent,
+                        reason='the pool master did not answer %s within '
+                        '%.0f s (%s)%s' % (method, self.timeout, reason,
+                                           '; it may or may not have run'
+                                           if not safe else ''))
                 if sent and not safe:
                     raise ConnectionLost(
                         pool=self.name, url=self.url, maybe_ran=True,

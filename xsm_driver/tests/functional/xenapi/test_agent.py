@@ -114,6 +114,42 @@ class TestAgentOnXenAPI(xfix.PoolsTestCase):
                                 'x', [])
         self.assertIn('xe', str(exc))
 
+    def test_operator_mistakes_cross_the_rpc_boundary_as_themselves(self):
+        # wrong password: a clear error on the client, not a RemoteError
+        client = self.start_agent(self.make_conf(password='wrong'))
+        exc = self.assertRaises(errors.PoolUnreachable, client.host_info)
+        self.assertIn('user root was refused', str(exc))
+        self.assertNotIn('Traceback', str(exc))
+
+    def test_names_and_odd_answers_across_rpc(self):
+        client = self.start_agent(self.make_conf())
+        [vm] = client.vm_list()
+        vdi_map = {d['vdi']: 'SR-B' for d in vm['disks']}
+        exc = self.assertRaises(errors.XenAPIError, client.migrate_vm,
+                                vm['uuid'], 'pool-b', vdi_map,
+                                {'0': 'no-such-net'})
+        self.assertIn("no network 'no-such-net' in pool pool-b", str(exc))
+        exc = self.assertRaises(errors.XenAPIError, client.migrate_vm,
+                                vm['uuid'], 'pool-z', vdi_map, {})
+        self.assertIn("unknown destination pool 'pool-z'", str(exc))
+        self.a.fail('SR.get_VDIs', 'SOMETHING_NEW', 'x')
+        exc = self.assertRaises(errors.XenAPIError, client.vdi_list,
+                                'Local storage')
+        self.assertIn('SOMETHING_NEW x', str(exc))
+        self.assertEqual(0, client.host_info()['active_migrations'])
+
+    def test_bad_destination_pools_refused_at_load(self):
+        for spec, why in (('pool-b,ftp://xs-b', "not 'ftp'"),
+                          ('pool-b,https://u:hunter2@xs-b', 'user name'),
+                          ('pool-a,https://xs-b', 'twice'),
+                          (',https://xs-b,root,hunter2', 'no name')):
+            exc = self.assertRaises(
+                (errors.XenAPIError, ValueError), engine_mod.load,
+                self.make_conf(destination_pools=[spec]), None,
+                manager.Options())
+            self.assertIn(why, str(exc))
+            self.assertNotIn('hunter2', str(exc))
+
     def follow(self, client, mid, timeout=15):
         end = time.monotonic() + timeout
         while time.monotonic() < end:

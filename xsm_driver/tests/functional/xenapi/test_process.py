@@ -79,3 +79,52 @@ class TestAgentProcess(xfix.PoolsTestCase):
         log = self.agent.log()
         self.assertNotIn('secret', log)
         self.assertIn('logged in', log)
+
+
+class TestAgentStartErrors(xfix.PoolsTestCase):
+    """``xsm-agent`` refuses a wrong [xenapi] setup in one line, at once.
+
+    The agent reads its pool before it serves, so these end before it
+    touches the message bus: no broker is needed.
+    """
+
+    def start(self, xenapi):
+        folder = self.make_tempdir()
+        agent = mfix.AgentProcess('pool-a', folder, {}, 'xsm-unused',
+                                  {'engine': 'xenapi'})
+        with open(agent.config, 'a') as f:
+            f.write('\n[xenapi]\n')
+            for key, value in xenapi.items():
+                f.write('%s = %s\n' % (key, value))
+        self.addCleanup(agent.stop)
+        agent.start()
+        rc = agent.proc.wait(30)
+        with open(agent.stderr, errors='replace') as f:
+            err = f.read()
+        self.assertEqual(1, rc, err)
+        self.assertNotIn('Traceback', err)
+        [line] = [x for x in err.splitlines()
+                  if x.startswith('xsm-agent: error:')]
+        return line
+
+    def test_wrong_password(self):
+        line = self.start({'url': self.server_a.url,
+                           'password': 'hunter2-wrong'})
+        self.assertIn('pool pool-a', line)
+        self.assertIn('user root was refused', line)
+        self.assertNotIn('hunter2', line)
+
+    def test_master_that_is_down(self):
+        line = self.start({'url': 'http://127.0.0.1:9/', 'password': 'x',
+                           'call_retries': 0})
+        self.assertIn('cannot reach the pool master', line)
+
+    def test_unusable_destination_url(self):
+        line = self.start({'url': self.server_a.url, 'password': 'secret',
+                           'destination_pools': 'pool-b,xs-b.example.net'})
+        self.assertIn('pool pool-b', line)
+        self.assertIn('the pool URL is unusable', line)
+
+    def test_no_url(self):
+        line = self.start({'password': 'secret'})
+        self.assertIn('[xenapi]url', line)

@@ -12,7 +12,12 @@
 
 """The xenapi engine against fake pools, through the real XenAPI client."""
 
+import http.server
 import logging
+import socket
+import threading
+import time
+import xmlrpc.server
 
 import fixtures
 
@@ -20,6 +25,7 @@ from xsm_driver.core.migration import errors as mig_errors
 from xsm_driver.core.nbd import tls
 from xsm_driver.core.xenapi import engine as engine_mod
 from xsm_driver.core.xenapi import errors
+from xsm_driver.core.xenapi import session
 from xsm_driver.tests.unit.xenapi import fixtures as xfix
 
 GiB = xfix.GiB
@@ -58,6 +64,55 @@ class TestCrossPool(xfix.PoolsTestCase):
         self.assertEqual(1, calls.count('Async.VM.migrate_send'))
         self.assertEqual('done', self.engine.get(mid)['phase'])
         self.assertEqual(0, self.engine.active())
+
+    def test_xapi_gets_full_maps_and_the_migration_network(self):
+        storage_net = self.b.add_network('storage-net')
+        front = self.b.add_network('front')
+        self.engine = self.make_engine(migration_network='storage-net')
+        snap_vdis = [self.a.get('VBD', vbd)['VDI'] for vbd in
+                     self.a.get('VM', self.snap)['VBDs']]
+        [vif] = self.a.get('VM', self.vm)['VIFs']
+        mac = self.a.get('VIF', vif)['MAC']
+        mid = self.migrate(vif_map={mac.upper(): 'front'})
+        self.assertEqual('done', self.wait(mid)['phase'])
+        # Host.migrate_receive on the destination, on the chosen network
+        [(host, network, _opts)] = self.b.args_of('host.migrate_receive')
+        self.assertEqual(self.b.master, host)
+        self.assertEqual(storage_net, network)
+        # migrate_send got every VDI of the VM and of its snapshot, by ref
+        [args] = self.a.args_of('Async.VM.migrate_send')
+        vm, token, live, vdi_map, vif_map, options, vgpu = args
+        self.assertEqual(self.vm, vm)
+        self.assertIs(True, live)
+        self.assertEqual(self.b.master, token['host'])
+        self.assertEqual(sorted([self.disk0, self.disk1] + snap_vdis),
+                         sorted(vdi_map))
+        self.assertEqual({self.sr_b}, set(vdi_map.values()))
+        self.assertEqual({vif: front}, vif_map)
+        self.assertEqual(({}, {}), (options, vgpu))
+        # the same maps were checked first
+        [check] = self.a.args_of('VM.assert_can_migrate')
+        self.assertEqual(args[2:], check[2:])
+        # the VM's interface is on the mapped network in pool B
+        [moved] = self.b.find('VM', name_label='web-1')
+        [new_vif] = self.b.get('VM', moved)['VIFs']
+        self.assertEqual(front, self.b.get('VIF', new_vif)['network'])
+
+    def test_request_network_overrides_and_options_reach_xapi(self):
+        self.b.add_network('storage-net')
+        other = self.b.add_network('other-net')
+        self.engine = self.make_engine(migration_network='storage-net')
+        mid = self.migrate(network='other-net', copy=True, compress=True)
+        self.assertEqual('done', self.wait(mid)['phase'])
+        [(_host, network, _o)] = self.b.args_of('host.migrate_receive')
+        self.assertEqual(other, network)
+        [args] = self.a.args_of('Async.VM.migrate_send')
+        self.assertEqual({'copy': 'true', 'compress': 'true'}, args[5])
+
+    def test_management_network_by_default(self):
+        self.assertEqual('done', self.wait(self.migrate())['phase'])
+        [(_host, network, _o)] = self.b.args_of('host.migrate_receive')
+        self.assertEqual(self.b.network, network)
 
     def test_halted_vm_moves_too(self):
         disk = self.a.add_vdi(self.sr_a, 'cold', GiB)
@@ -304,6 +359,9 @@ class TestXapiErrors(xfix.PoolsTestCase):
         self.assertIn('no space left on the destination SR',
                       status['error'])
         self.assertIn('web-1', status['error'])
+        # xapi's error names no SR: the message names the plan's
+        self.assertIn("to pool-b (SR 'SR-B')", status['error'])
+        self.assertIn('map the disks to a larger SR', status['error'])
         self.assertIsInstance(self.engine._migrations[mid].error,
                               mig_errors.InsufficientSpace)
 
@@ -313,6 +371,10 @@ class TestXapiErrors(xfix.PoolsTestCase):
         mid = self.migrate()
         message = self.failed(self.wait(mid))
         self.assertIn('snapshot chain is too long', message)
+        # which disks, on which SR, and what to do
+        self.assertIn("(disks %s on SR 'Local storage')"
+                      % ', '.join(sorted(self.vdi_map())), message)
+        self.assertIn('delete snapshots of the VM', message)
         self.assertIsInstance(self.engine._migrations[mid].error,
                               mig_errors.ChainTooDeep)
 
@@ -391,6 +453,23 @@ class TestQueue(xfix.PoolsTestCase):
         self.assertEqual(3, self.a.peak_storage)
         self.assertEqual(4, self.a.calls.count('Async.VM.migrate_send'))
 
+    def test_a_higher_configured_limit_still_queues_the_fourth(self):
+        self.max_concurrent = 5
+        self.engine = self.make_engine()
+        vms = self.add_vms(4)
+        self.a.hold(0.5)
+        mids = [self.engine.migrate_vm(name, 'pool-b', {disk: 'SR-B'})
+                for name, disk in vms]
+        self.wait_for(lambda: sum(self.a.storage.values()) == 3,
+                      what='three running')
+        self.assertTrue(self.engine.get(mids[3])['queued'])
+        self.a.release()
+        for mid in mids:
+            self.assertEqual('done', self.wait(mid)['phase'])
+        self.assertEqual(3, self.a.peak_storage)
+        # never refused by xapi: the engine kept within its limit
+        self.assertEqual(4, self.a.calls.count('Async.VM.migrate_send'))
+
     def test_abort_while_queued_touches_nothing(self):
         vms = self.add_vms(4)
         self.a.hold(0.5)
@@ -465,6 +544,16 @@ class TestConnection(xfix.PoolsTestCase):
         self.assertEqual('done', again.wait(mid, 10)['phase'])
         self.assertTrue(self.b.find('VM', name_label='web-1'))
 
+    def test_pool_member_url_leads_to_the_master(self):
+        logger = self.useFixture(fixtures.FakeLogger(level=logging.WARNING))
+        self.a.fail('session.login_with_password', 'HOST_IS_SLAVE',
+                    '127.0.0.1')
+        pool = self.make_pool('pool-a', self.server_a)
+        self.assertIn(self.vm, pool.call('VM.get_all'))
+        self.assertEqual(2, self.a.calls.count(
+            'session.login_with_password'))
+        self.assertIn('is not the pool master', logger.output)
+
     def test_expired_session_logs_in_again(self):
         self.a.hold(0.3)
         mid = self.migrate()
@@ -489,9 +578,20 @@ class TestConnection(xfix.PoolsTestCase):
 
     def test_no_secret_in_the_logs_of_a_migration(self):
         logger = self.useFixture(fixtures.FakeLogger(level=logging.DEBUG))
-        self.assertEqual('done', self.wait(self.migrate())['phase'])
+        mid = self.migrate()
+        status = self.wait(mid)
+        self.assertEqual('done', status['phase'])
         self.assertNotIn('secret', logger.output)
         self.assertIn('logged in', logger.output)
+        # neither our sessions nor the destination's session in
+        # migrate_receive's token (it lets anyone act on pool B)
+        sessions = self.a.sessions | self.b.sessions
+        self.assertTrue(sessions)
+        for session_ref in sessions:
+            self.assertNotIn(session_ref, logger.output)
+            self.assertNotIn(session_ref, str(status))
+            self.assertNotIn(session_ref, str(self.engine.journal.get(
+                mid, role='source').state))
 
 
 class TestHTTPS(xfix.PoolsTestCase):
@@ -533,6 +633,16 @@ class TestRecover(xfix.PoolsTestCase):
         self.assertTrue(outcome.startswith('unknown'), outcome)
         self.assertIn('vm-uuid-1', outcome)
 
+    def test_task_xapi_forgot_is_reported(self):
+        engine = self.make_engine()
+        engine.journal.record('m3', 'source', 'copy', task='OpaqueRef:gone',
+                              task_uuid='t-uuid-3', vm='vm-uuid-3')
+        engine.recover()
+        status = engine.wait('m3', 10)
+        self.assertEqual('aborted', status['phase'])
+        self.assertIn('xapi no longer knows task t-uuid-3', status['error'])
+        self.assertIn('by hand', status['error'])
+
     def test_shutdown_leaves_xapi_tasks_running(self):
         state = self.make_tempdir()
         engine = self.make_engine(state_path=state)
@@ -554,3 +664,168 @@ class TestTaskResult(xfix.base.TestCase):
         self.assertEqual('OpaqueRef:x',
                          engine_mod.task_result('<value>OpaqueRef:x</value>'))
         self.assertEqual('', engine_mod.task_result(None))
+
+
+class _HTMLHandler(http.server.BaseHTTPRequestHandler):
+    """A web server that is not a pool master (a portal, a proxy)."""
+
+    status = 200
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get('Content-Length', 0)))
+        body = b'<html><body>Welcome to nginx!</body></html>'
+        self.send_response(self.status)
+        self.send_header('Content-Type', 'text/html')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class TestOperatorMistakes(xfix.PoolsTestCase):
+    """What an operator gets wrong gets a clear error, never a traceback.
+
+    Every refusal is an XSMError subclass (it crosses the RPC boundary as
+    itself and xsm-migrate prints its one line), names what was wrong,
+    comes quickly, and comes before xapi is asked to change anything.
+    """
+
+    def assertNothingStarted(self):
+        self.assertNotIn('host.migrate_receive', self.b.calls)
+        self.assertFalse([c for c in self.a.calls if c.startswith('Async')])
+        self.assertEqual(0, self.engine.active())
+
+    def with_destination(self, url, password='secret', **kwargs):
+        kwargs.setdefault('retry_interval', 0.01)
+        kwargs.setdefault('timeout', 5.0)
+        self.engine = engine_mod.XenAPIEngine(
+            'pool-a', self.make_pool('pool-a', self.server_a),
+            {'pool-b': session.Pool('pool-b', url, 'root', password,
+                                    **kwargs)},
+            state_path=self.make_tempdir(), poll_interval=0.02)
+        self.addCleanup(self.engine.shutdown)
+
+    def serve(self, server):
+        thread = threading.Thread(target=server.serve_forever,
+                                  kwargs={'poll_interval': 0.05},
+                                  daemon=True)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return 'http://127.0.0.1:%d/' % server.server_address[1]
+
+    def refused(self, exc_class=errors.XenAPIError, **kwargs):
+        exc = self.assertRaises(exc_class, self.migrate, **kwargs)
+        self.assertNothingStarted()
+        return str(exc)
+
+    def test_wrong_password_of_the_destination(self):
+        self.with_destination(self.server_b.url, password='wrong')
+        message = self.refused(errors.PoolUnreachable)
+        self.assertIn('pool pool-b', message)
+        self.assertIn('user root was refused', message)
+        self.assertNotIn('wrong', message.replace('wrong user', ''))
+
+    def test_url_of_something_that_is_not_a_pool_master(self):
+        for status in (200, 404):
+            handler = type('H', (_HTMLHandler,), {'status': status})
+            url = self.serve(http.server.HTTPServer(('127.0.0.1', 0),
+                                                    handler))
+            self.with_destination(url)
+            message = self.refused(errors.PoolUnreachable)
+            self.assertIn('does not answer as a XenAPI pool master',
+                          message)
+            self.assertIn(url, message)
+
+    def test_xml_rpc_server_without_xapi_s_envelope(self):
+        server = xmlrpc.server.SimpleXMLRPCServer(
+            ('127.0.0.1', 0), logRequests=False, allow_none=True)
+        server.register_function(lambda *a: {'ok': 1},
+                                 'session.login_with_password')
+        self.with_destination(self.serve(server))
+        message = self.refused(errors.PoolUnreachable)
+        self.assertIn('does not answer as a XenAPI pool master', message)
+
+    def test_master_that_is_down(self):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            url = 'http://127.0.0.1:%d/' % s.getsockname()[1]
+        self.with_destination(url)
+        message = self.refused(errors.PoolUnreachable)
+        self.assertIn('cannot reach the pool master', message)
+        self.assertIn('ConnectionRefusedError', message)
+
+    def test_master_that_never_answers_is_given_up_on_quickly(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(('127.0.0.1', 0))
+        listener.listen(8)                  # accepts, never answers
+        self.with_destination('http://127.0.0.1:%d/'
+                              % listener.getsockname()[1], timeout=0.5)
+        start = time.monotonic()
+        message = self.refused(errors.PoolUnreachable)
+        # one timeout, not one per retry
+        self.assertLess(time.monotonic() - start, 1.5)
+        self.assertIn('did not answer', message)
+        self.assertIn('within 0 s', message.replace('0.5', '0'))
+
+    def test_unusable_urls(self):
+        for url, why in (('ftp://xs-b', "not 'ftp'"),
+                         ('xs-b.example.net', "not ''"),
+                         ('https://root:hunter2@xs-b/', 'user name or '
+                          'password')):
+            self.with_destination(url)
+            message = self.refused(errors.PoolUnreachable)
+            self.assertIn('the pool URL is unusable', message)
+            self.assertIn(why, message)
+            self.assertNotIn('hunter2', message)
+
+    def test_names_that_do_not_exist(self):
+        self.assertIn("no network 'nope' in pool pool-b",
+                      self.refused(vif_map={'0': 'nope'}))
+        self.assertIn("no host 'nope' in pool pool-b",
+                      self.refused(dest='pool-b/nope'))
+        self.assertIn("no SR 'nope' in pool pool-b",
+                      self.refused(vdi_map=self.vdi_map('nope')))
+        self.assertIn('not a disk of the VM',
+                      self.refused(vdi_map=dict(self.vdi_map(),
+                                                nope='SR-B')))
+        self.assertIn("no VM called 'nope' in pool pool-a",
+                      self.refused(vm='nope'))
+        self.engine = self.make_engine(migration_network='nope')
+        self.assertIn("no network 'nope' in pool pool-b (the migration "
+                      "network)", self.refused())
+        self.assertIn('no VDI nope in pool pool-a', str(self.assertRaises(
+            errors.XenAPIError, self.engine.migrate_vdi, 'nope', 'NFS-A')))
+        message = str(self.assertRaises(
+            errors.XenAPIError, self.engine.migrate_vdi,
+            self.uuid(self.a, 'VDI', self.disk1), 'nope'))
+        self.assertIn("no SR 'nope' in pool pool-a (nor a local SR", message)
+        self.assertNothingStarted()
+
+    def test_unexpected_error_code_when_reading(self):
+        self.a.fail('SR.get_all_records', 'SOMETHING_NEW', 'a', 'b')
+        exc = self.assertRaises(errors.XenAPIError, lambda: self.engine.host
+                                .srs)
+        self.assertIn('XenAPI call failed: SOMETHING_NEW a b', str(exc))
+        self.b.fail('network.get_all_records', 'SOMETHING_NEW', 'c')
+        self.assertIn('SOMETHING_NEW c', self.refused())
+
+    def test_unexpected_error_code_of_a_task_and_of_polling(self):
+        self.a.fail_task('VM.migrate_send', 'INTERNAL_ERROR', 'boom',
+                         at=0.3)
+        status = self.wait(self.migrate())
+        self.assertEqual('aborted', status['phase'])
+        self.assertIn('INTERNAL_ERROR boom', status['error'])
+        # the message says which VM, disks and SRs it was about
+        self.assertIn("migrating VM web-1 (disks %s on SR 'Local storage') "
+                      "to pool-b (SR 'SR-B')"
+                      % ', '.join(sorted(self.vdi_map())), status['error'])
+        self.a.fail('task.get_record', 'SOMETHING_NEW', 'x')
+        status = self.wait(self.migrate())
+        self.assertEqual('aborted', status['phase'])
+        self.assertIn('SOMETHING_NEW x', status['error'])
+        self.assertNotIn("['", status['error'])
