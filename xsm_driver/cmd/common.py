@@ -99,4 +99,5 @@ def migration_options(conf):
         mirror_timeout=conf.agent.mirror_timeout,
         chunk=conf.agent.copy_chunk_mb * mib,
         depth=conf.agent.copy_depth,
-        connections=conf.agent.copy_connections)
+        connections=conf.agent.copy_connections,
+        receive_lease_timeout=conf.agent.receive_lease_timeout)

@@ -93,6 +93,21 @@ agent_opts = [
              'offers at most 8). One connection is encrypted by one thread '
              'and decrypted by one, so several use several cores.'),
     cfg.FloatOpt(
+        'receive_lease_timeout',
+        default=120.0, min=0,
+        help='Seconds this host, as the destination of a migration, keeps '
+             'receiving it without hearing from its source. A source renews '
+             'its lease on the receive every quarter of this time while the '
+             'migration runs; when no renewal came for this long (the '
+             'source host was lost, or cut off from this one), the receive '
+             'is rolled back: its disks, NBD server and TLS credentials '
+             'are removed and it no longer counts against '
+             'max_concurrent_migrations. A receive this host was told to '
+             'complete is never rolled back. Sources older than this '
+             'release do not renew and hold no lease. Keep it well above '
+             'the time a message takes on a slow or busy bus; 0 disables '
+             'the lease.'),
+    cfg.FloatOpt(
         'progress_interval',
         default=2.0, min=0.1,
         help='Seconds between two migration progress notifications '

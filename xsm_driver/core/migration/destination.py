@@ -25,6 +25,11 @@ again.
 Recovery after a crash: a migration found before ``switch-over`` is rolled
 back; one found in ``switch-over`` is finished when its VM record made it
 to disk and rolled back otherwise.
+
+Lease: a source that says it renews (``spec['renews']``) must renew its
+claim on the receive regularly; the manager rolls back a receive whose
+source stayed silent for the lease (:meth:`Receive.expire`), but never
+once the destination was told to complete.
 """
 
 import logging
@@ -98,6 +103,9 @@ class Receive:
         self._server = None
         self._creds = None
         self.result = None
+        #: ``{'silent': s, 'lease': s}`` once rolled back for want of a
+        #: lease renewal
+        self.expired = None
 
     @property
     def _cred_dir(self):
@@ -162,6 +170,8 @@ class Receive:
     def compose(self):
         """The copy is complete: make the copied bases durable."""
         with self._lock:
+            if self.phase == ABORTED:
+                raise aborted_error(self.id, self.host.name, self.expired)
             for _sr, rec in self._receivers.values():
                 rec.base.flush()
             self._record('compose')
@@ -177,9 +187,7 @@ class Receive:
             if self.phase == 'done':
                 return self.result
             if self.phase == ABORTED:
-                raise errors.MigrationAborted(id=self.id, reason='the '
-                                              'destination already aborted '
-                                              'it')
+                raise aborted_error(self.id, self.host.name, self.expired)
             self._record('switch-over')
             self._stop_server()
             new = {}
@@ -221,9 +229,27 @@ class Receive:
             self._receivers = {}
             self._forget_credentials()
             self.phase = ABORTED
-            self.host.journal.finish(self.id, ABORTED, role=ROLE)
+            state = {'expired': self.expired} if self.expired else {}
+            self.host.journal.finish(self.id, ABORTED, role=ROLE, **state)
             LOG.info('migration %s: destination rolled back', self.id)
             return ABORTED
+
+    def expire(self, silent, lease):
+        """Roll back: the source renewed no lease for ``silent`` seconds.
+
+        The same roll-back as :meth:`abort`, under the same lock as
+        :meth:`complete`, unless the destination was told to complete
+        (``switch-over`` or ``done``: its copy may be the VM now) or has
+        rolled back already. Whichever of this and :meth:`complete` takes
+        the lock first wins; the other finds it decided.
+
+        :returns: :data:`ABORTED` when it rolled back, else None.
+        """
+        with self._lock:
+            if self.phase in ('switch-over', 'done', ABORTED):
+                return None
+            self.expired = {'silent': round(silent, 1), 'lease': lease}
+            return self.abort()
 
     def _stop_server(self):
         if self._server is not None:
@@ -240,6 +266,20 @@ class Receive:
             pass        # a local move: the source's credentials are there
         if self._on_done is not None:
             self._on_done(self)
+
+
+def aborted_error(mid, host_name, expired):
+    """The error of a call on a receive that was rolled back.
+
+    :param expired: the receive's :attr:`Receive.expired` (or its
+        journal's ``expired``): None when it was rolled back on request.
+    """
+    if expired:
+        return errors.LeaseExpired(id=mid, host=host_name,
+                                   silent=expired.get('silent', 0),
+                                   lease=expired.get('lease', 0))
+    return errors.MigrationAborted(id=mid, reason='destination host %s '
+                                   'already rolled it back' % host_name)
 
 
 def recover(host, entry):

@@ -115,6 +115,21 @@ class MigrationAborted(MigrationError):
     msg_fmt = "migration %(id)s aborted: %(reason)s"
 
 
+class LeaseExpired(MigrationAborted):
+    """The destination rolled a receive back: its source went silent.
+
+    :param id: the migration.
+    :param host: the destination host.
+    :param silent: seconds the destination heard no renewal.
+    :param lease: the destination's ``[agent]receive_lease_timeout``.
+    """
+
+    msg_fmt = ("migration %(id)s aborted: destination host %(host)s rolled "
+               "back its receive after %(silent).0f s without a lease "
+               "renewal from the source (its [agent]receive_lease_timeout "
+               "is %(lease)g s); the VM and its disks stay on the source")
+
+
 class MigrationNotFound(MigrationError):
     """No such migration (``host``, when given, is named too)."""
 

@@ -38,6 +38,14 @@ A migration starts in one of two orders:
   3. source: :meth:`Manager.migrate_vm` with ``migration_id`` and that
      ``receive``: the engine claims the prepared receive (once only) and
      starts at the mirror, without a prepare of its own.
+
+Either way, once the receive is prepared (or claimed) a source that says
+it renews (``spec['renews']``, every source since RPC API 1.2) holds a
+*lease* on it: it calls :meth:`Manager.receive_renew` every quarter of
+the lease, and the destination rolls the receive back when no renewal
+came for ``receive_lease_timeout`` seconds -- a source lost for good, or
+cut off, leaves nothing behind -- unless it was told to complete. A
+source that never said it renews (an older one) holds no lease.
 """
 
 import dataclasses
@@ -45,6 +53,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid as uuidlib
 
 from xsm_driver.core.block import backends
@@ -91,6 +100,9 @@ class Options:
     #: (and a begun source migration for its start) before it is rolled
     #: back
     prepared_timeout: float = 300.0
+    #: seconds a receive whose source renews its lease waits for the next
+    #: renewal before it is rolled back; 0: no lease
+    receive_lease_timeout: float = 120.0
 
     def replace(self, **changes):
         return dataclasses.replace(self, **{k: v for k, v in changes.items()
@@ -118,6 +130,8 @@ class Manager:
         self._begun = {}
         #: receives prepared ahead, not claimed yet: id -> expiry Timer
         self._unclaimed = {}
+        #: receives whose source holds a lease: id -> _Lease
+        self._leases = {}
         #: given to each new source migration (see source.Migration)
         self.phase_hook = None
 
@@ -382,7 +396,15 @@ class Manager:
                               self.options.leaf_headroom)
 
     def receive_prepare(self, spec):
-        """Prepare the receive of a migration its source is starting."""
+        """Prepare the receive of a migration its source is starting.
+
+        The source's lease on it (see the module docstring) starts now.
+        """
+        rcv, answer = self._prepare_receive(spec)
+        self._start_lease(rcv)
+        return answer
+
+    def _prepare_receive(self, spec):
         rcv = destination.Receive(self.host, spec,
                                   spec.get('network') or self.options.address)
         with self._lock:
@@ -393,7 +415,7 @@ class Manager:
                                           'being received')
             self._forget_old()
             self._receives[spec['id']] = rcv
-        return rcv.prepare()
+        return rcv, rcv.prepare()
 
     def receive_prepare_ahead(self, spec, prepared_timeout=None):
         """Prepare a receive before its source starts (Nova's order).
@@ -411,7 +433,8 @@ class Manager:
             secrets.
         """
         self.receive_preflight(spec)
-        answer = self.receive_prepare(spec)
+        # the lease starts when the source claims it
+        _rcv, answer = self._prepare_receive(spec)
         mid = spec['id']
         wait = (self.options.prepared_timeout if prepared_timeout is None
                 else prepared_timeout)
@@ -449,6 +472,10 @@ class Manager:
         timer.cancel()
         LOG.info('migration %s: prepared receive claimed by host %s', mid,
                  source_host)
+        with self._lock:
+            rcv = self._receives.get(mid)
+        if rcv is not None:
+            self._start_lease(rcv)
 
     def _expire_receive(self, mid):
         with self._lock:
@@ -466,9 +493,117 @@ class Manager:
                           'failed; the agent rolls it back at its next '
                           'start', mid)
 
+    # -- destination role: the source's lease ---------------------------
+
+    def _start_lease(self, rcv):
+        """Hold ``rcv`` for its source, if the source renews.
+
+        No lease applies to a move within this host, nor when the option
+        is 0.
+        """
+        timeout = self.options.receive_lease_timeout
+        if not rcv.spec.get('renews') or not timeout or timeout <= 0 or \
+                rcv.spec.get('source_host') == self.host.name:
+            return
+        lease = _Lease(rcv.id, timeout)
+        with self._lock:
+            if rcv.phase != 'prepare-receive' or \
+                    self._receives.get(rcv.id) is not rcv:
+                return                  # rolled back meanwhile
+            self._leases[rcv.id] = lease
+            lease.arm(timeout, self._check_lease)
+        LOG.info('migration %s: host %s holds a lease of %g s on its '
+                 'receive', rcv.id, rcv.spec.get('source_host'), timeout)
+
+    def _stop_lease(self, mid):
+        with self._lock:
+            lease = self._leases.pop(mid, None)
+        if lease is not None:
+            lease.cancel()
+
+    def receive_renew(self, mid):
+        """The source renews its lease on the receive of ``mid``.
+
+        :returns: ``{'lease_timeout': seconds}`` while the lease runs;
+            ``{'lease_timeout': None}`` when the receive holds no lease
+            (the source need not renew any more): its source never said
+            it renews, a move within this host, leases are off, or it was
+            told to complete.
+        :raises errors.LeaseExpired: it was rolled back because no renewal
+            came in time; :class:`errors.MigrationAborted` when rolled
+            back otherwise; :class:`errors.MigrationNotFound` when this
+            host never received it.
+        """
+        with self._lock:
+            lease = self._leases.get(mid)
+            if lease is not None and lease.expiring:
+                # too late: it is being rolled back
+                raise errors.LeaseExpired(
+                    id=mid, host=self.host.name, lease=lease.timeout,
+                    silent=time.monotonic() - lease.renewed)
+            if lease is not None:
+                lease.renewed = time.monotonic()
+                return {'lease_timeout': lease.timeout}
+            rcv = self._receives.get(mid)
+        if rcv is not None and rcv.phase != destination.ABORTED:
+            return {'lease_timeout': None}
+        self._check_not_aborted(mid)
+        return {'lease_timeout': None}
+
+    def _check_lease(self, mid):
+        """The lease timer: roll back, or wait for what is left of it."""
+        with self._lock:
+            lease = self._leases.get(mid)
+            if lease is None:
+                return                  # stopped meanwhile
+            left = lease_left(lease.renewed, time.monotonic(), lease.timeout)
+            if left > 0:
+                lease.arm(left, self._check_lease)
+                return
+            # decided: from now on a renewal is refused
+            lease.expiring = True
+            rcv = self._receives.get(mid)
+        try:
+            if rcv is not None:
+                self._expire_lease(rcv, lease)
+        finally:
+            with self._lock:
+                if self._leases.get(mid) is lease:
+                    del self._leases[mid]
+
+    def _expire_lease(self, rcv, lease):
+        mid = rcv.id
+        silent = time.monotonic() - lease.renewed
+        try:
+            if rcv.expire(silent, lease.timeout) is not None:
+                LOG.warning('migration %s: no lease renewal from its source '
+                            'host %s for %.1f s (the lease is %g s); the '
+                            'receive was rolled back', mid,
+                            rcv.spec.get('source_host'), silent,
+                            lease.timeout)
+        except Exception:
+            LOG.exception('migration %s: rolling back the receive whose '
+                          'lease expired failed; the agent rolls it back '
+                          'at its next start', mid)
+
+    def _check_not_aborted(self, mid):
+        """Raise the error of a receive this host rolled back, if it did.
+
+        :raises errors.MigrationNotFound: no journal entry at all.
+        """
+        entry = self.host.journal.get(mid, role=destination.ROLE)
+        if entry is None:
+            raise errors.MigrationNotFound(id=mid, host=self.host.name)
+        if entry.phase == destination.ABORTED:
+            raise destination.aborted_error(mid, self.host.name,
+                                            entry.state.get('expired'))
+        return entry
+
     def _receive(self, mid):
         rcv = self._receives.get(mid)
         if rcv is None:
+            # forgotten once finished: the journal says how it ended
+            self._check_not_aborted(mid)
             raise errors.MigrationNotFound(id=mid, host=self.host.name)
         return rcv
 
@@ -476,13 +611,19 @@ class Manager:
         self._receive(mid).compose()
 
     def receive_complete(self, mid, vm_state):
-        return self._receive(mid).complete(vm_state)
+        rcv = self._receive(mid)
+        try:
+            return rcv.complete(vm_state)
+        finally:
+            # told to complete: the lease no longer decides anything
+            self._stop_lease(mid)
 
     def receive_abort(self, mid):
         with self._lock:
             timer = self._unclaimed.pop(mid, None)
         if timer is not None:
             timer.cancel()
+        self._stop_lease(mid)
         rcv = self._receives.get(mid)
         if rcv is not None:
             return rcv.abort()
@@ -496,13 +637,20 @@ class Manager:
         return destination.ABORTED
 
     def receive_status(self, mid):
+        """Phase and result of a receive, and why it was rolled back.
+
+        ``expired`` is ``{'silent': s, 'lease': s}`` when it was rolled
+        back for want of a lease renewal, else None.
+        """
         rcv = self._receives.get(mid)
         if rcv is not None:
-            return {'phase': rcv.phase, 'result': rcv.result}
+            return {'phase': rcv.phase, 'result': rcv.result,
+                    'expired': rcv.expired}
         entry = self.host.journal.get(mid, role=destination.ROLE)
         if entry is None:
-            return {'phase': None, 'result': None}
-        return {'phase': entry.phase, 'result': entry.state.get('result')}
+            return {'phase': None, 'result': None, 'expired': None}
+        return {'phase': entry.phase, 'result': entry.state.get('result'),
+                'expired': entry.state.get('expired')}
 
     # -- recovery ----------------------------------------------------------
 
@@ -541,6 +689,11 @@ class Manager:
         with self._lock:
             begun, self._begun = list(self._begun.values()), {}
             unclaimed, self._unclaimed = dict(self._unclaimed), {}
+            leases, self._leases = list(self._leases.values()), {}
+        # A receive under way stays; the journal rolls it back at the next
+        # start.
+        for lease in leases:
+            lease.cancel()
         for b in begun:
             self._drop_begun(b, 'the agent is stopping')
         for mid, timer in unclaimed.items():
@@ -569,6 +722,41 @@ class _Begun:
         self.dest_host = dest_host
         self.creds = creds
         self.timer = None
+
+
+class _Lease:
+    """A source's lease on a receive of this host."""
+
+    def __init__(self, mid, timeout):
+        self.id = mid
+        self.timeout = timeout
+        self.renewed = time.monotonic()
+        self.timer = None
+        #: the lease ran out: the receive is being rolled back
+        self.expiring = False
+
+    def arm(self, seconds, check):
+        """Call ``check(id)`` in ``seconds`` (under the manager's lock)."""
+        self.timer = _timer(seconds, check, self.id)
+        self.timer.name = 'xsm-lease'
+        self.timer.start()
+
+    def cancel(self):
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def lease_left(renewed, now, timeout):
+    """Seconds a lease renewed at ``renewed`` still runs at ``now``.
+
+    ``<= 0``: the source has been silent for the whole lease.
+
+    >>> lease_left(100.0, 130.0, 120.0)
+    90.0
+    >>> lease_left(100.0, 220.0, 120.0)
+    0.0
+    """
+    return timeout - (now - renewed)
 
 
 def _timer(seconds, func, *args):
@@ -706,6 +894,9 @@ class LocalPeer:
 
     def claim(self, mid, source_host):
         return self._m.receive_claim(mid, source_host)
+
+    def renew(self, mid, timeout=None):
+        return self._m.receive_renew(mid)
 
     def compose(self, mid):
         return self._m.receive_compose(mid)

@@ -32,9 +32,18 @@ before), and has the destination remove everything it made.
 
 The destination is reached through a *peer* object with the methods
 ``preflight(spec)``, ``prepare(spec)``, ``compose(id)``,
-``complete(id, vm_state)``, ``abort(id)`` and ``status(id)``; the RPC layer
+``complete(id, vm_state)``, ``abort(id)`` and ``status(id)``, and
+optionally ``claim(id, host)`` and ``renew(id, timeout)``; the RPC layer
 provides one over oslo.messaging, the manager a local one for moves
 between two SRs of the same host.
+
+Lease: the request says the source renews (``renews``); from the
+prepare (or claim) until the migration ends, a thread renews the
+migration's lease on the destination's receive every quarter of the
+lease the destination answers (:func:`renew_interval`). A failed renewal
+is only logged -- the destination's lease decides -- but a destination
+that answers it has rolled the receive back aborts the migration, as a
+cancel does.
 """
 
 import concurrent.futures
@@ -133,6 +142,9 @@ class Migration:
         self._guest_writes_before = None
         self.guest_writes = 0
         self.thread = None
+        self._renewing = threading.Event()      # set: stop renewing
+        self._renewer = None
+        self._leased = False                    # the destination said so
         #: called as ``phase_hook(migration, phase)`` on each new phase
         self.phase_hook = None
 
@@ -228,6 +240,29 @@ class Migration:
         self._cancel.set()
         self._abort_connections()
 
+    def _lease_lost(self, exc):
+        """The destination rolled its receive back: abort, as a cancel.
+
+        From the switch-over on it changes nothing: the destination's
+        answer to the commit decides.
+        """
+        if isinstance(exc, errors.LeaseExpired):
+            # (from over RPC: without the remote traceback in its message)
+            try:
+                exc = errors.LeaseExpired(**exc.kwargs)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                pass
+        with self._lock:
+            if not plan.can_abort(self.phase):
+                return
+            if self.error is None or (
+                    isinstance(exc, errors.LeaseExpired) and
+                    not isinstance(self.error, errors.LeaseExpired)):
+                self.error = exc
+        LOG.error('migration %s: %s', self.id, exc)
+        self._cancel.set()
+        self._abort_connections()
+
     def _check(self):
         if self._cancel.is_set():
             raise self.error or errors.MigrationAborted(id=self.id,
@@ -258,6 +293,7 @@ class Migration:
             self._clean_up()
             self._set_phase('done', result=self.result)
         except Exception as exc:
+            self._stop_renewing()
             with self._lock:
                 if self.error is None:
                     self.error = exc
@@ -270,6 +306,7 @@ class Migration:
                               'failed; run the agent again to finish it',
                               self.id)
         finally:
+            self._stop_renewing(wait=True)
             self.progress.stop()
             if self.vm is not None and self._guest_writes_before is not None \
                     and self.vm.workload is not None:
@@ -326,6 +363,8 @@ class Migration:
                 'cross_pool': self.kind == 'vm',
                 'network': self.options.network,
                 'copy_connections': self._copy_connections(),
+                # this source renews a lease on the receive (API 1.2)
+                'renews': True,
                 'vdis': [self._describe(i) for i in self._items]}
 
     def _copy_connections(self):
@@ -355,9 +394,87 @@ class Migration:
                              ROLE), 'client', hosts=[self.host.name])
             spec = dict(self.spec, client_ca_pem=self._creds.ca_pem)
             self._remote = self.peer.prepare(spec)
+        self._start_renewing()
         self._tls = self._creds.client_context(self._remote['server_ca_pem'])
         for item in self._items:
             item.export = self._remote['exports'][item.vdi]
+
+    # -- the lease on the destination's receive ----------------------------
+
+    def _start_renewing(self):
+        renew = getattr(self.peer, 'renew', None)
+        if renew is None or self._renewer is not None:
+            return
+        self._renewer = threading.Thread(
+            target=self._renew_loop, args=(renew,), daemon=True,
+            name='xsm-renew-%s' % self.id[:8])
+        self._renewer.start()
+
+    def _stop_renewing(self, wait=False):
+        self._renewing.set()
+        renewer = self._renewer
+        if wait and renewer is not None:
+            # A renewal in flight ends within its own timeout; the
+            # migration does not wait that long for it.
+            renewer.join(2.0)
+
+    def _renew_loop(self, renew):
+        """Renew until the migration ends or the receive holds no lease."""
+        interval = renew_interval(self.options.receive_lease_timeout)
+        failures = 0
+        while not self._renewing.is_set():
+            started = time.monotonic()
+            try:
+                # no call may outlast half the lease
+                answer = renew(self.id, timeout=interval * 2)
+            except (errors.MigrationAborted, errors.MigrationNotFound) as exc:
+                if not self._renewing.is_set():
+                    self._lease_lost(exc)
+                return
+            except Exception as exc:
+                failures += 1
+                LOG.warning('migration %s: renewing the lease on the '
+                            'receive of host %s failed (%d in a row: %s); '
+                            'trying again in %.1f s', self.id,
+                            self.dest_host, failures, exc, interval)
+            else:
+                lease = (answer or {}).get('lease_timeout')
+                if not lease:
+                    LOG.debug('migration %s: the receive of host %s holds '
+                              'no lease', self.id, self.dest_host)
+                    return
+                if not self._leased or failures:
+                    LOG.info('migration %s: host %s holds the receive for '
+                             '%g s without a renewal; renewing every '
+                             '%.1f s', self.id, self.dest_host, lease,
+                             renew_interval(lease))
+                self._leased = True
+                failures = 0
+                interval = renew_interval(lease)
+            self._renewing.wait(max(0.0, started + interval -
+                                    time.monotonic()))
+
+    def _explain_failure(self):
+        """A failure caused by the destination's lease says so.
+
+        When the destination rolled the receive back for want of a
+        renewal, the data path fails first (its server closed): ask the
+        destination why, and report that instead.
+        """
+        if not self._leased or isinstance(self.error, errors.LeaseExpired):
+            return
+        try:
+            expired = (self.peer.status(self.id) or {}).get('expired')
+        except Exception:
+            return
+        if isinstance(expired, dict):
+            error = errors.LeaseExpired(id=self.id, host=self.dest_host,
+                                        silent=expired.get('silent', 0),
+                                        lease=expired.get('lease', 0))
+            LOG.error('migration %s: %s (what failed here: %s)', self.id,
+                      error, self.error)
+            with self._lock:
+                self.error = error
 
     def _connect(self, export):
         # A dead link fails the connection within the mirror timeout
@@ -629,6 +746,7 @@ class Migration:
             except Exception:
                 LOG.exception('migration %s: restoring VDI %s failed',
                               self.id, item.vdi)
+        self._explain_failure()
         try:
             if self.phase != 'preflight':
                 self.peer.abort(self.id)
@@ -658,6 +776,24 @@ class Migration:
         if item.remote_leaf is not None:
             self._disconnect(item.remote_leaf)
             item.remote_leaf = None
+
+
+#: the lease a source assumes until the destination names its own
+DEFAULT_LEASE = 120.0
+
+
+def renew_interval(lease):
+    """Seconds between two renewals of a lease of ``lease`` seconds.
+
+    A quarter: three renewals in a row may be lost or late before the
+    lease runs out. Without a lease of its own (0) a source renews as for
+    :data:`DEFAULT_LEASE` until the destination names its lease.
+
+    >>> renew_interval(120), renew_interval(1), renew_interval(0)
+    (30.0, 0.25, 30.0)
+    """
+    lease = float(lease) if lease and lease > 0 else DEFAULT_LEASE
+    return lease / 4
 
 
 def copy_exports(export, wanted, ranges):

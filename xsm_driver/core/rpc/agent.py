@@ -159,6 +159,13 @@ class AgentEndpoint:
     def receive_claim(self, context, migration, source_host):
         self.manager.receive_claim(migration, source_host)
 
+    def receive_renew(self, context, migration):
+        renew = getattr(self.manager, 'receive_renew', None)
+        if renew is None:
+            # an engine that receives no native migration holds no lease
+            return {'lease_timeout': None}
+        return renew(migration)
+
     def receive_compose(self, context, migration):
         self.manager.receive_compose(migration)
 

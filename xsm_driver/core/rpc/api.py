@@ -22,13 +22,17 @@ API version history:
   ``receive_claim``; ``migrate_vm`` takes ``migration_id`` and
   ``receive``; ``migration_abort`` drops a begun migration; ``vdi_import``
   writes an image file into a VDI.
+* 1.2 - leases: ``receive_renew``, which a source that says so in its
+  request (``spec['renews']``) calls while its migration runs; the
+  destination rolls back a receive whose lease runs out.
+  ``receive_status`` answers ``expired`` too.
 """
 
 import oslo_messaging as messaging
 
 from xsm_driver.core import rpc
 
-VERSION = '1.1'
+VERSION = '1.2'
 #: the version calls that exist since 1.0 are sent as, so that a 1.0 agent
 #: still answers them
 BASE_VERSION = '1.0'
@@ -166,6 +170,11 @@ class AgentAPI:
         return self.call('migration_force_complete', migration=migration)
 
 
+#: what an agent that predates a call answers it (as oslo.messaging names
+#: the errors of its dispatcher, which cross the bus as RemoteError)
+_UNKNOWN_CALL = ('UnsupportedVersion', 'NoSuchMethod')
+
+
 class RemotePeer:
     """The destination role of another host, over RPC (see source.py)."""
 
@@ -181,6 +190,23 @@ class RemotePeer:
     def claim(self, mid, source_host):
         return self._api.call('receive_claim', version='1.1', migration=mid,
                               source_host=source_host)
+
+    def renew(self, mid, timeout=None):
+        """Renew the lease on a receive (new in 1.2).
+
+        :param timeout: seconds to wait for the answer.
+        :returns: the destination's answer (``{'lease_timeout'}``), or
+            None from a destination older than 1.2 (it holds no lease).
+        """
+        try:
+            return self._api.call('receive_renew', version='1.2',
+                                  timeout=timeout, migration=mid)
+        except (messaging.UnsupportedVersion, messaging.NoSuchMethod):
+            return None                 # (as the fake:// driver raises it)
+        except messaging.RemoteError as exc:
+            if exc.exc_type in _UNKNOWN_CALL:
+                return None
+            raise
 
     def compose(self, mid):
         return self._api.call('receive_compose', migration=mid)

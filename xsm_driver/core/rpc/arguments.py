@@ -57,6 +57,7 @@ _OPTION_BOUNDS = {
     'pause_timeout': (numbers.Real, 0.1, 1e6),
     'mirror_timeout': (numbers.Real, 0.1, 1e6),
     'prepared_timeout': (numbers.Real, 0.1, 1e6),
+    'receive_lease_timeout': (numbers.Real, 0, 1e6),
     'connections': (int, 1, 8),
 }
 _MIGRATION_ID = re.compile(r'[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}')
@@ -108,6 +109,8 @@ def _check_spec(method, spec):
     for key in ('source_host', 'network', 'client_ca_pem'):
         _check_value(method, 'spec.' + key, spec.get(key), str,
                      optional=True)
+    _check_value(method, 'spec.renews', spec.get('renews'), bool,
+                 optional=True)
     vif_map = _check_value(method, 'spec.vif_map', spec.get('vif_map'),
                            dict, optional=True)
     for key, value in (vif_map or {}).items():
