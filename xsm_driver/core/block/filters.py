@@ -184,6 +184,16 @@ class Mirror(device.Filter):
     range lock of that aligned range. A zero or trim sends its aligned
     middle as a zero, and only its partial edge blocks as data.
 
+    A remote that can send a write from the caller's thread (it has
+    ``aio_pwrite(data, offset, fua, deadline)``, as
+    :class:`~xsm_driver.core.block.nbd.NBDDevice` has) gets the guest's
+    writes that way: the request leaves before the local write starts and
+    the guest's thread waits for the reply itself, with no hand-off to and
+    from a worker thread (each costs a wake-up and a turn at the GIL, a
+    millisecond or more on a busy host). The send has the same deadline as
+    the reply, so a remote that stopped reading cannot hold the guest
+    longer than ``timeout`` either.
+
     :param local: the device the guest's data lives on.
     :param remote: the second device (usually an NBD client).
     :param on_failure: callable taking the exception, called once.
@@ -262,6 +272,62 @@ class Mirror(device.Filter):
         except Exception as exc:
             self._drop(remote, exc)
 
+    def _deadline(self):
+        return (None if self._timeout is None
+                else time.monotonic() + self._timeout)
+
+    @staticmethod
+    def _sends_itself(remote, fua):
+        """Whether ``remote`` can take a write from the guest's thread."""
+        return (getattr(remote, 'aio_pwrite', None) is not None and
+                (not fua or getattr(remote, 'can_fua', False)))
+
+    def _send(self, remote, data, offset, fua, deadline):
+        """Send a write to the remote now; None when it failed (dropped)."""
+        try:
+            return remote.aio_pwrite(data, offset, fua, deadline)
+        except Exception as exc:
+            self._drop(remote, exc)
+            return None
+
+    def _wait_sent(self, remote, sent, deadline):
+        """Wait for a write :meth:`_send` sent; drop a failed remote.
+
+        A remote that has not answered by ``deadline`` has failed too
+        (``sent.wait`` raises ETIMEDOUT).
+        """
+        try:
+            sent.wait(None if deadline is None
+                      else max(0.0, deadline - time.monotonic()))
+        except Exception as exc:
+            self._drop(remote, exc)
+
+    def _pwrite_direct(self, remote, data, offset, length, fua):
+        """A guest write mirrored from the guest's own thread."""
+        start, end = self._span(offset, length)
+        if start == offset and end == offset + length:
+            with self._ranges.hold(offset, length):
+                deadline = self._deadline()
+                sent = self._send(remote, data, offset, fua, deadline)
+                try:
+                    return self.next.pwrite(data, offset, fua)
+                finally:
+                    if sent is not None:
+                        self._wait_sent(remote, sent, deadline)
+        with self._ranges.hold(start, end - start):
+            local = self.next
+            result = local.pwrite(data, offset, fua)
+            deadline = self._deadline()
+            try:
+                block = local.pread(start, end - start)
+            except Exception as exc:
+                self._drop(remote, exc)
+                return result
+            sent = self._send(remote, block, start, fua, deadline)
+            if sent is not None:
+                self._wait_sent(remote, sent, deadline)
+            return result
+
     def _both(self, call, offset=None, length=0):
         remote = self._remote
         if remote is None:
@@ -311,9 +377,17 @@ class Mirror(device.Filter):
         remote.pwrite(local.pread(start, end - start), start, fua)
 
     def pwrite(self, data, offset, fua=False):
+        length = len(memoryview(data).cast('B'))
+        remote = self._remote
+        if remote is None or offset < 0 or offset + length > self.size:
+            # outside the disk: the local device refuses it, the remote
+            # (and the migration) is left out of it
+            return self.next.pwrite(data, offset, fua)
+        if length and self._sends_itself(remote, fua):
+            return self._pwrite_direct(remote, data, offset, length, fua)
         return self._write(
             lambda dev: dev.pwrite(data, offset, fua),
-            offset, len(memoryview(data).cast('B')),
+            offset, length,
             lambda remote, local, start, end: self._copy_back(
                 remote, local, start, end, fua))
 

@@ -13,6 +13,8 @@
 """A remote NBD export used as a block device."""
 
 import contextlib
+import errno
+import time
 
 from xsm_driver.core.block import device
 from xsm_driver.core.nbd import client as nbd_client
@@ -25,6 +27,35 @@ def _as_block_errors():
         yield
     except nbd_client.NBDError as exc:
         raise device.BlockError(str(exc), errno=exc.errno)
+
+
+class PendingWrite:
+    """A write sent by :meth:`NBDDevice.aio_pwrite`; ``wait()`` for it."""
+
+    def __init__(self, name, pendings):
+        self.name = name
+        self._pendings = pendings
+
+    def wait(self, timeout=None):
+        """Wait for every reply.
+
+        :param timeout: seconds in all (None: no limit).
+        :raises device.BlockError: the server failed the write, the
+            connection broke, or ``timeout`` expired (ETIMEDOUT, "no
+            answer").
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        with _as_block_errors():
+            for pending in self._pendings:
+                try:
+                    pending.wait(None if end is None else
+                                 max(0.0, end - time.monotonic()))
+                except nbd_client.NBDError:
+                    if pending.error is not None:
+                        raise
+                    raise device.BlockError(
+                        device=self.name, errno=errno.ETIMEDOUT,
+                        reason='no answer within %s s' % timeout)
 
 
 class NBDDevice(device.BlockDevice):
@@ -66,6 +97,36 @@ class NBDDevice(device.BlockDevice):
             self.client.pwrite(data, offset, fua and self.can_fua)
             if fua and not self.can_fua and self.can_flush:
                 self.client.flush()
+
+    def aio_pwrite(self, data, offset, fua=False, deadline=None):
+        """Send a write now, from the calling thread; wait for it later.
+
+        The request is on its way (or has failed) when this returns, so
+        the caller can do something else meanwhile (the mirror writes the
+        local copy) and then :meth:`PendingWrite.wait` for the reply: no
+        thread hand-off on the way out.
+
+        :param deadline: ``time.monotonic()`` value past which the caller
+            is not kept blocked by a send (a server that stopped reading):
+            the connection is then failed and every request on it fails.
+        :returns: a :class:`PendingWrite`.
+        :raises device.BlockError: the write could not be sent.
+        """
+        if fua and not self.can_fua:
+            raise device.BlockError(device=self.name, errno=errno.EOPNOTSUPP,
+                                    reason='the export cannot do FUA writes')
+        view = memoryview(data).cast('B')
+        self.check_range(offset, len(view))
+        client = self.client
+        step = client.max_request
+        with _as_block_errors():
+            if len(view) <= step:
+                sent = [client.aio_pwrite(view, offset, fua, deadline)]
+            else:
+                sent = [client.aio_pwrite(view[at:at + step], offset + at,
+                                          fua, deadline)
+                        for at in range(0, len(view), step)]
+        return PendingWrite(self.name, sent)
 
     def flush(self):
         if self.can_flush:

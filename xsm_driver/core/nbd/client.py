@@ -16,6 +16,12 @@ Any number of threads may call it at once: each request is sent under a
 lock and a reader thread completes requests as their replies arrive, in
 any order. ``aio_*`` methods return a :class:`Pending` so that one thread
 can keep several requests in flight; the plain methods wait.
+
+A request may be sent with a *deadline* (``aio_pwrite(..., deadline=D)``):
+a sender blocked past it (a server that stopped reading, a link whose
+buffers are full) does not block its caller longer. The connection is
+then failed and shut down, so that no other frame ever follows the one
+left half sent, and every request in flight fails (ETIMEDOUT).
 """
 
 import errno
@@ -23,6 +29,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 
 from xsm_driver.core import exception
 from xsm_driver.core.nbd import constants as c
@@ -88,6 +95,11 @@ def _set_user_timeout(sock, seconds):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+#: requests and replies up to this size go out in one send (and one TLS
+#: record): a write header and its payload arrive together at the server
+_JOIN_UP_TO = 64 * 1024
+
+
 def _shutdown(sock):
     """shutdown(2) ``sock`` at once, whatever other threads do with it.
 
@@ -145,6 +157,12 @@ class Client:
         self._sock = None
         self._reader = None
         self._closing = False
+        # the send deadline watchdog (see _watch_loop)
+        self._watch = threading.Condition(threading.Lock())
+        self._watcher = None
+        self._watch_at = None          # when the watchdog wakes next
+        self._watch_span = None        # seconds of the last deadline
+        self._send_deadline = None     # of the send in progress, if any
         self.size = None
         self.flags = 0
         self.structured = False
@@ -231,8 +249,22 @@ class Client:
 
     # -- requests ---------------------------------------------------------
 
-    def _submit(self, pending, make_event):
-        with self._send:
+    def _submit(self, pending, make_event, deadline=None):
+        """Send a request; its reply completes ``pending``.
+
+        :param deadline: ``time.monotonic()`` value by which the request
+            must be on its way: waiting for the send lock past it fails
+            this request alone (nothing was sent); a send still blocked
+            at it fails the connection (see :meth:`_expire_send`).
+        """
+        if deadline is None:
+            self._send.acquire()
+        elif not self._send.acquire(timeout=max(
+                0.0, deadline - time.monotonic())):
+            raise NBDError(where=self.name, errno=errno.ETIMEDOUT,
+                           reason='%s not sent: another request is still '
+                           'being sent' % pending.kind)
+        try:
             with self._core:
                 if self._failure is not None:
                     raise self._failure
@@ -243,16 +275,86 @@ class Client:
                     raise NBDError(where=self.name, errno=errno.EINVAL,
                                    reason=str(exc))
                 self._pending[handle] = pending
+            if deadline is not None:
+                self._watch_send(deadline)
             try:
                 self._write(buffers)
             except (OSError, ssl.SSLError) as exc:
                 self._fail(NBDError(where=self.name, errno=errno.EPIPE,
                                     reason='connection lost: %s' % exc))
+            finally:
+                if deadline is not None:
+                    self._unwatch_send()
+        finally:
+            self._send.release()
         return pending
 
     def _write(self, buffers):
+        total = sum(len(b) for b in buffers)
+        if len(buffers) > 1 and total <= _JOIN_UP_TO:
+            buffers = [b''.join(buffers)]
         for buf in buffers:
             self._sock.sendall(buf)
+
+    # -- send deadlines ---------------------------------------------------
+    #
+    # One watchdog thread per client, started with the first deadline. A
+    # sender wakes it only when its deadline comes before the watchdog's
+    # next wake-up; otherwise announcing a send costs two uncontended lock
+    # operations. The watchdog sleeps one timeout at a time (the last one
+    # announced), so with a steady stream of requests it wakes about once
+    # per timeout, never once per request.
+
+    def _watch_send(self, deadline):
+        with self._watch:
+            self._send_deadline = deadline
+            self._watch_span = max(deadline - time.monotonic(), 0.001)
+            if self._watcher is None:
+                self._watch_at = deadline
+                self._watcher = threading.Thread(
+                    target=self._watch_loop, daemon=True,
+                    name='xsm-nbd-send-deadline')
+                self._watcher.start()
+            elif self._watch_at > deadline:
+                self._watch_at = deadline
+                self._watch.notify()
+
+    def _unwatch_send(self):
+        with self._watch:
+            self._send_deadline = None
+
+    def _watch_loop(self):
+        with self._watch:
+            while not self._closing:
+                now = time.monotonic()
+                deadline = self._send_deadline
+                if deadline is not None and now >= deadline:
+                    self._send_deadline = None
+                    self._watch.release()
+                    try:
+                        self._expire_send()
+                    finally:
+                        self._watch.acquire()
+                    continue
+                if deadline is None:
+                    # no send in progress: any later one ends later
+                    deadline = now + self._watch_span
+                self._watch_at = deadline
+                self._watch.wait(deadline - now)
+
+    def _expire_send(self):
+        """A send outlived its deadline: fail the connection, unblock it.
+
+        The frame it was sending may be cut short on the wire; nothing
+        else is ever sent on this connection (the failure is recorded
+        first), and the shutdown ends the blocked send.
+        """
+        self._fail(NBDError(where=self.name, errno=errno.ETIMEDOUT,
+                            reason='a request could not be sent in time: '
+                            'the server is not reading'))
+        sock = self._sock
+        if sock is not None:
+            _shutdown(sock)
 
     def _chunks(self, offset, length):
         step = self.max_request
@@ -263,10 +365,16 @@ class Client:
         return self._submit(Pending('read', offset, length),
                             lambda h: p.ReadRequest(h, offset, length, flags))
 
-    def aio_pwrite(self, data, offset, fua=False):
+    def aio_pwrite(self, data, offset, fua=False, deadline=None):
+        """Send a write (at most :attr:`max_request` bytes) now.
+
+        :param deadline: ``time.monotonic()`` value past which the caller
+            is not kept blocked by the send (see the module docstring).
+        :returns: a :class:`Pending`.
+        """
         flags = c.NBD_CMD_FLAG_FUA if fua else 0
         return self._submit(Pending('write'), lambda h: p.WriteRequest(
-            h, offset, data, flags))
+            h, offset, data, flags), deadline)
 
     def pread(self, offset, length):
         if length <= self.max_request:
@@ -425,6 +533,8 @@ class Client:
         self._fail(NBDError(where=self.name, errno=errno.ESHUTDOWN,
                             reason='the client closed the connection'))
         _shutdown(sock)
+        with self._watch:
+            self._watch.notify_all()
         reader = self._reader
         if reader is not None and reader is not threading.current_thread():
             reader.join(self.timeout)

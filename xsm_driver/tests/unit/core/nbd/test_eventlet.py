@@ -167,6 +167,39 @@ try:
         client.close()
         assert not client._reader.is_alive()
         print('ok %s server stop with a client' % what, flush=True)
+
+        # a server that stops reading: a send blocked past its deadline
+        # ends there (the watchdog shuts the socket down under it)
+        transmit = nbd_server._Handler._transmit
+        nbd_server._Handler._transmit = (
+            lambda handler, _dev: handler.server._stopping.wait())
+        try:
+            server = nbd_server.Server({'disk': dev}, workers=2,
+                                       tls_context=server_ctx if tls_on
+                                       else None).start()
+            client = connect(server, tls_on)
+            data = bytes(4 * MiB)
+            slowest = 0.0
+            for n in range(64):
+                start = time.monotonic()
+                try:
+                    client.aio_pwrite(data, (n % 4) * 4 * MiB,
+                                      deadline=start + 0.5)
+                except nbd_client.NBDError as exc:
+                    assert exc.errno == errno.ETIMEDOUT, exc
+                slowest = max(slowest, time.monotonic() - start)
+                if client._failure is not None:
+                    break
+            assert client._failure is not None, 'no send ever blocked'
+            assert client._failure.errno == errno.ETIMEDOUT, client._failure
+            assert 0.25 < slowest < 2.0, slowest
+            client.close()
+            assert not client._reader.is_alive()
+            server.stop()
+        finally:
+            nbd_server._Handler._transmit = transmit
+        print('ok %s send deadline on a server that stopped reading'
+              % what, flush=True)
     dev.close()
 finally:
     shutil.rmtree(top, ignore_errors=True)
@@ -177,7 +210,8 @@ SCENARIOS = ['%s %s' % (what, step) for what in ('tls', 'plain')
              for step in ('round trip and close',
                           'close with requests in flight',
                           'abort and close',
-                          'server stop with a client')]
+                          'server stop with a client',
+                          'send deadline on a server that stopped reading')]
 
 
 class EventletTest(base.TestCase):
