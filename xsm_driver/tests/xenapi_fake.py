@@ -106,6 +106,7 @@ class FakePool:
         self._drop = collections.defaultdict(list)
         self._hold_at = None
         self._released = threading.Event()
+        self._task_threads = []
         self.storage = collections.Counter()     # running, per host ref
         self.peak_storage = 0
         self.max_storage = 3
@@ -355,9 +356,22 @@ class FakePool:
             if self._fail_task[name]:
                 plan = self._fail_task[name].pop(0)
         thread = threading.Thread(target=self._run_task,
-                                  args=(task, func, args, plan), daemon=True)
+                                  args=(task, func, args, plan), daemon=True,
+                                  name='fake-xapi-task')
+        with self.lock:
+            self._task_threads = [t for t in self._task_threads
+                                  if t.is_alive()] + [thread]
         thread.start()
         return task
+
+    def stop_tasks(self, timeout=5.0):
+        """Let the tasks still running end (a held one is released)."""
+        self.release()
+        with self.lock:
+            threads, self._task_threads = self._task_threads, []
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run_task(self, task, func, args, fail_plan):
         rec = self.db['task'][task]
@@ -635,6 +649,33 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._open = {}                 # connection -> its handler thread
+        self._open_lock = threading.Lock()
+
+    def process_request_thread(self, request, client_address):
+        with self._open_lock:
+            self._open[request] = threading.current_thread()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open.pop(request, None)
+
+    def close_connections(self, timeout=5.0):
+        """Hang up on every client (kept-alive ones wait in a read)."""
+        with self._open_lock:
+            items = list(self._open.items())
+        for conn, _thread in items:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for _conn, thread in items:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
 
 class XenAPIServer:
     """Serve a :class:`FakePool` on ``http://127.0.0.1:<port>/``."""
@@ -666,4 +707,7 @@ class XenAPIServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+        # the handler threads of connections clients kept open
+        self._server.close_connections()
+        self.pool.stop_tasks()
         REGISTRY.pop(self.pool.name, None)

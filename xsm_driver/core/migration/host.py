@@ -117,7 +117,11 @@ class Host:
                                                         'journal.sqlite'))
         self._vms_file = os.path.join(state_path, 'vms.json')
         self._lock = threading.RLock()
-        self.vms = self._load_vms()
+        try:
+            self.vms = self._load_vms()
+        except BaseException:
+            self.journal.close()
+            raise
 
     @classmethod
     def from_config(cls, name, sr_specs, state_path):
@@ -127,6 +131,39 @@ class Host:
             sr_name, driver, path = parse_sr_spec(spec)
             srs[sr_name] = sr_mod.load_driver(driver, sr_name, path)
         return cls(name, srs, state_path)
+
+    def close(self):
+        """Release what the host holds: the agent is stopping.
+
+        Each running VM's guest is stopped and its disks detached (their
+        files closed), and the journal is closed. The VM records are left
+        as they are: a VM running now is ``halted`` when the host is built
+        again, as after a crash. Calling it again does nothing.
+        """
+        with self._lock:
+            vms = list(self.vms.values())
+        for vm in vms:
+            with vm.lock:
+                if vm.workload is not None:
+                    try:
+                        vm.workload.stop()
+                    except Exception:
+                        LOG.exception('host %s: stopping the guest of VM '
+                                      '%s failed', self.name, vm.uuid)
+                for disk in vm.disks:
+                    try:
+                        disk.detach()
+                    except Exception:
+                        LOG.exception('host %s: detaching disk %s of VM %s '
+                                      'failed', self.name, disk.name,
+                                      vm.uuid)
+        self.journal.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # -- records -----------------------------------------------------------
 

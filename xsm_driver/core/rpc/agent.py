@@ -183,7 +183,8 @@ class Agent:
     """Serve a host over oslo.messaging.
 
     :param transport: an RPC transport (see :func:`api.get_transport`).
-    :param host: the :class:`~xsm_driver.core.migration.host.Host`.
+    :param host: the :class:`~xsm_driver.core.migration.host.Host`; the
+        agent owns it from then on (:meth:`stop` closes it).
     :param options: :class:`~xsm_driver.core.migration.manager.Options`.
     :param notifier_transport: where notifications go (None: none sent).
     :param engine: ``engine(peer_factory)`` builds the migration engine
@@ -233,12 +234,24 @@ class Agent:
         return self
 
     def stop(self):
+        """Stop serving, stop the engine, then release the host.
+
+        The host's journal is closed and the disks of its running VMs are
+        detached (see :meth:`Host.close
+        <xsm_driver.core.migration.host.Host.close>`); the agent must not
+        be started again.
+        """
         self._stop.set()
         self.server.stop()
         self.server.wait()
-        self.manager.shutdown()
-        if self._reporter is not None:
-            self._reporter.join()
+        try:
+            self.manager.shutdown()
+        finally:
+            if self._reporter is not None:
+                self._reporter.join()
+            close = getattr(self.host, 'close', None)
+            if close is not None:
+                close()
 
     def _report(self):
         reported = set()

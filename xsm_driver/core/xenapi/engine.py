@@ -821,7 +821,8 @@ class XenAPIEngine:
         """Stop: queued migrations are dropped; xapi's tasks go on.
 
         A migration xapi runs does not need the agent; the journal keeps
-        its task, and the next agent follows it (:meth:`recover`).
+        its task, and the next agent follows it (:meth:`recover`). The
+        sessions end and the journal is closed.
         """
         self.stopping.set()
         for mig in self._running():
@@ -836,6 +837,7 @@ class XenAPIEngine:
         self.source.logout()
         for pool in self.destinations.values():
             pool.logout()
+        self.journal.close()
 
     # -- planning (preflight from XenAPI records) --------------------------
 

@@ -222,6 +222,9 @@ class Pool:
 
     def _login(self):
         check_url(self.url, self.name)
+        # the connection of a dropped session (or of the master we were
+        # sent away from) is not used any more (we hold the lock)
+        self._close_transport()
         self._transport = _transport(self.url, self.timeout, self._ca_file,
                                      self._insecure)
         session = XenAPI.Session(self.url, transport=self._transport)
@@ -259,14 +262,29 @@ class Pool:
         """Forget the connection; the next call logs in again."""
         self._session = None
 
+    def _close_transport(self):
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception as exc:
+                LOG.debug('pool %s: closing the connection: %s', self.name,
+                          exc)
+
     def logout(self):
+        """End the session and close its connection to the master."""
         with self._lock:
             session, self._session = self._session, None
-        if session is not None:
-            try:
-                session.xenapi.session.logout()
-            except Exception as exc:
-                LOG.debug('pool %s: logout: %s', self.name, exc)
+            transport, self._transport = self._transport, None
+        try:
+            if session is not None:
+                try:
+                    session.xenapi.session.logout()
+                except Exception as exc:
+                    LOG.debug('pool %s: logout: %s', self.name, exc)
+        finally:
+            if transport is not None:
+                transport.close()
 
     # -- calls ---------------------------------------------------------------
 

@@ -11,6 +11,8 @@
 # under the License.
 
 import os
+import socket
+import threading
 from unittest import mock
 
 import fixtures
@@ -19,11 +21,12 @@ import testtools
 from xsm_driver.tests import base
 
 
-def _probe(body):
+def _probe(body, check_leaks=False):
     """Return an inner test case whose outcome the real tests inspect."""
     class Probe(base.TestCase):
         def runTest(self):
             self.result = body(self)
+    Probe.check_leaks = check_leaks
     return Probe()
 
 
@@ -88,3 +91,84 @@ class TestBaseHelpers(base.TestCase):
             self.assertIn(expected, list(result.skip_reasons)[0])
         else:
             self.assertEqual(expected, probe.result)
+
+
+class TestNoLeaks(base.TestCase):
+
+    def run_probe(self, body, **attrs):
+        probe = _probe(body, check_leaks=True)
+        for name, value in attrs.items():
+            setattr(probe, name, value)
+        result = testtools.TestResult()
+        probe.run(result)
+        return result
+
+    def leaked(self, result):
+        self.assertEqual(1, len(result.failures + result.errors),
+                         result.failures + result.errors)
+        return (result.failures + result.errors)[0][1]
+
+    def test_a_clean_test_passes(self):
+        def body(t):
+            with open(os.devnull) as f:
+                f.read()
+            thread = threading.Thread(target=lambda: None)
+            thread.start()
+        self.assertTrue(self.run_probe(body).wasSuccessful())
+
+    def test_a_thread_that_ends_soon_is_waited_for(self):
+        def body(t):
+            threading.Timer(0.2, lambda: None).start()
+        self.assertTrue(self.run_probe(body).wasSuccessful())
+
+    def test_a_running_thread_is_named_with_its_stack(self):
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def loop_on_short_sleeps():
+            while not stop.wait(0.001):
+                pass
+
+        def body(t):
+            threading.Thread(target=loop_on_short_sleeps, daemon=True,
+                             name='spinner').start()
+        text = self.leaked(self.run_probe(body))
+        self.assertIn('LeakError', text)
+        self.assertIn("thread 'spinner' (daemon), at:", text)
+        self.assertIn('in loop_on_short_sleeps: while not stop.wait(0.001)',
+                      text)
+
+    def test_an_open_file_is_named(self):
+        opened = []
+        self.addCleanup(lambda: [f.close() for f in opened])
+
+        def body(t):
+            path = os.path.join(t.make_tempdir(), 'journal.sqlite')
+            opened.append(open(path, 'w'))
+        text = self.leaked(self.run_probe(body))
+        self.assertIn('journal.sqlite (deleted)', text)
+        self.assertIn('1 file descriptor(s) open', text)
+
+    def test_a_socket_is_named_with_its_addresses(self):
+        opened = []
+        self.addCleanup(lambda: [s.close() for s in opened])
+
+        def body(t):
+            server = socket.socket()
+            server.bind(('127.0.0.1', 0))
+            server.listen()
+            opened.append(server)
+        text = self.leaked(self.run_probe(body))
+        self.assertIn('tcp 127.0.0.1:%d -> 0.0.0.0:0'
+                      % opened[0].getsockname()[1], text)
+
+    def test_what_the_class_allows_is_not_counted(self):
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def body(t):
+            threading.Thread(target=stop.wait, daemon=True,
+                             name='allowed-worker').start()
+        result = self.run_probe(body,
+                                leak_ignore_threads=('^allowed-',))
+        self.assertTrue(result.wasSuccessful())

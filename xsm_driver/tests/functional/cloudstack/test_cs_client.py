@@ -66,6 +66,8 @@ class CloudStackFixture(base.TestCase):
     client with the right key.
     """
 
+    check_leaks = True
+
     def sr_layout(self, root):
         return {'host-a': {'sr-a': os.path.join(root, 'a', 'sr-a')},
                 'host-b': {'sr-b': os.path.join(root, 'b', 'sr-b'),

@@ -30,6 +30,8 @@ NOW = datetime.datetime(2026, 11, 26, 12, 0, 0,
 
 class TestJobs(base.TestCase):
 
+    check_leaks = True
+
     def run_job(self, func):
         jobs = jobs_mod.Jobs(retention=60)
         job = jobs.submit(func, 'Cmd', 'VirtualMachine', 'vm-1')
@@ -103,6 +105,8 @@ class FakeAPI:
 
 
 class TestApplication(base.TestCase):
+
+    check_leaks = True
 
     def request(self, params, method='GET', path='/client/api', body=b'',
                 headers=None, token=None):

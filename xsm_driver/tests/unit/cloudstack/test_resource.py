@@ -86,6 +86,8 @@ SIZES = [8 * MiB, 12 * MiB]
 
 class ResourceTest(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.world = {}

@@ -44,6 +44,8 @@ LISTENING = re.compile(r"^xsm-nbd: serving (VHD|raw) image .* on (\S+) "
 
 class XsmNbdTestCase(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.dir = self.make_tempdir()

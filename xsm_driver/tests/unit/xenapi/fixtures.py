@@ -26,6 +26,7 @@ class PoolsTestCase(base.TestCase):
     """Pool A (the agent's, with VM web-1) and pool B (a destination)."""
 
     max_concurrent = 3
+    check_leaks = True
 
     def setUp(self):
         super().setUp()

@@ -657,6 +657,21 @@ class TestRecover(xfix.PoolsTestCase):
         self.assertEqual([mid], [m for m, _r, _o in again.recover()])
         self.assertEqual('done', again.wait(mid, 10)['phase'])
 
+    def test_shutdown_ends_the_connections_and_closes_the_journal(self):
+        self.engine.find_vm('web-1')
+        self.engine.pool('pool-b').call('pool.get_all')
+        for server in (self.server_a, self.server_b):
+            self.assertEqual(1, len(server._server._open))
+        self.engine.shutdown()
+        # the pools' handlers see the client hang up and end
+        self.wait_for(lambda: not (self.server_a._server._open or
+                                   self.server_b._server._open),
+                      timeout=5, what='the connections to end')
+        exc = self.assertRaises(mig_errors.JournalError,
+                                self.engine.journal.list)
+        self.assertIn('the journal is closed', str(exc))
+        self.engine.shutdown()              # a second time does nothing
+
 
 class TestTaskResult(xfix.base.TestCase):
 

@@ -47,6 +47,8 @@ def sr_state(sr):
 
 class EngineFixture(base.TestCase):
 
+    check_leaks = True
+
     SRS = {'host-a': ['sr-a:vhd', 'raw-a:raw'],
            'host-b': ['sr-b:vhd', 'raw-b:raw']}
 

@@ -144,6 +144,7 @@ class TestRenewOverRPC(base.TestCase):
         old_host = host_mod.Host.from_config(
             self.old, ['sr:vhd:%s' % os.path.join(root, 'old', 'sr')],
             os.path.join(root, 'old', 'state'))
+        self.addCleanup(old_host.close)
         server = messaging.get_rpc_server(
             self.transport, messaging.Target(topic=rpc.TOPIC,
                                              server=self.old),

@@ -89,6 +89,8 @@ class Failing(device.Filter):
 
 class CopyTestCase(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.threads_before = threading.active_count()
@@ -229,7 +231,14 @@ class CopyTest(CopyTestCase):
                 tls_context=client_creds.client_context(server_creds.ca_pem))
             self.addCleanup(remote.close)
             remotes.append(filters.Counter(remote))
-        copied = copy.copy_allocated(src, remotes, chunk=256 * KiB, depth=6)
+        # Each worker's first read waits for the others': every worker,
+        # so every connection, then writes at least one chunk, however
+        # late the machine starts some of the threads.
+        depth = min(6, expected // (256 * KiB))
+        barrier = threading.Barrier(depth, timeout=30)
+        slow = Slow(src, on_read=lambda n: n <= depth and barrier.wait())
+        copied = copy.copy_allocated(slow, remotes, chunk=256 * KiB,
+                                     depth=depth)
         self.assertEqual(expected, copied)
         written = [r.stats()['bytes_written'] for r in remotes]
         self.assertEqual(expected, sum(written))

@@ -56,12 +56,15 @@ class TestCopyConnections(base.TestCase):
 
 class TestReceiveExports(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.top = self.make_tempdir()
         self.host = host_mod.Host.from_config(
             'dest', ['sr-b:vhd:%s' % os.path.join(self.top, 'sr-b')],
             os.path.join(self.top, 'state'))
+        self.addCleanup(self.host.close)
         self.client = credentials.Credentials.make(
             os.path.join(self.top, 'client'), 'client')
         self.logs = self.useFixture(fixtures.FakeLogger(level=logging.DEBUG))

@@ -13,6 +13,7 @@
 import os
 
 from xsm_driver.core import exception
+from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.tests import base
 
@@ -21,16 +22,20 @@ MiB = 1 << 20
 
 class TestHost(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.top = self.make_tempdir()
         self.host = self.make_host()
 
     def make_host(self):
-        return host_mod.Host.from_config(
+        host = host_mod.Host.from_config(
             'h1', ['v:vhd:%s' % os.path.join(self.top, 'v'),
                    'r:raw:%s' % os.path.join(self.top, 'r')],
             os.path.join(self.top, 'state'))
+        self.addCleanup(host.close)
+        return host
 
     def test_sr_specs_are_checked(self):
         for bad in ('nocolons', 'a:vhd', ':vhd:/x', 'a::/x'):
@@ -98,3 +103,20 @@ class TestHost(base.TestCase):
                           [{'sr': 'v', 'size': 2 * MiB},
                            {'sr': 'missing', 'size': 2 * MiB}])
         self.assertEqual([], self.host.sr('v').list())
+
+    def test_close_stops_the_guest_and_releases_the_files(self):
+        vm = self.host.create_vm('vm5', [{'sr': 'v', 'size': 2 * MiB}])
+        self.host.start_vm(vm.uuid)
+        self.host.guest_start(vm.uuid, rate=1000)
+        guest = vm.workload
+        threads = list(guest._threads)
+        self.assertTrue(guest.running)
+        self.host.close()
+        self.assertFalse(guest.running)
+        self.assertEqual([False], [t.is_alive() for t in threads])
+        self.assertIsNone(vm.disks[0].counter)
+        exc = self.assertRaises(errors.JournalError, self.host.journal.list)
+        self.assertIn('the journal is closed', str(exc))
+        self.host.close()                   # a second time does nothing
+        # the records were left as they were: it comes back halted
+        self.assertEqual('halted', self.make_host().vm('vm5').power_state)

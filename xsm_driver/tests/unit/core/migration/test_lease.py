@@ -395,6 +395,7 @@ class TestRecovery(LeaseFixture):
         host = host_mod.Host.from_config(
             'b', ['sr-b:vhd:%s' % self.b.host.sr('sr-b').path],
             self.b.host.state_path)
+        self.addCleanup(host.close)
         restarted = manager_mod.Manager(
             host, options=manager_mod.Options(receive_lease_timeout=LEASE))
         self.addCleanup(restarted.shutdown)

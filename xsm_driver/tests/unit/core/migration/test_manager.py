@@ -49,6 +49,8 @@ class DirectPeer(manager_mod.LocalPeer):
 
 class ManagerFixture(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.top = self.make_tempdir()
@@ -58,6 +60,7 @@ class ManagerFixture(base.TestCase):
             host = host_mod.Host.from_config(
                 name, ['sr-%s:vhd:%s' % (name, sr_path)],
                 os.path.join(self.top, name, 'state'))
+            self.addCleanup(host.close)
             mgr = manager_mod.Manager(
                 host, peer_factory=lambda n: DirectPeer(self.managers[n]),
                 options=manager_mod.Options(chunk=1 * MiB,
@@ -352,6 +355,8 @@ class TestCheckReceive(base.TestCase):
 
 class TestImportImage(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.top = self.make_tempdir()
@@ -359,6 +364,7 @@ class TestImportImage(base.TestCase):
             'h', ['v:vhd:%s' % os.path.join(self.top, 'v'),
                   'r:raw:%s' % os.path.join(self.top, 'r')],
             os.path.join(self.top, 'state'))
+        self.addCleanup(self.host.close)
 
     def image(self, data, name='image.raw'):
         folder = manager_mod.image_folder(self.host)

@@ -36,6 +36,8 @@ HOLE = device.HOLE | device.ZERO
 
 class ServerTestCase(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.dir = self.make_tempdir()

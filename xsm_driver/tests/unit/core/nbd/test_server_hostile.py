@@ -250,6 +250,8 @@ class Traffic(threading.Thread):
 
 class _Base(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.log = self.useFixture(fixtures.FakeLogger(

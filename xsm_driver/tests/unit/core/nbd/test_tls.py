@@ -26,6 +26,8 @@ from xsm_driver.tests import base
 
 class TLSTest(base.TestCase):
 
+    check_leaks = True
+
     def setUp(self):
         super().setUp()
         self.dir = self.make_tempdir()

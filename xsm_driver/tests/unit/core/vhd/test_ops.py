@@ -124,7 +124,9 @@ class SetParentTest(test_chain.ChainTestCase):
         ops.create(self.path('copy.vhd'), 8 * MiB)
         with vhd_chain.Chain(self.path('copy.vhd'), writable=True) as c:
             c.pwrite(b'P' * MiB, 0)
-        old_uuid = vhd_image.Image(self.path('leaf.vhd')).header.parent_uuid
+        img = vhd_image.Image(self.path('leaf.vhd'))
+        old_uuid = img.header.parent_uuid
+        img.close()
         ops.set_parent(self.path('leaf.vhd'), self.path('copy.vhd'))
         os.chmod(self.path('base.vhd'), 0o644)
         os.unlink(self.path('base.vhd'))

@@ -105,7 +105,8 @@ class Harness:
         self.folder = folder
         self.counter = 0
         self.paths = [ops.create(self.new_path(), size, fixed=fixed)]
-        self.size = vhd_chain.Chain(self.paths[0]).size
+        with vhd_chain.Chain(self.paths[0]) as c:
+            self.size = c.size
         self.model = bytearray(self.size)
         self.chain = None
         self.open()
