@@ -63,6 +63,7 @@ import stat
 import sys
 import threading
 import time
+import warnings
 
 from xsm_driver.core.vhd import errors
 from xsm_driver.core.vhd import format as fmt
@@ -671,6 +672,18 @@ class Image:
             self._close_direct()
             os.close(self._fd)
             self._fd = None
+
+    def __del__(self):
+        # An image dropped without close(): give its descriptors back (an
+        # agent runs for months) but write nothing from the collector; a
+        # batmap left unwritten only under-reports full blocks.
+        if getattr(self, '_fd', None) is None:
+            return
+        warnings.warn('VHD image %s was not closed' % self.path,
+                      ResourceWarning, stacklevel=2)
+        self._close_direct()
+        os.close(self._fd)
+        self._fd = None
 
     def __repr__(self):
         return '<Image %s %s %d>' % (self.path,

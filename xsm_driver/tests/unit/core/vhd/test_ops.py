@@ -12,8 +12,10 @@
 
 """Create, snapshot, set-parent, coalesce, hidden, info, export, write."""
 
+import gc
 import io
 import os
+import warnings
 
 from xsm_driver.core.vhd import chain as vhd_chain
 from xsm_driver.core.vhd import check
@@ -198,6 +200,23 @@ class CoalesceTest(test_chain.ChainTestCase):
 
 
 class MiscTest(test_chain.ChainTestCase):
+
+    def test_an_image_dropped_unclosed_gives_its_descriptor_back(self):
+        ops.create(self.path('d.vhd'), 4 * MiB)
+        image = vhd_image.Image(self.path('d.vhd'), writable=True)
+        fd = image._fd
+        target = os.readlink('/proc/self/fd/%d' % fd)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            del image
+            gc.collect()
+        self.assertIn(ResourceWarning, [w.category for w in caught])
+        try:
+            now = os.readlink('/proc/self/fd/%d' % fd)
+        except OSError:
+            now = None              # closed, and not reused since
+        self.assertNotEqual(target, now)
+        self.assertValid('d.vhd')
 
     def test_hidden_in_both_footers(self):
         ops.create(self.path('h.vhd'), 4 * MiB)
