@@ -610,6 +610,9 @@ class Migration:
         live = [i for i in self._items if i.live]
         self._each(lambda item: item.mirror.flush(), live)
         self._check()
+        # the guest's memory, as it were: most of it before the pause
+        ahead = guest.export_ahead() if guest is not None and moving_vm \
+            else None
         start = time.monotonic()
         if guest is not None and moving_vm:
             guest.suspend(self.options.pause_timeout)
@@ -624,7 +627,8 @@ class Migration:
                 vm_state = {'vm': self.spec['vm'],
                             'power_state': ('halted' if self.options.copy
                                             else self.vm.power_state),
-                            'workload': (guest.export() if guest is not None
+                            'workload': (guest.export(ahead)
+                                         if guest is not None
                                          and moving_vm else None)}
             for item in live:
                 remotes.append(item.mirror.detach())
@@ -635,6 +639,8 @@ class Migration:
             raise
         finally:
             self._close_later(remotes)
+            if ahead is not None:
+                guest.end_ahead()
         if self.kind == 'vdi':
             self._repoint()
         elif not moving_vm:

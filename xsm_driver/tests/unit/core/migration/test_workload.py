@@ -111,6 +111,36 @@ class TestWorkload(base.TestCase):
         self.assertIsNone(moved.error)
         workload.verify(dst, moved.models[0])
 
+    def test_state_taken_ahead_then_completed_in_the_pause(self):
+        src = _raw(self, 4 << 20)
+        dst = _raw(self, 4 << 20)
+        models = [workload.DiskModel(0, src.size // workload.BLOCK)]
+        guest = workload.Workload([src], models, seed=3).start()
+        self.addCleanup(guest.stop)
+        while guest.writes < 100:
+            threading.Event().wait(0.01)
+        ahead = guest.export_ahead()            # the guest still writes
+        before = guest.writes
+        while guest.writes < before + 100:
+            threading.Event().wait(0.01)
+        guest.suspend()
+        state = guest.export(ahead)
+        changed = state['changes'][0]
+        self.assertGreater(len(changed), 0)     # what came after ``ahead``
+        self.assertLess(len(changed), models[0].blocks)
+        guest.end_ahead()
+        self.assertIsNone(models[0].dirty)
+        dst.pwrite(src.pread(0, src.size), 0)
+        moved = workload.Workload.from_state([dst], state)
+        # the model rebuilt from ``ahead`` + the changes is the source's
+        self.assertEqual(models[0].gen, moved.models[0].gen)
+        # and without the changes it is not: they are needed
+        stale = workload.Workload.from_state(
+            [dst], dict(state, changes=None))
+        self.assertNotEqual(models[0].gen, stale.models[0].gen)
+        guest.stop()
+        workload.verify(dst, moved.models[0])
+
     def test_a_wrong_read_stops_the_guest_with_the_error(self):
         dev = _raw(self, 1 << 20)
         model = workload.DiskModel(0, dev.size // workload.BLOCK)
