@@ -82,19 +82,6 @@ def request(command, handle, offset=0, length=0, flags=0,
     return REQUEST.pack(magic, flags, command, handle, offset, length)
 
 
-def open_fds():
-    """{fd: target} of this process, without the listing's own fd."""
-    fds = {}
-    for name in os.listdir('/proc/self/fd'):
-        try:
-            target = os.readlink('/proc/self/fd/' + name)
-        except OSError:
-            continue            # the directory fd of the listing itself
-        if not target.startswith('/proc/'):
-            fds[int(name)] = target
-    return fds
-
-
 def settle(probe, timeout=SETTLE):
     """Poll ``probe`` until it returns a true value or time runs out."""
     deadline = time.monotonic() + timeout
@@ -300,7 +287,8 @@ class _Base(base.TestCase):
         # a reference cycle) is collected now, not in the middle of the
         # comparison, where its closed descriptors would count.
         gc.collect()
-        return ({t.ident: t.name for t in threading.enumerate()}, open_fds())
+        return ({t.ident: t.name for t in threading.enumerate()},
+                base.open_fds())
 
     @staticmethod
     def _pool_threads(server):
@@ -322,7 +310,7 @@ class _Base(base.TestCase):
             allowed |= self._pool_threads(server)
         extra = sorted(t.name for t in threading.enumerate()
                        if t.ident not in allowed)
-        now = open_fds()
+        now = base.open_fds()
         diff = sorted(set(now.items()) ^ set(fds.items()))
         found = {}
         if extra:
