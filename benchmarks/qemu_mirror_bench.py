@@ -166,6 +166,7 @@ class Writer(threading.Thread):
 
     def __init__(self, port, size, rate, seed):
         super().__init__(daemon=True)
+        from xsm_driver.core.migration import workload
         from xsm_driver.core.nbd import client as nbd_client
         self.client = nbd_client.Client('127.0.0.1', port, export='')
         self.client.connect()
@@ -176,6 +177,7 @@ class Writer(threading.Thread):
         self.samples = []
         self.error = None
         self._halt = threading.Event()
+        self._pace = workload.pace
 
     def run(self):
         interval = 1.0 / self.rate if self.rate else 0
@@ -189,12 +191,7 @@ class Writer(threading.Thread):
                 t1 = time.perf_counter()
                 self.samples.append((time.monotonic(), (t1 - t0) * 1e6))
                 if interval:
-                    next_at += interval
-                    delay = next_at - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    else:
-                        next_at = time.monotonic()
+                    next_at = self._pace(next_at, interval)
         except Exception as exc:        # reported by the benchmark
             self.error = exc
 

@@ -70,6 +70,22 @@ def describe(data, disk):
     return 'block %d generation %d' % (b, g)
 
 
+def pace(next_at, interval):
+    """Sleep until ``next_at + interval``: a steady rate of I/Os.
+
+    A writer that fell behind does not burst to catch up: it starts
+    again from now.
+
+    :returns: the new ``next_at``.
+    """
+    next_at += interval
+    delay = next_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+        return next_at
+    return time.monotonic()
+
+
 class DiskModel:
     """What the guest believes one disk holds."""
 
@@ -305,12 +321,7 @@ class Workload:
                     self.writes += 1
                     self.reads += reads
                 if interval:
-                    next_at += interval
-                    delay = next_at - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    else:
-                        next_at = time.monotonic()
+                    next_at = pace(next_at, interval)
         except Exception as exc:
             LOG.error('guest workload on disk %d failed: %s', model.index,
                       exc)
