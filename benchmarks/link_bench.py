@@ -85,7 +85,7 @@ def copy_span(polls):
 class Bench:
 
     def __init__(self, args, root, log):
-        from xsm_driver.tests.functional.faults import netns
+        from tests.functional.faults import netns
         self.netns = netns
         self.args = args
         self.root = root
@@ -102,10 +102,10 @@ class Bench:
     def setup(self):
         from oslo_config import cfg
 
+        from tests.functional.core.migration import fixtures
+        from tests.functional.faults import fixtures as ffix
         from xsm_driver.core.nbd import tls
         from xsm_driver.core.rpc import api
-        from xsm_driver.tests.functional.core.migration import fixtures
-        from xsm_driver.tests.functional.faults import fixtures as ffix
         netns = self.netns
         problem = fixtures.broker_problem() or netns.problem()
         if problem:

@@ -214,7 +214,7 @@ class Soak:
     def __init__(self, root, migrations=100, sizes=(64 * MiB, 96 * MiB),
                  rate=300, read_ratio=0.5, fill=0.5, timeout=300,
                  log=None, defaults=None):
-        from xsm_driver.tests.functional.core.migration import fixtures
+        from tests.functional.core.migration import fixtures
         self.fixtures = fixtures
         self.root = root
         self.migrations = migrations

@@ -5,7 +5,7 @@
 #   tools/fuzz.sh all [SECONDS]        (each target in turn)
 #
 # TARGET is one of nbd_protocol, nbd_server, vhd, rpc (modules of
-# xsm_driver/tests/fuzz). The seed corpus in xsm_driver/tests/fuzz/corpus/
+# tests/fuzz). The seed corpus in tests/fuzz/corpus/
 # TARGET is read, never written: new inputs go to $XSM_FUZZ_WORK/TARGET/
 # corpus (default /tmp/xsm-fuzz) and crashes to its crashes/ folder. Keep a
 # crash, once fixed, as a regression: copy it into the seed corpus. The
@@ -29,7 +29,7 @@ python=.venv/bin/python
 "$python" -c 'import atheris' 2>/dev/null ||
     "$python" -m pip install -q atheris
 echo "==> fuzzing $target for $seconds s (corpus $work/corpus)"
-exec "$python" -m "xsm_driver.tests.fuzz.$target" \
+exec "$python" -m "tests.fuzz.$target" \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=60 \
     -artifact_prefix="$work/crashes/" "$@" \
-    "$work/corpus" "xsm_driver/tests/fuzz/corpus/$target"
+    "$work/corpus" "tests/fuzz/corpus/$target"

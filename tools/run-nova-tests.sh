@@ -1,12 +1,12 @@
 #!/bin/bash
-# Run xsm_driver/tests/nova_functional: the Nova compute driver in Nova's
+# Run tests/nova_functional: the Nova compute driver in Nova's
 # own functional harness (nova 34's API, conductor, scheduler, placement and
 # two nova-compute services using compute_driver = xsm.XSMDriver, in one
 # process).
 #
 # Creates .venv-nova at the repository top when missing and (re)installs
 # nova, its test requirements and this project into it when
-# xsm_driver/tests/nova_functional/requirements.txt or setup.cfg changed;
+# tests/nova_functional/requirements.txt or setup.cfg changed;
 # installs the nova/virt/xsm shim (xsm-nova-shim install). Then two stestr
 # runs, with their own configuration and repository:
 #
@@ -25,8 +25,8 @@ TOP="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$TOP"
 
 VENV=.venv-nova
-REQS=xsm_driver/tests/nova_functional/requirements.txt
-CONF=xsm_driver/tests/nova_functional/.stestr.conf
+REQS=tests/nova_functional/requirements.txt
+CONF=tests/nova_functional/.stestr.conf
 REPO=$VENV/stestr
 STAMP=$VENV/.xsm-installed
 

@@ -32,7 +32,7 @@ import time
 
 from oslo_config import cfg
 
-from xsm_driver.cmd import migrate
+from xsm_driver.cmd import progress
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.rpc import agent as agent_mod
@@ -90,7 +90,7 @@ def _demo(args, transport, workdir):
                      vifs=['net0'])
     a.vm_start(vm['uuid'])
     _say(args, 'host-a: VM %s with %d disks of %s, guest writing %s'
-         % (vm['uuid'], args.disks, migrate._human(args.size),
+         % (vm['uuid'], args.disks, progress.human(args.size),
             '%d blocks/s per disk' % rate if rate else 'as fast as it can'))
     a.guest_start(vm['uuid'], rate=rate, fill=args.fill)
     for _ in range(2):                 # leaf + 2 snapshots: 3 deep
@@ -101,8 +101,8 @@ def _demo(args, transport, workdir):
 
     start = time.monotonic()
     mid = a.migrate_vm(vm['uuid'], 'host-b', vdi_map, {'net0': 'net0'})
-    status = migrate.follow(a.migration_get, mid,
-                            migrate.Follower(quiet=args.json))
+    status = progress.follow(a.migration_get, mid,
+                             progress.Follower(quiet=args.json))
     seconds = time.monotonic() - start
     result = {'migration': mid, 'phase': status['phase'],
               'error': status['error'],
@@ -133,7 +133,7 @@ def _demo(args, transport, workdir):
 
 
 def _summary(r):
-    h = migrate._human
+    h = progress.human
     print('\nmigration %s: %s' % (r['migration'], r['phase']))
     if r['error']:
         print('  error:            %s' % r['error'])

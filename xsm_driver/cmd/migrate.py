@@ -23,9 +23,9 @@ import argparse
 import json
 import socket
 import sys
-import time
 
 from xsm_driver.cmd import common
+from xsm_driver.cmd import progress
 from xsm_driver.core.migration import errors
 
 PROG = 'xsm-migrate'
@@ -45,76 +45,6 @@ def _size(text):
     except Exception:
         raise argparse.ArgumentTypeError('%r is not a size (e.g. 1G, '
                                          '512M, 1048576)' % text)
-
-
-def _human(n):
-    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
-        if abs(n) < 1024 or unit == 'TiB':
-            return ('%.1f %s' % (n, unit)) if unit != 'B' else '%d B' % n
-        n /= 1024.0
-
-
-def progress_line(status, width=30):
-    """One line for a terminal: phase, bar, %, rate, ETA."""
-    prog = status.get('progress') or {}
-    pct = prog.get('percent') or 0.0
-    filled = int(width * pct / 100)
-    eta = prog.get('eta_s')
-    return '%-14s [%s%s] %5.1f%% %10s/s ETA %s' % (
-        status['phase'], '#' * filled, '.' * (width - filled), pct,
-        _human(prog.get('rate_bytes_per_s') or 0),
-        '--' if eta is None else '%ds' % eta)
-
-
-class Follower:
-    """Print a migration's progress until it ends."""
-
-    def __init__(self, out=sys.stdout, quiet=False):
-        self.out = out
-        self.tty = out.isatty() and not quiet
-        self.quiet = quiet
-        self._phase = None
-
-    def update(self, status):
-        if self.quiet:
-            return
-        if self.tty:
-            self.out.write('\r' + progress_line(status))
-            self.out.flush()
-        elif status['phase'] != self._phase:
-            self.out.write('%s: %s\n' % (status['id'][:8], status['phase']))
-            self.out.flush()
-        self._phase = status['phase']
-
-    def end(self):
-        if self.tty:
-            self.out.write('\n')
-
-
-def follow(get, mid, follower, interval=0.2):
-    """Poll ``get(mid)`` until the migration ends; return its status."""
-    while True:
-        status = get(mid)
-        follower.update(status)
-        if status.get('finished') is not None or \
-                status['phase'] in ('done', 'aborted'):
-            follower.end()
-            return status
-        time.sleep(interval)
-
-
-def print_result(status, as_json):
-    if as_json:
-        print(json.dumps(status, sort_keys=True))
-        return
-    if status['phase'] == 'done':
-        prog = status['progress']
-        print('migration %s done: %s copied in %.1f s, downtime %s ms'
-              % (status['id'], _human(prog['done']), prog['elapsed_s'],
-                 status['downtime_ms']))
-    else:
-        print('migration %s %s: %s' % (status['id'], status['phase'],
-                                       status['error']))
 
 
 # -- commands talking to agents --------------------------------------------
@@ -161,9 +91,10 @@ def _api(args, host):
 
 
 def _start_and_follow(args, client, mid):
-    status = follow(client.migration_get, mid,
-                    Follower(quiet=args.json or args.no_wait))
-    print_result(status, args.json)
+    status = progress.follow(
+        client.migration_get, mid,
+        progress.Follower(quiet=args.json or args.no_wait))
+    progress.print_result(status, args.json)
     return 0 if status['phase'] == 'done' else 1
 
 
@@ -215,8 +146,9 @@ def cmd_abort(args):
     client.migration_abort(args.id)
     if args.no_wait:
         return 0
-    status = follow(client.migration_get, args.id, Follower(quiet=True))
-    print_result(status, args.json)
+    status = progress.follow(client.migration_get, args.id,
+                             progress.Follower(quiet=True))
+    progress.print_result(status, args.json)
     return 0 if status['phase'] == 'aborted' else 1
 
 

@@ -34,7 +34,7 @@ eventlet's green socket class does not have. Now the client and the
 server shut the socket down (the plain ``shutdown(2)``), let the reader
 see the end of the stream and leave, and close only then; ``auto`` runs
 the agent in nova-compute's threads in both modes (tests:
-xsm_driver/tests/unit/core/nbd/test_eventlet.py and the eventlet run of
+tests/unit/core/nbd/test_eventlet.py and the eventlet run of
 tools/run-nova-tests.sh).
 
 The child remains the choice for keeping the engine out of nova-compute:

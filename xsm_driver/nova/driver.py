@@ -172,7 +172,7 @@ def agent_mode(option):
 
     Under eventlet too: the engine's threads are then green threads and
     its NBD sockets green sockets, which it closes the way a green thread
-    waiting on them notices (xsm_driver/tests/unit/core/nbd/
+    waiting on them notices (tests/unit/core/nbd/
     test_eventlet.py). Its blocking system calls (file reads and writes,
     fsync, unlink) then pause nova-compute's other green threads while
     they run; ``process`` keeps the engine out of nova-compute.

@@ -1,0 +1,130 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""``xsm-agent`` with ``[agent]engine = xenapi``, a real process on RabbitMQ.
+
+The pools are fake xapi servers in the test process; the agent is started
+as operators start it, from a config file, and reached by the same client
+xsm-migrate and the adapters use.
+"""
+
+import os
+import time
+import uuid as uuidlib
+
+from oslo_config import cfg
+
+from tests.functional.core.migration import fixtures as mfix
+from tests.unit.xenapi import fixtures as xfix
+from xsm_driver.core.rpc import api
+
+
+class TestAgentProcess(xfix.PoolsTestCase):
+
+    def setUp(self):
+        super().setUp()
+        problem = mfix.broker_problem()
+        if problem:
+            self.missing(problem)
+        self.exchange = 'xsm-test-%s' % uuidlib.uuid4().hex[:10]
+        folder = self.make_tempdir()
+        self.agent = mfix.AgentProcess('pool-a', folder, {}, self.exchange,
+                                       {'engine': 'xenapi'})
+        with open(self.agent.config, 'a') as f:
+            f.write('\n[xenapi]\nurl = %s\npassword = secret\n'
+                    'destination_pools = pool-b,%s\npoll_interval = 0.05\n'
+                    % (self.server_a.url, self.server_b.url))
+        # clean-ups run last first: the broker is tidied after the agent
+        self.addCleanup(mfix._delete_from_broker, ['xsm-agent.pool-a'],
+                        self.exchange)
+        self.addCleanup(self.agent.stop)
+        self.agent.start()
+        problem = self.agent.ready_problem(time.monotonic() +
+                                           mfix.START_TIMEOUT)
+        if problem:
+            self.fail(problem)
+        conf_path = os.path.join(folder, 'client.conf')
+        with open(conf_path, 'w') as f:
+            f.write('[DEFAULT]\ncontrol_exchange = %s\n' % self.exchange)
+        conf = cfg.ConfigOpts()
+        conf(['--config-file', conf_path], project='xsm-driver-test',
+             default_config_files=[], default_config_dirs=[])
+        self.transport = api.get_transport(conf, url=mfix.RABBIT_URL)
+        self.addCleanup(self.transport.cleanup)
+        self.client = api.AgentAPI(self.transport, 'pool-a', timeout=30)
+
+    def test_migrate_through_the_agent_process(self):
+        [vm] = self.client.vm_list()
+        vdi_map = {d['vdi']: 'SR-B' for d in vm['disks']}
+        mid = self.client.migrate_vm(vm['uuid'], 'pool-b', vdi_map,
+                                     {'0': xfix.NET})
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            status = self.client.migration_get(mid)
+            if status['finished'] is not None:
+                break
+            time.sleep(0.05)
+        self.assertEqual('done', status['phase'], status['error'])
+        self.assertTrue(self.b.find('VM', uuid=vm['uuid']))
+        self.assertEqual(0, self.agent.stop())
+        log = self.agent.log()
+        self.assertNotIn('secret', log)
+        self.assertIn('logged in', log)
+
+
+class TestAgentStartErrors(xfix.PoolsTestCase):
+    """``xsm-agent`` refuses a wrong [xenapi] setup in one line, at once.
+
+    The agent reads its pool before it serves, so these end before it
+    touches the message bus: no broker is needed.
+    """
+
+    def start(self, xenapi):
+        folder = self.make_tempdir()
+        agent = mfix.AgentProcess('pool-a', folder, {}, 'xsm-unused',
+                                  {'engine': 'xenapi'})
+        with open(agent.config, 'a') as f:
+            f.write('\n[xenapi]\n')
+            for key, value in xenapi.items():
+                f.write('%s = %s\n' % (key, value))
+        self.addCleanup(agent.stop)
+        agent.start()
+        rc = agent.proc.wait(30)
+        with open(agent.stderr, errors='replace') as f:
+            err = f.read()
+        self.assertEqual(1, rc, err)
+        self.assertNotIn('Traceback', err)
+        [line] = [x for x in err.splitlines()
+                  if x.startswith('xsm-agent: error:')]
+        return line
+
+    def test_wrong_password(self):
+        line = self.start({'url': self.server_a.url,
+                           'password': 'hunter2-wrong'})
+        self.assertIn('pool pool-a', line)
+        self.assertIn('user root was refused', line)
+        self.assertNotIn('hunter2', line)
+
+    def test_master_that_is_down(self):
+        line = self.start({'url': 'http://127.0.0.1:9/', 'password': 'x',
+                           'call_retries': 0})
+        self.assertIn('cannot reach the pool master', line)
+
+    def test_unusable_destination_url(self):
+        line = self.start({'url': self.server_a.url, 'password': 'secret',
+                           'destination_pools': 'pool-b,xs-b.example.net'})
+        self.assertIn('pool pool-b', line)
+        self.assertIn('the pool URL is unusable', line)
+
+    def test_no_url(self):
+        line = self.start({'password': 'secret'})
+        self.assertIn('[xenapi]url', line)

@@ -1,0 +1,502 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""``POST /servers/{id}/action {"os-migrateLive": {"block_migration":
+true}}`` through the real Nova API, with two xsm computes."""
+
+import io
+import json
+import os
+import subprocess
+import time
+
+from nova.compute import power_state
+from unittest import mock
+
+from nova import objects
+from oslo_utils import uuidutils
+
+from tests.nova_functional import base
+from xsm_driver.core import rpc
+from xsm_driver.core.rpc import agent as agent_mod
+from xsm_driver.nova import agent_process
+
+MiB = base.MiB
+SOURCE, DEST = base.SOURCE, base.DEST
+
+
+class TestLiveMigration(base.XSMLiveMigrationTestCase):
+    """The migration completes; the guest's data arrives whole."""
+
+    # slow enough that the guest writes during the copy, fast enough for CI
+    BANDWIDTH_MIB = 16
+
+    def test_block_migration(self):
+        server = self.boot()
+        self.start_guest(server)
+        time.sleep(0.3)
+        vm = self.xsm[SOURCE].vm_get(server['id'])
+        received = []
+        calls = self.spy_live_migration(
+            before=lambda md: received.append(self.xsm[DEST].vdi_list()))
+        self.live_migrate(server)
+
+        # progress is saved on the migration record while it runs
+        running = self.wait_for_migration(server, ['running'])
+        seen = self.wait_for(
+            'progress on the migration record',
+            lambda: self.db_migration(running).disk_processed)
+        self.assertGreater(seen, 0)
+        self.wait_for('progress on the instance', lambda: objects.Instance.
+                      get_by_uuid(self.ctxt, server['id']).progress)
+
+        self.wait_for_server(server, DEST)
+        record = self.wait_for_migration(server, ['completed'])
+        migration = self.db_migration(record)
+        self.assertGreater(migration.disk_total, 0)
+        self.assertEqual(migration.disk_total,
+                         migration.disk_processed)
+        self.assertEqual(0, migration.disk_remaining)
+
+        engine = self.engine_migration()
+        self.assertEqual('done', engine['phase'], engine['error'])
+        self.assertGreater(engine['guest_writes_during_migration'], 0)
+        self.assertIsNotNone(engine['downtime_ms'])
+
+        # live_migration got what pre_live_migration prepared on the
+        # destination, and the engine ran on it
+        self.assertEqual(1, len(calls))
+        self.assert_prepared(calls[0], vm, engine['id'])
+        # the receive (a parent and a leaf per disk) existed before the
+        # source started
+        self.assertEqual(2 * len(vm['disks']), len(received[0]))
+        self.assertEqual([], self.migration_files(SOURCE))
+        self.assertEqual([], self.migration_files(DEST))
+
+        # nothing left on the source; the VM runs on the destination
+        self.assertEqual([], self.xsm[SOURCE].vm_list())
+        self.assertEqual([], self.xsm[SOURCE].vdi_list())
+        moved = self.xsm[DEST].vm_get(server['id'])
+        self.assertEqual(vm['uuid'], moved['uuid'])
+        self.assertEqual('running', moved['power_state'])
+        self.assertEqual({base.SR}, {d['sr'] for d in moved['disks']})
+        instance = objects.Instance.get_by_uuid(self.ctxt, server['id'])
+        self.assertEqual(power_state.RUNNING, self.computes[
+            DEST].manager.driver.get_info(instance).state)
+        time.sleep(0.3)       # the guest goes on, on the destination
+        self.assert_guest_verified(server, DEST)
+        self.assert_images_valid(DEST)
+        # the disks' chains are all the destination's SR holds
+        disks = [d['vdi'] for d in moved['disks']]
+        parents = {v['uuid']: v['parent']
+                   for v in self.xsm[DEST].vdi_list()}
+        chained = set()
+        for uuid in disks:
+            while uuid is not None:
+                chained.add(uuid)
+                uuid = parents[uuid]
+        self.assertEqual(set(parents), chained)
+
+        self._run_periodics()
+        self.assert_usage(DEST)
+        self.assert_usage(SOURCE, servers=0)
+        self._delete_and_check_allocations(server)
+        self.assertEqual([], self.xsm[DEST].vdi_list())
+
+    def assert_prepared(self, migrate_data, vm, mid):
+        self.assertEqual('1.1', migrate_data.VERSION)
+        self.assertTrue(migrate_data.prepared)
+        self.assertEqual(mid, migrate_data.migration_id)
+        self.assertEqual('127.0.0.1', migrate_data.receive_host)
+        self.assertGreater(migrate_data.receive_port, 0)
+        self.assertIn('BEGIN CERTIFICATE', migrate_data.server_ca_pem)
+        self.assertRegex(migrate_data.server_fingerprint,
+                         r'^([0-9A-F]{2}:){31}[0-9A-F]{2}$')
+        disks = {d['vdi'] for d in vm['disks']}
+        self.assertEqual({v: base.SR for v in disks},
+                         dict(migrate_data.vdi_map))
+        exports = json.loads(migrate_data.receive_exports)
+        self.assertEqual(disks, set(exports))
+        request = json.loads(migrate_data.receive_request)
+        self.assertEqual(mid, request['id'])
+        self.assertIn('BEGIN CERTIFICATE', request['client_ca_pem'])
+        # the one-time export names never show where Nova logs the object
+        text = repr(migrate_data)
+        self.assertIn("receive_exports='<secret>'", text)
+        for names in exports.values():
+            self.assertTrue(names['leaf'])
+            self.assertNotIn(names['leaf'], text)
+            self.assertNotIn(names['base'], text)
+
+
+def broker_consumers(queue):
+    """How many consumers RabbitMQ's ``queue`` has (0 when it has none)."""
+    import amqp          # kombu's AMQP client, there with oslo.messaging
+    conn = amqp.Connection(host='127.0.0.1:5672', userid='guest',
+                           password='guest', connect_timeout=5)
+    conn.connect()
+    try:
+        return conn.channel().queue_declare(queue, passive=True)[2]
+    except amqp.exceptions.NotFound:
+        return 0
+    finally:
+        conn.close()
+
+
+class TestLiveMigrationEventlet(TestLiveMigration):
+    """The same with nova monkey-patched by eventlet (deprecated mode).
+
+    Run by tools/run-nova-tests.sh in a second process without
+    OS_NOVA_DISABLE_EVENTLET_PATCHING; skipped in the native-threads run.
+    Each compute runs its xsm agent in its own threads (``[xsm]agent =
+    auto``), green threads here: the engine's NBD client and server use
+    eventlet's green TLS sockets. The agents meet on a real RabbitMQ, as
+    nova-compute's own bus would be.
+    """
+
+    #: what ``[xsm]agent`` gives each compute here
+    AGENT_CLASS = agent_mod.Agent
+
+    def setUp(self):
+        if not base.eventlet_patched():
+            self.skipTest('eventlet mode: run without '
+                          'OS_NOVA_DISABLE_EVENTLET_PATCHING')
+        super().setUp()
+
+    def test_block_migration(self):
+        for host in (SOURCE, DEST):
+            self.assertIsInstance(self.computes[host].manager.driver._agent,
+                                  self.AGENT_CLASS)
+        super().test_block_migration()
+
+    def start_xsm_compute(self, host, sr_path=None):
+        compute = super().start_xsm_compute(host, sr_path)
+        # Stop the agent when the test ends: nova's service fixture runs
+        # cleanup_host in a thread nobody waits for, and an agent still
+        # serving (a child agent outlives this process) would take the
+        # calls of the next test for the same host name.
+        self.addCleanup(compute.manager.driver.cleanup_host, host)
+        return compute
+
+    def xsm_flags(self):
+        flags = super().xsm_flags()
+        problem = base.broker_problem()
+        if problem:
+            self.missing(problem)
+        # An exchange of its own, for its notifications and fanouts. The RPC
+        # queues are named after topic and server only (xsm-agent.host1),
+        # whatever the exchange: an agent of another run, or one left over,
+        # would take this test's calls.
+        for host in (SOURCE, DEST):
+            queue = '%s.%s' % (rpc.TOPIC, host)
+            others = broker_consumers(queue)
+            if others:
+                self.fail('RabbitMQ queue %s already has %d consumer(s): '
+                          'an xsm agent of another run, or one left over '
+                          '(ps -ef | grep xsm_driver.cmd.agent), would take '
+                          'this test\'s calls' % (queue, others))
+        flags['transport_url'] = base.RABBIT_URL
+        self.flags(control_exchange='xsm-nova-%s' % uuidutils.generate_uuid())
+        return flags
+
+
+class TestLiveMigrationEventletChild(TestLiveMigrationEventlet):
+    """The same with ``[xsm]agent = process``: a child xsm-agent per host.
+
+    (In the eventlet run of tools/run-nova-tests.sh, whose filter matches
+    this class's name too.)
+    """
+
+    AGENT_CLASS = agent_process.AgentProcess
+
+    def xsm_flags(self):
+        flags = super().xsm_flags()
+        flags['agent'] = 'process'
+        return flags
+
+
+class TestLiveMigrationAbort(base.XSMLiveMigrationTestCase):
+    """DELETE /servers/{id}/migrations/{id} while the disks copy."""
+
+    EPHEMERAL_GB = 0
+    BANDWIDTH_MIB = 1
+
+    def test_abort_mid_copy(self):
+        server = self.boot()
+        self.start_guest(server)
+        source_before = self.sr_records(SOURCE)
+        dest_before = self.sr_records(DEST)
+        self.assertEqual([], dest_before)
+        self.live_migrate(server)
+        record = self.wait_for_migration(server, ['running'])
+        status = self.wait_for_copy(minimum=1)
+        self.assertLess(status['progress']['done'],
+                        status['progress']['total'])
+        self.assertNotEqual([], self.xsm[DEST].vdi_list())  # receiving
+
+        self.api.delete_migration(server['id'], record['id'])
+        self.wait_for_migration(server, ['cancelled'])
+        self.wait_for_server(server, SOURCE)
+
+        engine = self.engine_migration()
+        self.assertEqual('aborted', engine['phase'])
+        self.assertIn('cancelled by the operator', engine['error'])
+        # the destination holds nothing, the source what it held before
+        self.assertEqual([], self.xsm[DEST].vdi_list())
+        self.assertEqual([], self.xsm[DEST].vm_list())
+        self.assertEqual(source_before, self.sr_records(SOURCE))
+        vm = self.xsm[SOURCE].vm_get(server['id'])
+        self.assertEqual('running', vm['power_state'])
+        self.assert_guest_verified(server, SOURCE)
+        self._run_periodics()
+        self.assert_usage(SOURCE)
+        self.assert_usage(DEST, servers=0)
+
+
+class TestLiveMigrationForceComplete(base.XSMLiveMigrationTestCase):
+    """POST .../migrations/{id}/action force_complete lifts the limit."""
+
+    EPHEMERAL_GB = 0
+    BANDWIDTH_MIB = 1
+
+    def test_force_complete(self):
+        server = self.boot()
+        self.start_guest(server)
+        self.live_migrate(server)
+        record = self.wait_for_migration(server, ['running'])
+        status = self.wait_for_copy(minimum=1)
+        total = status['progress']['total']
+        left = total - status['progress']['done']
+        # at 1 MiB/s the rest would take this long
+        self.assertGreater(left, 6 * MiB)
+        forced = time.monotonic()
+        self.api.force_complete_migration(server['id'], record['id'])
+        self.wait_for_server(server, DEST)
+        self.wait_for_migration(server, ['completed'])
+        self.assertLess(time.monotonic() - forced, left / MiB / 2)
+        self.assertEqual('done', self.engine_migration()['phase'])
+        self.assertEqual([], self.xsm[SOURCE].vdi_list())
+        self.assert_guest_verified(server, DEST)
+
+
+class TestLiveMigrationCompletionTimeout(base.XSMLiveMigrationTestCase):
+    """[xsm]completion_timeout with the abort action."""
+
+    EPHEMERAL_GB = 0
+    BANDWIDTH_MIB = 1
+    COMPLETION_TIMEOUT = 1          # s per GiB, 2 GiB at least: 2 s
+    TIMEOUT_ACTION = 'abort'
+
+    def test_timeout_aborts(self):
+        server = self.boot()
+        self.start_guest(server)
+        source_before = self.sr_records(SOURCE)
+        self.live_migrate(server)
+        self.wait_for_migration(server, ['failed'])
+        self.wait_for_server(server, SOURCE)
+        engine = self.engine_migration()
+        self.assertEqual('aborted', engine['phase'])
+        self.assertLess(engine['progress']['done'],
+                        engine['progress']['total'])
+        self.assertEqual([], self.xsm[DEST].vdi_list())
+        self.assertEqual(source_before, self.sr_records(SOURCE))
+        self.assert_guest_verified(server, SOURCE)
+
+
+class TestLiveMigrationCompletionTimeoutForce(
+        base.XSMLiveMigrationTestCase):
+    """[xsm]completion_timeout with the force_complete action."""
+
+    EPHEMERAL_GB = 0
+    BANDWIDTH_MIB = 1
+    COMPLETION_TIMEOUT = 1          # s per GiB, 2 GiB at least: 2 s
+    TIMEOUT_ACTION = 'force_complete'
+
+    def test_timeout_forces_completion(self):
+        server = self.boot()
+        self.start_guest(server)
+        started = time.monotonic()
+        self.live_migrate(server)
+        self.wait_for_server(server, DEST)
+        self.wait_for_migration(server, ['completed'])
+        engine = self.engine_migration()
+        self.assertEqual('done', engine['phase'])
+        # at 1 MiB/s the copy alone would have taken this long
+        self.assertLess(time.monotonic() - started,
+                        engine['progress']['total'] / MiB)
+        self.assert_guest_verified(server, DEST)
+
+
+class TestLiveMigrationNoSpace(base.XSMLiveMigrationTestCase):
+    """A destination SR without room refuses at the pre-check."""
+
+    EPHEMERAL_GB = 0
+
+    def start_xsm_compute(self, host, sr_path=None):
+        if host != DEST:
+            return super().start_xsm_compute(host, sr_path)
+        # a 1 GiB file system: placement sees DISK_GB 1 (the flavor fits),
+        # but a filler leaves less free space than the copy needs
+        mount = os.path.join(self.root, 'small')
+        os.makedirs(mount)
+        try:
+            subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1g', 'tmpfs',
+                            mount], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            self.missing('this test mounts a 1 GiB tmpfs, as root: %s'
+                         % (getattr(exc, 'stderr', None) or exc))
+        self.addCleanup(subprocess.call, ['umount', '-l', mount])
+        with open(os.path.join(mount, 'filler'), 'wb') as f:
+            os.posix_fallocate(f.fileno(), 0, 1000 * MiB)
+        return super().start_xsm_compute(host, os.path.join(mount, 'sr'))
+
+    def test_refused_at_pre_check(self):
+        server = self.boot()
+        self.start_guest(server)
+        source_before = self.sr_records(SOURCE)
+        self.live_migrate(server)
+        self.wait_for_migration(server, ['error'])
+        self.wait_for_server(server, SOURCE)
+        # the reason names the SR, what it needs and what it has
+        actions = self.api.get_instance_actions(server['id'])
+        action = [a for a in actions if a['action'] == 'live-migration'][0]
+        events = self.api.get_instance_action_details(
+            server['id'], action['request_id'])['events']
+        check = [e for e in events if e['event'] ==
+                 'compute_check_can_live_migrate_destination'][0]
+        self.assertEqual('Error', check['result'])
+        self.assertRegex(check['details'],
+                         r"^Migration pre-check error: SR 'local' on host "
+                         r"host2 needs .* \(\d+ bytes\) but has .* free$")
+        self.assertIsNone(self.engine_migration())   # never started
+        self.assertEqual([], self.xsm[DEST].vdi_list())
+        self.assertEqual(source_before, self.sr_records(SOURCE))
+        self.assert_guest_verified(server, SOURCE)
+
+
+class TestPreparedReceive(base.XSMLiveMigrationTestCase):
+    """A receive pre_live_migration prepared and nobody used."""
+
+    EPHEMERAL_GB = 0
+    PREPARED_TIMEOUT = 2
+
+    def test_rolled_back_when_the_source_cannot_start(self):
+        server = self.boot()
+        self.start_guest(server)
+        source_before = self.sr_records(SOURCE)
+        received = []
+
+        def fail_to_start(*args, **kwargs):
+            received.append(self.xsm[DEST].vdi_list())
+            raise RuntimeError('the source agent is unreachable (test)')
+
+        drv = self.computes[SOURCE].manager.driver
+        with mock.patch.object(drv._api, 'migrate_vm', fail_to_start):
+            self.live_migrate(server)
+            self.wait_for_migration(server, ['error', 'failed'])
+            self.wait_for_server(server, SOURCE)
+        # it had been prepared; the rollback removed it at once (long
+        # before its timeout), and the source's begun migration too
+        self.assertEqual(2, len(received[0]))
+        self.assertEqual([], self.xsm[DEST].vdi_list())
+        self.assertEqual([], self.migration_files(DEST))
+        self.assertEqual([], self.migration_files(SOURCE))
+        self.assertEqual(source_before, self.sr_records(SOURCE))
+        self.assert_guest_verified(server, SOURCE)
+
+    def test_a_source_too_late_finds_it_rolled_back(self):
+        server = self.boot()
+        self.start_guest(server)
+        source_before = self.sr_records(SOURCE)
+        received = []
+
+        def late(migrate_data):
+            received.append(self.xsm[DEST].vdi_list())
+            # [xsm]prepared_receive_timeout (2 s) passes
+            self.wait_for('the prepared receive to time out',
+                          lambda: self.xsm[DEST].vdi_list() == [],
+                          timeout=30)
+
+        seen = self.spy_live_migration(before=late)
+        self.live_migrate(server)
+        self.wait_for_migration(server, ['error', 'failed'])
+        self.wait_for_server(server, SOURCE)
+        self.assertEqual(2, len(received[0]))
+        # the source's begun migration timed out as well: the engine
+        # refused to start it, and nothing ran
+        self.assertIsNone(self.engine_migration())
+        self.assertEqual('aborted', self.xsm[SOURCE].migration_get(
+            seen[0].migration_id)['phase'])
+        self.assertEqual('aborted', self.xsm[DEST].call(
+            'receive_status', migration=seen[0].migration_id)['phase'])
+        self.assertEqual([], self.xsm[DEST].vdi_list())
+        self.assertEqual([], self.migration_files(DEST))
+        self.assertEqual([], self.migration_files(SOURCE))
+        self.assertEqual(source_before, self.sr_records(SOURCE))
+        self.assert_guest_verified(server, SOURCE)
+
+
+class TestSpawnFromImage(base.XSMLiveMigrationTestCase):
+    """The root disk holds the Glance image's data, and it migrates."""
+
+    EPHEMERAL_GB = 0
+
+    def create_image(self, data, disk_format='raw'):
+        image_id = uuidutils.generate_uuid()
+        self.glance.create(None, {
+            'id': image_id, 'name': 'xsm-%s' % disk_format,
+            'status': 'active', 'disk_format': disk_format,
+            'container_format': 'bare', 'size': len(data),
+            'min_disk': 0, 'min_ram': 0, 'is_public': True,
+            'properties': {}}, data=io.BytesIO(data))
+        return image_id
+
+    def boot_image(self, image_id, status='ACTIVE'):
+        request = self._build_server(image_uuid=image_id,
+                                     flavor_id=self.flavor['id'],
+                                     networks='none')
+        request['availability_zone'] = 'nova:%s' % SOURCE
+        return self._wait_for_state_change(
+            self.api.post_server({'server': request}), status)
+
+    def test_root_disk_holds_the_image_and_it_migrates(self):
+        # 3 MiB and a bit: data, a zero MiB the SR need not store, data
+        data = (os.urandom(MiB) + bytes(MiB) + os.urandom(MiB) + b'end')
+        server = self.boot_image(self.create_image(data))
+        vm = self.xsm[SOURCE].vm_get(server['id'])
+        root = vm['disks'][0]['vdi']
+        self.assertEqual(data + bytes(4096),
+                         self.read_disk(SOURCE, root, len(data) + 4096))
+        vdis = {v['uuid']: v for v in self.xsm[SOURCE].vdi_list()}
+        self.assertEqual(base.GiB, vdis[root]['size'])
+        # no downloaded file stays behind
+        self.assertEqual([], os.listdir(os.path.join(
+            self.root, SOURCE, 'state', 'images')))
+
+        self.live_migrate(server)
+        self.wait_for_server(server, DEST)
+        self.wait_for_migration(server, ['completed'])
+        moved = self.xsm[DEST].vm_get(server['id'])
+        root = moved['disks'][0]['vdi']
+        self.assertEqual(data + bytes(4096),
+                         self.read_disk(DEST, root, len(data) + 4096))
+        self.assertEqual([], self.xsm[SOURCE].vdi_list())
+        self.assert_images_valid(DEST)
+
+    def test_an_image_the_root_disk_cannot_take_is_refused(self):
+        image_id = self.create_image(b'QFI\xfb' + bytes(4092), 'qcow2')
+        server = self.boot_image(image_id, status='ERROR')
+        self.assertIn("disk format 'qcow2' cannot be written",
+                      server['fault']['message'])
+        for host in (SOURCE, DEST):
+            self.assertEqual([], self.xsm[host].vdi_list())
+            self.assertEqual([], self.xsm[host].vm_list())

@@ -1,0 +1,142 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The destination's exports: several one-shot base names per VDI."""
+
+import logging
+import os
+import threading
+import time
+import uuid as uuidlib
+
+import fixtures
+
+from tests import base
+from xsm_driver.core.block import device
+from xsm_driver.core.block import nbd as nbd_device
+from xsm_driver.core.migration import credentials
+from xsm_driver.core.migration import destination
+from xsm_driver.core.migration import host as host_mod
+from xsm_driver.core.migration import source
+
+MiB = 1 << 20
+
+
+class TestCopyConnections(base.TestCase):
+
+    def test_what_the_source_asks_within_bounds(self):
+        self.assertEqual(1, destination.copy_connections(None))
+        self.assertEqual(4, destination.copy_connections(4))
+        self.assertEqual(1, destination.copy_connections(0))
+        self.assertEqual(1, destination.copy_connections(-3))
+        self.assertEqual(destination.MAX_COPY_CONNECTIONS,
+                         destination.copy_connections(10 ** 6))
+        self.assertEqual(1, destination.copy_connections('many'))
+        self.assertEqual(1, destination.copy_connections([2]))
+
+    def test_source_picks_at_most_what_is_offered_and_needed(self):
+        names = {'base': 'a', 'bases': ['a', 'b', 'c'], 'leaf': 'l'}
+        self.assertEqual(['a', 'b', 'c'], source.copy_exports(names, 4, 100))
+        self.assertEqual(['a', 'b'], source.copy_exports(names, 2, 100))
+        self.assertEqual(['a'], source.copy_exports(names, 4, 1))
+        self.assertEqual(['a'], source.copy_exports(names, 4, 0))
+        # a destination that offers a single base name
+        self.assertEqual(['a'], source.copy_exports({'base': 'a',
+                                                     'leaf': 'l'}, 4, 9))
+
+
+class TestReceiveExports(base.TestCase):
+
+    check_leaks = True
+
+    def setUp(self):
+        super().setUp()
+        self.top = self.make_tempdir()
+        self.host = host_mod.Host.from_config(
+            'dest', ['sr-b:vhd:%s' % os.path.join(self.top, 'sr-b')],
+            os.path.join(self.top, 'state'))
+        self.addCleanup(self.host.close)
+        self.client = credentials.Credentials.make(
+            os.path.join(self.top, 'client'), 'client')
+        self.logs = self.useFixture(fixtures.FakeLogger(level=logging.DEBUG))
+
+    def receive(self, connections, vdis=1):
+        spec = {'id': str(uuidlib.uuid4()), 'source_host': 'src', 'vm': None,
+                'vif_map': {}, 'cross_pool': False, 'network': None,
+                'client_ca_pem': self.client.ca_pem,
+                'vdis': [{'uuid': str(uuidlib.uuid4()), 'size': 4 * MiB,
+                          'allocated': 0, 'name': 'd%d' % i, 'sr': 'sr-b',
+                          'mirror': True} for i in range(vdis)]}
+        if connections is not None:
+            spec['copy_connections'] = connections
+        rec = destination.Receive(self.host, spec, '127.0.0.1')
+        self.addCleanup(rec.abort)
+        return rec, rec.prepare()
+
+    def connect(self, remote, name):
+        dev = nbd_device.NBDDevice.connect(
+            remote['host'], remote['port'], name, timeout=10,
+            tls_context=self.client.client_context(remote['server_ca_pem']),
+            label='test')
+        self.addCleanup(dev.close)
+        return dev
+
+    def test_one_unguessable_name_per_connection_each_once(self):
+        rec, remote = self.receive(3, vdis=2)
+        all_names = []
+        for src, names in remote['exports'].items():
+            self.assertEqual(3, len(names['bases']))
+            self.assertEqual(names['base'], names['bases'][0])
+            all_names += names['bases'] + [names['leaf']]
+        self.assertEqual(len(all_names), len(set(all_names)))
+        for name in all_names:
+            self.assertGreaterEqual(len(name), 32)
+        names = next(iter(remote['exports'].values()))
+        devs = [self.connect(remote, n) for n in names['bases']]
+        # all of them write the same base
+        devs[1].pwrite(b'\x5a' * 4096, 8192)
+        devs[2].flush()
+        self.assertEqual(b'\x5a' * 4096, bytes(devs[0].pread(8192, 4096)))
+        # a replayed name is refused, even while its first user is on
+        for name in names['bases']:
+            self.assertRaises(device.BlockError, self.connect, remote,
+                              name)
+        # the secrets appear in no log line of the server, at any level
+        for name in all_names:
+            self.assertNotIn(name, self.logs.output)
+
+    def test_a_source_that_asks_nothing_gets_one_base_name(self):
+        rec, remote = self.receive(None)
+        names = next(iter(remote['exports'].values()))
+        self.assertEqual([names['base']], names['bases'])
+
+    def test_abort_closes_every_connection(self):
+        rec, remote = self.receive(4)
+        names = next(iter(remote['exports'].values()))
+        devs = [self.connect(remote, n) for n in names['bases']]
+        server = rec._server
+        self.assertEqual(4, server.connections)
+        self.assertEqual('aborted', rec.abort())
+        self.assertEqual(0, server.connections)
+        self.assertEqual([], self.host.sr('sr-b').list())
+        for dev in devs:
+            self.assertRaises(device.BlockError, dev.pwrite, b'x' * 512,
+                              0)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and [
+                t for t in threading.enumerate()
+                if t.name.startswith('xsm-nbd-') and
+                t.name != 'xsm-nbd-client']:
+            time.sleep(0.02)
+        self.assertEqual([], [t.name for t in threading.enumerate()
+                              if t.name.startswith('xsm-nbd-') and
+                              t.name != 'xsm-nbd-client'])

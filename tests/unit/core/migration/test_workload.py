@@ -1,0 +1,156 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+import os
+import threading
+
+from tests import base
+from xsm_driver.core.block import backends
+from xsm_driver.core.migration import workload
+
+
+def _raw(test, size):
+    path = os.path.join(test.make_tempdir(), 'disk.raw')
+    with open(path, 'wb') as f:
+        f.truncate(size)
+    dev = backends.RawDevice(path, writable=True)
+    test.addCleanup(dev.close)
+    return dev
+
+
+class TestPattern(base.TestCase):
+
+    def test_generation_zero_is_zeros(self):
+        self.assertEqual(bytes(workload.BLOCK), workload.pattern(0, 5, 0))
+
+    def test_patterns_differ_by_disk_block_and_generation(self):
+        seen = {workload.pattern(d, b, g)
+                for d in range(2) for b in range(3) for g in range(1, 4)}
+        self.assertEqual(18, len(seen))
+        self.assertEqual(workload.BLOCK, len(workload.pattern(1, 2, 3)))
+
+    def test_describe_names_what_is_there(self):
+        self.assertEqual('zeros', workload.describe(bytes(4096), 0))
+        self.assertEqual('block 7 generation 2',
+                         workload.describe(workload.pattern(0, 7, 2), 0))
+        self.assertEqual('foreign data', workload.describe(b'x' * 4096, 0))
+
+
+class TestModel(base.TestCase):
+
+    def test_check_names_the_block_and_both_generations(self):
+        model = workload.DiskModel(0, 16)
+        model.gen[3] = 2
+        exc = self.assertRaises(workload.GuestDataError, model.check, 3,
+                                workload.pattern(0, 3, 1))
+        self.assertIn('block 3', str(exc))
+        self.assertIn('generation 1', str(exc))
+        self.assertIn('generation 2', str(exc))
+
+    def test_generations_wrap_past_zero(self):
+        model = workload.DiskModel(0, 4)
+        model.gen[2] = 254
+        self.assertEqual([255, 1, 2], [model.bump(2) for _ in range(3)])
+
+    def test_state_round_trip(self):
+        model = workload.DiskModel(1, 1000)
+        model.gen[10] = 5
+        back = workload.DiskModel.from_primitive(model.to_primitive())
+        self.assertEqual(1, back.index)
+        self.assertEqual(list(model.gen), list(back.gen))
+
+
+class TestWorkload(base.TestCase):
+
+    def test_fill_then_verify(self):
+        dev = _raw(self, 8 << 20)
+        model = workload.DiskModel(0, dev.size // workload.BLOCK)
+        written = workload.fill(dev, model, 0.5)
+        self.assertGreater(written, 0)
+        self.assertEqual(dev.size, workload.verify(dev, model))
+
+    def test_verify_finds_a_lost_write(self):
+        dev = _raw(self, 4 << 20)
+        model = workload.DiskModel(0, dev.size // workload.BLOCK)
+        workload.fill(dev, model, 1.0)
+        dev.pwrite(workload.pattern(0, 9, 0), 9 * workload.BLOCK)
+        exc = self.assertRaises(workload.GuestDataError, workload.verify,
+                                dev, model)
+        self.assertIn('block 9', str(exc))
+        self.assertIn('zeros', str(exc))
+
+    def test_run_suspend_export_resume_elsewhere(self):
+        src = _raw(self, 4 << 20)
+        dst = _raw(self, 4 << 20)
+        models = [workload.DiskModel(0, src.size // workload.BLOCK)]
+        guest = workload.Workload([src], models, seed=1).start()
+        self.addCleanup(guest.stop)
+        while guest.writes < 200:
+            threading.Event().wait(0.01)
+        guest.suspend()
+        writes = guest.writes
+        threading.Event().wait(0.05)
+        self.assertEqual(writes, guest.writes)      # really paused
+        state = guest.export()
+        guest.stop()
+        dst.pwrite(src.pread(0, src.size), 0)       # "the migration"
+        moved = workload.Workload.from_state([dst], state).start()
+        self.addCleanup(moved.stop)
+        while moved.writes < writes + 100:
+            threading.Event().wait(0.01)
+        moved.stop()
+        self.assertIsNone(moved.error)
+        workload.verify(dst, moved.models[0])
+
+    def test_state_taken_ahead_then_completed_in_the_pause(self):
+        src = _raw(self, 4 << 20)
+        dst = _raw(self, 4 << 20)
+        models = [workload.DiskModel(0, src.size // workload.BLOCK)]
+        guest = workload.Workload([src], models, seed=3).start()
+        self.addCleanup(guest.stop)
+        while guest.writes < 100:
+            threading.Event().wait(0.01)
+        ahead = guest.export_ahead()            # the guest still writes
+        before = guest.writes
+        while guest.writes < before + 100:
+            threading.Event().wait(0.01)
+        guest.suspend()
+        state = guest.export(ahead)
+        changed = state['changes'][0]
+        self.assertGreater(len(changed), 0)     # what came after ``ahead``
+        self.assertLess(len(changed), models[0].blocks)
+        guest.end_ahead()
+        self.assertIsNone(models[0].dirty)
+        dst.pwrite(src.pread(0, src.size), 0)
+        moved = workload.Workload.from_state([dst], state)
+        # the model rebuilt from ``ahead`` + the changes is the source's
+        self.assertEqual(models[0].gen, moved.models[0].gen)
+        # and without the changes it is not: they are needed
+        stale = workload.Workload.from_state(
+            [dst], dict(state, changes=None))
+        self.assertNotEqual(models[0].gen, stale.models[0].gen)
+        guest.stop()
+        workload.verify(dst, moved.models[0])
+
+    def test_a_wrong_read_stops_the_guest_with_the_error(self):
+        dev = _raw(self, 1 << 20)
+        model = workload.DiskModel(0, dev.size // workload.BLOCK)
+        model.gen[:] = model.gen.__class__('B', [1] * model.blocks)
+        guest = workload.Workload([dev], [model], seed=2).start()
+        self.addCleanup(guest.stop)
+        for _ in range(500):
+            if guest.error is not None:
+                break
+            threading.Event().wait(0.01)
+        self.assertIsInstance(guest.error, workload.GuestDataError)
+        self.assertIn('error', guest.counters())
+        guest.suspend(timeout=1)    # a dead guest does not hang a pause

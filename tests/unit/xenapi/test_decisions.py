@@ -1,0 +1,248 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Preflight checks and error messages of the xenapi engine, without IO."""
+
+import doctest
+import threading
+
+from tests import base
+from xsm_driver.core.migration import errors as mig_errors
+from xsm_driver.core.xenapi import engine
+from xsm_driver.core.xenapi import errors
+from xsm_driver.core.xenapi import pool
+from xsm_driver.core.xenapi import preflight
+from xsm_driver.core.xenapi import session
+
+GiB = 1 << 30
+
+
+def load_tests(loader, tests, ignore):
+    for module in (preflight, errors, engine, pool, session):
+        tests.addTests(doctest.DocTestSuite(module))
+    return tests
+
+
+def _describe(ref, kind):
+    return {'OpaqueRef:vdi': "VDI 11-22 'data' on SR 'Local storage'",
+            'OpaqueRef:sr': "SR 33-44 'Local storage'",
+            'OpaqueRef:host': "host 55-66 'xs-b1'",
+            'OpaqueRef:vif': 'VIF 99-00 (device 0)',
+            'OpaqueRef:vm': "VM 77-88 'web-1'"}.get(ref, '%s %s'
+                                                    % (kind, ref))
+
+
+class TestTranslate(base.TestCase):
+    """Every xapi error of DESIGN §9 says what failed and what to do."""
+
+    def msg(self, *details, cls=errors.XenAPIError):
+        exc = errors.translate(list(details), _describe, 'migrating VM '
+                               'web-1 to pool-b')
+        self.assertIsInstance(exc, cls)
+        self.assertIsInstance(exc, mig_errors.MigrationError)
+        text = str(exc)
+        self.assertNotIn('OpaqueRef', text)
+        return text
+
+    def test_vdi_not_in_map(self):
+        text = self.msg('VDI_NOT_IN_MAP', 'OpaqueRef:vdi',
+                        cls=mig_errors.VDINotInMap)
+        self.assertIn("VDI 11-22 'data' on SR 'Local storage'", text)
+        self.assertIn('map every disk', text)
+
+    def test_vif_not_in_map(self):
+        self.assertIn('VIF_NOT_IN_MAP', self.msg(
+            'VIF_NOT_IN_MAP', 'OpaqueRef:vif', cls=mig_errors.VIFNotInMap))
+
+    def test_sr_does_not_support_migration(self):
+        text = self.msg('SR_DOES_NOT_SUPPORT_MIGRATION', 'OpaqueRef:sr')
+        self.assertIn("SR 33-44 'Local storage' does not support", text)
+        self.assertIn('(xapi: SR_DOES_NOT_SUPPORT_MIGRATION)', text)
+
+    def test_mirror_failed(self):
+        text = self.msg('MIRROR_FAILED', 'OpaqueRef:vdi')
+        self.assertIn("mirroring VDI 11-22 'data'", text)
+        self.assertIn('web-1', text)
+
+    def test_source_space(self):
+        self.assertIn('no room for the snapshot', self.msg(
+            'SR_SOURCE_SPACE_INSUFFICIENT', 'OpaqueRef:sr'))
+
+    def test_too_many(self):
+        text = self.msg('TOO_MANY_STORAGE_MIGRATES', '3',
+                        cls=mig_errors.TooManyMigrations)
+        self.assertIn('3 storage migrations', text)
+
+    def test_version(self):
+        text = self.msg('VM_HOST_INCOMPATIBLE_VERSION_MIGRATE',
+                        'OpaqueRef:host', 'OpaqueRef:vm')
+        self.assertIn("host 55-66 'xs-b1' runs an older", text)
+        self.assertIn("VM 77-88 'web-1'", text)
+
+    def test_host_disabled(self):
+        self.assertIn('xe host-enable', self.msg('HOST_DISABLED',
+                                                 'OpaqueRef:host'))
+
+    def test_no_space(self):
+        text = self.msg('SR_BACKEND_FAILURE_44', '', 'There is insufficient '
+                        'space', '', cls=mig_errors.InsufficientSpace)
+        self.assertIn('SR_BACKEND_FAILURE_44', text)
+        self.assertIn('web-1', text)
+
+    def test_chain_too_long(self):
+        text = self.msg('SR_BACKEND_FAILURE_109', '', 'chain', '',
+                        cls=mig_errors.ChainTooDeep)
+        self.assertIn('delete snapshots', text)
+
+    def test_licence(self):
+        self.assertIn('licence does not allow', self.msg(
+            'LICENCE_RESTRICTION', 'storage_motion'))
+
+    def test_cpu(self):
+        self.assertIn('CPU vendor', self.msg(
+            'VM_INCOMPATIBLE_WITH_THIS_HOST', 'OpaqueRef:vm',
+            'OpaqueRef:host', 'VM last booted on a CPU with features'))
+
+    def test_unknown_code_keeps_everything(self):
+        text = self.msg('SOMETHING_NEW', 'a', 'b')
+        self.assertIn('SOMETHING_NEW a b', text)
+
+    def test_cancelled(self):
+        self.msg('TASK_CANCELLED', 'x', cls=mig_errors.MigrationAborted)
+
+
+class TestPreflight(base.TestCase):
+
+    def test_full_vdi_map(self):
+        self.assertEqual({'a': 's1', 'b': 's2', 'sa': 's1', 'sb': 's9'},
+                         preflight.full_vdi_map(
+                             {'a': None, 'b': None},
+                             {'sa': 'a', 'sb': 'b'},
+                             {'a': 's1', 'b': 's2', 'sb': 's9'}))
+
+    def test_orphan_snapshot_vdi_must_be_mapped(self):
+        exc = self.assertRaises(mig_errors.VDINotInMap,
+                                preflight.full_vdi_map,
+                                {'a': None}, {'old': None}, {'a': 's'})
+        self.assertEqual(['old'], exc.kwargs['vdis'])
+
+    def test_every_unmapped_disk_is_named(self):
+        exc = self.assertRaises(mig_errors.VDINotInMap,
+                                preflight.full_vdi_map,
+                                {'a': None, 'b': None}, {'sb': 'b'}, {})
+        self.assertEqual(['a', 'b', 'sb'], exc.kwargs['vdis'])
+
+    def test_vifs_by_mac_and_within_pool(self):
+        vifs = {'v1': {'device': '0', 'MAC': 'AA:BB'},
+                'v2': {'device': '1', 'MAC': 'cc:dd'}}
+        self.assertEqual({'v1': 'n'},
+                         preflight.resolve_vifs(vifs, {'aa:bb': 'n'}, False))
+        self.assertRaises(mig_errors.VIFNotInMap, preflight.resolve_vifs,
+                          vifs, {'aa:bb': 'n'}, True)
+
+    def test_space(self):
+        sr = {'name_label': 'B', 'uuid': 'u', 'type': 'lvm',
+              'physical_size': str(10 * GiB),
+              'physical_utilisation': str(7 * GiB)}
+        vdi = {'virtual_size': str(2 * GiB), 'physical_utilisation': '1'}
+        self.assertEqual(2 * GiB, preflight.check_space(sr, [vdi]))
+        exc = self.assertRaises(mig_errors.InsufficientSpace,
+                                preflight.check_space, sr, [vdi, vdi])
+        self.assertIn("SR 'B (uuid u)' needs 4.0 GiB", str(exc))
+        # thin: what the VDI uses, plus headroom
+        sr['type'] = 'nfs'
+        self.assertEqual(65, preflight.check_space(sr, [
+            {'virtual_size': str(GiB), 'physical_utilisation': '1'}], 64))
+
+    def test_source_space(self):
+        sr = {'type': 'ext', 'physical_size': '100',
+              'physical_utilisation': '90'}
+        preflight.check_source_space(sr, [{}], 10)
+        self.assertRaises(errors.XenAPIError, preflight.check_source_space,
+                          sr, [{}, {}], 10)
+
+    def test_versions(self):
+        old = {'software_version': {'platform_version': '3.2.1'}}
+        new = {'software_version': {'platform_version': '3.10.0'}}
+        preflight.check_versions(old, new)
+        preflight.check_versions(new, new)
+        self.assertRaises(errors.XenAPIError, preflight.check_versions,
+                          new, old)
+
+    def test_power_states(self):
+        self.assertTrue(preflight.live({'power_state': 'Running'}))
+        self.assertFalse(preflight.live({'power_state': 'Halted'}))
+        exc = self.assertRaises(errors.XenAPIError, preflight.live,
+                                {'power_state': 'Suspended', 'uuid': 'u'})
+        self.assertIn('suspended', str(exc))
+
+    def test_resolve(self):
+        recs = {'r1': {'uuid': 'u1', 'name_label': 'x'},
+                'r2': {'uuid': 'u2', 'name_label': 'x'},
+                'r3': {'uuid': 'u3', 'name_label': 'y'}}
+        self.assertEqual('r2', preflight.resolve('SR', recs, 'u2'))
+        self.assertEqual('r3', preflight.resolve('SR', recs, 'y'))
+        exc = self.assertRaises(errors.XenAPIError, preflight.resolve,
+                                'SR', recs, 'x')
+        self.assertIn('u1, u2', str(exc))
+
+
+class TestSlotQueue(base.TestCase):
+
+    def test_first_come_first_served_per_key(self):
+        q = engine.SlotQueue(1)
+        never = threading.Event()
+        self.assertTrue(q.acquire('h', 'a', never))
+        order = []
+
+        def take(token):
+            q.acquire('h', token, never)
+            order.append(token)
+            q.release('h')
+
+        threads = []
+        for token in ('b', 'c'):
+            t = threading.Thread(target=take, args=(token,))
+            t.start()
+            threads.append(t)
+            self.wait_until(lambda: q.position('h', token) is not None)
+        self.assertEqual(1, q.position('h', 'c'))
+        # another key is not held up
+        self.assertTrue(q.acquire('other', 'd', never))
+        q.release('h')
+        for t in threads:
+            t.join(5)
+        self.assertEqual(['b', 'c'], order)
+
+    def test_cancel_leaves_the_queue(self):
+        q = engine.SlotQueue(1)
+        cancel = threading.Event()
+        q.acquire('h', 'a', cancel)
+        cancel.set()
+        self.assertFalse(q.acquire('h', 'b', cancel))
+        self.assertIsNone(q.position('h', 'b'))
+
+    def wait_until(self, predicate):
+        import time
+        for _i in range(500):
+            if predicate():
+                return
+            time.sleep(0.01)
+        self.fail('timed out')
+
+
+class TestPoolSpec(base.TestCase):
+
+    def test_spec_without_a_name_is_refused_without_echo(self):
+        exc = self.assertRaises(ValueError, session.parse_pool_spec,
+                                ',https://x,root,topsecret')
+        self.assertNotIn('topsecret', str(exc))
