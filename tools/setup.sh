@@ -49,6 +49,11 @@ if [ ! -x .venv/bin/python ]; then
     echo "==> creating $TOP/.venv"
     python3 -m venv .venv
 fi
-echo "==> pip install -r requirements.txt -r test-requirements.txt -e ."
-.venv/bin/pip install -q -r requirements.txt -r test-requirements.txt -e .
+# Every dependency at the version the suite was last green with
+# (upper-constraints.txt; tools/refresh-constraints.sh renews it).
+CONSTRAINTS="${XSM_CONSTRAINTS:-$TOP/upper-constraints.txt}"
+echo "==> pip install -c $(basename "$CONSTRAINTS") -r requirements.txt" \
+    "-r test-requirements.txt -e ."
+.venv/bin/pip install -q -c "$CONSTRAINTS" -r requirements.txt \
+    -r test-requirements.txt -e .
 export PATH="$TOP/.venv/bin:$PATH"
