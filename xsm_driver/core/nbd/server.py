@@ -25,6 +25,26 @@ answered with their ``errno`` (EIO when they have none).
 A connection whose peer breaks the protocol, stalls in the handshake or
 vanishes is closed with a logged reason; the others are not affected, and
 no thread or file descriptor outlives its connection.
+
+Bounds, so that a flood of connections (no credentials needed to open a
+TCP connection) cannot take the server down or keep the legitimate client
+out for long:
+
+* at most ``max_connections`` connections, and at most ``max_handshakes``
+  of them still in the handshake (not yet serving an export, so not yet
+  authenticated with TLS); a connection over either limit is closed as soon
+  as it is accepted, counted in :attr:`Server.refused` and logged once per
+  burst (:func:`admission` decides);
+* the handshake, before and during TLS, must end within
+  ``handshake_timeout`` seconds of the connection;
+* once serving, a request that has begun to arrive (its header, or the
+  data of a write) must arrive whole within ``request_timeout`` seconds,
+  and no reply may stall for longer; a connection idle between requests
+  is kept;
+* a connection whose thread cannot be started is closed; the accept loop
+  logs it once, pauses briefly (:data:`ACCEPT_PAUSE`) and goes on;
+* :meth:`Server.stop` works whatever state the connections are in, and
+  never waits more than :data:`STOP_TIMEOUT` for a connection's thread.
 """
 
 import collections.abc
@@ -45,7 +65,19 @@ from xsm_driver.core.nbd import wire
 
 LOG = logging.getLogger(__name__)
 
+# Defaults of the bounds (see the module's docstring and set_defaults);
+# the [agent] options nbd_* set them in xsm-agent.
 HANDSHAKE_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 60.0
+MAX_CONNECTIONS = 256
+MAX_HANDSHAKES = 64
+# Seconds the accept loop pauses after it could not accept a connection or
+# start its thread (out of descriptors, threads or memory): a moment for
+# the shortage to pass, instead of failing in a tight loop.
+ACCEPT_PAUSE = 0.2
+# Seconds stop() waits for the thread of one connection (a device stuck in
+# I/O may hold it); it goes on without it, with a warning.
+STOP_TIMEOUT = 10.0
 _NBD_ERRORS = {errno.EPERM: c.NBD_EPERM, errno.EIO: c.NBD_EIO,
                errno.ENOMEM: c.NBD_ENOMEM, errno.EINVAL: c.NBD_EINVAL,
                errno.ENOSPC: c.NBD_ENOSPC, errno.EDQUOT: c.NBD_ENOSPC,
@@ -168,6 +200,74 @@ def export_flags(dev):
     return flags
 
 
+def set_defaults(max_connections=None, max_handshakes=None,
+                 handshake_timeout=None, request_timeout=None):
+    """Set the bounds of servers made without them (None: leave as is).
+
+    xsm-agent calls this with its ``[agent]nbd_*`` options, so that the
+    servers its migrations make follow them.
+    """
+    g = globals()
+    for name, value in (('MAX_CONNECTIONS', max_connections),
+                        ('MAX_HANDSHAKES', max_handshakes),
+                        ('HANDSHAKE_TIMEOUT', handshake_timeout),
+                        ('REQUEST_TIMEOUT', request_timeout)):
+        if value is not None:
+            g[name] = value
+
+
+def admission(connections, handshaking, max_connections, max_handshakes):
+    """Why a new connection is refused, or None when it may come in.
+
+    :param connections: connections the server has now.
+    :param handshaking: how many of them are still in the handshake.
+
+    >>> admission(3, 1, 4, 2) is None
+    True
+    >>> admission(4, 0, 4, 2)
+    'max_connections (4) reached'
+    >>> admission(3, 2, 4, 2)
+    'max_handshakes (2) reached'
+    """
+    if connections >= max_connections:
+        return 'max_connections (%d) reached' % max_connections
+    if handshaking >= max_handshakes:
+        return 'max_handshakes (%d) reached' % max_handshakes
+    return None
+
+
+class RequestTimeout(Exception):
+    """A request of a serving connection did not arrive whole in time."""
+
+
+class _Refusals:
+    """Connections refused over a limit, logged once per burst.
+
+    The first refusal of a burst is logged (WARNING) with its reason; the
+    ones after it are only counted, until a connection is admitted again:
+    then one line (INFO) says how many the burst refused.
+    """
+
+    def __init__(self):
+        self.total = 0
+        self._burst = 0
+
+    def refused(self, address, reason):
+        self.total += 1
+        self._burst += 1
+        if self._burst == 1:
+            LOG.warning('NBD server %s:%d: refusing connections: %s (more '
+                        'are counted, not logged, until one is admitted)',
+                        address[0], address[1], reason)
+
+    def admitted(self, address):
+        if self._burst:
+            LOG.info('NBD server %s:%d: admitting connections again; %d '
+                     'refused meanwhile', address[0], address[1],
+                     self._burst)
+            self._burst = 0
+
+
 def unguessable_name():
     """An export name for one migration: 192 random bits, URL-safe."""
     return secrets.token_urlsafe(24)
@@ -264,10 +364,21 @@ class Server:
     :param max_payload: largest read or write accepted.
     :param list_exports: answer NBD_OPT_LIST with the export names; a
         server started for a migration does not.
+    :param max_connections: connections at once; more are closed at once.
+    :param max_handshakes: connections at once still in the handshake.
+    :param handshake_timeout: seconds a connection has to finish the
+        handshake, TLS included.
+    :param request_timeout: seconds a request that has begun to arrive
+        has to arrive whole (and a reply to go out).
+
+    The bounds left None take the module's defaults (:func:`set_defaults`)
+    when a connection comes.
     """
 
     def __init__(self, exports, host='127.0.0.1', port=0, tls_context=None,
-                 workers=8, max_payload=p.MAX_PAYLOAD, list_exports=True):
+                 workers=8, max_payload=p.MAX_PAYLOAD, list_exports=True,
+                 max_connections=None, max_handshakes=None,
+                 handshake_timeout=None, request_timeout=None):
         self._devices = dict(exports)
         self._once = set()                 # names of one-shot exports
         self._exports_lock = threading.Lock()
@@ -281,6 +392,27 @@ class Server:
         self._listener = None
         self._thread = None
         self._stopping = threading.Event()
+        self._max_connections = max_connections
+        self._max_handshakes = max_handshakes
+        self._handshake_timeout = handshake_timeout
+        self._request_timeout = request_timeout
+        self._refusals = _Refusals()
+        self._thread_error = False         # logged since the last success
+
+    @property
+    def handshake_timeout(self):
+        return (HANDSHAKE_TIMEOUT if self._handshake_timeout is None
+                else self._handshake_timeout)
+
+    @property
+    def request_timeout(self):
+        return (REQUEST_TIMEOUT if self._request_timeout is None
+                else self._request_timeout)
+
+    @property
+    def refused(self):
+        """Connections closed at once because a limit was reached."""
+        return self._refusals.total
 
     # -- life cycle ----------------------------------------------------------
 
@@ -290,7 +422,11 @@ class Server:
                                               family=family, backlog=64)
         self._thread = threading.Thread(target=self._accept_loop,
                                         name='xsm-nbd-accept', daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._listener.close()
+            raise
         LOG.info('NBD server listening on %s:%d (%s)', *self.address,
                  'TLS' if self._tls else 'plain')
         return self
@@ -300,7 +436,12 @@ class Server:
         return self._listener.getsockname()[:2]
 
     def stop(self):
-        """Stop listening, close every connection, wait for the threads."""
+        """Stop listening, close every connection, wait for the threads.
+
+        Whatever state the connections are in (not yet started, in the
+        handshake or TLS, mid-request, stuck in the device): each thread
+        is waited for at most :data:`STOP_TIMEOUT` seconds.
+        """
         self._stopping.set()
         if self._listener is not None:
             try:
@@ -310,7 +451,7 @@ class Server:
         # Closed only once the accept thread has left accept(): an eventlet
         # green thread waits for the descriptor in the hub, which never
         # hears of a descriptor closed under it (the shutdown wakes it).
-        if self._thread is not None:
+        if self._thread is not None and self._thread.ident is not None:
             self._thread.join()
         if self._listener is not None:
             self._listener.close()
@@ -318,8 +459,12 @@ class Server:
             handlers = list(self._handlers)
         for handler in handlers:
             handler.abort()
+        deadline = time.monotonic() + STOP_TIMEOUT
         for handler in handlers:
-            handler.join()
+            if not handler.join(max(deadline - time.monotonic(), 0.01)):
+                LOG.warning('NBD client %s: its thread did not end within '
+                            '%.0f s of stop(); going on without it',
+                            handler.peer, STOP_TIMEOUT)
 
     def __enter__(self):
         return self.start()
@@ -382,15 +527,60 @@ class Server:
         while not self._stopping.is_set():
             try:
                 sock, peer = self._listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
-                LOG.exception('NBD server: accept failed')
+                # EMFILE, ENOBUFS...: the listener is fine, resources short
+                LOG.warning('NBD server: accept failed: %s', exc)
+                self._stopping.wait(ACCEPT_PAUSE)
                 continue
-            handler = _Handler(self, sock, peer)
-            with self._lock:
-                self._handlers.add(handler)
+            try:
+                self._admit(sock, peer)
+            except Exception as exc:       # the loop must never die
+                self._drop(sock)
+                if not self._thread_error:
+                    LOG.error('NBD server %s:%d: cannot serve a new '
+                              'connection (%s: %s); closing it, pausing '
+                              '%.1f s (logged once until one is served)',
+                              *self.address, type(exc).__name__, exc,
+                              ACCEPT_PAUSE)
+                self._thread_error = True
+                self._stopping.wait(ACCEPT_PAUSE)
+
+    @staticmethod
+    def _drop(sock):
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def _admit(self, sock, peer):
+        """Serve a new connection in its own thread, or close it at once."""
+        with self._lock:
+            handshaking = sum(1 for h in self._handlers if not h.serving)
+            reason = admission(
+                len(self._handlers), handshaking,
+                MAX_CONNECTIONS if self._max_connections is None
+                else self._max_connections,
+                MAX_HANDSHAKES if self._max_handshakes is None
+                else self._max_handshakes)
+            if reason is not None:
+                self._refusals.refused(self.address, reason)
+        if reason is not None:
+            self._drop(sock)
+            return
+        handler = _Handler(self, sock, peer)
+        with self._lock:
+            self._handlers.add(handler)
+        try:
             handler.start()
+        except BaseException:
+            with self._lock:
+                self._handlers.discard(handler)
+            raise
+        with self._lock:
+            self._refusals.admitted(self.address)
+        self._thread_error = False
 
     def _forget(self, handler):
         with self._lock:
@@ -414,14 +604,26 @@ class _Handler:
         self._pool = None
         self._buffers = _Buffers()
         self._deadline = None              # end of the handshake
+        self._request_timeout = server.request_timeout
+        self._request_deadline = None      # end of the request arriving
+        self._payload_left = None          # of a payload cut by a timeout
+        #: the handshake is over: an export is served (TLS authenticated)
+        self.serving = False
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='xsm-nbd-' + self.peer)
 
     def start(self):
         self._thread.start()
 
-    def join(self):
-        self._thread.join()
+    def join(self, timeout=None):
+        """Wait for the thread; False if it is still running.
+
+        A thread that was never started has nothing to wait for.
+        """
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def abort(self):
         sock = self.sock
@@ -441,12 +643,17 @@ class _Handler:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-            self.sock.settimeout(HANDSHAKE_TIMEOUT)
+            handshake_timeout = self.server.handshake_timeout
+            self._deadline = time.monotonic() + handshake_timeout
+            self.sock.settimeout(handshake_timeout)
             dev = self._negotiate()
             if dev is not None:
                 self._deadline = None
-                self.sock.settimeout(None)
+                # One timeout for the rest of the connection, set before
+                # the workers send: changing it later would switch the
+                # descriptor between blocking and not under their feet.
+                self.sock.settimeout(self._request_timeout)
+                self.serving = True
                 self._transmit(dev)
         except p.RemoteProtocolError as exc:
             if self.server._stopping.is_set():
@@ -454,9 +661,16 @@ class _Handler:
                          self.peer)
             else:
                 LOG.warning('NBD client %s closed: %s', self.peer, exc)
+        except RequestTimeout as exc:
+            LOG.warning('NBD client %s closed: %s', self.peer, exc)
         except socket.timeout:
-            LOG.warning('NBD client %s closed: no handshake within %.0f s',
-                        self.peer, HANDSHAKE_TIMEOUT)
+            if self.serving:
+                LOG.warning('NBD client %s closed: a reply could not be '
+                            'sent within %.0f s', self.peer,
+                            self._request_timeout)
+            else:
+                LOG.warning('NBD client %s closed: no handshake within '
+                            '%.0f s', self.peer, handshake_timeout)
         except (OSError, ssl.SSLError) as exc:
             LOG.info('NBD client %s closed: %s', self.peer, exc)
         except Exception:
@@ -504,29 +718,71 @@ class _Handler:
             raise socket.timeout('handshake deadline passed')
         self.sock.settimeout(left)
 
+    def _request_time_left(self):
+        """Bound a request that has begun to arrive by request_timeout.
+
+        Between requests (nothing of the next one received yet) the
+        connection may idle for ever.
+        """
+        if self._deadline is not None or not self.serving:
+            return
+        # ``_buf``: bytes of a request header the core holds, not yet whole
+        with self._core:
+            started = (self._payload_left is not None or
+                       self.conn.expected_payload or self.conn._buf)
+        if not started:
+            self._request_deadline = None
+            return
+        now = time.monotonic()
+        if self._request_deadline is None:
+            self._request_deadline = now + self._request_timeout
+        elif now >= self._request_deadline:
+            raise RequestTimeout('a request did not arrive whole within '
+                                 '%.0f s' % self._request_timeout)
+
     def _feed(self):
         self._handshake_time_left()
-        with self._core:
-            size = self.conn.expected_payload
-        if size < POOLED_PAYLOAD:
-            wire.receive(self.sock, self.conn, self._core)
-            return
-        # A large write payload: straight into a reused buffer, and the core
-        # is told once, when it is all there (over TLS one recv_into
-        # returns one 16 KiB record).
-        buf = self._buffers.get(size)
-        with self._core:
-            view = self.conn.payload_view(buf)
+        self._request_time_left()
+        view = self._payload_left
+        if view is None:
+            with self._core:
+                size = self.conn.expected_payload
+            if not size:
+                data = self.sock.recv(wire.RECV_SIZE)
+                with self._core:
+                    self.conn.receive_data(data)
+                return
+            # A write payload: straight into a buffer, a reused one when it
+            # is large, and the core is told once, when it is all there
+            # (over TLS one recv_into returns one 16 KiB record).
+            buf = (self._buffers.get(size) if size >= POOLED_PAYLOAD
+                   else bytearray(size))
+            with self._core:
+                view = self.conn.payload_view(buf)
+        self._payload_left = None
         want, got = len(view), 0
         recv_into = self.sock.recv_into
-        while got < want:
-            n = recv_into(view[got:])
-            if not n:
-                with self._core:
-                    self.conn.payload_received(got)
-                    self.conn.receive_data(b'')
-                return
-            got += n
+        try:
+            while got < want:
+                n = recv_into(view[got:])
+                if not n:
+                    with self._core:
+                        self.conn.payload_received(got)
+                        self.conn.receive_data(b'')
+                    return
+                got += n
+                if got < want and self._request_deadline is not None and (
+                        time.monotonic() >= self._request_deadline):
+                    raise RequestTimeout(
+                        'the data of a write did not arrive within %.0f s '
+                        '(%d of %d bytes)' % (self._request_timeout, got,
+                                              want))
+        except socket.timeout:
+            # Kept for the next _feed, which decides whether time is up.
+            with self._core:
+                self.conn.payload_received(got)
+            self._payload_left = view[got:]
+            raise
         with self._core:
             self.conn.payload_received(got)
 
@@ -536,8 +792,15 @@ class _Handler:
                 event = self.conn.next_event()
             self._flush_core()
             if event is not p.NEED_DATA:
+                self._request_deadline = None
                 return event
-            self._feed()
+            try:
+                self._feed()
+            except socket.timeout:
+                if not self.serving:
+                    raise
+                # Idle between requests, or within request_timeout: wait
+                # on (the next _feed raises RequestTimeout when time is up)
 
     # -- phases --------------------------------------------------------------
 
