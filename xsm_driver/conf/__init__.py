@@ -14,11 +14,12 @@
 
 from xsm_driver.conf import agent
 from xsm_driver.conf import cloudstack
+from xsm_driver.conf import hypervisor
 from xsm_driver.conf import nova
 from xsm_driver.conf import sr
 from xsm_driver.conf import xenapi
 
-MODULES = (agent, sr, cloudstack, nova, xenapi)
+MODULES = (agent, sr, cloudstack, nova, xenapi, hypervisor)
 
 
 def register_opts(conf):

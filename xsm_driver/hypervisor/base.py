@@ -1,0 +1,157 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""What every hypervisor driver offers, and the guest it is asked to run.
+
+A driver runs the guests of one host: :meth:`Driver.start` boots a
+:class:`GuestSpec`, the other calls act on a running guest by name, and
+:meth:`Driver.recover` is what an agent that restarts calls first, to find
+the guests that kept running without it.
+"""
+
+import re
+
+from xsm_driver.core import exception
+
+# Power states, the same words as xsm_driver.core.migration.host's.
+RUNNING = 'running'
+PAUSED = 'paused'
+HALTED = 'halted'
+CRASHED = 'crashed'
+
+_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$')
+
+
+class HypervisorError(exception.XSMError):
+    """A hypervisor driver could not do what it was asked."""
+
+
+class GuestNotFound(HypervisorError):
+    msg_fmt = 'hypervisor %(driver)s runs no guest %(name)s'
+
+
+class GuestExists(HypervisorError):
+    msg_fmt = 'hypervisor %(driver)s already runs a guest %(name)s'
+
+
+class DiskSpec:
+    """One disk of a guest.
+
+    :param name: the disk's name (a VDI's, for messages and ids).
+    :param socket: ``qemu``: the unix socket of the NBD server that
+        exports the disk.
+    :param export: ``qemu``: the NBD export name.
+    :param device: ``model``: the :class:`BlockDevice` the guest thread
+        writes to.
+    """
+
+    def __init__(self, name, socket=None, export=None, device=None):
+        self.name, self.socket, self.export = name, socket, export
+        self.device = device
+
+    def to_dict(self):
+        return {'name': self.name, 'socket': self.socket,
+                'export': self.export}
+
+
+class GuestSpec:
+    """What a driver needs to boot a guest.
+
+    :param name: the guest's name, also its folder's name (letters,
+        digits, ``.``, ``_`` and ``-``; a VM's uuid fits).
+    :param disks: :class:`DiskSpec` list, in the order the guest sees them.
+    :param memory_mib: guest RAM (``None``: the driver's default).
+    :param vcpus: virtual CPUs.
+    :param verifier: options of the in-guest verifier, e.g.
+        ``{'rate': 50, 'verify_at': 1000}`` (``xsmv.rate=50 ...`` on the
+        guest kernel's command line; see tools/guest-kit/xsm-verifier.c);
+        the ``model`` driver reads ``rate`` and ``reads``.
+    :param kernel: ``qemu``: kernel image (``None``: the guest kit's).
+    :param initrd: ``qemu``: initramfs (``None``: the guest kit's).
+    :param cmdline: ``qemu``: extra kernel command-line words.
+    """
+
+    def __init__(self, name, disks=(), memory_mib=None, vcpus=1,
+                 verifier=None, kernel=None, initrd=None, cmdline=''):
+        if not _NAME.match(name or ''):
+            raise HypervisorError('invalid guest name %r: use letters, '
+                                  'digits, ".", "_" and "-" (at most 64)'
+                                  % (name,))
+        self.name = name
+        self.disks = list(disks)
+        self.memory_mib = memory_mib
+        self.vcpus = int(vcpus)
+        self.verifier = dict(verifier or {})
+        self.kernel, self.initrd, self.cmdline = kernel, initrd, cmdline
+
+    def to_dict(self):
+        return {'name': self.name,
+                'disks': [d.to_dict() for d in self.disks],
+                'memory_mib': self.memory_mib, 'vcpus': self.vcpus,
+                'verifier': self.verifier, 'kernel': self.kernel,
+                'initrd': self.initrd, 'cmdline': self.cmdline}
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        data['disks'] = [DiskSpec(**d) for d in data.get('disks', ())]
+        return cls(**data)
+
+
+class Driver:
+    """Interface of a hypervisor driver (``xsm_driver.hypervisor``)."""
+
+    #: the driver's plugin name
+    name = None
+
+    def start(self, spec, paused=False):
+        """Boot the guest ``spec``; ``paused``: with its vCPUs stopped."""
+        raise NotImplementedError
+
+    def shutdown(self, name, timeout=None):
+        """Ask the guest to power off (ACPI); kill it after ``timeout``.
+
+        :returns: True when the guest powered off by itself.
+        """
+        raise NotImplementedError
+
+    def reboot(self, name):
+        """Reset the guest (a hard reset, as the reset button)."""
+        raise NotImplementedError
+
+    def pause(self, name):
+        raise NotImplementedError
+
+    def resume(self, name):
+        raise NotImplementedError
+
+    def destroy(self, name):
+        """Stop the guest at once; nothing of its process is left."""
+        raise NotImplementedError
+
+    def power_state(self, name):
+        """RUNNING, PAUSED, HALTED or CRASHED."""
+        raise NotImplementedError
+
+    def list(self):
+        """Names of the guests this driver knows, running or not."""
+        raise NotImplementedError
+
+    def recover(self):
+        """Find the guests that ran before this driver was built.
+
+        :returns: ``{name: power state}``.
+        """
+        raise NotImplementedError
+
+    def close(self):
+        """Let go of the guests (they keep running) and of every file."""

@@ -1,0 +1,626 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The ``qemu`` hypervisor driver: each guest is a QEMU process.
+
+Each running guest is a ``qemu-system-x86_64`` process started
+``-daemonize`` (so it outlives an agent restart) with everything in the
+guest's folder ``<state_dir>/<name>/``:
+
+* ``guest.json`` -- the :class:`GuestSpec` it was started from;
+* ``qemu.pid`` -- its pid (``-pidfile``);
+* ``qmp.sock`` -- its QMP socket (power state, pause, reset, ...);
+* ``console.log`` -- its first serial port, the console: the kernel's
+  messages and the in-guest verifier's ``XSMV ...`` lines;
+* ``ctl.sock`` -- its second serial port, the verifier's command channel
+  (``verify``, ``status``, ...; see :meth:`QemuDriver.guest_command`).
+
+Disks are virtio-blk devices on ``-blockdev driver=nbd`` nodes that
+connect to a unix socket: every guest I/O goes through the NBD server on
+the other end. A driver built again (an agent restart) finds the processes
+in the folders (:meth:`QemuDriver.recover`): a pid whose
+``/proc/PID/cmdline`` is this folder's QEMU is adopted, a QEMU that does not
+answer QMP is killed, anything else means the guest is halted.
+
+The decisions (:func:`command_line`, :func:`power_state`,
+:func:`recovery_action`) are pure functions.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+from xsm_driver.hypervisor import accel as accel_mod
+from xsm_driver.hypervisor import base
+from xsm_driver.hypervisor import qmp
+
+LOG = logging.getLogger(__name__)
+
+SPEC_FILE = 'guest.json'
+PID_FILE = 'qemu.pid'
+QMP_SOCK = 'qmp.sock'
+CTL_SOCK = 'ctl.sock'
+CONSOLE_LOG = 'console.log'
+#: AF_UNIX paths longer than this do not fit in sockaddr_un
+MAX_SOCKET_PATH = 107
+
+BASE_CMDLINE = 'console=ttyS0 quiet'
+
+# query-status "status" -> power state
+_PAUSED_STATUSES = frozenset((
+    'paused', 'suspended', 'prelaunch', 'inmigrate', 'postmigrate',
+    'finish-migrate', 'save-vm', 'restore-vm', 'debug', 'watchdog',
+    'io-error', 'colo'))
+_CRASHED_STATUSES = frozenset(('guest-panicked', 'internal-error'))
+
+# recover(): what to do with a guest folder
+ADOPT = 'adopt'          # our QEMU is running: talk to it
+GONE = 'gone'            # no process: the guest is halted
+FOREIGN = 'foreign'      # the pid is another process now: halted, no kill
+
+
+class QemuError(base.HypervisorError):
+    """QEMU did not start, or did not do what it was asked."""
+
+
+def escape(value):
+    """A value inside a QEMU ``-opt key=value,...`` list (``,`` doubled)."""
+    return str(value).replace(',', ',,')
+
+
+class Paths:
+    """The files of one guest folder."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.spec = os.path.join(folder, SPEC_FILE)
+        self.pid = os.path.join(folder, PID_FILE)
+        self.qmp = os.path.join(folder, QMP_SOCK)
+        self.ctl = os.path.join(folder, CTL_SOCK)
+        self.console = os.path.join(folder, CONSOLE_LOG)
+
+
+def kernel_cmdline(spec):
+    """The guest kernel's command line: console, verifier options, extra."""
+    words = [BASE_CMDLINE]
+    words += ['xsmv.%s=%s' % (k, spec.verifier[k])
+              for k in sorted(spec.verifier)]
+    if spec.cmdline:
+        words.append(spec.cmdline)
+    return ' '.join(words)
+
+
+def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
+                 paused=False):
+    """The argv of the QEMU process of guest ``spec``.
+
+    :param paths: the guest's :class:`Paths`.
+    :param accel: ``kvm`` or ``tcg`` (see :mod:`accel`).
+    :param memory_mib: RAM when ``spec`` does not say.
+    :param paused: start with the vCPUs stopped (``-S``).
+    :raises QemuError: a socket path too long for AF_UNIX.
+    """
+    for path in [paths.qmp, paths.ctl] + [d.socket for d in spec.disks]:
+        if path is None:
+            raise QemuError('a disk of guest %s has no NBD socket'
+                            % spec.name)
+        if len(path.encode()) > MAX_SOCKET_PATH:
+            raise QemuError('socket path %s is longer than %d bytes, the '
+                            'most a unix socket address holds'
+                            % (path, MAX_SOCKET_PATH))
+    argv = [binary,
+            '-name', 'guest=%s,debug-threads=on' % escape(spec.name),
+            '-machine', 'q35', '-accel', accel]
+    if accel_mod.CPU.get(accel):
+        argv += ['-cpu', accel_mod.CPU[accel]]
+    argv += [
+        '-m', str(spec.memory_mib or memory_mib),
+        '-smp', str(spec.vcpus),
+        '-nodefaults', '-no-user-config', '-display', 'none',
+        # the in-guest verifier's wall clock follows the RTC
+        '-rtc', 'base=utc,clock=host',
+        '-kernel', kernel, '-initrd', initrd,
+        '-append', kernel_cmdline(spec),
+        '-chardev', 'file,id=console,path=%s' % escape(paths.console),
+        '-serial', 'chardev:console',
+        '-chardev', 'socket,id=ctl,path=%s,server=on,wait=off'
+        % escape(paths.ctl),
+        '-serial', 'chardev:ctl',
+        '-chardev', 'socket,id=qmp,path=%s,server=on,wait=off'
+        % escape(paths.qmp),
+        '-mon', 'chardev=qmp,mode=control',
+    ]
+    for i, disk in enumerate(spec.disks):
+        argv += ['-blockdev',
+                 'driver=nbd,node-name=disk%d,server.type=unix,'
+                 'server.path=%s,export=%s'
+                 % (i, escape(disk.socket), escape(disk.export or '')),
+                 '-device', 'virtio-blk-pci,drive=disk%d,id=vd%d' % (i, i)]
+    if paused:
+        argv.append('-S')
+    argv += ['-pidfile', paths.pid, '-daemonize']
+    return argv
+
+
+def power_state(status):
+    """The power state of a QMP ``query-status`` ``status``."""
+    if status == 'running':
+        return base.RUNNING
+    if status in _CRASHED_STATUSES:
+        return base.CRASHED
+    if status == 'shutdown':
+        return base.HALTED
+    if status in _PAUSED_STATUSES:
+        return base.PAUSED
+    return base.PAUSED         # a status newer than this list: not running
+
+
+def is_our_qemu(argv, qmp_path):
+    """Whether a process's argv is the QEMU of the folder of ``qmp_path``."""
+    if not argv or not os.path.basename(argv[0]).startswith('qemu-system'):
+        return False
+    wanted = 'path=%s,' % escape(qmp_path)
+    return any(wanted in arg for arg in argv)
+
+
+def recovery_action(pid, argv, qmp_path):
+    """What :meth:`QemuDriver.recover` does with one guest folder.
+
+    :param pid: from the pid file (None: no readable pid file).
+    :param argv: that process's argv from ``/proc/PID/cmdline`` (None: no
+        such process, or a zombie).
+    :returns: ADOPT, GONE or FOREIGN.
+    """
+    if pid is None or argv is None:
+        return GONE
+    return ADOPT if is_our_qemu(argv, qmp_path) else FOREIGN
+
+
+# -- processes -------------------------------------------------------------
+
+def read_pid(path):
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+def process_argv(pid):
+    """argv of a live (not zombie) process, or None."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            stat = f.read()
+        if stat[stat.rindex(')') + 2] in 'ZX':
+            return None
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            raw = f.read()
+    except (OSError, ValueError, IndexError):
+        return None
+    if not raw:
+        return None
+    return [a.decode('utf-8', 'replace') for a in raw.rstrip(b'\0')
+            .split(b'\0')]
+
+
+def wait_gone(pid, timeout):
+    """Wait until ``pid`` is gone (or a zombie); True when it is."""
+    deadline = time.monotonic() + timeout
+    while process_argv(pid) is not None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def kill(pid, argv_check=None, term_timeout=3.0):
+    """SIGTERM, then SIGKILL, ``pid``; True when it is gone.
+
+    :param argv_check: a predicate on the process's argv; the process is
+        left alone unless it holds (the pid may have been reused).
+    """
+    argv = process_argv(pid)
+    if argv is None:
+        return True
+    if argv_check is not None and not argv_check(argv):
+        return True
+    for sig, wait in ((signal.SIGTERM, term_timeout),
+                      (signal.SIGKILL, 10.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        if wait_gone(pid, wait):
+            return True
+    return False
+
+
+class _Guest:
+    """What the driver holds of one running guest."""
+
+    def __init__(self, spec, paths, pid):
+        self.spec, self.paths, self.pid = spec, paths, pid
+        self.lock = threading.RLock()
+        self.qmp = None
+
+    def is_ours(self, argv):
+        return is_our_qemu(argv, self.paths.qmp)
+
+    def alive(self):
+        argv = process_argv(self.pid)
+        return argv is not None and self.is_ours(argv)
+
+
+class QemuDriver(base.Driver):
+    """Run guests as QEMU processes.
+
+    :param state_dir: the folder of the guests' folders.
+    :param binary: the QEMU system emulator.
+    :param accel: ``auto``, ``kvm`` or ``tcg``.
+    :param guest_kit: folder with ``vmlinuz`` and ``initramfs.cpio.gz``,
+        booted by guests whose spec names no kernel.
+    :param memory_mib: RAM of a guest whose spec does not say.
+    :param shutdown_timeout: seconds between the ACPI power-off request
+        and the kill.
+    :param qmp_timeout: seconds for a QMP command.
+    """
+
+    name = 'qemu'
+
+    def __init__(self, state_dir, binary='qemu-system-x86_64',
+                 accel=accel_mod.AUTO, guest_kit=None, memory_mib=256,
+                 shutdown_timeout=30, qmp_timeout=10.0):
+        accel_mod.decide(accel, False)         # validates the setting
+        self.state_dir = state_dir
+        self.binary = binary
+        self.accel_setting = accel
+        self.guest_kit = guest_kit
+        self.memory_mib = memory_mib
+        self.shutdown_timeout = shutdown_timeout
+        self.qmp_timeout = qmp_timeout
+        self._accel = None
+        self._guests = {}
+        self._lock = threading.Lock()
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+
+    @classmethod
+    def from_config(cls, conf, state_dir):
+        h = conf.hypervisor
+        return cls(state_dir, binary=h.qemu_binary, accel=h.accel,
+                   guest_kit=h.guest_kit, memory_mib=h.default_memory_mib,
+                   shutdown_timeout=h.shutdown_timeout)
+
+    # -- set-up --------------------------------------------------------------
+
+    @property
+    def accel(self):
+        """The accelerator guests run with (probes on first use)."""
+        if self._accel is None and self.accel_setting != accel_mod.AUTO:
+            self._accel = self.accel_setting
+        if self._accel is None:
+            self._accel = accel_mod.resolve(
+                self.accel_setting, self._binary_path(),
+                cache_file=os.path.join(self.state_dir, 'accel-probe.json'))
+        return self._accel
+
+    def _binary_path(self):
+        path = shutil.which(self.binary)
+        if path is None:
+            raise QemuError('QEMU binary %s not found: install Debian\'s '
+                            'qemu-system-x86 or set [hypervisor]qemu_binary'
+                            % self.binary)
+        return path
+
+    def _kernel(self, spec):
+        kernel, initrd = spec.kernel, spec.initrd
+        if kernel is None:
+            if not self.guest_kit:
+                raise QemuError('guest %s names no kernel and no guest kit '
+                                'is configured' % spec.name)
+            kernel = os.path.join(self.guest_kit, 'vmlinuz')
+            if initrd is None:
+                initrd = os.path.join(self.guest_kit, 'initramfs.cpio.gz')
+        for path in (kernel, initrd):
+            if path is not None and not os.path.isfile(path):
+                raise QemuError('%s not found (build the guest kit with '
+                                'tools/guest-kit/build.sh)' % path)
+        return kernel, initrd
+
+    def paths(self, name):
+        return Paths(os.path.join(self.state_dir, name))
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self, spec, paused=False, timeout=30.0):
+        with self._lock:
+            if spec.name in self._guests:
+                raise base.GuestExists(driver=self.name, name=spec.name)
+            self._guests[spec.name] = None        # reserved while starting
+        try:
+            guest = self._start(spec, paused, timeout)
+        except BaseException:
+            with self._lock:
+                self._guests.pop(spec.name, None)
+            raise
+        with self._lock:
+            self._guests[spec.name] = guest
+        return guest.pid
+
+    def _start(self, spec, paused, timeout):
+        binary = self._binary_path()
+        kernel, initrd = self._kernel(spec)
+        paths = self.paths(spec.name)
+        os.makedirs(paths.folder, mode=0o700, exist_ok=True)
+        pid = read_pid(paths.pid)
+        if pid is not None and is_our_qemu(process_argv(pid) or (),
+                                           paths.qmp):
+            raise base.GuestExists(driver=self.name, name=spec.name)
+        for stale in (paths.pid, paths.qmp, paths.ctl):
+            _unlink(stale)
+        with open(paths.spec + '.tmp', 'w') as f:
+            json.dump(spec.to_dict(), f, indent=1, sort_keys=True)
+        os.replace(paths.spec + '.tmp', paths.spec)
+        argv = command_line(binary, spec, paths, self.accel, kernel, initrd,
+                            self.memory_mib, paused)
+        LOG.info('starting guest %s (%s): %s', spec.name, self.accel,
+                 ' '.join(argv))
+        try:
+            # -daemonize: the parent exits once the guest is set up (and
+            # the QMP socket listens), or with the error
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill_folder(paths)
+            raise QemuError('QEMU of guest %s did not start within %.0f s'
+                            % (spec.name, timeout))
+        if proc.returncode != 0:
+            self._kill_folder(paths)
+            raise QemuError('QEMU of guest %s failed to start (exit %d): %s'
+                            % (spec.name, proc.returncode,
+                               proc.stderr.decode('utf-8', 'replace')
+                               .strip()[-2000:]))
+        pid = read_pid(paths.pid)
+        guest = _Guest(spec, paths, pid)
+        if pid is None or not guest.alive():
+            self._kill_folder(paths)
+            raise QemuError('QEMU of guest %s exited right after it started'
+                            % spec.name)
+        try:
+            self._qmp(guest)
+        except Exception:
+            kill(pid, guest.is_ours)
+            raise
+        LOG.info('guest %s runs as pid %d', spec.name, pid)
+        return guest
+
+    def _kill_folder(self, paths):
+        pid = read_pid(paths.pid)
+        if pid is not None:
+            kill(pid, lambda argv: is_our_qemu(argv, paths.qmp))
+        for stale in (paths.pid, paths.qmp, paths.ctl):
+            _unlink(stale)
+
+    def _get(self, name):
+        with self._lock:
+            guest = self._guests.get(name)
+        if guest is None:
+            raise base.GuestNotFound(driver=self.name, name=name)
+        return guest
+
+    def _qmp(self, guest):
+        if guest.qmp is None or not guest.qmp.connected:
+            guest.qmp = qmp.Client(guest.paths.qmp,
+                                   timeout=self.qmp_timeout).connect()
+        return guest.qmp
+
+    def qmp_execute(self, name, command, arguments=None, timeout=None):
+        """Run one QMP command on guest ``name``; its ``return`` value."""
+        guest = self._get(name)
+        with guest.lock:
+            return self._qmp(guest).execute(command, arguments,
+                                            timeout=timeout)
+
+    def _forget(self, guest):
+        """The process is gone: close QMP, drop the pid file and sockets."""
+        if guest.qmp is not None:
+            guest.qmp.close()
+            guest.qmp = None
+        for stale in (guest.paths.pid, guest.paths.qmp, guest.paths.ctl):
+            _unlink(stale)
+
+    def power_state(self, name):
+        guest = self._get(name)
+        with guest.lock:
+            if not guest.alive():
+                self._forget(guest)
+                return base.HALTED
+            try:
+                status = self._qmp(guest).execute('query-status')
+            except qmp.QMPError:
+                if not guest.alive():        # it exited meanwhile
+                    self._forget(guest)
+                    return base.HALTED
+                raise
+            return power_state(status.get('status'))
+
+    def pause(self, name):
+        self.qmp_execute(name, 'stop')
+
+    def resume(self, name):
+        self.qmp_execute(name, 'cont')
+
+    def reboot(self, name):
+        self.qmp_execute(name, 'system_reset')
+
+    def shutdown(self, name, timeout=None):
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        guest = self._get(name)
+        with guest.lock:
+            if not guest.alive():
+                self._forget(guest)
+                return True
+            try:
+                self._qmp(guest).execute('system_powerdown')
+            except qmp.QMPError as exc:
+                LOG.warning('guest %s: ACPI power-off request failed: %s',
+                            name, exc)
+            clean = wait_gone(guest.pid, timeout)
+            if not clean:
+                LOG.warning('guest %s did not power off within %s s: '
+                            'killing pid %d', name, timeout, guest.pid)
+                if not kill(guest.pid, guest.is_ours):
+                    raise QemuError('cannot kill QEMU pid %d of guest %s'
+                                    % (guest.pid, name))
+            self._forget(guest)
+            return clean
+
+    def destroy(self, name):
+        guest = self._get(name)
+        with guest.lock:
+            if guest.qmp is not None:
+                guest.qmp.close()
+                guest.qmp = None
+            if not kill(guest.pid, guest.is_ours, term_timeout=2.0):
+                raise QemuError('cannot kill QEMU pid %d of guest %s'
+                                % (guest.pid, name))
+            self._forget(guest)
+
+    def list(self):
+        with self._lock:
+            return sorted(n for n, g in self._guests.items()
+                          if g is not None)
+
+    def pid(self, name):
+        return self._get(name).pid
+
+    def forget(self, name):
+        """Drop a halted guest from the driver (its folder stays)."""
+        with self._lock:
+            guest = self._guests.get(name)
+            if guest is not None and guest.alive():
+                raise QemuError('guest %s still runs (pid %d)'
+                                % (name, guest.pid))
+            self._guests.pop(name, None)
+        if guest is not None:
+            self._forget(guest)
+
+    def recover(self):
+        found = {}
+        try:
+            names = sorted(os.listdir(self.state_dir))
+        except FileNotFoundError:
+            return found
+        for name in names:
+            paths = self.paths(name)
+            if not os.path.isfile(paths.spec):
+                continue
+            with self._lock:
+                if self._guests.get(name) is not None:
+                    continue
+            pid = read_pid(paths.pid)
+            argv = process_argv(pid) if pid is not None else None
+            action = recovery_action(pid, argv, paths.qmp)
+            if action != ADOPT:
+                if action == FOREIGN:
+                    LOG.warning('guest %s: pid %d of %s is not its QEMU '
+                                'any more; the guest is halted', name, pid,
+                                paths.pid)
+                for stale in (paths.pid, paths.qmp, paths.ctl):
+                    _unlink(stale)
+                found[name] = base.HALTED
+                continue
+            try:
+                with open(paths.spec) as f:
+                    spec = base.GuestSpec.from_dict(json.load(f))
+            except (OSError, ValueError, TypeError,
+                    base.HypervisorError) as exc:
+                LOG.error('guest %s: unreadable %s (%s): killing its QEMU '
+                          'pid %d, an orphan otherwise', name, paths.spec,
+                          exc, pid)
+                self._kill_folder(paths)
+                found[name] = base.HALTED
+                continue
+            guest = _Guest(spec, paths, pid)
+            try:
+                self._qmp(guest)
+            except qmp.QMPError as exc:
+                LOG.error('guest %s: its QEMU pid %d does not answer QMP '
+                          '(%s): killing it, an orphan otherwise', name,
+                          pid, exc)
+                self._kill_folder(paths)
+                found[name] = base.HALTED
+                continue
+            with self._lock:
+                self._guests[name] = guest
+            found[name] = self.power_state(name)
+            LOG.info('guest %s: found its QEMU pid %d again (%s)', name,
+                     pid, found[name])
+        return found
+
+    def close(self):
+        with self._lock:
+            guests = [g for g in self._guests.values() if g is not None]
+        for guest in guests:
+            with guest.lock:
+                if guest.qmp is not None:
+                    guest.qmp.close()
+                    guest.qmp = None
+
+    # -- the guest's console and verifier ----------------------------------
+
+    def console_path(self, name):
+        return self.paths(name).console
+
+    def console_output(self, name, limit=1 << 20):
+        """The last ``limit`` bytes of the guest's console, as text."""
+        path = self.console_path(name)
+        try:
+            with open(path, 'rb') as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - limit))
+                return f.read().decode('utf-8', 'replace')
+        except FileNotFoundError:
+            return ''
+
+    def guest_command(self, name, command, timeout=5.0):
+        """Send one line to the in-guest verifier's command channel.
+
+        The verifier answers on the console (``XSMV ...`` lines).
+        """
+        guest = self._get(name)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(guest.paths.ctl)
+            sock.sendall(command.encode('utf-8') + b'\n')
+            # let QEMU read it before the connection closes
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                while sock.recv(4096):
+                    pass
+            except socket.timeout:
+                pass
+            except OSError:
+                pass
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
