@@ -30,11 +30,17 @@ Bounds, so that a flood of connections (no credentials needed to open a
 TCP connection) cannot take the server down or keep the legitimate client
 out for long:
 
-* at most ``max_connections`` connections, and at most ``max_handshakes``
-  of them still in the handshake (not yet serving an export, so not yet
-  authenticated with TLS); a connection over either limit is closed as soon
-  as it is accepted, counted in :attr:`Server.refused` and logged once per
-  burst (:func:`admission` decides);
+* at most ``max_connections`` connections: one more is closed as soon as
+  it is accepted, counted in :attr:`Server.refused` and logged once per
+  burst (not once per connection);
+* at most ``max_handshakes`` of them still in the handshake (not yet
+  serving an export, so not yet authenticated with TLS): a new connection
+  over that limit takes the place of the oldest of them, which is closed
+  (counted in :attr:`Server.evicted`, logged once per burst). A flood of
+  connections that never finish their handshake thus keeps a bounded
+  number of threads, and cannot keep out a client that does finish it (in
+  milliseconds): refusing newcomers instead would lock the legitimate
+  client out for as long as the flood lasts. :func:`admission` decides;
 * the handshake, before and during TLS, must end within
   ``handshake_timeout`` seconds of the connection;
 * once serving, a request that has begun to arrive (its header, or the
@@ -216,55 +222,62 @@ def set_defaults(max_connections=None, max_handshakes=None,
             g[name] = value
 
 
+ADMIT, REFUSE, EVICT = 'admit', 'refuse', 'evict'
+
+
 def admission(connections, handshaking, max_connections, max_handshakes):
-    """Why a new connection is refused, or None when it may come in.
+    """What to do with a new connection: ADMIT, REFUSE or EVICT.
+
+    EVICT: admit it, and close the oldest connection still in the
+    handshake to make room.
 
     :param connections: connections the server has now.
     :param handshaking: how many of them are still in the handshake.
 
-    >>> admission(3, 1, 4, 2) is None
-    True
+    >>> admission(3, 1, 4, 2)
+    'admit'
     >>> admission(4, 0, 4, 2)
-    'max_connections (4) reached'
+    'refuse'
     >>> admission(3, 2, 4, 2)
-    'max_handshakes (2) reached'
+    'evict'
     """
     if connections >= max_connections:
-        return 'max_connections (%d) reached' % max_connections
+        return REFUSE
     if handshaking >= max_handshakes:
-        return 'max_handshakes (%d) reached' % max_handshakes
-    return None
+        return EVICT
+    return ADMIT
 
 
 class RequestTimeout(Exception):
     """A request of a serving connection did not arrive whole in time."""
 
 
-class _Refusals:
-    """Connections refused over a limit, logged once per burst.
+class _Burst:
+    """Connections closed over a limit, logged once per burst.
 
-    The first refusal of a burst is logged (WARNING) with its reason; the
-    ones after it are only counted, until a connection is admitted again:
-    then one line (INFO) says how many the burst refused.
+    The first one of a burst is logged (WARNING); the ones after it are
+    only counted, until the burst ends (:meth:`end`): then one line (INFO)
+    says how many there were.
     """
 
-    def __init__(self):
+    def __init__(self, what, limit):
         self.total = 0
         self._burst = 0
+        self._what = what                  # 'refusing new connections'
+        self._limit = limit                # 'max_connections'
 
-    def refused(self, address, reason):
+    def hit(self, address, value):
         self.total += 1
         self._burst += 1
         if self._burst == 1:
-            LOG.warning('NBD server %s:%d: refusing connections: %s (more '
-                        'are counted, not logged, until one is admitted)',
-                        address[0], address[1], reason)
+            LOG.warning('NBD server %s:%d: %s: %s (%d) reached (counted, '
+                        'not logged, until the burst ends)', address[0],
+                        address[1], self._what, self._limit, value)
 
-    def admitted(self, address):
+    def end(self, address):
         if self._burst:
-            LOG.info('NBD server %s:%d: admitting connections again; %d '
-                     'refused meanwhile', address[0], address[1],
-                     self._burst)
+            LOG.info('NBD server %s:%d: %s: burst over, %d in all',
+                     address[0], address[1], self._what, self._burst)
             self._burst = 0
 
 
@@ -396,7 +409,10 @@ class Server:
         self._max_handshakes = max_handshakes
         self._handshake_timeout = handshake_timeout
         self._request_timeout = request_timeout
-        self._refusals = _Refusals()
+        self._refusals = _Burst('refusing new connections',
+                                'max_connections')
+        self._evictions = _Burst('closing the oldest connections still in '
+                                 'the handshake', 'max_handshakes')
         self._thread_error = False         # logged since the last success
 
     @property
@@ -411,8 +427,13 @@ class Server:
 
     @property
     def refused(self):
-        """Connections closed at once because a limit was reached."""
+        """Connections closed at once: max_connections was reached."""
         return self._refusals.total
+
+    @property
+    def evicted(self):
+        """Connections closed in the handshake to make room for newer."""
+        return self._evictions.total
 
     # -- life cycle ----------------------------------------------------------
 
@@ -556,19 +577,31 @@ class Server:
 
     def _admit(self, sock, peer):
         """Serve a new connection in its own thread, or close it at once."""
+        max_conns = (MAX_CONNECTIONS if self._max_connections is None
+                     else self._max_connections)
+        max_hands = (MAX_HANDSHAKES if self._max_handshakes is None
+                     else self._max_handshakes)
+        victim = None
         with self._lock:
-            handshaking = sum(1 for h in self._handlers if not h.serving)
-            reason = admission(
-                len(self._handlers), handshaking,
-                MAX_CONNECTIONS if self._max_connections is None
-                else self._max_connections,
-                MAX_HANDSHAKES if self._max_handshakes is None
-                else self._max_handshakes)
-            if reason is not None:
-                self._refusals.refused(self.address, reason)
-        if reason is not None:
+            waiting = [h for h in self._handlers
+                       if not h.serving and not h.evicted]
+            decision = admission(len(self._handlers), len(waiting),
+                                 max_conns, max_hands)
+            if decision == REFUSE:
+                self._refusals.hit(self.address, max_conns)
+            else:
+                self._refusals.end(self.address)
+            if decision == EVICT:
+                victim = min(waiting, key=lambda h: h.accepted)
+                victim.evicted = True
+                self._evictions.hit(self.address, max_hands)
+            elif decision == ADMIT:
+                self._evictions.end(self.address)
+        if decision == REFUSE:
             self._drop(sock)
             return
+        if victim is not None:
+            victim.abort()
         handler = _Handler(self, sock, peer)
         with self._lock:
             self._handlers.add(handler)
@@ -578,8 +611,6 @@ class Server:
             with self._lock:
                 self._handlers.discard(handler)
             raise
-        with self._lock:
-            self._refusals.admitted(self.address)
         self._thread_error = False
 
     def _forget(self, handler):
@@ -609,6 +640,9 @@ class _Handler:
         self._payload_left = None          # of a payload cut by a timeout
         #: the handshake is over: an export is served (TLS authenticated)
         self.serving = False
+        #: closed to make room for a newer connection (max_handshakes)
+        self.evicted = False
+        self.accepted = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='xsm-nbd-' + self.peer)
 
@@ -655,12 +689,6 @@ class _Handler:
                 self.sock.settimeout(self._request_timeout)
                 self.serving = True
                 self._transmit(dev)
-        except p.RemoteProtocolError as exc:
-            if self.server._stopping.is_set():
-                LOG.info('NBD client %s closed: the server stopped',
-                         self.peer)
-            else:
-                LOG.warning('NBD client %s closed: %s', self.peer, exc)
         except RequestTimeout as exc:
             LOG.warning('NBD client %s closed: %s', self.peer, exc)
         except socket.timeout:
@@ -671,8 +699,17 @@ class _Handler:
             else:
                 LOG.warning('NBD client %s closed: no handshake within '
                             '%.0f s', self.peer, handshake_timeout)
-        except (OSError, ssl.SSLError) as exc:
-            LOG.info('NBD client %s closed: %s', self.peer, exc)
+        except (p.RemoteProtocolError, OSError, ssl.SSLError) as exc:
+            if self.server._stopping.is_set():
+                LOG.info('NBD client %s closed: the server stopped',
+                         self.peer)
+            elif self.evicted:             # logged once for the burst
+                LOG.debug('NBD client %s closed: evicted (max_handshakes)',
+                          self.peer)
+            elif isinstance(exc, p.RemoteProtocolError):
+                LOG.warning('NBD client %s closed: %s', self.peer, exc)
+            else:
+                LOG.info('NBD client %s closed: %s', self.peer, exc)
         except Exception:
             LOG.exception('NBD client %s closed after an internal error',
                           self.peer)
