@@ -756,8 +756,9 @@ def ensure_tools(names, log):
         import matplotlib  # noqa: F401
     except ImportError:
         log('installing matplotlib (benchmarks/requirements.txt)')
-        subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r',
-                        os.path.join(HERE, 'requirements.txt')])
+        subprocess.run([sys.executable, '-m', 'pip', 'install', '-q',
+                        '-c', os.path.join(TOP, 'upper-constraints.txt'),
+                        '-r', os.path.join(HERE, 'requirements.txt')])
         try:
             import matplotlib  # noqa: F401,F811
         except ImportError:

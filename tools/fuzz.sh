@@ -5,8 +5,8 @@
 #   tools/fuzz.sh all [SECONDS]        (each target in turn)
 #
 # TARGET is one of nbd_protocol, nbd_server, vhd, rpc (modules of
-# tests/fuzz). The seed corpus in tests/fuzz/corpus/
-# TARGET is read, never written: new inputs go to $XSM_FUZZ_WORK/TARGET/
+# tests/fuzz). The seed corpus in tests/fuzz/corpus/TARGET is read, never
+# written: new inputs go to $XSM_FUZZ_WORK/TARGET/
 # corpus (default /tmp/xsm-fuzz) and crashes to its crashes/ folder. Keep a
 # crash, once fixed, as a regression: copy it into the seed corpus. The
 # bounded runs of the same targets are the test_* modules beside them, in
@@ -27,7 +27,7 @@ mkdir -p "$work/corpus" "$work/crashes"
 python=.venv/bin/python
 [ -x "$python" ] || python=python3
 "$python" -c 'import atheris' 2>/dev/null ||
-    "$python" -m pip install -q atheris
+    "$python" -m pip install -q -c upper-constraints.txt atheris
 echo "==> fuzzing $target for $seconds s (corpus $work/corpus)"
 exec "$python" -m "tests.fuzz.$target" \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=60 \

@@ -7,7 +7,8 @@
 # project and its tests (what tools/setup.sh, tox and the demo install);
 # tests/nova_functional/upper-constraints.txt pins nova 34's stack for
 # tools/run-nova-tests.sh.  Both are made anew from what the resolver picks
-# today for requirements.txt + test-requirements.txt and for
+# today for requirements.txt + test-requirements.txt (+ the benchmarks'
+# plotting, benchmarks/requirements.txt) and for
 # tests/nova_functional/requirements.txt, each in a new, empty venv with
 # pip's cache off; then tools/run-tests.sh runs every test with them.  On a
 # green run the new files stay (commit them); on a red one the old pins come
@@ -39,7 +40,8 @@ freeze() {      # freeze NAME OUTPUT PIP-ARGS...: resolve, install, pin
     } > "$out.new"
 }
 
-freeze main "$MAIN" -r requirements.txt -r test-requirements.txt
+freeze main "$MAIN" -r requirements.txt -r test-requirements.txt \
+    -r benchmarks/requirements.txt
 freeze nova "$NOVA" -r tests/nova_functional/requirements.txt
 
 for f in "$MAIN" "$NOVA"; do
