@@ -17,7 +17,8 @@
  *
  *   XSMV start disks=2 blocks=16384,16384 rate=50 reads=1 ...
  *   XSMV progress t_ms=.. writes=.. reads=.. mismatches=.. io_errors=..
- *        max_stall_ms=.. last_stall_ms=.. max_wall_stall_ms=..  (one line)
+ *        max_stall_ms=.. last_stall_ms=.. max_wall_stall_ms=..
+ *        wall_synced=0|1 writing=0|1                            (one line)
  *   XSMV mismatch disk=0 block=12 expected=gen:5 found=gen:4
  *   XSMV verify id=1 result=ok blocks=.. checked=.. unwritten=..
  *        mismatches=0 io_errors=0 ms=..                          (one line)
@@ -28,7 +29,9 @@
  * has the VM stopped; max_wall_stall_ms measures the same gap on a clock
  * that follows the CMOS RTC (QEMU's default rtc clock=host keeps running
  * while the VM is stopped), so a pause of the whole VM shows there, at a
- * resolution of about one second.
+ * resolution of about one second. It counts only once that clock is
+ * synced (wall_synced=1 in the progress lines), on the first second
+ * edge of the RTC after the first write, within a second of the start.
  *
  * Options, on the kernel command line:
  *   xsmv.rate=N        writes per second per disk (default 50; 0: no
@@ -227,11 +230,12 @@ static void progress(const char *what)
 {
     say("XSMV %s t_ms=%lld writes=%llu reads=%llu mismatches=%llu "
         "io_errors=%llu max_stall_ms=%lld last_stall_ms=%lld "
-        "max_wall_stall_ms=%lld writing=%d", what, (long long)mono_ms(),
+        "max_wall_stall_ms=%lld wall_synced=%d writing=%d", what,
+        (long long)mono_ms(),
         (unsigned long long)writes, (unsigned long long)reads,
         (unsigned long long)mismatches, (unsigned long long)io_errors,
         (long long)max_stall_ms, (long long)last_stall_ms,
-        (long long)max_wall_stall_ms, writing && rate > 0);
+        (long long)max_wall_stall_ms, wall_synced, writing && rate > 0);
 }
 
 static void io_error(const char *op, int d, uint64_t block, ssize_t n)

@@ -1,0 +1,82 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Read what the in-guest verifier says on the console.
+
+The guest kit's verifier (tools/guest-kit/xsm-verifier.c) prints one line
+per report, ``XSMV <kind> key=value ...``: ``start``, ``progress``,
+``mismatch``, ``io_error``, ``verify``, ``shutdown``, ``init``. Kernel
+messages may sit between them on the console; they are skipped.
+"""
+
+PREFIX = 'XSMV '
+
+#: the commands the verifier reads on its command channel
+VERIFY, STATUS, STOP, START = 'verify', 'status', 'stop', 'start'
+
+
+class Report(dict):
+    """One verifier line: its ``kind`` and its ``key=value`` fields.
+
+    Fields that are whole numbers are ints.
+    """
+
+    def __init__(self, kind, fields, line):
+        super().__init__(fields)
+        self.kind = kind
+        self.line = line
+
+    def __repr__(self):
+        return 'Report(%r, %s)' % (self.kind, dict.__repr__(self))
+
+
+def parse_line(line):
+    """A :class:`Report`, or None for a line that is not the verifier's."""
+    at = line.find(PREFIX)
+    if at < 0:
+        return None
+    words = line[at + len(PREFIX):].split()
+    if not words:
+        return None
+    fields = {}
+    for word in words[1:]:
+        key, sep, value = word.partition('=')
+        if not sep:
+            continue
+        try:
+            fields[key] = int(value)
+        except ValueError:
+            fields[key] = value
+    return Report(words[0], fields, line.rstrip('\r\n'))
+
+
+def reports(text, kind=None):
+    """Every report in ``text`` (a console log), or those of ``kind``."""
+    out = []
+    for line in text.splitlines():
+        rep = parse_line(line)
+        if rep is not None and (kind is None or rep.kind == kind):
+            out.append(rep)
+    return out
+
+
+def last(text, kind):
+    """The last report of ``kind`` in ``text``, or None."""
+    found = reports(text, kind)
+    return found[-1] if found else None
+
+
+def verified(report):
+    """Whether a ``verify`` report says every disk is as the guest wrote."""
+    return (report is not None and report.kind == 'verify' and
+            report.get('result') == 'ok' and
+            report.get('mismatches') == 0 and report.get('io_errors') == 0)
