@@ -11,7 +11,7 @@ set -eu
 TOP="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$TOP"
 
-DEBS="qemu-utils libnbd-bin nbdkit iproute2 tshark"
+DEBS="qemu-utils libnbd-bin nbdkit iproute2 tshark qemu-system-x86 linux-image-cloud-amd64 busybox-static gcc libc6-dev"
 
 _sudo() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
@@ -57,3 +57,4 @@ echo "==> pip install -c $(basename "$CONSTRAINTS") -r requirements.txt" \
 .venv/bin/pip install -q -c "$CONSTRAINTS" -r requirements.txt \
     -r test-requirements.txt -e .
 export PATH="$TOP/.venv/bin:$PATH"
+"$TOP/tools/guest-kit/build.sh" || echo "WARNING: the guest kit (tools/guest-kit/build.sh) did not build; the real-guest tests will fail" >&2
