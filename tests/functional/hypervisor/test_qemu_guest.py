@@ -31,6 +31,7 @@ import time
 
 from tests import base
 from xsm_driver import hypervisor
+from xsm_driver.hypervisor import accel
 from xsm_driver.hypervisor import base as hv_base
 from xsm_driver.hypervisor import qemu
 from xsm_driver.hypervisor import verifier
@@ -258,6 +259,45 @@ class TestQemuGuest(GuestTestCase):
         self.assertEqual('halted', self.drv.power_state('g1'))
         self.assertFalse(os.path.exists(self.drv.paths('g1').qmp))
         self.assertEqual([], qemu_processes(self.tmp))
+
+    def test_started_paused_then_killed_when_acpi_is_not_heard(self):
+        disk, _ = self.disk(0)
+        self.drv.start(hv_base.GuestSpec('g1', [disk]), paused=True)
+        self.assertEqual('paused', self.drv.power_state('g1'))
+        pid = self.drv.pid('g1')
+        t0 = time.monotonic()
+        # a guest whose vCPUs are stopped cannot hear the power button
+        self.assertFalse(self.drv.shutdown('g1', timeout=1))
+        self.assertLess(time.monotonic() - t0, 10)
+        self.assertIsNone(qemu.process_argv(pid))
+        self.assertEqual('halted', self.drv.power_state('g1'))
+
+    def test_a_guest_that_cannot_start_leaves_nothing(self):
+        spec = hv_base.GuestSpec('g1', [hv_base.DiskSpec(
+            'd0', socket=os.path.join(self.tmp, 'nobody.sock'),
+            export='x')])
+        self.assertRaises(qemu.QemuError, self.drv.start, spec)
+        self.assertEqual([], self.drv.list())
+        self.assertFalse(os.path.exists(self.drv.paths('g1').pid))
+
+
+class TestAccel(base.TestCase):
+
+    def test_auto_probe_decides_and_is_kept(self):
+        binary = shutil.which(QEMU)
+        if binary is None:
+            self.missing('command %s not found: install it with "apt-get '
+                         'install -y qemu-system-x86"' % QEMU)
+        cache = os.path.join(self.make_tempdir(), 'probe.json')
+        t0 = time.monotonic()
+        first = accel.resolve('auto', binary, cache_file=cache)
+        self.assertIn(first, ('kvm', 'tcg'))
+        self.assertLess(time.monotonic() - t0, 15)
+        if os.path.exists('/dev/kvm'):
+            self.assertTrue(os.path.exists(cache))
+        accel._cache.clear()            # a new agent: the file answers
+        self.assertEqual(first, accel.resolve('auto', binary,
+                                              cache_file=cache))
 
 
 class TestRestart(GuestTestCase):
