@@ -100,4 +100,5 @@ def migration_options(conf):
         chunk=conf.agent.copy_chunk_mb * mib,
         depth=conf.agent.copy_depth,
         connections=conf.agent.copy_connections,
-        receive_lease_timeout=conf.agent.receive_lease_timeout)
+        receive_lease_timeout=conf.agent.receive_lease_timeout,
+        commit_timeout=conf.agent.commit_timeout)

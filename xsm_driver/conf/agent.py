@@ -107,6 +107,23 @@ agent_opts = [
              'release do not renew and hold no lease. Keep it well above '
              'the time a message takes on a slow or busy bus; 0 disables '
              'the lease.'),
+    # -- the switch-over's commit rule (doc/source/switch-over.rst) --
+    cfg.FloatOpt(
+        'commit_timeout',
+        default=60.0, min=1.0,
+        help='Seconds this host, as the source of a migration, keeps its '
+             'guest paused and keeps asking the destination whether it '
+             'committed the switch-over, when the destination\'s answer was '
+             'lost (a lost message, a broken link, a restarted agent). The '
+             'guest resumes here only when the destination answers that it '
+             'rolled back (after which it refuses to commit), and the '
+             'migration finishes as soon as it answers that it committed. '
+             'With no certain answer for this long, the migration is '
+             'reported in phase in-doubt: the guest stays paused, and '
+             '"xsm-migrate resolve ID" asks the destination again and '
+             'finishes or rolls back the migration by its answer. It is '
+             'the longest downtime a lost answer causes before an '
+             'operator is needed.'),
     cfg.FloatOpt(
         'progress_interval',
         default=2.0, min=0.1,

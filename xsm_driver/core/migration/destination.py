@@ -22,9 +22,32 @@ the VM is registered and resumed), ``done``. ``abort`` from any phase
 before the commit destroys everything this migration made; it can be run
 again.
 
-Recovery after a crash: a migration found before ``switch-over`` is rolled
-back; one found in ``switch-over`` is finished when its VM record made it
-to disk and rolled back otherwise.
+The commit rule (doc/source/switch-over.rst), the destination's half:
+
+* **The commit point** is the journal record ``switch-over`` with
+  ``committed: true``, written durably by :meth:`Receive.complete`
+  *before* anything else of the switch-over happens here (before the NBD
+  server closes, the leaves are composed and the VM is registered and
+  started). From it on the destination only goes forward: ``abort``
+  answers :data:`COMMITTED` (and finishes what a failure left undone),
+  the lease no longer applies, and a restart finishes the switch-over
+  (:func:`recover`: compose, register the VM -- halted, as every VM of a
+  host that stopped -- and record ``done``).
+* **The abort point** is the durable record of the roll-back
+  (``aborting``, then the terminal ``aborted``), written under the same
+  lock before anything is removed; from it on ``complete`` is refused
+  (:func:`aborted_error`), also after a restart and for a migration this
+  host never heard of (``receive_abort`` leaves an ``aborted`` record).
+* Whichever of the two the destination records first decides the
+  migration, and the source acts only on the destination's answer: the
+  destination never runs a VM whose commit the source could still roll
+  back, since the source rolls back only on an ``aborted`` answer, which
+  the destination never gives once it committed.
+
+Recovery after a crash: a migration found before its commit point is
+rolled back; one found past it is finished (see above). A journal written
+before this rule (``switch-over`` without ``committed``) is finished when
+its VM record made it to disk and rolled back otherwise, as then.
 
 Lease: a source that says it renews (``spec['renews']``) must renew its
 claim on the receive regularly; the manager rolls back a receive whose
@@ -103,6 +126,11 @@ class Receive:
         self._server = None
         self._creds = None
         self.result = None
+        #: the commit point is journaled: only forward from here
+        self.committed = False
+        #: the roll-back is journaled: a commit is refused from here
+        self.aborting = False
+        self._vm_state = None
         #: ``{'silent': s, 'lease': s}`` once rolled back for want of a
         #: lease renewal
         self.expired = None
@@ -113,8 +141,9 @@ class Receive:
                             ROLE)
 
     def _record(self, phase, **state):
-        self.phase = phase
+        # durable first: the phase in memory never runs ahead of the disk
         self.host.journal.record(self.id, ROLE, phase, **state)
+        self.phase = phase
 
     def _created(self):
         return [[r_sr, uuid] for src, (r_sr, rec) in
@@ -170,8 +199,10 @@ class Receive:
     def compose(self):
         """The copy is complete: make the copied bases durable."""
         with self._lock:
-            if self.phase == ABORTED:
+            if self.phase == ABORTED or self.aborting:
                 raise aborted_error(self.id, self.host.name, self.expired)
+            if self.committed:
+                return
             for _sr, rec in self._receivers.values():
                 rec.base.flush()
             self._record('compose')
@@ -186,34 +217,42 @@ class Receive:
         with self._lock:
             if self.phase == 'done':
                 return self.result
-            if self.phase == ABORTED:
+            if self.phase == ABORTED or self.aborting:
                 raise aborted_error(self.id, self.host.name, self.expired)
-            self._record('switch-over')
-            self._stop_server()
-            new = {}
-            for src, (sr_name, rec) in self._receivers.items():
-                new[src] = rec.compose().uuid
-            vm_uuid = None
-            if vm_state is not None:
-                vm_uuid = self._adopt(vm_state, new)
-            self.result = {'vdis': new, 'vm': vm_uuid}
-            self._record('done', result=self.result)
-            self._forget_credentials()
-            self._receivers = {}        # composed: nothing more to hold
-            return self.result
+            if not self.committed:
+                # The commit point: durable before anything else changes.
+                # The guest's state stays out of the journal (it is what a
+                # crash of this host loses, as a VM's memory).
+                self._record('switch-over', committed=True,
+                             receivers=self._receiver_records(),
+                             vm_state=without_guest(vm_state))
+                self.committed = True
+                self._vm_state = vm_state
+            return self._finish()
 
-    def _adopt(self, vm_state, new):
-        record = dict(vm_state['vm'])
-        srs = {v['uuid']: v['sr'] for v in self.spec['vdis']}
-        record['disks'] = [dict(d, vdi=new[d['vdi']], sr=srs[d['vdi']])
-                           for d in record['disks']]
-        vif_map = self.spec.get('vif_map') or {}
-        record['vifs'] = [vif_map.get(v, v) for v in record.get('vifs', [])]
-        # The receivers made the VDIs with this VM's uuid already.
-        vm = self.host.adopt_vm(record, 'halted')
-        if vm_state.get('power_state') == 'running':
-            self.host.start_vm(vm.uuid, workload=vm_state.get('workload'))
-        return vm.uuid
+    def _receiver_records(self):
+        """What a restart needs to compose each VDI (see :func:`recover`).
+
+        ``{source VDI: [SR name, leaf uuid, uuids made, base first]}``.
+        """
+        return {src: [sr_name, rec.leaf_uuid, list(rec.vdis)]
+                for src, (sr_name, rec) in self._receivers.items()}
+
+    def _finish(self):
+        """Go forward from the commit point; can be run again."""
+        self._stop_server()
+        new = {}
+        for src, (sr_name, rec) in self._receivers.items():
+            new[src] = rec.compose().uuid
+        vm_uuid = None
+        if self._vm_state is not None:
+            vm_uuid = adopt(self.host, self.spec, self._vm_state, new,
+                            start=True)
+        self.result = {'vdis': new, 'vm': vm_uuid}
+        self._record('done', result=self.result)
+        self._forget_credentials()
+        self._receivers = {}        # composed: nothing more to hold
+        return self.result
 
     def abort(self):
         """Destroy everything this migration made here; idempotent.
@@ -223,14 +262,31 @@ class Receive:
         with self._lock:
             if self.phase == 'done':
                 return COMMITTED
+            if self.committed:
+                # past the commit point: finish what a failure left undone
+                try:
+                    self._finish()
+                except Exception:
+                    LOG.exception('migration %s: committed, but finishing '
+                                  'the switch-over here failed; the agent '
+                                  'finishes it at its next start', self.id)
+                return COMMITTED
+            if self.phase == ABORTED:
+                return ABORTED
+            if not self.aborting:
+                # The abort point: durable before anything is removed;
+                # from here a commit is refused.
+                state = {'expired': self.expired} if self.expired else {}
+                self._record(self.phase, aborting=True, **state)
+                self.aborting = True
             self._stop_server()
             for _sr, rec in self._receivers.values():
                 rec.discard()
             self._receivers = {}
             self._forget_credentials()
-            self.phase = ABORTED
             state = {'expired': self.expired} if self.expired else {}
             self.host.journal.finish(self.id, ABORTED, role=ROLE, **state)
+            self.phase = ABORTED
             LOG.info('migration %s: destination rolled back', self.id)
             return ABORTED
 
@@ -246,7 +302,8 @@ class Receive:
         :returns: :data:`ABORTED` when it rolled back, else None.
         """
         with self._lock:
-            if self.phase in ('switch-over', 'done', ABORTED):
+            if self.committed or self.phase in ('switch-over', 'done',
+                                                ABORTED):
                 return None
             self.expired = {'silent': round(silent, 1), 'lease': lease}
             return self.abort()
@@ -282,13 +339,86 @@ def aborted_error(mid, host_name, expired):
                                    'already rolled it back' % host_name)
 
 
+def without_guest(vm_state):
+    """``vm_state`` without the guest's running state (for the journal)."""
+    if vm_state is None:
+        return None
+    return {k: v for k, v in vm_state.items() if k != 'workload'}
+
+
+def adopt(host, spec, vm_state, new, start):
+    """Register the VM of a committed migration here; can be run again.
+
+    :param new: source VDI uuid -> the composed VDI here.
+    :param start: start it when it ran on the source (a restart does not:
+        a host that stopped comes back with its VMs halted).
+    :returns: the VM's uuid.
+    """
+    record = dict(vm_state['vm'])
+    if record['uuid'] in host.vms:
+        vm = host.vms[record['uuid']]
+    else:
+        srs = {v['uuid']: v['sr'] for v in spec['vdis']}
+        record['disks'] = [dict(d, vdi=new[d['vdi']], sr=srs[d['vdi']])
+                           for d in record['disks']]
+        vif_map = spec.get('vif_map') or {}
+        record['vifs'] = [vif_map.get(v, v)
+                          for v in record.get('vifs', [])]
+        # The receivers made the VDIs with this VM's uuid already.
+        vm = host.adopt_vm(record, 'halted')
+    if start and vm_state.get('power_state') == 'running':
+        host.start_vm(vm.uuid, workload=vm_state.get('workload'))
+    return vm.uuid
+
+
+def _finish_after_restart(host, entry):
+    """Finish a switch-over whose commit the journal records."""
+    spec = entry.state.get('spec') or {}
+    new = {}
+    for src, (sr_name, leaf, vdis) in sorted(
+            (entry.state.get('receivers') or {}).items()):
+        sr = host.sr(sr_name)
+        finish = getattr(sr, '_finish_receive', None)
+        if finish is not None and len(vdis) > 1:
+            # what Receiver.compose does once the devices are closed
+            finish(sr_base.Receiver(sr, None, None, leaf, vdis))
+        new[src] = leaf
+    vm_uuid = None
+    if entry.state.get('vm_state') is not None:
+        vm_uuid = adopt(host, spec, entry.state['vm_state'], new,
+                        start=False)
+    result = {'vdis': new, 'vm': vm_uuid}
+    shutil.rmtree(os.path.join(host.state_path, 'migrations', entry.id,
+                               ROLE), ignore_errors=True)
+    try:
+        os.rmdir(os.path.join(host.state_path, 'migrations', entry.id))
+    except OSError:
+        pass
+    host.journal.finish(entry.id, 'done', role=ROLE, result=result)
+    LOG.warning('migration %s: committed here before the agent stopped; '
+                'the switch-over is finished (VM %s registered, halted as '
+                'every VM of a host that stopped)', entry.id, vm_uuid)
+    return COMMITTED
+
+
 def recover(host, entry):
     """Finish or roll back a receive the journal says was under way.
 
+    Past the commit point (``committed`` in the journal) it goes forward,
+    never back; before it, it rolls back.
+
     :returns: :data:`COMMITTED` or :data:`ABORTED`.
     """
+    if entry.phase == 'done':
+        return COMMITTED
+    if entry.phase == ABORTED:
+        return ABORTED
+    committed = entry.state.get('committed')
+    if plan.recovery_action(ROLE, entry.phase, committed) == plan.FINISH:
+        return _finish_after_restart(host, entry)
     vm = (entry.state.get('spec') or {}).get('vm') or {}
     if entry.phase == 'switch-over' and vm.get('uuid') in host.vms:
+        # a journal written before the commit rule
         host.journal.finish(entry.id, 'done', role=ROLE)
         LOG.warning('migration %s: the VM %s had been registered here when '
                     'the agent stopped; the migration is complete',

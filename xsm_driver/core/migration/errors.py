@@ -130,6 +130,26 @@ class LeaseExpired(MigrationAborted):
                "is %(lease)g s); the VM and its disks stay on the source")
 
 
+class InDoubt(MigrationError):
+    """The source does not know whether the destination committed.
+
+    :param id: the migration.
+    :param host: the destination host.
+    :param waited: seconds the source asked without a certain answer.
+    :param last: the last thing that went wrong.
+    """
+
+    msg_fmt = ("migration %(id)s is in doubt: destination host %(host)s "
+               "gave no certain answer on whether it committed the "
+               "switch-over in %(waited).0f s (last: %(last)s); the VM "
+               "stays paused on the source and is not started on either "
+               "host by this migration until the outcome is known. When "
+               "host %(host)s answers again, run 'xsm-migrate resolve "
+               "%(id)s' on the source host: it asks the destination and "
+               "either finishes the migration (the VM runs on the "
+               "destination) or resumes the VM on the source")
+
+
 class MigrationNotFound(MigrationError):
     """No such migration (``host``, when given, is named too)."""
 

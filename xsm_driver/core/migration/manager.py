@@ -103,6 +103,12 @@ class Options:
     #: seconds a receive whose source renews its lease waits for the next
     #: renewal before it is rolled back; 0: no lease
     receive_lease_timeout: float = 120.0
+    #: seconds a source whose destination gave no certain answer to the
+    #: commit keeps its guest paused and asks again, before it reports
+    #: the migration ``in-doubt`` (see doc/source/switch-over.rst)
+    commit_timeout: float = 60.0
+    #: seconds between two such questions
+    commit_retry_interval: float = 1.0
 
     def replace(self, **changes):
         return dataclasses.replace(self, **{k: v for k, v in changes.items()
@@ -124,6 +130,7 @@ class Manager:
         self._peer_factory = peer_factory
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
+        self._resolve_lock = threading.Lock()
         self._sources = {}
         self._receives = {}
         #: begun source migrations waiting for their start: id -> _Begun
@@ -334,7 +341,8 @@ class Manager:
 
     def _forget_old(self):
         done = sorted((m for m in self._sources.values()
-                       if m.finished is not None), key=lambda m: m.finished)
+                       if m.finished is not None and
+                       m.phase != plan.IN_DOUBT), key=lambda m: m.finished)
         for mig in done[:max(0, len(done) - self.KEEP_FINISHED)]:
             del self._sources[mig.id]
         # a finished receive answers from the journal
@@ -343,8 +351,10 @@ class Manager:
             del self._receives[mid]
 
     def _running(self):
+        """Source migrations under way: running, or in doubt."""
         with self._lock:
-            return [m for m in self._sources.values() if m.finished is None]
+            return [m for m in self._sources.values()
+                    if m.finished is None or m.phase == plan.IN_DOUBT]
 
     def get(self, mid):
         mig = self._sources.get(mid)
@@ -354,7 +364,10 @@ class Manager:
         if entry is None:
             raise errors.MigrationNotFound(id=mid, host=self.host.name)
         return {'id': entry.id, 'role': entry.role, 'phase': entry.phase,
-                'error': None, 'result': entry.state.get('result')}
+                'error': entry.state.get('error') if entry.phase ==
+                plan.IN_DOUBT else None,
+                'result': entry.state.get('result'),
+                'finished': entry.updated}
 
     def list(self):
         return [m.status() for m in self._sources.values()]
@@ -377,6 +390,65 @@ class Manager:
             raise errors.MigrationNotFound(id=mid, host=self.host.name)
         mig.cancel()
         return mig.status()
+
+    def resolve(self, mid):
+        """Settle a migration in doubt: ask its destination, then act.
+
+        ``committed`` finishes it here (the source copy is retired);
+        ``aborted`` (recorded by the destination, which then refuses the
+        commit) resumes the VM here -- after a restart of this host, the
+        VM is left halted, as every VM of a host that stopped; any other
+        answer changes nothing.
+
+        :returns: the migration's status (``done`` or ``aborted``; an
+            ended migration's status as it is).
+        :raises errors.InDoubt: still no certain answer.
+        :raises errors.InvalidPhase: it is still running.
+        """
+        mig = self._sources.get(mid)
+        if mig is not None and mig.phase == plan.IN_DOUBT:
+            return mig.resolve()
+        entry = self.host.journal.get(mid, role=source.ROLE)
+        if entry is None:
+            raise errors.MigrationNotFound(id=mid, host=self.host.name)
+        if entry.finished:
+            return self.get(mid)
+        if mig is not None and mig.finished is None:
+            raise errors.InvalidPhase(id=mid, phase=mig.phase,
+                                      reason='it is still running; only a '
+                                      'migration in doubt is resolved')
+        if entry.phase not in ('switch-over', plan.IN_DOUBT, 'clean-up'):
+            raise errors.InvalidPhase(id=mid, phase=entry.phase,
+                                      reason='it is not in doubt; the '
+                                      'agent rolls it back at its start')
+        with self._resolve_lock:
+            peer = None
+            try:
+                peer = self._peer(entry.state.get('dest_host'))
+            except errors.MigrationError:
+                pass
+            outcome = source.recover(
+                self.host, entry, peer,
+                timeout=max(1.0, self.options.commit_retry_interval * 5))
+        if outcome == plan.IN_DOUBT:
+            raise errors.InDoubt(id=mid, host=entry.state.get('dest_host'),
+                                 waited=0, last='no certain answer')
+        return self.get(mid)
+
+    def in_doubt_vms(self):
+        """uuids of this host's VMs a migration in doubt holds.
+
+        Such a VM must not be started here: it may run on the
+        destination (see :meth:`resolve`).
+        """
+        vms = {m.vm_ref[0] for m in self._running()
+               if m.phase == plan.IN_DOUBT}
+        for entry in self.host.journal.unfinished():
+            if entry.role == source.ROLE and entry.phase in (
+                    'switch-over', plan.IN_DOUBT):
+                vms.add(entry.state.get('vm'))
+        vms.discard(None)
+        return vms
 
     def force_complete(self, mid):
         mig = self._sources.get(mid)
@@ -611,6 +683,15 @@ class Manager:
         self._receive(mid).compose()
 
     def receive_complete(self, mid, vm_state):
+        """Commit the switch-over of ``mid`` (see :mod:`destination`).
+
+        Asked again once done, it answers the same result.
+        """
+        rcv = self._receives.get(mid)
+        if rcv is None:
+            entry = self._check_not_aborted(mid)
+            if entry.phase == 'done':
+                return entry.state.get('result')
         rcv = self._receive(mid)
         try:
             return rcv.complete(vm_state)
@@ -629,6 +710,10 @@ class Manager:
             return rcv.abort()
         entry = self.host.journal.get(mid, role=destination.ROLE)
         if entry is None:
+            # Never received here: the record makes a late prepare of
+            # it refused, so that "aborted" stays true.
+            self.host.journal.record(mid, destination.ROLE,
+                                     destination.ABORTED, never_received=True)
             return destination.ABORTED
         if entry.phase == 'done':
             return destination.COMMITTED
@@ -645,12 +730,15 @@ class Manager:
         rcv = self._receives.get(mid)
         if rcv is not None:
             return {'phase': rcv.phase, 'result': rcv.result,
-                    'expired': rcv.expired}
+                    'expired': rcv.expired, 'committed': rcv.committed}
         entry = self.host.journal.get(mid, role=destination.ROLE)
         if entry is None:
-            return {'phase': None, 'result': None, 'expired': None}
+            return {'phase': None, 'result': None, 'expired': None,
+                    'committed': False}
         return {'phase': entry.phase, 'result': entry.state.get('result'),
-                'expired': entry.state.get('expired')}
+                'expired': entry.state.get('expired'),
+                'committed': bool(entry.state.get('committed')) or
+                entry.phase == 'done'}
 
     # -- recovery ----------------------------------------------------------
 
@@ -904,8 +992,8 @@ class LocalPeer:
     def complete(self, mid, vm_state):
         return self._m.receive_complete(mid, vm_state)
 
-    def abort(self, mid):
+    def abort(self, mid, timeout=None):
         return self._m.receive_abort(mid)
 
-    def status(self, mid):
+    def status(self, mid, timeout=None):
         return self._m.receive_status(mid)

@@ -32,8 +32,12 @@ PHASES = ('preflight', 'prepare-receive', 'mirror', 'snapshot', 'copy',
           'compose', 'switch-over', 'clean-up', 'done')
 ABORTED = 'aborted'
 DONE = 'done'
+#: the source could not learn, within ``[agent]commit_timeout``, whether
+#: the destination committed: its guest stays paused until ``xsm-migrate
+#: resolve`` learns it (see doc/source/switch-over.rst); not terminal
+IN_DOUBT = 'in-doubt'
 TERMINAL = (DONE, ABORTED)
-ALL_PHASES = PHASES + (ABORTED,)
+ALL_PHASES = PHASES + (IN_DOUBT, ABORTED)
 
 # From switch-over on, the VM may already run on the destination: the
 # migration can only go forward.
@@ -41,6 +45,9 @@ _POINT_OF_NO_RETURN = PHASES.index('switch-over')
 
 
 def _index(phase):
+    if phase == IN_DOUBT:
+        # a switch-over whose outcome is not known yet
+        return _POINT_OF_NO_RETURN
     try:
         return PHASES.index(phase)
     except ValueError:
@@ -307,3 +314,127 @@ def completion_action(elapsed, timeout, action):
     if not timeout or elapsed < timeout:
         return 'continue'
     return action
+
+
+# -- the switch-over's commit rule (doc/source/switch-over.rst) ---------------
+
+#: what the source knows of the destination's commit
+COMMITTED = 'committed'
+UNKNOWN = 'unknown'
+OUTCOMES = (COMMITTED, ABORTED, UNKNOWN)
+
+
+def commit_outcome(call, answer=None, error=None):
+    """What one answer of the destination says of its commit.
+
+    Only two answers are knowledge: the destination's durable record of
+    its commit (``complete`` returned, ``abort`` answered ``committed``,
+    ``status`` says ``done`` or ``committed``) and its durable record of
+    the roll-back, after which it refuses the commit (``abort`` answered
+    ``aborted``, ``complete`` was refused as aborted, ``status`` says
+    ``aborted``). Everything else -- a timeout, a lost reply, a broken
+    link, any other error, a phase before the decision -- says nothing.
+
+    :param call: ``complete``, ``abort`` or ``status``.
+    :param answer: what the call returned (when it returned).
+    :param error: what it raised (when it raised), an exception.
+    :returns: :data:`COMMITTED`, :data:`ABORTED` or :data:`UNKNOWN`.
+
+    >>> commit_outcome('complete', {'vdis': {}, 'vm': None})
+    'committed'
+    >>> commit_outcome('complete', error=TimeoutError('no reply'))
+    'unknown'
+    >>> commit_outcome('abort', 'committed')
+    'committed'
+    >>> commit_outcome('abort', 'aborted')
+    'aborted'
+    >>> commit_outcome('status', {'phase': 'compose'})
+    'unknown'
+    """
+    if error is not None:
+        if call == 'complete' and isinstance(error, errors.MigrationAborted):
+            # refused: the destination's journal says it rolled back
+            return ABORTED
+        return UNKNOWN
+    if call == 'complete':
+        return COMMITTED if isinstance(answer, dict) else UNKNOWN
+    if call == 'abort':
+        return answer if answer in (COMMITTED, ABORTED) else UNKNOWN
+    if call == 'status':
+        answer = answer if isinstance(answer, dict) else {}
+        if answer.get('committed') or answer.get('phase') == DONE:
+            return COMMITTED
+        if answer.get('phase') == ABORTED:
+            return ABORTED
+        return UNKNOWN
+    raise ValueError('no commit outcome for a %r call' % (call,))
+
+
+#: what the source does next at the switch-over
+FINISH = 'finish'               # clean up here: the VM runs there
+ROLL_BACK = 'roll-back'         # resume the guest here
+ASK_AGAIN = 'ask-again'         # keep the guest paused, ask again
+REPORT_IN_DOUBT = 'in-doubt'    # keep it paused, an operator resolves
+
+
+def switch_over_action(outcome, elapsed, timeout):
+    """The source's commit rule: what to do once it knows ``outcome``.
+
+    The source resumes its guest only when it knows the destination did
+    not and will not commit; while it does not know, the guest stays
+    paused and the source asks again for ``timeout`` seconds, then
+    reports the migration in doubt. It never guesses: no amount of
+    silence is an answer.
+
+    :param outcome: :data:`COMMITTED`, :data:`ABORTED` or
+        :data:`UNKNOWN` (see :func:`commit_outcome`).
+    :param elapsed: seconds since the source asked the destination to
+        commit.
+    :param timeout: ``[agent]commit_timeout``.
+
+    >>> switch_over_action('committed', 999, 10)
+    'finish'
+    >>> switch_over_action('aborted', 999, 10)
+    'roll-back'
+    >>> switch_over_action('unknown', 3, 10), switch_over_action('unknown',
+    ...                                                          10, 10)
+    ('ask-again', 'in-doubt')
+    """
+    if outcome == COMMITTED:
+        return FINISH
+    if outcome == ABORTED:
+        return ROLL_BACK
+    if outcome != UNKNOWN:
+        raise ValueError('commit outcome must be one of %s, not %r'
+                         % (', '.join(OUTCOMES), outcome))
+    return ASK_AGAIN if elapsed < timeout else REPORT_IN_DOUBT
+
+
+def recovery_action(role, phase, committed=False):
+    """What a restarted agent does with a migration its journal lists.
+
+    :param role: ``source`` or ``destination``.
+    :param phase: the journal's phase of it.
+    :param committed: (destination) the journal records the commit.
+    :returns: for the source, :data:`ROLL_BACK` (it never asked the
+        destination to commit: nothing can have committed),
+        :data:`FINISH` (it knew the commit: ``clean-up``) or
+        :data:`ASK_AGAIN` (``switch-over``, ``in-doubt``: ask the
+        destination; without a certain answer the migration stays in
+        doubt and the VM stays stopped here); for the destination,
+        :data:`FINISH` when it committed (compose, register the VM) and
+        :data:`ROLL_BACK` otherwise.
+
+    >>> recovery_action('source', 'copy'), recovery_action('source',
+    ...                                                    'switch-over')
+    ('roll-back', 'ask-again')
+    >>> recovery_action('destination', 'switch-over', committed=True)
+    'finish'
+    """
+    if role == 'destination':
+        return FINISH if committed or phase == DONE else ROLL_BACK
+    if phase in ('clean-up', DONE):
+        return FINISH
+    if can_abort(phase) or phase == ABORTED:
+        return ROLL_BACK
+    return ASK_AGAIN

@@ -30,6 +30,28 @@ pause is the downtime. Abort (any phase before the commit) removes the
 mirrors, merges each snapshot back into its VDI (the chain is as deep as
 before), and has the destination remove everything it made.
 
+The commit rule (doc/source/switch-over.rst), the source's half. The
+destination's journal decides (see :mod:`destination`); the source only
+learns the decision:
+
+* it journals ``switch-over`` *before* it asks the destination to commit
+  (``complete``); before that phase nothing can have committed, and a
+  failure or a restart rolls back without asking;
+* it resumes its guest only when it *knows* the destination did not and
+  will not commit: ``abort`` answered ``aborted`` (the destination
+  recorded the roll-back durably and refuses a later ``complete``), or
+  ``complete`` was refused as rolled back (:func:`plan.commit_outcome`);
+* ``committed`` learned from any answer (``complete``'s result, ``abort``
+  answering ``committed``, ``status``, after a restart too) finishes the
+  migration here: the source copy is retired;
+* anything else -- a lost request or reply, a timeout, a broken link, a
+  crash -- is *unknown*: the guest stays paused and the source asks again
+  (``abort``, which makes an undecided destination decide) for
+  ``commit_timeout`` seconds (:func:`plan.switch_over_action`), then
+  journals the phase ``in-doubt`` and stops asking. The guest stays
+  paused (after a restart: halted) until ``xsm-migrate resolve ID``
+  (:meth:`Migration.resolve`, :func:`recover`) gets a certain answer.
+
 The destination is reached through a *peer* object with the methods
 ``preflight(spec)``, ``prepare(spec)``, ``compose(id)``,
 ``complete(id, vm_state)``, ``abort(id)`` and ``status(id)``, and
@@ -47,6 +69,7 @@ cancel does.
 """
 
 import concurrent.futures
+import inspect
 import logging
 import os
 import shutil
@@ -145,6 +168,9 @@ class Migration:
         self._renewing = threading.Event()      # set: stop renewing
         self._renewer = None
         self._leased = False                    # the destination said so
+        #: (paused items, suspended guest or None) while in doubt
+        self._held = None
+        self._resolve_lock = threading.Lock()
         #: called as ``phase_hook(migration, phase)`` on each new phase
         self.phase_hook = None
 
@@ -278,6 +304,7 @@ class Migration:
 
     def run(self):
         committed = False
+        in_doubt = False
         try:
             self._check()
             self._prepare()
@@ -292,6 +319,15 @@ class Migration:
             committed = self._switch_over()
             self._clean_up()
             self._set_phase('done', result=self.result)
+        except errors.InDoubt as exc:
+            # Neither resumed nor retired: the guest stays paused here.
+            self._stop_renewing()
+            in_doubt = True
+            with self._lock:
+                self.error = exc
+            LOG.error('%s', exc)
+            self._set_phase(plan.IN_DOUBT, error=str(exc))
+            self._mark_paused(True)
         except Exception as exc:
             self._stop_renewing()
             with self._lock:
@@ -308,12 +344,16 @@ class Migration:
         finally:
             self._stop_renewing(wait=True)
             self.progress.stop()
-            if self.vm is not None and self._guest_writes_before is not None \
-                    and self.vm.workload is not None:
-                self.guest_writes = (self.vm.workload.writes -
-                                     self._guest_writes_before)
+            self._ended(keep=in_doubt)
+
+    def _ended(self, keep=False):
+        if self.vm is not None and self._guest_writes_before is not None \
+                and self.vm.workload is not None:
+            self.guest_writes = (self.vm.workload.writes -
+                                 self._guest_writes_before)
+        if not keep:
             self._let_go()
-            self.finished = time.time()
+        self.finished = time.time()
 
     # -- preflight ---------------------------------------------------------
 
@@ -634,21 +674,45 @@ class Migration:
                 remotes.append(item.mirror.detach())
                 item.remote_leaf = None
             self.result = self._commit(vm_state)
+        except errors.InDoubt:
+            # The destination may have committed: the guest stays paused
+            # (a copy's guest never moves: it may go on).
+            if self.options.copy:
+                self._unpause(paused, None)
+                paused = []
+            self._held = (paused, guest if moving_vm else None)
+            raise
         except Exception:
+            # Not asked to commit, or known not to have committed.
             self._unpause(paused, guest if moving_vm else None)
             raise
         finally:
             self._close_later(remotes)
             if ahead is not None:
                 guest.end_ahead()
-        if self.kind == 'vdi':
-            self._repoint()
-        elif not moving_vm:
-            self._unpause(paused, None)
+        self._committed(paused)
         self.downtime = time.monotonic() - start
         LOG.info('migration %s: switched over with %.1f ms of downtime',
                  self.id, self.downtime * 1000)
         return True
+
+    def _mark_paused(self, held):
+        """The held VM shows as paused while in doubt (not running)."""
+        guest = (self._held or ([], None))[1]
+        if self.vm is None or (held and guest is None):
+            return
+        state = host_mod.PAUSED if held else host_mod.RUNNING
+        if self.vm.power_state != state and \
+                self.vm.power_state != host_mod.HALTED:
+            self.vm.power_state = state
+            self.host.save()
+
+    def _committed(self, paused):
+        """The destination committed: the disks are its now."""
+        if self.kind == 'vdi':
+            self._repoint()
+        elif self.options.copy:
+            self._unpause(paused, None)
 
     @staticmethod
     def _each(func, items):
@@ -669,16 +733,133 @@ class Migration:
                              name='xsm-close', daemon=True).start()
 
     def _commit(self, vm_state):
+        """Ask the destination to commit; act on what it knows only.
+
+        :returns: the destination's result, once it committed.
+        :raises errors.MigrationAborted: it rolled back (durably: it
+            refuses the commit from now on).
+        :raises errors.InDoubt: no certain answer within
+            ``commit_timeout``.
+        """
+        start = time.monotonic()
         try:
-            return self.peer.complete(self.id, vm_state)
+            answer = self.peer.complete(self.id, vm_state)
         except Exception as exc:
+            answer, last = None, exc
+            outcome = plan.commit_outcome('complete', error=exc)
+        else:
+            last = None
+            outcome = plan.commit_outcome('complete', answer)
+        if outcome == plan.COMMITTED:
+            return answer
+        if outcome == plan.UNKNOWN:
             LOG.warning('migration %s: the destination did not confirm the '
-                        'switch-over (%s); asking it to roll back', self.id,
-                        exc)
-            answer = self.peer.abort(self.id)
-            if answer == 'committed':
-                return self.peer.status(self.id).get('result')
-            raise
+                        'switch-over (%s); the guest stays paused while '
+                        'host %s is asked whether it committed', self.id,
+                        last, self.dest_host)
+        outcome, last = self._ask(start, outcome, last)
+        return self._act(outcome, last, time.monotonic() - start)
+
+    def _ask(self, start, outcome, last, timeout=None):
+        """Ask ``abort`` until the answer is certain or time runs out.
+
+        ``abort`` makes a destination that has not decided decide (it
+        rolls back), and answers ``committed`` when it had committed.
+        """
+        timeout = (self.options.commit_timeout if timeout is None
+                   else timeout)
+        interval = max(0.01, self.options.commit_retry_interval)
+        asked = 0
+        while True:
+            elapsed = time.monotonic() - start
+            action = plan.switch_over_action(outcome, elapsed, timeout)
+            if action != plan.ASK_AGAIN:
+                return outcome, last
+            if asked:
+                time.sleep(min(interval, max(0.0, timeout - elapsed)))
+            asked += 1
+            left = max(1.0, timeout - (time.monotonic() - start))
+            try:
+                answer = _call(self.peer.abort, self.id, timeout=left)
+            except Exception as exc:
+                last = exc
+                outcome = plan.commit_outcome('abort', error=exc)
+                LOG.warning('migration %s: no answer from host %s on '
+                            'whether it committed (%s); asking again',
+                            self.id, self.dest_host, exc)
+            else:
+                outcome = plan.commit_outcome('abort', answer)
+                last = 'abort answered %r' % (answer,)
+
+    def _act(self, outcome, last, waited):
+        if outcome == plan.COMMITTED:
+            LOG.info('migration %s: host %s committed the switch-over',
+                     self.id, self.dest_host)
+            return self._learn_result()
+        if outcome == plan.ABORTED:
+            raise errors.MigrationAborted(
+                id=self.id, reason='destination host %s rolled the '
+                'switch-over back (%s); the VM resumes on the source'
+                % (self.dest_host, last))
+        raise errors.InDoubt(id=self.id, host=self.dest_host,
+                             waited=waited, last=last)
+
+    def _learn_result(self):
+        """The committed destination's result, best effort (None)."""
+        for _ in range(3):
+            try:
+                return (_call(self.peer.status, self.id,
+                              timeout=max(1.0,
+                                          self.options.commit_retry_interval)
+                              ) or {}).get('result')
+            except Exception as exc:
+                LOG.warning('migration %s: committed, but host %s did not '
+                            'say with what result (%s)', self.id,
+                            self.dest_host, exc)
+        return None
+
+    def resolve(self):
+        """Learn the outcome of a migration in doubt, and act on it.
+
+        :returns: the status once finished (``done``) or rolled back
+            (``aborted``).
+        :raises errors.InDoubt: still no certain answer; nothing changed.
+        """
+        with self._resolve_lock:
+            if self.phase != plan.IN_DOUBT:
+                return self.status()
+            start = time.monotonic()
+            outcome, last = self._ask(
+                start, plan.UNKNOWN, None,
+                timeout=max(1.0, self.options.commit_retry_interval))
+            if outcome == plan.UNKNOWN:
+                raise errors.InDoubt(id=self.id, host=self.dest_host,
+                                     waited=time.monotonic() - start,
+                                     last=last)
+            paused, guest = self._held or ([], None)
+            try:
+                if outcome == plan.COMMITTED:
+                    self.result = self._learn_result()
+                    self._committed(paused)
+                    self._held = None
+                    self._clean_up()
+                    self._set_phase('done', result=self.result)
+                    self.error = None
+                else:
+                    self._unpause(paused, guest)
+                    if guest is not None:
+                        self._mark_paused(False)
+                    self._held = None
+                    self.error = errors.MigrationAborted(
+                        id=self.id, reason='destination host %s rolled the '
+                        'switch-over back; the VM resumed on the source'
+                        % self.dest_host)
+                    self._abort()
+            finally:
+                if self._held is None:
+                    self._ended()
+            LOG.warning('migration %s: resolved, %s', self.id, self.phase)
+            return self.status()
 
     def _unpause(self, items, guest):
         for item in items:
@@ -815,32 +996,75 @@ def copy_exports(export, wanted, ranges):
     return names[:max(1, min(wanted, ranges, len(names)))]
 
 
-def recover(host, entry, peer):
-    """Roll back or finish a migration the journal says was under way."""
+def _call(func, *args, timeout=None):
+    """``func(*args, timeout=timeout)``, or without it if not taken."""
+    try:
+        takes = 'timeout' in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if takes:
+        return func(*args, timeout=timeout)
+    return func(*args)
+
+
+def ask_outcome(peer, mid, timeout=None):
+    """Ask the destination once whether it committed (``abort``).
+
+    :returns: ``(outcome, what was learnt)``; see
+        :func:`plan.commit_outcome`.
+    """
+    if peer is None:
+        return plan.UNKNOWN, 'the destination cannot be reached'
+    try:
+        answer = _call(peer.abort, mid, timeout=timeout)
+    except Exception as exc:
+        return plan.UNKNOWN, exc
+    return plan.commit_outcome('abort', answer), 'abort answered %r' % (
+        answer,)
+
+
+def recover(host, entry, peer, timeout=None):
+    """Roll back or finish a migration the journal says was under way.
+
+    Before ``switch-over`` it rolls back (nothing can have committed);
+    in ``clean-up`` it finishes (the commit was known); in
+    ``switch-over`` and ``in-doubt`` it asks the destination, and without
+    a certain answer leaves the migration ``in-doubt`` -- its VM stays
+    halted here -- for ``xsm-migrate resolve``.
+
+    :returns: ``done``, ``aborted`` or ``in-doubt``.
+    """
     items = entry.state.get('items', [])
-    if entry.phase in ('switch-over', 'clean-up'):
-        answer = 'unknown'
-        try:
-            answer = peer.abort(entry.id) if peer is not None else 'unknown'
-        except Exception as exc:
-            LOG.error('migration %s: cannot reach the destination to learn '
-                      'whether it committed: %s', entry.id, exc)
-        if answer == 'committed':
-            # finish the clean-up (see Migration._clean_up)
-            if entry.state.get('copy'):
-                _merge_back(host, items)        # the VM stays here
-            else:
-                vm = entry.state.get('vm')
-                if entry.state.get('kind') == 'vm' and vm in host.vms:
-                    host.forget_vm(vm)          # it runs there now
-                for it in items:
-                    host_mod.destroy_chain(host.sr(it['sr']), it['vdi'])
-            shutil.rmtree(os.path.join(host.state_path, 'migrations',
-                                       entry.id), ignore_errors=True)
-            host.journal.finish(entry.id, 'done', role=ROLE)
-            return 'done'
-        if answer == 'unknown':
-            return 'unknown'
+    action = plan.recovery_action(ROLE, entry.phase)
+    if action == plan.ASK_AGAIN:
+        outcome, last = ask_outcome(peer, entry.id, timeout)
+        if outcome == plan.UNKNOWN:
+            error = errors.InDoubt(id=entry.id,
+                                   host=entry.state.get('dest_host'),
+                                   waited=0, last=last)
+            LOG.error('%s', error)
+            if entry.phase != plan.IN_DOUBT:
+                host.journal.record(entry.id, ROLE, plan.IN_DOUBT,
+                                    error=str(error))
+            return plan.IN_DOUBT
+        action = (plan.FINISH if outcome == plan.COMMITTED
+                  else plan.ROLL_BACK)
+    if action == plan.FINISH:
+        # finish the clean-up (see Migration._clean_up)
+        if entry.state.get('copy'):
+            _merge_back(host, items)        # the VM stays here
+        else:
+            vm = entry.state.get('vm')
+            if entry.state.get('kind') == 'vm' and vm in host.vms:
+                host.forget_vm(vm)          # it runs there now
+            for it in items:
+                sr = host.sr(it['sr'])
+                if it['vdi'] in {v.uuid for v in sr.list()}:
+                    host_mod.destroy_chain(sr, it['vdi'])
+        shutil.rmtree(os.path.join(host.state_path, 'migrations',
+                                   entry.id), ignore_errors=True)
+        host.journal.finish(entry.id, 'done', role=ROLE)
+        return 'done'
     _merge_back(host, items)
     if peer is not None and entry.phase != 'preflight':
         try:

@@ -93,6 +93,12 @@ class AgentEndpoint:
         return self.host.create_vm(name, disks, vifs).to_dict()
 
     def vm_start(self, context, vm):
+        in_doubt = getattr(self.manager, 'in_doubt_vms', None)
+        if in_doubt is not None and self.host.vm(vm).uuid in in_doubt():
+            raise exception.XSMError(
+                'VM %s is held by a migration in doubt: it may run on the '
+                'destination; run "xsm-migrate resolve ID" instead of '
+                'starting it here' % vm)
         return self.host.start_vm(vm).to_dict()
 
     def vm_stop(self, context, vm):
@@ -143,6 +149,9 @@ class AgentEndpoint:
 
     def migration_force_complete(self, context, migration):
         return self.manager.force_complete(migration)
+
+    def migration_resolve(self, context, migration):
+        return self.manager.resolve(migration)
 
     # -- migrations, as their destination ----------------------------------
 

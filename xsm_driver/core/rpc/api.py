@@ -26,13 +26,16 @@ API version history:
   request (``spec['renews']``) calls while its migration runs; the
   destination rolls back a receive whose lease runs out.
   ``receive_status`` answers ``expired`` too.
+* 1.3 - the switch-over's commit rule (doc/source/switch-over.rst):
+  ``migration_resolve`` settles a migration in doubt;
+  ``receive_status`` answers ``committed`` too.
 """
 
 import oslo_messaging as messaging
 
 from xsm_driver.core import rpc
 
-VERSION = '1.2'
+VERSION = '1.3'
 #: the version calls that exist since 1.0 are sent as, so that a 1.0 agent
 #: still answers them
 BASE_VERSION = '1.0'
@@ -169,6 +172,11 @@ class AgentAPI:
     def migration_force_complete(self, migration):
         return self.call('migration_force_complete', migration=migration)
 
+    def migration_resolve(self, migration):
+        """Settle a migration in doubt (new in 1.3)."""
+        return self.call('migration_resolve', version='1.3',
+                         migration=migration)
+
 
 #: what an agent that predates a call answers it (as oslo.messaging names
 #: the errors of its dispatcher, which cross the bus as RemoteError)
@@ -215,8 +223,10 @@ class RemotePeer:
         return self._api.call('receive_complete', migration=mid,
                               vm_state=vm_state)
 
-    def abort(self, mid):
-        return self._api.call('receive_abort', migration=mid)
+    def abort(self, mid, timeout=None):
+        return self._api.call('receive_abort', timeout=timeout,
+                              migration=mid)
 
-    def status(self, mid):
-        return self._api.call('receive_status', migration=mid)
+    def status(self, mid, timeout=None):
+        return self._api.call('receive_status', timeout=timeout,
+                              migration=mid)
