@@ -90,11 +90,17 @@ def _api(args, host):
                         timeout=args.rpc_timeout)
 
 
+#: exit status of a migration in doubt (see ``resolve``)
+IN_DOUBT_STATUS = 3
+
+
 def _start_and_follow(args, client, mid):
     status = progress.follow(
         client.migration_get, mid,
         progress.Follower(quiet=args.json or args.no_wait))
     progress.print_result(status, args.json)
+    if status['phase'] == 'in-doubt':
+        return IN_DOUBT_STATUS
     return 0 if status['phase'] == 'done' else 1
 
 
@@ -150,6 +156,50 @@ def cmd_abort(args):
                              progress.Follower(quiet=True))
     progress.print_result(status, args.json)
     return 0 if status['phase'] == 'aborted' else 1
+
+
+def resolved_line(status):
+    """What ``resolve`` says of the migration it settled.
+
+    >>> resolved_line({'id': 'm1', 'phase': 'done', 'source': 'a',
+    ...                'destination': 'b'})  # doctest: +NORMALIZE_WHITESPACE
+    'migration m1 resolved: host b had committed the switch-over; the VM
+     runs there and the source copy on host a is retired'
+    """
+    mid, phase = status['id'], status['phase']
+    src = status.get('source') or 'the source host'
+    dst = status.get('destination') or 'the destination host'
+    if src != 'the source host':
+        src = 'host %s' % src
+    if phase == 'done':
+        where = 'host %s' % dst if dst != 'the destination host' else dst
+        return ('migration %s resolved: %s had committed the switch-over; '
+                'the VM runs there and the source copy on %s is retired'
+                % (mid, where, src))
+    if phase == 'aborted':
+        return ('migration %s resolved: the destination had rolled the '
+                'switch-over back (and refuses it from now on); the VM '
+                'stays on %s, resumed (or halted, if that host restarted '
+                'meanwhile)' % (mid, src))
+    return 'migration %s is %s: %s' % (mid, phase, status.get('error'))
+
+
+def cmd_resolve(args):
+    """Settle a migration in doubt by asking its destination again."""
+    client = _api(args, args.host)
+    try:
+        status = client.migration_resolve(args.id)
+    except errors.InDoubt as exc:
+        print('%s resolve: %s' % (PROG, common.first_line(exc)),
+              file=sys.stderr)
+        return IN_DOUBT_STATUS
+    if args.json:
+        print(json.dumps(status, sort_keys=True))
+    else:
+        print(resolved_line(status))
+    if status['phase'] == 'in-doubt':
+        return IN_DOUBT_STATUS
+    return 0 if status['phase'] in ('done', 'aborted') else 1
 
 
 def cmd_demo(args):
@@ -221,6 +271,15 @@ def build_parser():
     talking(p)
     p.add_argument('id')
     p.set_defaults(func=cmd_abort)
+
+    p = sub.add_parser('resolve', help='settle a migration in doubt: ask '
+                       'its destination whether it committed, then finish '
+                       'the migration (committed) or resume the VM on the '
+                       'source (rolled back); without a certain answer '
+                       'nothing changes (exit status 3)')
+    talking(p)
+    p.add_argument('id')
+    p.set_defaults(func=cmd_resolve)
 
     p = sub.add_parser('demo', help='two hosts in a scratch folder, a VM '
                        'with a verifying guest, a live migration')

@@ -331,3 +331,61 @@ class TestMain(base.TestCase):
         self.assertEqual('', out)
         self.assert_one_line_error('list', err)
         self.assertLess(elapsed, DEAD_BROKER_PATIENCE)
+
+
+class TestResolve(base.TestCase):
+    """``xsm-migrate resolve ID`` settles a migration in doubt."""
+
+    def run_resolve(self, answer, *extra):
+        client = mock.Mock()
+        if isinstance(answer, Exception):
+            client.migration_resolve.side_effect = answer
+        else:
+            client.migration_resolve.return_value = answer
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.object(migrate, '_api', return_value=client), \
+                contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            code = migrate.main(['resolve', 'm1'] + list(extra))
+        client.migration_resolve.assert_called_once_with('m1')
+        return code, out.getvalue(), err.getvalue()
+
+    def test_committed_finishes(self):
+        code, out, _err = self.run_resolve(
+            _status('done', id='m1', source='a', destination='b'))
+        self.assertEqual(0, code)
+        self.assertIn('migration m1 resolved: host b had committed', out)
+        self.assertIn('source copy on host a is retired', out)
+
+    def test_rolled_back_resumes_the_source(self):
+        code, out, _err = self.run_resolve(
+            _status('aborted', id='m1', source='a', destination='b'))
+        self.assertEqual(0, code)
+        self.assertIn('rolled the switch-over back', out)
+        self.assertIn('stays on host a', out)
+
+    def test_still_in_doubt_exits_3(self):
+        from xsm_driver.core.migration import errors
+        code, out, err = self.run_resolve(errors.InDoubt(
+            id='m1', host='b', waited=1, last='timed out'))
+        self.assertEqual(migrate.IN_DOUBT_STATUS, code)
+        self.assertEqual('', out)
+        self.assertIn("run 'xsm-migrate resolve m1'", err)
+
+    def test_json(self):
+        code, out, _err = self.run_resolve(_status('done', id='m1'),
+                                           '--json')
+        self.assertEqual(0, code)
+        self.assertEqual('done', json.loads(out)['phase'])
+
+    def test_an_in_doubt_migration_followed_exits_3(self):
+        client = mock.Mock()
+        client.migration_get.return_value = _status(
+            'in-doubt', finished=1.0, error='migration m1 is in doubt: ...')
+        args = migrate.build_parser().parse_args(['vm', '--vm', 'v',
+                                                  '--to-host', 'b',
+                                                  '--vdi-map', 'x=y',
+                                                  '--json'])
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(migrate.IN_DOUBT_STATUS,
+                             migrate._start_and_follow(args, client, 'm1'))
