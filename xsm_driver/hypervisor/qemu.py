@@ -106,13 +106,16 @@ def kernel_cmdline(spec):
 
 
 def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
-                 paused=False):
+                 paused=False, reconnect_delay=0):
     """The argv of the QEMU process of guest ``spec``.
 
     :param paths: the guest's :class:`Paths`.
     :param accel: ``kvm`` or ``tcg`` (see :mod:`accel`).
     :param memory_mib: RAM when ``spec`` does not say.
     :param paused: start with the vCPUs stopped (``-S``).
+    :param reconnect_delay: seconds QEMU keeps a disk's requests waiting
+        and reconnects when its NBD server goes away (an agent restart),
+        before it fails them (0: fail them at once).
     :raises QemuError: a socket path too long for AF_UNIX.
     """
     for path in [paths.qmp, paths.ctl] + [d.socket for d in spec.disks]:
@@ -148,8 +151,10 @@ def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
     for i, disk in enumerate(spec.disks):
         argv += ['-blockdev',
                  'driver=nbd,node-name=disk%d,server.type=unix,'
-                 'server.path=%s,export=%s'
-                 % (i, escape(disk.socket), escape(disk.export or '')),
+                 'server.path=%s,export=%s%s'
+                 % (i, escape(disk.socket), escape(disk.export or ''),
+                    ',reconnect-delay=%d' % reconnect_delay
+                    if reconnect_delay else ''),
                  '-device', 'virtio-blk-pci,drive=disk%d,id=vd%d' % (i, i)]
     if paused:
         argv.append('-S')
@@ -279,13 +284,16 @@ class QemuDriver(base.Driver):
     :param shutdown_timeout: seconds between the ACPI power-off request
         and the kill.
     :param qmp_timeout: seconds for a QMP command.
+    :param reconnect_delay: seconds a guest's disk I/O waits for its NBD
+        server to come back (see :func:`command_line`).
     """
 
     name = 'qemu'
 
     def __init__(self, state_dir, binary='qemu-system-x86_64',
                  accel=accel_mod.AUTO, guest_kit=None, memory_mib=256,
-                 shutdown_timeout=30, qmp_timeout=10.0):
+                 shutdown_timeout=30, qmp_timeout=10.0,
+                 reconnect_delay=30):
         accel_mod.decide(accel, False)         # validates the setting
         self.state_dir = state_dir
         self.binary = binary
@@ -294,6 +302,7 @@ class QemuDriver(base.Driver):
         self.memory_mib = memory_mib
         self.shutdown_timeout = shutdown_timeout
         self.qmp_timeout = qmp_timeout
+        self.reconnect_delay = reconnect_delay
         self._accel = None
         self._guests = {}
         self._lock = threading.Lock()
@@ -349,8 +358,11 @@ class QemuDriver(base.Driver):
 
     def start(self, spec, paused=False, timeout=30.0):
         with self._lock:
-            if spec.name in self._guests:
+            old = self._guests.get(spec.name, ())
+            if old is None or (old and old.alive()):
                 raise base.GuestExists(driver=self.name, name=spec.name)
+            if old:                       # halted: start it again
+                self._forget(old)
             self._guests[spec.name] = None        # reserved while starting
         try:
             guest = self._start(spec, paused, timeout)
@@ -377,7 +389,7 @@ class QemuDriver(base.Driver):
             json.dump(spec.to_dict(), f, indent=1, sort_keys=True)
         os.replace(paths.spec + '.tmp', paths.spec)
         argv = command_line(binary, spec, paths, self.accel, kernel, initrd,
-                            self.memory_mib, paused)
+                            self.memory_mib, paused, self.reconnect_delay)
         LOG.info('starting guest %s (%s): %s', spec.name, self.accel,
                  ' '.join(argv))
         try:

@@ -76,6 +76,7 @@ class GuestTestCase(base.TestCase):
         # registered before the driver's cleanups, so it runs after them
         self.addCleanup(self.assert_no_qemu_left)
         self.state = os.path.join(self.tmp, 'vms')
+        self.nbd_procs = []
         self.drv = self.driver()
 
     def build_kit(self):
@@ -115,11 +116,12 @@ class GuestTestCase(base.TestCase):
             qemu.kill(pid)
         self.assertEqual([], left, 'QEMU processes left behind')
 
-    def disk(self, index):
+    def disk(self, index, create=True):
         """A raw disk file served by qemu-nbd on a unix socket."""
         image = os.path.join(self.tmp, 'disk%d.raw' % index)
-        with open(image, 'wb') as f:
-            f.truncate(DISK_MIB << 20)
+        if create:
+            with open(image, 'wb') as f:
+                f.truncate(DISK_MIB << 20)
         sock = os.path.join(self.tmp, 'nbd%d.sock' % index)
         log = open(os.path.join(self.tmp, 'qemu-nbd%d.log' % index), 'w')
         self.addCleanup(log.close)
@@ -133,6 +135,7 @@ class GuestTestCase(base.TestCase):
             if proc.poll() is not None or time.monotonic() > deadline:
                 self.fail('qemu-nbd did not serve %s' % sock)
             time.sleep(0.02)
+        self.nbd_procs.append(proc)
         return hv_base.DiskSpec('d%d' % index, socket=sock,
                                 export='vdi-%d' % index), image
 
@@ -248,8 +251,8 @@ class TestQemuGuest(GuestTestCase):
         self.assertEqual('zeros', verifier.reports(
             self.console(), 'mismatch')[0]['found'])
 
-    def test_reboot_and_destroy(self):
-        self.boot()
+    def test_reboot_destroy_and_start_again(self):
+        spec = self.boot()
         self.drv.reboot('g1')
         self.wait_report('g1', 'start', after=1, timeout=BOOT_TIMEOUT)
         self.assertEqual('running', self.drv.power_state('g1'))
@@ -259,6 +262,27 @@ class TestQemuGuest(GuestTestCase):
         self.assertEqual('halted', self.drv.power_state('g1'))
         self.assertFalse(os.path.exists(self.drv.paths('g1').qmp))
         self.assertEqual([], qemu_processes(self.tmp))
+        # a halted guest starts again; a running one cannot start twice
+        self.drv.start(spec)
+        self.assertEqual('running', self.drv.power_state('g1'))
+        self.assertRaises(hv_base.GuestExists, self.drv.start, spec)
+
+    def test_the_nbd_server_restarts_under_the_guest(self):
+        # as the agent that serves the disks restarts
+        self.boot()
+        self.nbd_procs[0].terminate()
+        self.nbd_procs[0].wait(TIMEOUT)
+        time.sleep(2)
+        seen = verifier.last(self.console(), 'progress')['writes']
+        self.disk(0, create=False)
+        rep = self.wait_report('g1', 'progress',
+                               lambda r: r['writes'] > seen + 20)
+        self.assertEqual(0, rep['io_errors'], self.console())
+        self.assertEqual(0, rep['mismatches'], self.console())
+        # the guest's writes waited for the server (2 s), and failed none
+        self.assertGreaterEqual(rep['max_stall_ms'], 1500)
+        rep = self.verify()
+        self.assertTrue(verifier.verified(rep), rep.line)
 
     def test_started_paused_then_killed_when_acpi_is_not_heard(self):
         disk, _ = self.disk(0)

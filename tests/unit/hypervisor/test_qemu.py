@@ -51,6 +51,12 @@ class TestCommandLine(base.TestCase):
                           'virtio-blk-pci,drive=disk1,id=vd1'],
                          option(argv, '-device'))
 
+    def test_reconnect_delay(self):
+        argv = qemu.command_line('q', spec(), qemu.Paths('/g'), 'tcg', 'k',
+                                 'i', 64, reconnect_delay=15)
+        for opt in option(argv, '-blockdev'):
+            self.assertTrue(opt.endswith(',reconnect-delay=15'), opt)
+
     def test_memory_vcpus_and_default_memory(self):
         argv = self.argv(memory_mib=512, vcpus=2)
         self.assertEqual(['512'], option(argv, '-m'))
