@@ -28,16 +28,35 @@ Routes:
     (``[{"com.cloud.agent.api.X": {...}}]``); the answers in the same form,
     one per command. Needs ``Authorization: Bearer <command_token>``.
 
-The server is the standard library's ``wsgiref`` with a thread per
-request (an asynchronous job's polls must not wait for a long command).
+The server is the standard library's ``wsgiref``, its connections served
+by a bounded pool of ``workers`` threads (an asynchronous job's polls must
+not wait for a long command, so more than one), and bounded against
+clients that connect and say nothing, dribble, or send large bodies
+without credentials:
+
+* at most ``max_connections`` connections are queued or served at once;
+  one more is answered 503 and closed at once (logged once per burst);
+* a request (request line, headers and body) must arrive whole within
+  ``request_timeout`` seconds of the connection being accepted, and each
+  write of the answer must go through within that time; then the
+  connection is closed;
+* an API request's form body -- its parameters, read before the signature
+  they carry can be checked -- may be ``max_api_body`` bytes at most: a
+  larger one is refused (413) unread. The command endpoint checks its
+  bearer token before it reads a body of up to :data:`MAX_BODY` bytes.
 """
 
+import concurrent.futures
 import datetime
 import hmac
+import io
 import json
 import logging
 import re
-import socketserver
+import socket
+import sys
+import threading
+import time
 from urllib import parse
 from wsgiref import simple_server
 
@@ -51,11 +70,19 @@ LOG = logging.getLogger(__name__)
 
 _COMMANDS = re.compile(r'^/xsm/v1/hosts/([^/]+)/commands/?$')
 _JSON = 'application/json; charset=UTF-8'
-MAX_BODY = 16 << 20
+MAX_BODY = 16 << 20                 # commands, once the token is checked
+MAX_API_BODY = 64 << 10             # API parameters, before the signature
+WORKERS = 16
+MAX_CONNECTIONS = 64
+REQUEST_TIMEOUT = 30.0
+# Seconds server_close() waits for the workers (an answer being computed
+# may take long: a migration command waits for its migration).
+STOP_TIMEOUT = 5.0
 
 _REASONS = {200: 'OK', 400: 'Bad Request', 401: 'Unauthorized',
             403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
-            413: 'Payload Too Large', 431: 'Parameter Error',
+            408: 'Request Timeout', 413: 'Payload Too Large',
+            431: 'Parameter Error',
             432: 'Unsupported Action', 530: 'Internal Error',
             533: 'Insufficient Capacity', 534: 'Resource Unavailable'}
 
@@ -82,17 +109,19 @@ class Application:
     :param command_token: bearer token of the command endpoint (None:
         endpoint disabled).
     :param now: returns the current aware datetime (tests replace it).
+    :param max_api_body: largest form body of an API request, in bytes.
     """
 
     def __init__(self, api, keys, api_path='/client/api',
                  command_token=None, require_expires=True, max_expires=0,
-                 now=None):
+                 now=None, max_api_body=MAX_API_BODY):
         self.api = api
         self.keys = dict(keys)
         self.api_path = '/' + api_path.strip('/')
         self.command_token = command_token
         self.require_expires = require_expires
         self.max_expires = max_expires
+        self.max_api_body = max_api_body
         self.now = now or (lambda: datetime.datetime.now(
             datetime.timezone.utc))
 
@@ -124,15 +153,25 @@ class Application:
     # -- the API -------------------------------------------------------------
 
     @staticmethod
-    def _read(environ):
+    def _read(environ, limit=MAX_BODY, what='request body'):
+        """The body, refused (413) unread when Content-Length > limit."""
         try:
             length = int(environ.get('CONTENT_LENGTH') or 0)
         except ValueError:
             length = 0
-        if length > MAX_BODY:
-            raise BadRequest(413, 'request body of %d bytes is larger than '
-                             '%d bytes' % (length, MAX_BODY))
-        return environ['wsgi.input'].read(length) if length else b''
+        if length > limit:
+            raise BadRequest(413, '%s of %d bytes is larger than %d bytes'
+                             % (what, length, limit))
+        if not length:
+            return b''
+        try:
+            data = environ['wsgi.input'].read(length)
+        except OSError as exc:             # socket.timeout among them
+            raise BadRequest(408, '%s not received: %s' % (what, exc))
+        if len(data) < length:
+            raise BadRequest(400, '%s cut short: %d of %d bytes'
+                             % (what, len(data), length))
+        return data
 
     def _params(self, environ, method):
         pairs = parse.parse_qsl(environ.get('QUERY_STRING', ''),
@@ -140,8 +179,12 @@ class Application:
         ctype = environ.get('CONTENT_TYPE', '')
         if method == 'POST' and ctype.startswith(
                 'application/x-www-form-urlencoded'):
+            # The signature is among the parameters: the body must be read
+            # before it can be checked, so only a small one is.
             try:
-                body = self._read(environ).decode('utf-8')
+                body = self._read(environ, self.max_api_body,
+                                  'API request body (unsigned until '
+                                  'read)').decode('utf-8')
             except UnicodeDecodeError as exc:
                 raise BadRequest(jobs_mod.PARAM_ERROR,
                                  'the request body is not UTF-8 form data '
@@ -212,23 +255,186 @@ class Application:
             return 400, {'errortext': str(exc)}
 
 
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket until a deadline, however slowly the bytes come.
+
+    A socket timeout alone bounds each read, not the request: a client
+    sending one byte now and then would hold a worker for ever.
+    """
+
+    def __init__(self, sock, deadline, timeout):
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+        self._timeout = timeout
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout('the request did not arrive within %.0f s'
+                                 % self._timeout)
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buf)
+        finally:
+            # the answer's writes get the whole timeout each
+            self._sock.settimeout(self._timeout)
+
+
 class _Handler(simple_server.WSGIRequestHandler):
+
+    def setup(self):
+        self.timeout = self.server.request_timeout
+        super().setup()
+        deadline = self.server.accepted_at(self.request) + self.timeout
+        self.rfile.close()
+        self.rfile = io.BufferedReader(
+            _DeadlineReader(self.connection, deadline, self.timeout))
 
     def log_message(self, fmt, *args):
         LOG.debug('%s %s', self.address_string(), fmt % args)
 
 
-class ThreadingWSGIServer(socketserver.ThreadingMixIn,
-                          simple_server.WSGIServer):
-    daemon_threads = True
+def admit(connections, max_connections):
+    """Whether one more connection may be queued or served.
+
+    >>> admit(63, 64), admit(64, 64)
+    (True, False)
+    """
+    return connections < max_connections
+
+
+_BUSY = (b'HTTP/1.0 503 Service Unavailable\r\nContent-Type: '
+         b'application/json; charset=UTF-8\r\nContent-Length: 46\r\n'
+         b'Connection: close\r\n\r\n'
+         b'{"errortext": "too many connections, retry"}\n')
+
+
+class BoundedWSGIServer(simple_server.WSGIServer):
+    """A WSGI server whose connections a bounded pool of threads serves.
+
+    :param workers: threads serving connections.
+    :param max_connections: connections queued or served at once; one
+        more is answered 503 and closed at once.
+    :param request_timeout: seconds a request has to arrive whole from
+        its connection's acceptance, and each write of its answer.
+    """
+
     allow_reuse_address = True
+    request_queue_size = 128            # listen backlog (socketserver: 5)
+
+    def __init__(self, address, handler_class, workers=WORKERS,
+                 max_connections=MAX_CONNECTIONS,
+                 request_timeout=REQUEST_TIMEOUT):
+        self.workers = workers
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self.refused = 0
+        self._burst = 0
+        self._lock = threading.Lock()
+        self._open = {}                    # socket: when it was accepted
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix='xsm-cloudstack-api')
+        super().__init__(address, handler_class)
+
+    @property
+    def connections(self):
+        with self._lock:
+            return len(self._open)
+
+    def accepted_at(self, request):
+        with self._lock:
+            return self._open.get(request, time.monotonic())
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            ok = admit(len(self._open), self.max_connections)
+            if ok:
+                self._open[request] = time.monotonic()
+                if self._burst:
+                    LOG.info('accepting connections again; %d refused '
+                             'over max_connections (%d)', self._burst,
+                             self.max_connections)
+                    self._burst = 0
+            else:
+                self.refused += 1
+                self._burst += 1
+                if self._burst == 1:
+                    LOG.warning('max_connections (%d) reached: refusing '
+                                'connections (counted, not logged, until '
+                                'one is accepted)', self.max_connections)
+        if not ok:
+            self._refuse(request)
+            return
+        try:
+            self._pool.submit(self._serve, request, client_address)
+        except RuntimeError:               # the pool is shut down
+            self._done(request)
+
+    def _refuse(self, request):
+        try:
+            request.setblocking(False)
+            request.send(_BUSY)
+        except OSError:
+            pass
+        self._done(request, known=False)
+
+    def _serve(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request, known=True):
+        if known:
+            with self._lock:
+                self._open.pop(request, None)
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        # a client that timed out or went away: one line, no traceback
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            LOG.info('connection from %s closed: %s', client_address[0],
+                     exc or type(exc).__name__)
+        else:
+            LOG.exception('connection from %s failed', client_address[0])
+
+    def server_close(self):
+        """Stop listening, close every connection, stop the workers."""
+        super().server_close()
+        with self._lock:
+            socks = list(self._open)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for thread in list(self._pool._threads):
+            thread.join(max(deadline - time.monotonic(), 0))
+        with self._lock:                   # queued, never served
+            left = list(self._open)
+            self._open.clear()
+        for sock in left:
+            self.shutdown_request(sock)
 
 
-def make_server(app, address='127.0.0.1', port=8080):
+def make_server(app, address='127.0.0.1', port=8080, workers=WORKERS,
+                max_connections=MAX_CONNECTIONS,
+                request_timeout=REQUEST_TIMEOUT):
     """A server (not yet serving) of ``app``; port 0 picks a free one."""
-    return simple_server.make_server(address, port, app,
-                                     server_class=ThreadingWSGIServer,
-                                     handler_class=_Handler)
+    server = BoundedWSGIServer((address, port), _Handler, workers=workers,
+                               max_connections=max_connections,
+                               request_timeout=request_timeout)
+    server.set_app(app)
+    return server
 
 
 def build(conf, transport):
@@ -255,4 +461,5 @@ def build(conf, transport):
     return Application(api, opts.api_keys, api_path=opts.api_path,
                        command_token=opts.command_token,
                        require_expires=opts.require_expires,
-                       max_expires=opts.max_expires_seconds)
+                       max_expires=opts.max_expires_seconds,
+                       max_api_body=opts.max_api_body)

@@ -64,9 +64,12 @@ def main(argv=None):
         signal.signal(sig, lambda *_: stop.set())
     try:
         transport = rpc_api.get_transport(conf)
+        opts = conf.cloudstack
         server = wsgi.make_server(wsgi.build(conf, transport),
-                                  conf.cloudstack.listen_address,
-                                  conf.cloudstack.listen_port)
+                                  opts.listen_address, opts.listen_port,
+                                  workers=opts.workers,
+                                  max_connections=opts.max_connections,
+                                  request_timeout=opts.request_timeout)
     except (OSError, ValueError, messaging.MessagingException) as exc:
         print('%s: error: %s' % (PROG, exc), file=sys.stderr)
         return 1

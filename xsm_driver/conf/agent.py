@@ -131,6 +131,54 @@ agent_opts = [
              '(event type xsm.migration.progress).'),
 ]
 
+# -- NBD server bounds (the server an incoming migration listens on) --------
+# A separate block. The process that runs migrations hands these to
+# xsm_driver.core.nbd.server.set_defaults(**nbd_server_limits(conf)).
+
+nbd_server_opts = [
+    cfg.IntOpt(
+        'nbd_max_connections',
+        default=256, min=1, max=65536,
+        help='Connections the NBD server of an incoming migration accepts '
+             'at once. One more is closed as soon as it is accepted, and '
+             'the refusals are logged once per burst. A migration opens '
+             'copy_connections + 1 of them per disk.'),
+    cfg.IntOpt(
+        'nbd_max_handshakes',
+        default=64, min=1, max=65536,
+        help='Connections to the NBD server of an incoming migration that '
+             'may be in their handshake (before and during TLS, not yet '
+             'authenticated) at once. A new connection over this limit '
+             'takes the place of the oldest one still in its handshake, so '
+             'that a flood of connections that never authenticate keeps a '
+             'bounded number of threads and cannot lock the source host '
+             'out.'),
+    cfg.FloatOpt(
+        'nbd_handshake_timeout',
+        default=30.0, min=1.0, max=600.0,
+        help='Seconds a connection to the NBD server of an incoming '
+             'migration has to finish its handshake, TLS included; then '
+             'it is closed.'),
+    cfg.FloatOpt(
+        'nbd_request_timeout',
+        default=60.0, min=1.0, max=3600.0,
+        help='Seconds an NBD request that has begun to arrive (its header, '
+             'or the data of a write) has to arrive whole, and a reply has '
+             'to go out, on an authenticated connection; then the '
+             'connection is closed. A connection may stay idle between '
+             'requests for any time.'),
+]
+agent_opts.extend(nbd_server_opts)
+
+
+def nbd_server_limits(conf):
+    """Keyword arguments of the NBD server's set_defaults()."""
+    opts = conf.agent
+    return {'max_connections': opts.nbd_max_connections,
+            'max_handshakes': opts.nbd_max_handshakes,
+            'handshake_timeout': opts.nbd_handshake_timeout,
+            'request_timeout': opts.nbd_request_timeout}
+
 
 register_opts = _util.registrar(agent_group, agent_opts)
 

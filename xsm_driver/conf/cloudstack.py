@@ -94,6 +94,35 @@ cloudstack_opts = [
         'rpc_timeout',
         default=60, min=1,
         help='Seconds to wait for an answer from an xsm-agent.'),
+    cfg.IntOpt(
+        'workers',
+        default=16, min=1, max=1024,
+        help='Threads that serve the HTTP connections. A connection keeps '
+             'its thread until its answer is sent, and a '
+             'MigrateWithStorageSendCommand waits for its migration, so '
+             'keep a few more than the migrations you run at once.'),
+    cfg.IntOpt(
+        'max_connections',
+        default=64, min=1, max=65536,
+        help='HTTP connections queued or served at once. One more is '
+             'answered 503 and closed at once; the refusals are logged '
+             'once per burst.'),
+    cfg.FloatOpt(
+        'request_timeout',
+        default=30.0, min=1.0, max=3600.0,
+        help='Seconds a client has to send a whole HTTP request (request '
+             'line, headers and body) once its connection is accepted, '
+             'and each write of the answer has to go through; then the '
+             'connection is closed. It does not bound the time the '
+             'answer takes to compute.'),
+    cfg.IntOpt(
+        'max_api_body',
+        default=64 * 1024, min=1024, max=16 * 1024 * 1024,
+        help='Largest form body, in bytes, of a POSTed API request. The '
+             'signature is among the parameters, so the body is read '
+             'before it can be checked: a larger one is refused (413) '
+             'without being read. CloudStack API requests carry a few '
+             'short parameters.'),
 ]
 
 

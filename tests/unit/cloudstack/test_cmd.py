@@ -86,6 +86,6 @@ class TestSampleConfig(base.TestCase):
         self.assertIn('\n[cloudstack]\n', text)
         section = text.split('\n[cloudstack]\n', 1)[1].split('\n[', 1)[0]
         names = [opt.dest for opt in cs_conf.cloudstack_opts]
-        self.assertEqual(12, len(names))
+        self.assertEqual(16, len(names))
         for name in names:
             self.assertRegex(section, r'\n#%s =( |\n)' % name)
