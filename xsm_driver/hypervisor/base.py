@@ -50,17 +50,23 @@ class DiskSpec:
     :param socket: ``qemu``: the unix socket of the NBD server that
         exports the disk.
     :param export: ``qemu``: the NBD export name.
+    :param host: ``qemu``: the NBD server's TCP address, when it has no
+        unix socket (``socket`` wins when both are given).
+    :param port: ``qemu``: its TCP port.
     :param device: ``model``: the :class:`BlockDevice` the guest thread
         writes to.
     """
 
-    def __init__(self, name, socket=None, export=None, device=None):
+    def __init__(self, name, socket=None, export=None, device=None,
+                 host=None, port=None):
         self.name, self.socket, self.export = name, socket, export
+        self.host, self.port = host, port
         self.device = device
 
     def to_dict(self):
         return {'name': self.name, 'socket': self.socket,
-                'export': self.export}
+                'export': self.export, 'host': self.host,
+                'port': self.port}
 
 
 class GuestSpec:

@@ -25,7 +25,8 @@ guest's folder ``<state_dir>/<name>/``:
   (``verify``, ``status``, ...; see :meth:`QemuDriver.guest_command`).
 
 Disks are virtio-blk devices on ``-blockdev driver=nbd`` nodes that
-connect to a unix socket: every guest I/O goes through the NBD server on
+connect to a unix socket (or, while the agent's NBD server listens on TCP
+only, to a TCP address): every guest I/O goes through the NBD server on
 the other end. A driver built again (an agent restart) finds the processes
 in the folders (:meth:`QemuDriver.recover`): a pid whose
 ``/proc/PID/cmdline`` is this folder's QEMU is adopted, a QEMU that does not
@@ -118,10 +119,13 @@ def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
         before it fails them (0: fail them at once).
     :raises QemuError: a socket path too long for AF_UNIX.
     """
-    for path in [paths.qmp, paths.ctl] + [d.socket for d in spec.disks]:
-        if path is None:
-            raise QemuError('a disk of guest %s has no NBD socket'
-                            % spec.name)
+    for disk in spec.disks:
+        if disk.socket is None and (disk.host is None or not disk.port):
+            raise QemuError('disk %s of guest %s has no NBD server (a unix '
+                            'socket or a TCP address)'
+                            % (disk.name, spec.name))
+    for path in [paths.qmp, paths.ctl] + [d.socket for d in spec.disks
+                                          if d.socket is not None]:
         if len(path.encode()) > MAX_SOCKET_PATH:
             raise QemuError('socket path %s is longer than %d bytes, the '
                             'most a unix socket address holds'
@@ -149,10 +153,14 @@ def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
         '-mon', 'chardev=qmp,mode=control',
     ]
     for i, disk in enumerate(spec.disks):
+        if disk.socket is not None:
+            server = 'server.type=unix,server.path=%s' % escape(disk.socket)
+        else:
+            server = 'server.type=inet,server.host=%s,server.port=%d' % (
+                escape(disk.host), int(disk.port))
         argv += ['-blockdev',
-                 'driver=nbd,node-name=disk%d,server.type=unix,'
-                 'server.path=%s,export=%s%s'
-                 % (i, escape(disk.socket), escape(disk.export or ''),
+                 'driver=nbd,node-name=disk%d,%s,export=%s%s'
+                 % (i, server, escape(disk.export or ''),
                     ',reconnect-delay=%d' % reconnect_delay
                     if reconnect_delay else ''),
                  '-device', 'virtio-blk-pci,drive=disk%d,id=vd%d' % (i, i)]

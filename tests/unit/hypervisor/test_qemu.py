@@ -51,6 +51,14 @@ class TestCommandLine(base.TestCase):
                           'virtio-blk-pci,drive=disk1,id=vd1'],
                          option(argv, '-device'))
 
+    def test_disk_on_tcp(self):
+        argv = qemu.command_line('q', spec(disks=[hv_base.DiskSpec(
+            'd0', host='127.0.0.1', port=10809, export='e')]),
+            qemu.Paths('/g'), 'tcg', 'k', 'i', 64)
+        self.assertEqual(['driver=nbd,node-name=disk0,server.type=inet,'
+                          'server.host=127.0.0.1,server.port=10809,'
+                          'export=e'], option(argv, '-blockdev'))
+
     def test_reconnect_delay(self):
         argv = qemu.command_line('q', spec(), qemu.Paths('/g'), 'tcg', 'k',
                                  'i', 64, reconnect_delay=15)
