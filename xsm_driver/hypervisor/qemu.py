@@ -257,6 +257,8 @@ def kill(pid, argv_check=None, term_timeout=3.0):
                       (signal.SIGKILL, 10.0)):
         try:
             os.kill(pid, sig)
+            if sig == signal.SIGTERM:
+                os.kill(pid, signal.SIGCONT)   # a stopped one hears it
         except ProcessLookupError:
             return True
         if wait_gone(pid, wait):

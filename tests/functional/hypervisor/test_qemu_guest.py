@@ -398,6 +398,21 @@ class TestRestart(GuestTestCase):
         self.assertEqual([], drv3.list())
         self.assertFalse(os.path.exists(drv3.paths('g1').pid))
 
+    def test_a_qemu_that_does_not_answer_is_killed(self):
+        disk, _ = self.disk(0)
+        self.drv.start(hv_base.GuestSpec('g1', [disk]), paused=True)
+        pid = self.drv.pid('g1')
+        self.drv.close()
+        os.kill(pid, signal.SIGSTOP)        # alive, but deaf to QMP
+        self.addCleanup(qemu.kill, pid)
+        drv2 = hypervisor.load('qemu', self.state, accel='tcg',
+                               guest_kit=KIT_DIR, qmp_timeout=1,
+                               use_entry_points=False)
+        self.addCleanup(self.destroy_all, drv2)
+        self.assertEqual({'g1': 'halted'}, drv2.recover())
+        self.assertTrue(qemu.wait_gone(pid, TIMEOUT))
+        self.assertEqual([], qemu_processes(self.tmp))
+
     def test_reused_pid_is_not_killed(self):
         spec = hv_base.GuestSpec('g2', [])
         paths = self.drv.paths('g2')
