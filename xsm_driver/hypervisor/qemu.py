@@ -36,6 +36,7 @@ The decisions (:func:`command_line`, :func:`power_state`,
 :func:`recovery_action`) are pure functions.
 """
 
+import fcntl
 import json
 import logging
 import os
@@ -317,6 +318,18 @@ class QemuDriver(base.Driver):
         self._guests = {}
         self._lock = threading.Lock()
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        # One driver per folder: a second one would take the QEMUs that
+        # the first holds the QMP connections of for dead, and kill them.
+        self._lock_fd = os.open(os.path.join(state_dir, 'driver.lock'),
+                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise QemuError('another qemu driver (an agent still running?) '
+                            'manages the guests in %s' % state_dir)
 
     @classmethod
     def from_config(cls, conf, state_dir):
@@ -603,6 +616,9 @@ class QemuDriver(base.Driver):
                 if guest.qmp is not None:
                     guest.qmp.close()
                     guest.qmp = None
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)              # and with it the folder's lock
 
     # -- the guest's console and verifier ----------------------------------
 

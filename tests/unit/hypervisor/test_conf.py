@@ -54,6 +54,7 @@ class TestOptions(base.TestCase):
         drv = hypervisor.from_config(
             self.conf(driver='qemu', accel='tcg', default_memory_mib=128,
                       shutdown_timeout=5, qemu_binary='/x/qemu'), tmp)
+        self.addCleanup(drv.close)
         self.assertIsInstance(drv, qemu.QemuDriver)
         self.assertEqual(('/x/qemu', 'tcg', 128, 5),
                          (drv.binary, drv.accel, drv.memory_mib,

@@ -209,8 +209,18 @@ class TestLoad(base.TestCase):
         self.assertIsInstance(hypervisor.load('model'), model.ModelDriver)
         tmp = self.make_tempdir()
         drv = hypervisor.load('qemu', tmp, accel='tcg')
+        self.addCleanup(drv.close)
         self.assertIsInstance(drv, qemu.QemuDriver)
         self.assertEqual({}, drv.recover())
+
+    def test_one_qemu_driver_per_folder(self):
+        tmp = self.make_tempdir()
+        drv = hypervisor.load('qemu', tmp, accel='tcg')
+        self.assertRaises(qemu.QemuError, hypervisor.load, 'qemu', tmp,
+                          accel='tcg')
+        drv.close()
+        drv.close()
+        hypervisor.load('qemu', tmp, accel='tcg').close()
 
     def test_unknown(self):
         self.assertRaises(hypervisor.UnknownDriver, hypervisor.load, 'xen')
