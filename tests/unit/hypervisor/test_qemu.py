@@ -176,9 +176,9 @@ class TestRecovery(base.TestCase):
             self.assertEqual(pid, qemu.read_pid(path), text)
 
     def test_process_argv(self):
-        self.assertEqual(os.getpid() and open('/proc/self/cmdline', 'rb')
-                         .read().split(b'\0')[0].decode(),
-                         qemu.process_argv(os.getpid())[0])
+        with open('/proc/self/cmdline', 'rb') as f:
+            argv0 = f.read().split(b'\0')[0].decode()
+        self.assertEqual(argv0, qemu.process_argv(os.getpid())[0])
         self.assertIsNone(qemu.process_argv(2 ** 22 + 7))
 
 
