@@ -54,6 +54,20 @@ def _port(text):
     return port
 
 
+def _bounded(kind, low, high):
+    """An argparse type: a ``kind`` number from ``low`` to ``high``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                '%r is not a number from %s to %s' % (text, low, high))
+        return value
+    return parse
+
+
 def is_vhd(path):
     """Whether ``path`` ends with a VHD footer (or starts with its copy)."""
     with open(path, 'rb') as f:
@@ -122,7 +136,11 @@ def _serve(args):
                if args.tls_cert else None)
     dev, kind = open_device(args.image, writable=not args.read_only)
     server = nbd_server.Server({args.export_name: dev}, host=args.bind,
-                               port=args.port, tls_context=context)
+                               port=args.port, tls_context=context,
+                               max_connections=args.max_connections,
+                               max_handshakes=args.max_handshakes,
+                               handshake_timeout=args.handshake_timeout,
+                               request_timeout=args.request_timeout)
     previous = {sig: signal.signal(sig, _raise_stop)
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -214,6 +232,27 @@ def build_parser():
                    help='private key of --tls-cert (PEM)')
     p.add_argument('--tls-ca', metavar='FILE',
                    help='require client certificates signed by this CA')
+    p.add_argument('--max-connections', metavar='N',
+                   type=_bounded(int, 1, 65536),
+                   default=nbd_server.MAX_CONNECTIONS,
+                   help='connections at once; one more is closed at once '
+                   '(default: %(default)s)')
+    p.add_argument('--max-handshakes', metavar='N',
+                   type=_bounded(int, 1, 65536),
+                   default=nbd_server.MAX_HANDSHAKES,
+                   help='connections at once still in their handshake; a '
+                   'new one takes the place of the oldest (default: '
+                   '%(default)s)')
+    p.add_argument('--handshake-timeout', metavar='SECONDS',
+                   type=_bounded(float, 1.0, 600.0),
+                   default=nbd_server.HANDSHAKE_TIMEOUT,
+                   help='time to finish the handshake, TLS included '
+                   '(default: %(default)s)')
+    p.add_argument('--request-timeout', metavar='SECONDS',
+                   type=_bounded(float, 1.0, 3600.0),
+                   default=nbd_server.REQUEST_TIMEOUT,
+                   help='time for a request that has begun to arrive whole '
+                   '(default: %(default)s)')
     p = add('make-certs', _make_certs,
             'write a CA, a server and a client certificate with their keys '
             'into DIR, named as qemu tls-creds-x509 expects')

@@ -149,6 +149,15 @@ class HelpTest(XsmNbdTestCase):
                          (args.bind, args.port, args.export_name,
                           args.read_only))
 
+    def test_bounds_are_parsed(self):
+        args = cmd.build_parser().parse_args(
+            ['serve', 'x.vhd', '--max-connections', '3',
+             '--max-handshakes', '2', '--handshake-timeout', '5',
+             '--request-timeout', '9.5'])
+        self.assertEqual((3, 2, 5.0, 9.5),
+                         (args.max_connections, args.max_handshakes,
+                          args.handshake_timeout, args.request_timeout))
+
     def test_no_command_is_a_usage_error(self):
         rc, _out, err = self.run_main()
         self.assertEqual(2, rc)
@@ -336,6 +345,17 @@ class ServeErrorsTest(XsmNbdTestCase):
     def test_bad_port(self):
         err = self.fails('serve', self.make_vhd(), '--port', '65536', rc=2)
         self.assertIn('--port', err)
+
+    def test_bounds_out_of_range_are_usage_errors(self):
+        vhd = self.make_vhd()
+        for option, value in (('--max-connections', '0'),
+                              ('--max-handshakes', 'many'),
+                              ('--handshake-timeout', '0.5'),
+                              ('--request-timeout', '7200')):
+            err = self.fails('serve', vhd, '--port', '0', option, value,
+                             rc=2)
+            self.assertIn(option, err)
+            self.assertIn('is not a number from', err)
 
     def test_cert_without_key_is_a_usage_error(self):
         creds = tls.make_credentials(self.path('pki'))
