@@ -39,6 +39,7 @@ import collections
 import http.server
 import socket
 import socketserver
+import struct
 import threading
 import time
 import uuid as uuidlib
@@ -711,3 +712,219 @@ class XenAPIServer:
         self._server.close_connections()
         self.pool.stop_tasks()
         REGISTRY.pop(self.pool.name, None)
+
+
+# -- xapi-nbd ----------------------------------------------------------------
+#
+# xapi's NBD server (xapi-nbd) is built on xapi-project/nbd. Every rule the
+# double below enforces is that library's, at its master (b71e1be):
+# lib/server.ml ``connect`` (negotiation), ``negotiate_end`` and ``serve``
+# (transmission), lib/protocol.ml (``Option.of_int32``, ``DiskInfo``,
+# ``PerExportFlag.to_int``).
+
+_NBDMAGIC = 0x4e42444d41474943
+_IHAVEOPT = 0x49484156454f5054
+_REP_MAGIC = 0x0003e889045565a9
+_REQUEST_MAGIC = 0x25609513
+_REPLY_MAGIC = 0x67446698
+_OPT_EXPORT_NAME, _OPT_ABORT, _OPT_LIST, _OPT_STARTTLS = 1, 2, 3, 5
+_REP_ACK = 1
+_REP_ERR_UNSUP = 0x80000001
+_REP_ERR_POLICY = 0x80000002
+_REP_ERR_INVALID = 0x80000003
+_REP_ERR_TLS_REQD = 0x80000005
+_EPERM, _EINVAL = 1, 22
+
+
+class _Hangup(Exception):
+    """xapi-nbd fails the connection's thread: the socket is closed."""
+
+
+def _read_exactly(sock, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise _Hangup('end of stream')
+        data += chunk
+    return bytes(data)
+
+
+class XapiNBDServer:
+    """An NBD server exactly as narrow as xapi-nbd.
+
+    * Greeting: fixed newstyle only, never NO_ZEROES (server.ml
+      ``connect``: ``Negotiate.V2 [GlobalFlag.Fixed_newstyle]``).
+    * With a TLS context (a network with the ``nbd`` purpose, FORCEDTLS):
+      a client without fixed newstyle is hung up on; before STARTTLS,
+      EXPORT_NAME and ABORT hang up, every other option gets
+      ``NBD_REP_ERR_TLS_REQD`` (server.ml ``negotiate_tls``).
+    * Without one (``insecure_nbd``) and after STARTTLS
+      (server.ml ``generic_loop``): STARTTLS gets ``NBD_REP_ERR_POLICY`` in
+      clear text and ``NBD_REP_ERR_INVALID`` under TLS; LIST gets
+      ``NBD_REP_ERR_POLICY`` (xapi-nbd offers no list); ABORT an ACK, then
+      the end; EXPORT_NAME chooses the export; every other option
+      (STRUCTURED_REPLY, INFO, GO, SET_META_CONTEXT, ...) is
+      ``Option.Unknown`` and gets ``NBD_REP_ERR_UNSUP``.
+    * An unknown export name: xapi-nbd's handler fails and the connection
+      closes, with no reply.
+    * After EXPORT_NAME: size (u64), flags (u16: HAS_FLAGS, READ_ONLY when
+      read-only) and 124 zero bytes (protocol.ml ``DiskInfo``).
+    * Transmission (server.ml ``serve``): simple replies only; READ and
+      WRITE whose offset or length is not a multiple of 512 get EINVAL;
+      WRITE on a read-only export EPERM; DISC ends the session; every other
+      command (FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, ...) EINVAL.
+
+    :param exports: ``{name: device}`` (``size`` and ``pread``, and
+        ``pwrite`` when not read-only).
+    :attr options_seen: option numbers received, in order, for tests.
+    """
+
+    def __init__(self, exports, tls_context=None, read_only=True):
+        self.exports = dict(exports)
+        self.tls_context = tls_context
+        self.read_only = read_only
+        self.options_seen = []
+        self.commands_seen = collections.Counter()
+        self.errors = []
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(('127.0.0.1', 0))
+        self._sock.listen(8)
+        self.address = self._sock.getsockname()
+        self._threads = []
+        self._conns = []
+        self._stopping = False
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._accept_loop,
+                                        daemon=True, name='fake-xapi-nbd')
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stopping = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        for conn in list(self._conns):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(5)
+        for thread in self._threads:
+            thread.join(5)
+
+    def _accept_loop(self):
+        while not self._stopping:
+            try:
+                conn, _addr = self._sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            thread = threading.Thread(target=self._serve_one, args=(conn,),
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve_one(self, conn):
+        try:
+            self._session(conn)
+        except (_Hangup, OSError, ValueError) as exc:
+            self.errors.append(str(exc))
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    @staticmethod
+    def _reply(sock, option, reply, data=b''):
+        sock.sendall(struct.pack('>QIII', _REP_MAGIC, option, reply,
+                                 len(data)) + data)
+
+    def _read_option(self, sock):
+        magic, option, length = struct.unpack('>QII',
+                                              _read_exactly(sock, 16))
+        if magic != _IHAVEOPT:
+            raise _Hangup('bad option magic')     # OptionRequestHeader
+        data = _read_exactly(sock, length)
+        self.options_seen.append(option)
+        return option, data
+
+    def _session(self, conn):
+        conn.sendall(struct.pack('>QQH', _NBDMAGIC, _IHAVEOPT, 1))
+        (client_flags,) = struct.unpack('>I', _read_exactly(conn, 4))
+        sock, is_tls = conn, False
+        if self.tls_context is not None:
+            if not client_flags & 1:
+                raise _Hangup('client without fixed newstyle, FORCEDTLS')
+            while True:                             # negotiate_tls
+                option, _data = self._read_option(conn)
+                if option in (_OPT_EXPORT_NAME, _OPT_ABORT):
+                    raise _Hangup('option %d before TLS' % option)
+                if option == _OPT_STARTTLS:
+                    self._reply(conn, option, _REP_ACK)
+                    sock = self.tls_context.wrap_socket(conn,
+                                                        server_side=True)
+                    is_tls = True
+                    break
+                self._reply(conn, option, _REP_ERR_TLS_REQD)
+        while True:                                 # generic_loop
+            option, data = self._read_option(sock)
+            if option == _OPT_STARTTLS:
+                self._reply(sock, option, _REP_ERR_INVALID if is_tls
+                            else _REP_ERR_POLICY)
+            elif option == _OPT_EXPORT_NAME:
+                name = data.decode('utf-8', 'replace')
+                break
+            elif option == _OPT_ABORT:
+                self._reply(sock, option, _REP_ACK)
+                return
+            elif option == _OPT_LIST:
+                self._reply(sock, option, _REP_ERR_POLICY)
+            else:
+                self._reply(sock, option, _REP_ERR_UNSUP)
+        if name not in self.exports:
+            raise _Hangup('no export %r' % name)
+        dev = self.exports[name]
+        flags = 1 | (2 if self.read_only else 0)
+        sock.sendall(struct.pack('>QH', dev.size, flags) + bytes(124))
+        self._transmission(sock, dev)
+
+    def _transmission(self, sock, dev):
+        while True:
+            magic, _flags, cmd, handle, offset, length = struct.unpack(
+                '>IHHQQI', _read_exactly(sock, 28))
+            if magic != _REQUEST_MAGIC:
+                raise _Hangup('bad request magic')
+            self.commands_seen[cmd] += 1
+
+            def answer(error):
+                sock.sendall(struct.pack('>IIQ', _REPLY_MAGIC, error,
+                                         handle))
+            aligned = offset % 512 == 0 and length % 512 == 0
+            if cmd == 0:                                    # READ
+                if not aligned:
+                    answer(_EINVAL)
+                    continue
+                answer(0)
+                sock.sendall(bytes(dev.pread(offset, length)))
+            elif cmd == 1:                                  # WRITE
+                if self.read_only:
+                    # xapi-nbd does not read the payload here either
+                    answer(_EPERM)
+                elif not aligned:
+                    answer(_EINVAL)
+                else:
+                    dev.pwrite(_read_exactly(sock, length), offset)
+                    answer(0)
+            elif cmd == 2:                                  # DISC
+                return
+            else:
+                answer(_EINVAL)

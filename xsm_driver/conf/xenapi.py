@@ -75,6 +75,14 @@ xenapi_opts = [
              '[sr]repositories), that VDIs of the pool can be copied to '
              'through xapi\'s NBD export: xsm-migrate vdi VDI --to-sr '
              'NAME. Repeat the option for several SRs.'),
+    cfg.BoolOpt(
+        'allow_insecure_nbd',
+        default=False,
+        help='Copy a VDI to a local SR from an NBD export without TLS '
+             '(xapi\'s NBD server on a network with the insecure_nbd '
+             'purpose). By default such a copy is refused, since the disk '
+             'would cross the network in clear text; give the network the '
+             'nbd purpose instead.'),
     cfg.FloatOpt(
         'poll_interval',
         default=1.0, min=0.01,

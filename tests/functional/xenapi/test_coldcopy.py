@@ -34,8 +34,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tests.unit.xenapi import fixtures as xfix
+from tests import xenapi_fake as fake
 from xsm_driver.core.block import device
 from xsm_driver.core.migration import errors as mig_errors
+from xsm_driver.core.nbd import constants as nbd_c
 from xsm_driver.core.nbd import server as nbd_server
 from xsm_driver.core.nbd import tls
 from xsm_driver.core.sr import vhd as vhd_sr
@@ -190,6 +192,80 @@ class TestColdCopy(xfix.PoolsTestCase):
         self.assertRaises(mig_errors.InsufficientSpace,
                           self.engine.migrate_vdi,
                           self.uuid(self.a, 'VDI', self.vdi), 'backup')
+
+
+class TestColdCopyFromXapiNBD(xfix.PoolsTestCase):
+    """The copy from a server exactly as narrow as xapi-nbd.
+
+    xapi-nbd knows no NBD_OPT_GO, structured replies or block status
+    (xapi-project/nbd lib/server.ml): the engine chooses the export with
+    NBD_OPT_EXPORT_NAME, reads every block and writes only the data.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.remote_sr = vhd_sr.VHDSR('remote', self.make_tempdir())
+        vhd = self.remote_sr.create(32 * MiB, name='data')
+        with self.remote_sr.attach(vhd.uuid, writable=True) as dev:
+            dev.pwrite(b'\x5a' * MiB, 3 * MiB)
+            dev.pwrite(b'\xa5' * 4096, 30 * MiB)
+            dev.flush()
+        self.export = self.remote_sr.attach(vhd.uuid)
+        self.addCleanup(self.export.close)
+        self.want = digest(self.export)
+        self.cert, (cert_file, key_file) = self_signed(self.make_tempdir())
+        self.tls = tls.server_context(cert_file, key_file)
+        self.vdi = self.a.add_vdi(self.sr_a, 'data', 32 * MiB, 4 * MiB)
+        self.a.add_vm('cold-3', [self.vdi], power_state='Halted')
+        self.vdi_uuid = uuid_of(self.a, self.vdi)
+        self.name = '/%s?session_id=OpaqueRef:secret-session' % self.vdi_uuid
+        self.local = vhd_sr.VHDSR('backup', self.make_tempdir())
+
+    def serve(self, tls_context):
+        server = fake.XapiNBDServer({self.name: self.export},
+                                    tls_context=tls_context).start()
+        self.addCleanup(server.stop)
+        self.a.nbd_info[self.vdi] = [{
+            'address': '127.0.0.1', 'port': server.address[1],
+            'cert': self.cert, 'exportname': self.name, 'subject': 'xs-a1'}]
+        return server
+
+    def test_copy_over_tls_is_bit_for_bit_and_sparse(self):
+        server = self.serve(self.tls)
+        self.engine = engine = self.make_engine(
+            local_srs={'backup': self.local})
+        status = self.wait(engine.migrate_vdi(self.vdi_uuid, 'backup'))
+        self.assertEqual('done', status['phase'], status['error'])
+        new = status['result']['vdis'][self.vdi_uuid]
+        with self.local.attach(new) as dev:
+            self.assertEqual(self.want, digest(dev))
+        # every block was read: xapi-nbd has no block status ...
+        self.assertEqual(32 * MiB, status['progress']['total'])
+        self.assertIn(nbd_c.NBD_OPT_EXPORT_NAME, server.options_seen)
+        # ... and only the two 2 MiB blocks holding data were written
+        self.assertLessEqual(self.local.get(new).allocated, 2 * 2 * MiB)
+
+    def test_insecure_nbd_network_is_refused_clearly(self):
+        self.serve(None)                    # xapi-nbd without TLS
+        self.engine = engine = self.make_engine(
+            local_srs={'backup': self.local})
+        status = self.wait(engine.migrate_vdi(self.vdi_uuid, 'backup'))
+        self.assertEqual('aborted', status['phase'])
+        self.assertIn('insecure_nbd', status['error'])
+        self.assertIn('allow_insecure_nbd', status['error'])
+        self.assertIn(self.vdi_uuid, status['error'])
+        self.assertNotIn('secret-session', status['error'])
+        self.assertEqual([], self.local.list())
+
+    def test_insecure_nbd_network_when_allowed(self):
+        self.serve(None)
+        self.engine = engine = self.make_engine(
+            local_srs={'backup': self.local}, allow_insecure_nbd=True)
+        status = self.wait(engine.migrate_vdi(self.vdi_uuid, 'backup'))
+        self.assertEqual('done', status['phase'], status['error'])
+        new = status['result']['vdis'][self.vdi_uuid]
+        with self.local.attach(new) as dev:
+            self.assertEqual(self.want, digest(dev))
 
 
 class TestSkipZeros(xfix.base.TestCase):

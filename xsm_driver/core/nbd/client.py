@@ -49,6 +49,20 @@ class NBDError(exception.XSMError):
         self.errno = errno
 
 
+class TLSRefused(NBDError):
+    """The server answered NBD_OPT_STARTTLS with an error.
+
+    ``reply`` is its ``NBD_REP_ERR_*`` code: xapi-nbd serving a network
+    with the ``insecure_nbd`` purpose answers ``NBD_REP_ERR_POLICY``
+    (xapi-project/nbd lib/server.ml, ``connect``: STARTTLS on a clear-text
+    channel).
+    """
+
+    def __init__(self, message=None, reply=None, **kwargs):
+        super().__init__(message, errno=errno.EPROTO, **kwargs)
+        self.reply = reply
+
+
 class Pending:
     """A request in flight; :meth:`wait` returns its result."""
 
@@ -220,9 +234,11 @@ class Client:
         if self._tls is not None:
             answer = self._option(p.StartTLSRequest())
             if not isinstance(answer, p.StartTLS):
-                raise NBDError(where=self.name, errno=errno.EPROTO,
-                               reason='the server refused TLS: %s'
-                               % getattr(answer, 'message', answer))
+                raise TLSRefused(where=self.name,
+                                 reply=getattr(answer, 'reply', None),
+                                 reason='the server refused TLS: %s'
+                                 % (getattr(answer, 'message', '') or
+                                    answer))
             self._sock = self._tls.wrap_socket(
                 self._sock, server_hostname=self._server_hostname)
         answer = self._option(p.StructuredReplyRequest())
@@ -231,6 +247,15 @@ class Client:
             self._option(p.SetMetaContextRequest(self.export))
         answer = self._option(p.GoRequest(self.export,
                                           (c.NBD_INFO_BLOCK_SIZE,)))
+        if isinstance(answer, p.OptionError) and \
+                answer.reply == c.NBD_REP_ERR_UNSUP:
+            # xapi-nbd knows only NBD_OPT_EXPORT_NAME, ABORT, LIST and
+            # STARTTLS (xapi-project/nbd lib/server.ml, connect): choose
+            # the export the old way; no structured replies, no block
+            # status, so a copy reads every block.
+            LOG.info('%s: the server does not know NBD_OPT_GO; choosing '
+                     'the export with NBD_OPT_EXPORT_NAME', self.name)
+            answer = self._option(p.ExportNameRequest(self.export))
         if not isinstance(answer, p.ExportChosen):
             raise NBDError(where=self.name, errno=errno.ENOENT,
                            reason='the server refused the export: %s'

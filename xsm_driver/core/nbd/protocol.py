@@ -66,6 +66,7 @@ _OPTION = struct.Struct('>QII')          # IHAVEOPT, option, length
 _OPTION_REPLY = struct.Struct('>QIII')   # magic, option, type, length
 _INFO_EXPORT = struct.Struct('>HQH')     # NBD_INFO_EXPORT, size, flags
 _INFO_BLOCK_SIZE = struct.Struct('>HIII')
+_EXPORT_NAME_REPLY = struct.Struct('>QH')  # size, transmission flags
 _REQUEST = struct.Struct('>IHHQQI')      # magic, flags, type, handle, ...
 _SIMPLE_REPLY = struct.Struct('>IIQ')    # magic, error, handle
 _CHUNK = struct.Struct('>IHHQI')         # magic, flags, type, handle, len
@@ -245,6 +246,24 @@ class SetMetaContextRequest(ListMetaContextRequest):
 
     option = c.NBD_OPT_SET_META_CONTEXT
     queries: tuple = (c.BASE_ALLOCATION,)
+
+
+@_event
+class ExportNameRequest(object):
+    """``NBD_OPT_EXPORT_NAME`` (client side only): choose export ``name``.
+
+    The option of servers that know no ``NBD_OPT_GO``: xapi-nbd understands
+    only EXPORT_NAME, ABORT, LIST and STARTTLS and answers every other
+    option "unsupported" (xapi-project/nbd lib/server.ml, ``connect``;
+    lib/protocol.ml, ``Option.of_int32``).  There is no option reply: the
+    server sends the export's size and transmission flags (padded with 124
+    zero bytes unless NO_ZEROES was agreed; lib/protocol.ml ``DiskInfo``)
+    and enters transmission -- a successful one comes out as ExportChosen
+    -- or it closes the connection.
+    """
+
+    option = c.NBD_OPT_EXPORT_NAME
+    name: str = ''
 
 
 # Outcomes of options.
@@ -502,6 +521,8 @@ def _option_data(event):
     """Return the data bytes of an option request event."""
     if isinstance(event, OptionRequest):
         return event.data
+    if isinstance(event, ExportNameRequest):
+        return _encode(event.name)          # the whole data, no length
     if isinstance(event, InfoRequest):
         n = len(event.info_requests)
         return (_encode_string(event.name) + _pack(_U16, n) +
@@ -860,6 +881,8 @@ class ClientConnection(Connection):
         }
         self._senders = dict.fromkeys(_OPTIONS.values(), self._send_option)
         self._senders[OptionRequest] = self._send_option
+        self._senders[ExportNameRequest] = self._send_option
+        self._no_zeroes = False   # NBD_FLAG_C_NO_ZEROES sent
         self._senders.update(dict.fromkeys(
             (WriteRequest, FlushRequest, Disconnect) +
             tuple(_REQUESTS.values()), self._send_request))
@@ -876,6 +899,12 @@ class ClientConnection(Connection):
                 isinstance(self._option, AbortRequest)):
             self.state = State.CLOSED     # the server may skip the ACK
             return Disconnect()
+        if (self.state is State.OPTION_REPLY and not self._buf and
+                isinstance(self._option, ExportNameRequest)):
+            # how a server refuses NBD_OPT_EXPORT_NAME (it has no reply)
+            raise RemoteProtocolError(reason='the server closed the '
+                                      'connection: it refused export %r'
+                                      % self._option.name)
         return super(ClientConnection, self)._at_eof()
 
     def _read_greeting(self):
@@ -897,6 +926,7 @@ class ClientConnection(Connection):
         client_flags = c.NBD_FLAG_C_FIXED_NEWSTYLE
         if flags & c.NBD_FLAG_NO_ZEROES:
             client_flags |= c.NBD_FLAG_C_NO_ZEROES
+            self._no_zeroes = True
         self._out += _U32.pack(client_flags)
         self._step('client flags')
         return ServerHandshake(flags)
@@ -919,6 +949,8 @@ class ClientConnection(Connection):
         return [header + data]
 
     def _read_option_reply(self):
+        if isinstance(self._option, ExportNameRequest):
+            return self._read_export_name_reply()
         if len(self._buf) < _OPTION_REPLY.size:
             return NEED_DATA
         magic, option, reply, length = _OPTION_REPLY.unpack_from(self._buf)
@@ -955,6 +987,18 @@ class ClientConnection(Connection):
                                       '%d: %s' % (reply, option, exc))
         self._step('partial reply')
         return None
+
+    def _read_export_name_reply(self):
+        """Size and flags after NBD_OPT_EXPORT_NAME: transmission begins."""
+        size = _EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else 124)
+        if len(self._buf) < size:
+            return NEED_DATA
+        export_size, flags = _EXPORT_NAME_REPLY.unpack_from(self._take(size))
+        self._step('go')
+        # no NBD_OPT_GO, so no metadata context applies to this export
+        self.meta_contexts = {}
+        self.export = ExportChosen(self._option.name, export_size, flags)
+        return self.export
 
     @staticmethod
     def _parse_option_reply(reply, data):

@@ -22,6 +22,14 @@ When the server has no allocation map, every block is read; in any case
 only data that is not all zeros is written, so the copy stays sparse
 even from an export that reports every block as data.
 
+xapi's NBD server (xapi-nbd) knows only NBD_OPT_EXPORT_NAME, ABORT, LIST
+and STARTTLS (xapi-project/nbd lib/server.ml): our client then falls back
+to NBD_OPT_EXPORT_NAME, without block status, and the whole disk is read
+-- still written sparse. On a network with the ``insecure_nbd`` purpose
+xapi-nbd serves in clear text and refuses STARTTLS (``NBD_REP_ERR_POLICY``):
+the copy is refused with a message saying so, unless the operator allowed
+clear text (``[xenapi]allow_insecure_nbd``).
+
 The export name holds a xapi session reference, so it is never logged:
 the device is renamed after the VDI.
 """
@@ -34,6 +42,8 @@ import XenAPI
 from xsm_driver.core.block import device
 from xsm_driver.core.block import nbd as nbd_device
 from xsm_driver.core.migration import copy as copy_mod
+from xsm_driver.core.nbd import client as nbd_client
+from xsm_driver.core.nbd import constants as nbd_c
 from xsm_driver.core.xenapi import errors
 
 LOG = logging.getLogger(__name__)
@@ -111,9 +121,44 @@ def _redact(text, secrets):
     return text
 
 
-def connect(pool, vdi_ref, vdi_uuid):
+def _clear_text_refused(vdi_uuid):
+    return ('it serves VDI %s without TLS (its network has the '
+            'insecure_nbd purpose): the disk would cross the network in '
+            'clear text; give that network the nbd purpose instead ("xe '
+            'network-param-add uuid=... param-name=purpose param-key=nbd"), '
+            'or set [xenapi]allow_insecure_nbd = true' % vdi_uuid)
+
+
+def _open(info, where, vdi_uuid, allow_insecure):
+    """Connect with TLS; in clear text only where xapi-nbd has no TLS."""
+    port = int(info.get('port') or 10809)
+    client = nbd_client.Client(
+        info['address'], port, info['exportname'],
+        tls_context=tls_context(info['cert']),
+        server_hostname=info.get('subject') or info['address'])
+    try:
+        return nbd_device.NBDDevice(client.connect())
+    except nbd_client.TLSRefused as exc:
+        # xapi-nbd answers STARTTLS with NBD_REP_ERR_POLICY on a clear-text
+        # channel (xapi-project/nbd lib/server.ml, connect/generic_loop):
+        # an insecure_nbd network (xapi_vdi.ml _get_nbd_info lists the
+        # hosts of both nbd and insecure_nbd networks, alike)
+        if exc.reply != nbd_c.NBD_REP_ERR_POLICY:
+            raise
+    if not allow_insecure:
+        raise ValueError(_clear_text_refused(vdi_uuid))
+    LOG.warning('%s serves VDI %s without TLS (insecure_nbd network): '
+                'copying in clear text, as [xenapi]allow_insecure_nbd '
+                'allows', where, vdi_uuid)
+    return nbd_device.NBDDevice(nbd_client.Client(
+        info['address'], port, info['exportname']).connect())
+
+
+def connect(pool, vdi_ref, vdi_uuid, allow_insecure=False):
     """An :class:`NBDDevice` on the first NBD export of the VDI that works.
 
+    :param allow_insecure: read an export without TLS (xapi-nbd on an
+        ``insecure_nbd`` network); otherwise such an export is refused.
     :raises errors.XenAPIError: the VDI has no NBD export (no network of
         the pool has the ``nbd`` purpose), or none could be reached.
     """
@@ -132,12 +177,9 @@ def connect(pool, vdi_ref, vdi_uuid):
     for info in infos:
         where = '%s:%s' % (info.get('address'), info.get('port'))
         try:
-            dev = nbd_device.NBDDevice.connect(
-                info['address'], int(info.get('port') or 10809),
-                info['exportname'], tls_context=tls_context(info['cert']),
-                server_hostname=info.get('subject') or info['address'])
-        except (device.BlockError, ssl.SSLError, OSError,
-                ValueError) as exc:
+            dev = _open(info, where, vdi_uuid, allow_insecure)
+        except (device.BlockError, nbd_client.NBDError, ssl.SSLError,
+                OSError, ValueError) as exc:
             failures.append('%s: %s' % (where, _redact(
                 exc, [info.get('exportname')])))
             continue
@@ -150,7 +192,7 @@ def connect(pool, vdi_ref, vdi_uuid):
 
 def copy_vdi(pool, vdi_ref, sr, name='', progress=None, cancel=None,
              chunk=copy_mod.CHUNK, depth=copy_mod.DEPTH, limiter=None,
-             migration_id=None):
+             migration_id=None, allow_insecure=False):
     """Copy a pool's VDI into a new VDI of a local SR.
 
     :param pool: the :class:`~xsm_driver.core.xenapi.session.Pool`.
@@ -160,7 +202,7 @@ def copy_vdi(pool, vdi_ref, sr, name='', progress=None, cancel=None,
         VDI is destroyed again.
     """
     vdi_uuid = pool.call('VDI.get_uuid', vdi_ref)
-    src = connect(pool, vdi_ref, vdi_uuid)
+    src = connect(pool, vdi_ref, vdi_uuid, allow_insecure=allow_insecure)
     new = None
     try:
         new = sr.create(src.size, name=name or vdi_uuid)

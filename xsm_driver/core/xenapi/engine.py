@@ -537,7 +537,8 @@ class ColdCopy(_Migration):
             name=plan['name'], progress=self.progress, cancel=self._cancel,
             chunk=self.options.chunk, depth=self.options.depth,
             migration_id=self.id,
-            limiter=copy_mod.TokenBucket(self.options.bandwidth))
+            limiter=copy_mod.TokenBucket(self.options.bandwidth),
+            allow_insecure=self.engine.allow_insecure_nbd)
         self.result = {'vdis': {plan['vdis'][0]: new},
                        'sr': plan['destination']}
 
@@ -558,12 +559,14 @@ class XenAPIEngine:
         pools that migration traffic uses; default: the destination
         host's management network.
     :param compress: ask xapi to compress migration traffic.
+    :param allow_insecure_nbd: copy VDIs to a local SR from an NBD export
+        without TLS (an ``insecure_nbd`` network).
     """
 
     def __init__(self, name, source, destinations=None, options=None,
                  state_path=None, local_srs=None, migration_network=None,
                  compress=False, poll_interval=1.0, lost_timeout=300.0,
-                 busy_wait=10.0):
+                 busy_wait=10.0, allow_insecure_nbd=False):
         self.name = name
         self.source = source
         self.destinations = dict(destinations or {})
@@ -574,6 +577,7 @@ class XenAPIEngine:
         self.poll_interval = poll_interval
         self.lost_timeout = lost_timeout
         self.busy_wait = busy_wait
+        self.allow_insecure_nbd = allow_insecure_nbd
         limit = self.options.max_concurrent
         if limit > XAPI_STORAGE_MIGRATES:
             LOG.warning('xapi runs at most %d storage migrations per host; '
@@ -1170,4 +1174,5 @@ def from_config(conf, peer_factory=None, options=None):
         destinations, options=options, state_path=conf.agent.state_path,
         local_srs=local, migration_network=x.migration_network,
         compress=x.compress, poll_interval=x.poll_interval,
-        lost_timeout=x.lost_timeout, busy_wait=x.busy_wait)
+        lost_timeout=x.lost_timeout, busy_wait=x.busy_wait,
+        allow_insecure_nbd=x.allow_insecure_nbd)
