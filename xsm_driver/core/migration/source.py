@@ -773,6 +773,8 @@ class Migration:
         while True:
             elapsed = time.monotonic() - start
             action = plan.switch_over_action(outcome, elapsed, timeout)
+            if action == plan.REPORT_IN_DOUBT and not asked:
+                action = plan.ASK_AGAIN     # (a slow commit): once at least
             if action != plan.ASK_AGAIN:
                 return outcome, last
             if asked:
