@@ -42,7 +42,8 @@ from oslo_utils import uuidutils
 # The SR drivers probe libc (os.uname) when imported; nova's test fixtures
 # forbid host probes during a test, so they are imported here, before.
 from xsm_driver.core.block import backends
-from xsm_driver.core.rpc import api as rpc_api
+from xsm_driver.core.rpc import auth
+from xsm_driver.core.rpc import keys
 from xsm_driver.core.sr import raw as raw_sr  # noqa: F401
 from xsm_driver.core.sr import vhd as vhd_sr  # noqa: F401
 from xsm_driver.core.vhd import check as vhd_check
@@ -99,6 +100,7 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         self.root = tempfile.mkdtemp(prefix='xsm-nova-')
         self.addCleanup(subprocess.call, ['rm', '-rf', self.root])
         self.flags(group='xsm', **self.xsm_flags())
+        self.flags(group='xsm', **self.auth_flags())
         self.xsm = {}
         for host in (SOURCE, DEST):
             self.start_xsm_compute(host)
@@ -117,6 +119,24 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
             completion_timeout_action=self.TIMEOUT_ACTION,
             progress_interval=0.1, rpc_timeout=30, leaf_headroom_mb=8,
             prepared_receive_timeout=self.PREPARED_TIMEOUT)
+
+    def auth_flags(self):
+        """Keys of the hosts and the operator, trusted by every host.
+
+        Each host's identity key is where its driver looks for it
+        (``identity.key`` in its state_path); the operator key signs the
+        drivers' calls and the test's.
+        """
+        hosts = {}
+        for host in (SOURCE, DEST):
+            key = keys.create_key_file(os.path.join(
+                self.root, host, 'state', keys.IDENTITY_FILE))
+            hosts[host] = auth.public_text(key)
+        operator = os.path.join(self.root, 'operator.key')
+        key = keys.create_key_file(operator)
+        return dict(trusted_hosts=hosts,
+                    trusted_operators={'operator': auth.public_text(key)},
+                    operator_key_file=operator, operator_name='operator')
 
     #: [xsm]prepared_receive_timeout of the test
     PREPARED_TIMEOUT = 300
@@ -141,8 +161,8 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         with mock.patch('nova.virt.node.get_local_node_uuid',
                         return_value=str(getattr(uuids, 'node_%s' % host))):
             compute = self._start_compute(host)
-        transport = compute.manager.driver._transport
-        self.xsm[host] = rpc_api.AgentAPI(transport, host, timeout=30)
+        # the driver's client: the operator key of [xsm]
+        self.xsm[host] = compute.manager.driver._agent_api(host)
         return compute
 
     # -- helpers -------------------------------------------------------------

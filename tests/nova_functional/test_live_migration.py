@@ -26,8 +26,8 @@ from nova import objects
 from oslo_utils import uuidutils
 
 from tests.nova_functional import base
-from xsm_driver.core import rpc
 from xsm_driver.core.rpc import agent as agent_mod
+from xsm_driver.core.rpc import api as rpc_api
 from xsm_driver.nova import agent_process
 
 MiB = base.MiB
@@ -192,12 +192,13 @@ class TestLiveMigrationEventlet(TestLiveMigration):
         problem = base.broker_problem()
         if problem:
             self.missing(problem)
-        # An exchange of its own, for its notifications and fanouts. The RPC
-        # queues are named after topic and server only (xsm-agent.host1),
-        # whatever the exchange: an agent of another run, or one left over,
-        # would take this test's calls.
+        # An exchange of its own, for its notifications, fanouts and RPC
+        # queues (named after the exchange too: xsm-agent@<exchange>.host1),
+        # so that no agent of another run, or one left over, takes this
+        # test's calls.
+        exchange = 'xsm-nova-%s' % uuidutils.generate_uuid()
         for host in (SOURCE, DEST):
-            queue = '%s.%s' % (rpc.TOPIC, host)
+            queue = rpc_api.queue_name(exchange, host)
             others = broker_consumers(queue)
             if others:
                 self.fail('RabbitMQ queue %s already has %d consumer(s): '
@@ -205,7 +206,7 @@ class TestLiveMigrationEventlet(TestLiveMigration):
                           '(ps -ef | grep xsm_driver.cmd.agent), would take '
                           'this test\'s calls' % (queue, others))
         flags['transport_url'] = base.RABBIT_URL
-        self.flags(control_exchange='xsm-nova-%s' % uuidutils.generate_uuid())
+        self.flags(control_exchange=exchange)
         return flags
 
 

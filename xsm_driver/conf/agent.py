@@ -180,6 +180,71 @@ def nbd_server_limits(conf):
             'request_timeout': opts.nbd_request_timeout}
 
 
+#: who may call whom (xsm_driver.core.rpc.auth, README "Trust between
+#: hosts"); nova.conf's [xsm] group has the same options
+auth_opts = [
+    cfg.StrOpt(
+        'identity_key_file',
+        help='This host\'s Ed25519 private key (PEM, mode 0600), which '
+             'signs its agent\'s calls to other agents and its answers. '
+             'Unset, it is identity.key in state_path. "xsm-agent init" '
+             'creates it and prints its public key; the agent (xsm-agent, '
+             'or nova-compute\'s xsm driver) also creates it at its first '
+             'start when it is missing, and logs its public key.'),
+    cfg.DictOpt(
+        'trusted_hosts',
+        default={},
+        help='The agents this host trusts, as host name:public key '
+             '(base64, as "xsm-agent init" prints it), comma separated. '
+             'Only these hosts may call this agent\'s receive methods, and '
+             'migrations go only to them. Give every host the same list '
+             '(config management can write it from the keys the hosts '
+             'printed); a host trusts itself without being listed.'),
+    cfg.StrOpt(
+        'trusted_hosts_file',
+        help='A file with more trusted hosts, one "host-name public-key" '
+             'pair a line ("#" starts a comment), read at start. Its hosts '
+             'are added to trusted_hosts.'),
+    cfg.DictOpt(
+        'trusted_operators',
+        default={},
+        help='The operator keys this agent obeys, as operator name:public '
+             'key (base64, as "xsm-agent operator-key" prints it), comma '
+             'separated. A call signed with one of these keys may call '
+             'every method of the agent; xsm-migrate, the Nova driver and '
+             'the CloudStack API service sign with such a key.'),
+    cfg.StrOpt(
+        'operator_key_file',
+        help='The operator private key (PEM, mode 0600) that operators\' '
+             'tools reading this file (xsm-migrate, the CloudStack API '
+             'service, nova-compute\'s xsm driver) sign their calls to '
+             'agents with, made by "xsm-agent operator-key". Agents trust '
+             'it through their trusted_operators option. Unset, the calls '
+             'are unsigned and every agent refuses them.'),
+    cfg.StrOpt(
+        'operator_name',
+        default='operator',
+        help='The name the operator key of operator_key_file has in the '
+             'agents\' trusted_operators option.'),
+    cfg.FloatOpt(
+        'clock_skew',
+        default=60.0, min=1.0,
+        help='Seconds a signed call\'s timestamp may differ from this '
+             'host\'s clock; an older (or newer) call is refused, so that '
+             'a recorded call cannot be played again later. Keep the hosts\' '
+             'clocks in step (NTP).'),
+    cfg.IntOpt(
+        'replay_cache_size',
+        default=100000, min=100,
+        help='Signed calls this agent remembers (for two clock_skew '
+             'windows at most) to refuse one that is played again; when '
+             'full, further calls are refused until older ones expire.'),
+]
+
+
+agent_opts.extend(auth_opts)
+
+
 register_opts = _util.registrar(agent_group, agent_opts)
 
 

@@ -19,6 +19,7 @@ oslo-config-generator documents in xsm-driver's sample configuration.
 from oslo_config import cfg
 
 from xsm_driver.conf import _util
+from xsm_driver.conf import agent as agent_conf
 
 xsm_group = cfg.OptGroup(
     'xsm',
@@ -145,6 +146,11 @@ xsm_opts = [
         default=60, min=1,
         help='Seconds to wait for an xsm agent to answer a call.'),
 ]
+
+
+# who may call the host's agent, and what the driver signs its calls with:
+# the options of xsm-agent's [agent] group, here in [xsm]
+xsm_opts.extend(agent_conf.auth_opts)
 
 
 register_opts = _util.registrar(xsm_group, xsm_opts)

@@ -18,8 +18,9 @@ group, and talks to it over the message bus like to any other host's
 agent (so the bus must be one other processes reach, not ``fake://``); it
 stops the child when the compute service stops. A child outlives a
 nova-compute that dies without stopping it (SIGKILL, a crash); the next
-one's child then shares the host's RPC queue (``xsm-agent.HOST``) with it,
-which takes part of the calls: stop the old one by hand.
+one's child then shares the host's RPC queue
+(``xsm-agent@EXCHANGE.HOST``) with it, which takes part of the calls: stop
+the old one by hand.
 
 ``auto`` used to choose this under eventlet, because the NBD client's
 ``close()`` hung there: ``SSLSocket.shutdown`` dropped the TLS object and
@@ -60,10 +61,32 @@ START_TIMEOUT = 60
 STOP_TIMEOUT = 30
 
 
+def auth_lines(group):
+    """The child's ``[agent]`` lines of the trust options of ``group``.
+
+    (nova.conf's ``[xsm]``: the child is the host's agent, with the host's
+    identity key and the trusted keys of nova-compute's configuration.)
+    """
+    from xsm_driver.core.rpc import keys
+    lines = ['identity_key_file = %s' % keys.identity_path(group)]
+    for name in ('trusted_hosts', 'trusted_operators'):
+        value = getattr(group, name) or {}
+        if value:
+            lines.append('%s = %s' % (name, ','.join(
+                '%s:%s' % item for item in sorted(value.items()))))
+    if group.trusted_hosts_file:
+        lines.append('trusted_hosts_file = %s' % group.trusted_hosts_file)
+    lines += ['clock_skew = %r' % group.clock_skew,
+              'replay_cache_size = %d' % group.replay_cache_size]
+    return lines
+
+
 def config_text(host, repositories, state_path, transport_url,
                 control_exchange, migration_address,
-                max_concurrent_migrations, leaf_headroom_mb):
+                max_concurrent_migrations, leaf_headroom_mb, auth=()):
     """The child's configuration file.
+
+    :param auth: more ``[agent]`` lines (see :func:`auth_lines`).
 
     >>> print(config_text('h1', ['local:vhd:/sr'], '/st', 'rabbit://x/',
     ...                   'nova', '10.0.0.1', 3, 64), end='')
@@ -86,7 +109,8 @@ def config_text(host, repositories, state_path, transport_url,
              '[agent]', 'host = %s' % host, 'state_path = %s' % state_path,
              'migration_address = %s' % migration_address,
              'max_concurrent_migrations = %d' % max_concurrent_migrations,
-             'leaf_headroom_mb = %d' % leaf_headroom_mb, '', '[sr]']
+             'leaf_headroom_mb = %d' % leaf_headroom_mb]
+    lines += list(auth) + ['', '[sr]']
     lines += ['repositories = %s' % spec for spec in repositories]
     return '\n'.join(lines) + '\n'
 

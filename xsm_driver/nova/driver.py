@@ -114,6 +114,7 @@ from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.migration import plan
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api as rpc_api
+from xsm_driver.core.rpc import keys as rpc_keys
 from xsm_driver.nova import agent_process
 from xsm_driver.nova import decisions
 from xsm_driver.nova import migrate_data as xsm_migrate_data
@@ -211,6 +212,8 @@ class XSMDriver(driver.ComputeDriver):
         self._host = None
         self._node_uuid = None
         self._transport = None
+        self._credential = None
+        self._trust = None
         self._agent = None
         self._api = None
         self._sr = None
@@ -225,6 +228,10 @@ class XSMDriver(driver.ComputeDriver):
         self._node_uuid = nova.virt.node.get_local_node_uuid()
         self._state_path = CONF.xsm.state_path
         self._transport = _transport(CONF)
+        # the operator key of [xsm]operator_key_file signs every call of
+        # this driver; answers are checked against [xsm]trusted_hosts
+        self._credential = rpc_keys.operator_credential(CONF.xsm)
+        self._trust = rpc_keys.trust(CONF.xsm)
         self._api = self._agent_api(host)
         mode = agent_mode(CONF.xsm.agent)
         if mode == 'thread':
@@ -249,8 +256,13 @@ class XSMDriver(driver.ComputeDriver):
             address=CONF.xsm.migration_address,
             max_concurrent=CONF.xsm.max_concurrent_migrations,
             leaf_headroom=CONF.xsm.leaf_headroom_mb * MiB)
+        identity = None
+        if self._trust or not (CONF.xsm.transport_url or CONF.transport_url
+                               or '').startswith('fake:'):
+            identity = rpc_keys.identity(CONF.xsm, host)
         return agent_mod.Agent(self._transport, xsm_host, options,
-                               rpc_timeout=CONF.xsm.rpc_timeout).start()
+                               rpc_timeout=CONF.xsm.rpc_timeout,
+                               identity=identity).start()
 
     def _process_agent(self, host):
         url = CONF.xsm.transport_url or CONF.transport_url
@@ -261,8 +273,11 @@ class XSMDriver(driver.ComputeDriver):
         text = agent_process.config_text(
             host, CONF.xsm.sr_repositories, CONF.xsm.state_path, url,
             CONF.control_exchange, CONF.xsm.migration_address,
-            CONF.xsm.max_concurrent_migrations, CONF.xsm.leaf_headroom_mb)
-        ping = rpc_api.AgentAPI(self._transport, host, timeout=2).host_info
+            CONF.xsm.max_concurrent_migrations, CONF.xsm.leaf_headroom_mb,
+            agent_process.auth_lines(CONF.xsm))
+        ping = rpc_api.AgentAPI(self._transport, host, timeout=2,
+                                credential=self._credential,
+                                trust=self._trust).host_info
         return agent_process.AgentProcess(CONF.xsm.state_path, text,
                                           ping).start()
 
@@ -273,7 +288,9 @@ class XSMDriver(driver.ComputeDriver):
 
     def _agent_api(self, host):
         return rpc_api.AgentAPI(self._transport, host,
-                                timeout=CONF.xsm.rpc_timeout)
+                                timeout=CONF.xsm.rpc_timeout,
+                                credential=self._credential,
+                                trust=self._trust)
 
     def get_available_nodes(self, refresh=False):
         return [self._host]

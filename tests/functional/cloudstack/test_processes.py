@@ -56,7 +56,9 @@ class TestCloudStackServiceProcess(fixtures.RabbitAgentsFixture):
                 'api_keys = %s:%s' % (KEY, SECRET),
                 'hosts = %s,%s' % (self.agents['a'].name,
                                    self.agents['b'].name),
-                'rpc_timeout = 30', '']))
+                'rpc_timeout = 30', ''] +
+                # the operator key the agents trust
+                fixtures.keyring(self.exchange).client_lines() + ['']))
         out = os.path.join(folder, 'out.log')
         err = os.path.join(folder, 'err.log')
         env = dict(os.environ, PYTHONUNBUFFERED='1',

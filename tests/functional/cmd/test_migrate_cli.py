@@ -81,12 +81,15 @@ class MigrateCLITest(fixtures.RabbitAgentsFixture):
         self.name_a = self.agents['a'].name
         self.name_b = self.agents['b'].name
         # what an operator's xsm-driver.conf holds: the broker, the
-        # exchange, and (as default --host) the source host
+        # exchange, (as default --host) the source host, and the operator
+        # key the agents trust
         self.conf = os.path.join(self.root, 'xsm-migrate.conf')
         with open(self.conf, 'w') as f:
             f.write('[DEFAULT]\ntransport_url = %s\ncontrol_exchange = %s\n'
-                    '\n[agent]\nhost = %s\n'
-                    % (fixtures.RABBIT_URL, self.exchange, self.name_a))
+                    '\n[agent]\nhost = %s\n%s\n'
+                    % (fixtures.RABBIT_URL, self.exchange, self.name_a,
+                       '\n'.join(fixtures.keyring(
+                           self.exchange).client_lines()[1:])))
         self.noise = []
         # runs before the fixture's own (sequential) stops
         self.addCleanup(stop_together, self.agents.values())
@@ -332,6 +335,33 @@ class TestErrors(MigrateCLITest):
         self.assertEqual([], self.b.vdi_list())
         self.assertEqual('running', self.a.vm_get(vm['uuid'])['power_state'])
         self.assert_no_noise()
+
+    def test_without_the_operator_key_the_agents_refuse(self):
+        vm = self.make_vm()
+        bare = os.path.join(self.root, 'no-key.conf')
+        with open(bare, 'w') as f:
+            f.write('[DEFAULT]\ntransport_url = %s\ncontrol_exchange = %s\n'
+                    '\n[agent]\nhost = %s\n'
+                    % (fixtures.RABBIT_URL, self.exchange, self.name_a))
+        for argv in (['list'], ['vm', '--vm', vm['uuid'], '--to-host',
+                                self.name_b, *self.vdi_maps(vm, 'sr-b'),
+                                '--vif-map', 'net0=net0']):
+            proc = run_cli(*argv, '--config-file', bare)
+            self.assertEqual(1, proc.returncode, proc.stderr)
+            self.assertIsNone(one_line_problem(proc))
+            line = error_line(proc, argv[0])
+            self.assertIn('host %s refused' % self.name_a, line)
+            self.assertIn('the call is not signed', line)
+        # a destination the operator's configuration does not trust is
+        # not even asked
+        line = self.fails('vm', '--vm', vm['uuid'], '--to-host', 'stranger',
+                          *self.vdi_maps(vm, 'sr-b'), '--vif-map',
+                          'net0=net0')
+        self.assertIn('stranger is not a trusted host', line)
+        self.assertEqual([], self.a.migration_list())
+        self.assertEqual('running', self.a.vm_get(vm['uuid'])['power_state'])
+        self.assertIn('refused call migration_list from an unsigned caller',
+                      self.agents['a'].log())
 
 
 class TestBrokerErrors(base.TestCase):

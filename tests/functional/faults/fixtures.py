@@ -145,8 +145,10 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
                 name, folder, self.sr_layout(role, folder), self.exchange,
                 self.net, role, proxy.url, options, hold_dir=hold_dir)
         self.addCleanup(fixtures._delete_from_broker,
-                        ['xsm-agent.%s' % a.name
-                         for a in self.agents.values()], self.exchange)
+                        fixtures.queue_names(
+                            self.exchange,
+                            *[a.name for a in self.agents.values()]),
+                        self.exchange)
         self.addCleanup(self._attach_logs)
         self.addCleanup(self._stop_agents)
         # before they stop, a held migration is let go

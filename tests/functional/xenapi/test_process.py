@@ -17,11 +17,8 @@ as operators start it, from a config file, and reached by the same client
 xsm-migrate and the adapters use.
 """
 
-import os
 import time
 import uuid as uuidlib
-
-from oslo_config import cfg
 
 from tests.functional.core.migration import fixtures as mfix
 from tests.unit.xenapi import fixtures as xfix
@@ -44,7 +41,8 @@ class TestAgentProcess(xfix.PoolsTestCase):
                     'destination_pools = pool-b,%s\npoll_interval = 0.05\n'
                     % (self.server_a.url, self.server_b.url))
         # clean-ups run last first: the broker is tidied after the agent
-        self.addCleanup(mfix._delete_from_broker, ['xsm-agent.pool-a'],
+        self.addCleanup(mfix._delete_from_broker,
+                        mfix.queue_names(self.exchange, 'pool-a'),
                         self.exchange)
         self.addCleanup(self.agent.stop)
         self.agent.start()
@@ -52,12 +50,7 @@ class TestAgentProcess(xfix.PoolsTestCase):
                                            mfix.START_TIMEOUT)
         if problem:
             self.fail(problem)
-        conf_path = os.path.join(folder, 'client.conf')
-        with open(conf_path, 'w') as f:
-            f.write('[DEFAULT]\ncontrol_exchange = %s\n' % self.exchange)
-        conf = cfg.ConfigOpts()
-        conf(['--config-file', conf_path], project='xsm-driver-test',
-             default_config_files=[], default_config_dirs=[])
+        conf = mfix.client_conf(folder, self.exchange)
         self.transport = api.get_transport(conf, url=mfix.RABBIT_URL)
         self.addCleanup(self.transport.cleanup)
         self.client = api.AgentAPI(self.transport, 'pool-a', timeout=30)

@@ -50,23 +50,59 @@ def _expected_errors(cls):
 
 
 def _checked(name, func):
+    """The endpoint method ``func``, behind the endpoint's guard.
+
+    A call is first admitted by the endpoint's :class:`auth.Guard` (who
+    signed it, for which host, method and arguments, when, and whether
+    that caller may make it): a refused call is logged once and answered
+    with :class:`auth.NotAuthorized` before anything else happens. Then
+    its arguments are checked, the method runs, and its answer is sealed
+    with this host's key.
+    """
     signature = inspect.signature(func)
 
-    def checked(*args, **kwargs):
-        arguments.check_arguments(name, signature, args, kwargs)
-        return func(*args, **kwargs)
+    def checked(self, context, *args, **kwargs):
+        guard = self._guard
+        caller = None
+        if guard is not None:
+            caller = guard.admit(name, context, kwargs)
+        arguments.check_arguments(name, signature, (self, context) + args,
+                                  kwargs)
+        result = func(self, context, *args, **kwargs)
+        if caller is None:
+            return result
+        return guard.seal(caller, result)
     return checked
+
+
+def _in_process(transport):
+    """Whether ``transport`` is oslo.messaging's in-process ``fake://``."""
+    driver = getattr(transport, '_driver', None)
+    return type(driver).__module__.endswith('.impl_fake')
 
 
 @_expected_errors
 class AgentEndpoint:
-    """What other agents and xsm-migrate may ask of this host."""
+    """What other agents and xsm-migrate may ask of this host.
+
+    Operators may call every method; other agents only ``receive_*`` and
+    the methods :attr:`PEER_CALLS` names (see :func:`auth.
+    permission_problem`). Without a guard (an agent on the in-process
+    ``fake://`` transport, or a test calling the methods) every call is
+    admitted and answered unsealed.
+
+    :param guard: an :class:`auth.Guard`, or None.
+    """
 
     target = messaging.Target(version=api.VERSION)
 
-    def __init__(self, manager):
+    #: methods besides receive_* other agents may call
+    PEER_CALLS = ()
+
+    def __init__(self, manager, guard=None):
         self.manager = manager
         self.host = manager.host
+        self._guard = guard
 
     # -- hosts and VMs -----------------------------------------------------
 
@@ -199,15 +235,28 @@ class Agent:
     :param engine: ``engine(peer_factory)`` builds the migration engine
         (see :mod:`xsm_driver.core.engine`); its ``host`` then replaces
         ``host``. Default: the native Manager of ``host``.
+    :param identity: this host's :class:`auth.Identity` (key and trusted
+        keys): every call must then be signed by a trusted caller, and this
+        agent signs its own calls to other agents. Required but on the
+        in-process ``fake://`` transport, where None admits every call.
     """
 
     def __init__(self, transport, host, options=None,
                  notifier_transport=None, progress_interval=2.0,
-                 rpc_timeout=None, engine=None):
-        def peer_factory(name):
-            return api.RemotePeer(api.AgentAPI(transport, name,
-                                               timeout=rpc_timeout))
+                 rpc_timeout=None, engine=None, identity=None):
+        if identity is None and not _in_process(transport):
+            raise ValueError('an agent on a message bus needs an identity '
+                             '(its key and the keys it trusts)')
+        credential = trust = None
+        if identity is not None:
+            credential, trust = identity.credential(), identity.trust
 
+        def peer_factory(name):
+            return api.RemotePeer(api.AgentAPI(
+                transport, name, timeout=rpc_timeout, credential=credential,
+                trust=trust))
+
+        self.identity = identity
         self.transport = transport
         if engine is None:
             self.manager = manager_mod.Manager(
@@ -215,9 +264,20 @@ class Agent:
         else:
             self.manager = engine(peer_factory)
         self.host = host = self.manager.host
-        target = messaging.Target(topic=rpc.TOPIC, server=host.name)
+        guard = None
+        if identity is not None:
+            if identity.name != host.name:
+                raise ValueError('the identity of %s cannot serve host %s'
+                                 % (identity.name, host.name))
+            # an engine that reaches its destinations itself (xenapi: the
+            # pools of [xenapi]destination_pools) may migrate to them
+            guard = identity.guard(
+                AgentEndpoint.PEER_CALLS,
+                destinations=getattr(self.manager, 'destinations', ()))
+        self.topic = api.transport_topic(transport)
+        target = messaging.Target(topic=self.topic, server=host.name)
         self.server = messaging.get_rpc_server(
-            transport, target, [AgentEndpoint(self.manager)],
+            transport, target, [AgentEndpoint(self.manager, guard)],
             executor='threading')
         self._notifier = None
         if notifier_transport is not None:
@@ -238,8 +298,10 @@ class Agent:
                                               name='xsm-progress',
                                               daemon=True)
             self._reporter.start()
-        LOG.info('xsm-agent of host %s is serving (topic %s)',
-                 self.host.name, rpc.TOPIC)
+        LOG.info('xsm-agent of host %s is serving (topic %s, %s)',
+                 self.host.name, self.topic,
+                 'calls of trusted callers only' if self.identity else
+                 'in-process transport, calls not authenticated')
         return self
 
     def stop(self):

@@ -34,6 +34,7 @@ API version history:
 import oslo_messaging as messaging
 
 from xsm_driver.core import rpc
+from xsm_driver.core.rpc import auth
 
 VERSION = '1.3'
 #: the version calls that exist since 1.0 are sent as, so that a 1.0 agent
@@ -60,20 +61,73 @@ def get_transport(conf, url=None):
     """An RPC transport that rebuilds xsm-driver's own exceptions."""
     _register_messaging_opts(conf)
     return messaging.get_rpc_transport(
-        conf, url=url, allowed_remote_exmods=rpc.ALLOWED_EXMODS)
+        conf, url=url,
+        allowed_remote_exmods=rpc.ALLOWED_EXMODS + [auth.__name__])
+
+
+def topic(exchange):
+    """The RPC topic of the agents of one deployment.
+
+    oslo.messaging names an RPC server's queue ``<topic>.<server>`` on
+    whatever exchange: the deployment's ``control_exchange`` is part of
+    the topic so that two deployments on one virtual host never share a
+    queue (``.`` and ``%`` in it are escaped so that the first ``.`` of a
+    queue name always ends the topic).
+
+    >>> topic('xsm-driver'), topic('a.b')
+    ('xsm-agent@xsm-driver', 'xsm-agent@a%2Eb')
+    """
+    return '%s@%s' % (rpc.TOPIC,
+                      exchange.replace('%', '%25').replace('.', '%2E'))
+
+
+def transport_topic(transport):
+    """:func:`topic` of the ``control_exchange`` of ``transport``."""
+    return topic(transport.conf.control_exchange)
+
+
+def queue_name(exchange, host):
+    """The RabbitMQ queue of the agent of ``host``."""
+    return '%s.%s' % (topic(exchange), host)
+
+
+#: AgentAPI's default credential and trust: those of the transport's
+#: configuration (``[agent]operator_key_file``, ``trusted_hosts``)
+FROM_CONF = object()
 
 
 class AgentAPI:
     """Call the agent of ``host``.
 
+    Calls are signed with ``credential`` (:mod:`auth`); when ``trust``
+    lists hosts, only those are called and their answers must carry the
+    called host's seal (an agent's calls to another always do).
+
     :param timeout: seconds to wait for an answer (None: the transport's
         ``rpc_response_timeout``).
+    :param credential: an :class:`auth.Credential`, None (unsigned calls,
+        which agents refuse), or :data:`FROM_CONF`: the operator
+        credential of the transport's configuration
+        (``[agent]operator_key_file`` and ``operator_name``), if any.
+    :param trust: an :class:`auth.Trust`, None, or :data:`FROM_CONF`
+        (``[agent]trusted_hosts`` of the transport's configuration).
     """
 
-    def __init__(self, transport, host, timeout=None):
+    def __init__(self, transport, host, timeout=None, credential=FROM_CONF,
+                 trust=FROM_CONF):
         self.host = host
-        target = messaging.Target(topic=rpc.TOPIC, server=host,
-                                  version=BASE_VERSION)
+        if credential is FROM_CONF or trust is FROM_CONF:
+            from xsm_driver.core.rpc import keys
+            conf_credential, conf_trust = keys.client_settings(
+                transport.conf)
+            if credential is FROM_CONF:
+                credential = conf_credential
+            if trust is FROM_CONF:
+                trust = conf_trust
+        self._credential = credential
+        self._trust = trust
+        target = messaging.Target(topic=transport_topic(transport),
+                                  server=host, version=BASE_VERSION)
         self._client = messaging.get_rpc_client(transport, target,
                                                 timeout=timeout)
 
@@ -82,7 +136,26 @@ class AgentAPI:
         if timeout is not None or version is not None:
             client = client.prepare(**{k: v for k, v in (
                 ('timeout', timeout), ('version', version)) if v is not None})
-        return client.call({}, method, **kwargs)
+        public_key = None
+        if self._trust is not None and self._trust.hosts:
+            public_key = self._trust.key(auth.AGENT, self.host)
+            if public_key is None:
+                raise auth.UntrustedHost(host=self.host)
+        context = {}
+        envelope = None
+        if self._credential is not None:
+            envelope = self._credential.sign(self.host, method, kwargs)
+            context[auth.CONTEXT_KEY] = envelope
+        reply = client.call(context, method, **kwargs)
+        if public_key is not None:
+            if envelope is None:
+                raise auth.UntrustedAnswer(
+                    host=self.host, method=method,
+                    reason='an unsigned call\'s answer cannot be checked')
+            return auth.open_reply(reply, self.host, envelope, public_key)
+        if isinstance(reply, dict) and auth.REPLY_KEY in reply:
+            return reply.get('result')      # (no key to check it with)
+        return reply
 
     # hosts and VMs
     def host_info(self):

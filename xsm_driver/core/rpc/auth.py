@@ -355,15 +355,18 @@ def permission_problem(role, method, peer_calls):
     return 'agents may not call %s (only operators may)' % method
 
 
-def argument_problem(role, sender, method, args, trust):
+def argument_problem(role, sender, method, args, trust, destinations=()):
     """Why a call's arguments are not acceptable from this caller.
 
-    A migration may only go to a trusted host; a receive may only come
-    from a trusted host -- and, asked by an agent, from that agent.
+    A migration may only go to a trusted host (or one of ``destinations``,
+    those the agent's engine reaches by itself, e.g. the XenServer pools
+    of ``[xenapi]destination_pools``); a receive may only come from a
+    trusted host -- and, asked by an agent, from that agent.
     """
     dest = args.get('dest_host')
     if method in ('migrate_vm', 'migrate_vm_begin'):
-        if not isinstance(dest, str) or trust.key(AGENT, dest) is None:
+        if not isinstance(dest, str) or (trust.key(AGENT, dest) is None
+                                         and dest not in destinations):
             return 'destination host %r is not a trusted host' % (dest,)
     spec = args.get('spec')
     source = args.get('source_host')
@@ -480,17 +483,20 @@ class Guard:
     :param skew: seconds a call's timestamp may differ from this clock.
     :param cache_size: nonces remembered at most.
     :param peer_calls: methods other than ``receive_*`` agents may call.
+    :param destinations: hosts besides the trusted ones a migration may
+        go to (see :func:`argument_problem`).
     :param clock: ``time.time`` (tests pass their own).
     """
 
     def __init__(self, host, key, trust, skew=DEFAULT_SKEW,
                  cache_size=DEFAULT_CACHE_SIZE, peer_calls=(),
-                 clock=time.time):
+                 clock=time.time, destinations=()):
         self.host = host
         self.key = key
         self.trust = trust
         self.skew = skew
         self.peer_calls = frozenset(peer_calls)
+        self.destinations = frozenset(destinations)
         self.replays = ReplayCache(cache_size)
         self._clock = clock
 
@@ -519,7 +525,8 @@ class Guard:
                    permission_problem(envelope['role'], method,
                                       self.peer_calls) or
                    argument_problem(envelope['role'], envelope['sender'],
-                                    method, args, self.trust) or
+                                    method, args, self.trust,
+                                    self.destinations) or
                    self.replays.admit(
                        (envelope['role'], envelope['sender'],
                         envelope['nonce']),
@@ -562,9 +569,10 @@ class Identity:
         """What this agent signs its calls to other agents with."""
         return Credential(AGENT, self.name, self.key)
 
-    def guard(self, peer_calls=()):
+    def guard(self, peer_calls=(), destinations=()):
         return Guard(self.name, self.key, self.trust, self.skew,
-                     self.cache_size, peer_calls)
+                     self.cache_size, peer_calls,
+                     destinations=destinations)
 
     @property
     def public_text(self):

@@ -18,14 +18,22 @@ workers and whatever earlier runs left on the broker never meet. Every
 agent runs ``python -m xsm_driver.cmd.agent --config-file F`` with its
 stdout and stderr in files of the test's temporary folder; failure
 messages carry the tail of its log.
+
+Every exchange is a deployment with keys of its own (:func:`keyring`):
+each agent an identity key, all of them one trusted hosts file, and one
+operator key the test's clients sign with (:func:`client_conf`).
 """
 
+import atexit
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid as uuidlib
 
@@ -35,6 +43,8 @@ from testtools import content
 from tests import base
 from xsm_driver.core.block import backends
 from xsm_driver.core.rpc import api
+from xsm_driver.core.rpc import auth
+from xsm_driver.core.rpc import keys
 
 MiB = 1 << 20
 
@@ -97,6 +107,95 @@ def _tail(path, lines=40):
         return '(no log: %s)\n' % exc
 
 
+class Keyring:
+    """The keys of one test deployment, in a temporary folder.
+
+    One operator key (``operator.key``, name ``operator``), one identity
+    key per host (:meth:`add_host`), and a trusted hosts file
+    (``trusted-hosts``) every agent and client of the deployment reads.
+    """
+
+    OPERATOR = 'operator'
+
+    def __init__(self, folder):
+        self.folder = folder
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        self.operator_path = os.path.join(folder, 'operator.key')
+        self.operator_key = keys.create_key_file(self.operator_path)
+        self.peers = os.path.join(folder, 'trusted-hosts')
+        open(self.peers, 'a').close()
+        self.hosts = {}
+        self._lock = threading.Lock()
+
+    def add_host(self, name):
+        """The identity key file of host ``name``, made and trusted once."""
+        with self._lock:
+            if name not in self.hosts:
+                path = os.path.join(self.folder, 'host-%s.key' % name)
+                key = keys.create_key_file(path)
+                self.hosts[name] = (path, key)
+                with open(self.peers, 'a') as f:
+                    f.write('%s %s\n' % (name, auth.public_text(key)))
+            return self.hosts[name][0]
+
+    def agent_options(self, name):
+        """``[agent]`` options of the agent of host ``name``."""
+        return {'identity_key_file': self.add_host(name),
+                'trusted_hosts_file': self.peers,
+                'trusted_operators': '%s:%s' % (
+                    self.OPERATOR, auth.public_text(self.operator_key))}
+
+    def client_lines(self):
+        """The ``[agent]`` section of an operator tool's configuration."""
+        return ['[agent]', 'operator_key_file = %s' % self.operator_path,
+                'operator_name = %s' % self.OPERATOR,
+                'trusted_hosts_file = %s' % self.peers]
+
+    def credential(self):
+        return auth.Credential(auth.OPERATOR, self.OPERATOR,
+                               self.operator_key)
+
+    def trust(self):
+        return auth.Trust(keys.read_trusted_hosts_file(self.peers),
+                          {self.OPERATOR: auth.public_text(
+                              self.operator_key)})
+
+    def identity(self, name):
+        self.add_host(name)
+        return auth.Identity(name, self.hosts[name][1], self.trust())
+
+
+_KEYRINGS = {}
+_KEYRINGS_LOCK = threading.Lock()
+
+
+def keyring(exchange):
+    """The :class:`Keyring` of the deployment of ``exchange``."""
+    with _KEYRINGS_LOCK:
+        if exchange not in _KEYRINGS:
+            folder = tempfile.mkdtemp(prefix='xsm-keys-')
+            atexit.register(shutil.rmtree, folder, True)
+            _KEYRINGS[exchange] = Keyring(folder)
+        return _KEYRINGS[exchange]
+
+
+def client_conf(folder, exchange):
+    """An operator tool's configuration: ``exchange`` and its keys."""
+    path = os.path.join(folder, 'client-%s.conf' % exchange)
+    with open(path, 'w') as f:
+        f.write('\n'.join(['[DEFAULT]', 'control_exchange = %s' % exchange,
+                           ''] + keyring(exchange).client_lines()) + '\n')
+    conf = cfg.ConfigOpts()
+    conf(['--config-file', path], project='xsm-driver-test',
+         default_config_files=[], default_config_dirs=[])
+    return conf
+
+
+def queue_names(exchange, *hosts):
+    """The RabbitMQ queues of these hosts' agents."""
+    return [api.queue_name(exchange, h) for h in hosts]
+
+
 class AgentProcess:
     """One ``xsm-agent`` process and its configuration.
 
@@ -123,6 +222,7 @@ class AgentProcess:
                  # no progress notifications: nobody consumes them here,
                  # they would only pile up on the broker
                  'progress_interval': 3600}
+        agent.update(keyring(exchange).agent_options(name))
         agent.update(options or {})
         lines = ['[DEFAULT]', 'transport_url = %s' % RABBIT_URL,
                  'control_exchange = %s' % exchange,
@@ -248,8 +348,9 @@ class RabbitAgentsFixture(base.TestCase):
         # clean-ups run last first: the broker is tidied, and the logs
         # attached, after the agents have stopped
         self.addCleanup(_delete_from_broker,
-                        ['xsm-agent.%s' % a.name
-                         for a in self.agents.values()], self.exchange)
+                        queue_names(self.exchange,
+                                    *[a.name for a in self.agents.values()]),
+                        self.exchange)
         self.addCleanup(self._attach_logs)
         for agent in self.agents.values():
             self.addCleanup(agent.stop)
@@ -273,14 +374,8 @@ class RabbitAgentsFixture(base.TestCase):
     # -- helpers -------------------------------------------------------------
 
     def client_conf(self):
-        """Client options: the test's exchange, like the agents'."""
-        path = os.path.join(self.root, 'client.conf')
-        with open(path, 'w') as f:
-            f.write('[DEFAULT]\ncontrol_exchange = %s\n' % self.exchange)
-        conf = cfg.ConfigOpts()
-        conf(['--config-file', path], project='xsm-driver-test',
-             default_config_files=[], default_config_dirs=[])
-        return conf
+        """Client options: the test's exchange and keys, as the agents'."""
+        return client_conf(self.root, self.exchange)
 
     def client(self, role, timeout=30):
         return api.AgentAPI(self.transport, self.agents[role].name,

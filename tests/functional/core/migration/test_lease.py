@@ -34,7 +34,6 @@ from tests.functional.core.migration import test_rabbit
 from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
-from xsm_driver.core import rpc
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
 
@@ -130,6 +129,10 @@ class TestRenewOverRPC(base.TestCase):
         return (api.get_transport(conf, url='fake://'), 'host-new',
                 'host-old')
 
+    def identity(self, name):
+        """The agent's identity (none needed on ``fake://``)."""
+        return None
+
     def setUp(self):
         super().setUp()
         root = self.make_tempdir()
@@ -139,16 +142,19 @@ class TestRenewOverRPC(base.TestCase):
             self.new, ['sr:vhd:%s' % os.path.join(root, 'new', 'sr')],
             os.path.join(root, 'new', 'state'))
         agent = agent_mod.Agent(self.transport, host,
-                                manager_mod.Options()).start()
+                                manager_mod.Options(),
+                                identity=self.identity(self.new)).start()
         self.addCleanup(agent.stop)
         old_host = host_mod.Host.from_config(
             self.old, ['sr:vhd:%s' % os.path.join(root, 'old', 'sr')],
             os.path.join(root, 'old', 'state'))
         self.addCleanup(old_host.close)
+        old_identity = self.identity(self.old)
         server = messaging.get_rpc_server(
-            self.transport, messaging.Target(topic=rpc.TOPIC,
-                                             server=self.old),
-            [OldEndpoint(manager_mod.Manager(old_host))],
+            self.transport, messaging.Target(
+                topic=api.transport_topic(self.transport), server=self.old),
+            [OldEndpoint(manager_mod.Manager(old_host),
+                         old_identity and old_identity.guard())],
             executor='threading')
         server.start()
         self.addCleanup(server.wait)
@@ -177,15 +183,15 @@ class TestRenewOverRabbit(TestRenewOverRPC):
         if problem:
             self.missing(problem)
         token = uuidlib.uuid4().hex[:10]
-        exchange = 'xsm-test-%s' % token
-        path = os.path.join(root, 'client.conf')
-        with open(path, 'w') as f:
-            f.write('[DEFAULT]\ncontrol_exchange = %s\n' % exchange)
-        conf = cfg.ConfigOpts()
-        conf(['--config-file', path], project='xsm-driver-test',
-             default_config_files=[], default_config_dirs=[])
+        self.exchange = exchange = 'xsm-test-%s' % token
         new, old = 'host-new-' + token, 'host-old-' + token
+        keyring = fixtures.keyring(exchange)
+        keyring.add_host(new)
+        keyring.add_host(old)
+        conf = fixtures.client_conf(root, exchange)
         self.addCleanup(fixtures._delete_from_broker,
-                        ['%s.%s' % (rpc.TOPIC, n) for n in (new, old)],
-                        exchange)
+                        fixtures.queue_names(exchange, new, old), exchange)
         return (api.get_transport(conf, url=fixtures.RABBIT_URL), new, old)
+
+    def identity(self, name):
+        return fixtures.keyring(self.exchange).identity(name)

@@ -293,6 +293,16 @@ class GuardTest(base.TestCase):
             self.assertIsNone(self.guard.decide(
                 method, context(self.sign(method, args)), args)[1])
 
+    def test_destinations_the_engine_reaches_itself(self):
+        guard = self.d.guard(clock=self.clock, destinations=['pool-b'])
+        args = {'vm': 'v', 'dest_host': 'pool-b', 'vdi_map': {}}
+        env = self.sign('migrate_vm', args)
+        guard.admit('migrate_vm', context(env), args)
+        args = dict(args, dest_host='pool-c')
+        env = self.sign('migrate_vm', args)
+        self.assertIn('not a trusted host',
+                      guard.decide('migrate_vm', context(env), args)[1])
+
     def test_receives_come_from_trusted_sources_only(self):
         spec = {'source_host': 'evil', 'id': MID}
         for method in ('receive_prepare', 'receive_prepare_ahead',
