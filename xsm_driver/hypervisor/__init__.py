@@ -15,16 +15,13 @@
 A driver is a stevedore plugin of the ``xsm_driver.hypervisor`` namespace
 (:class:`xsm_driver.hypervisor.base.Driver`): ``qemu`` runs each guest as a
 QEMU process, ``model`` runs the verifying workload thread in its place.
-:func:`load` finds the plugin through its entry point and, for the
-drivers of this package, through a built-in table when the entry points
-are not installed (a checkout used without ``pip install -e``).
 """
 
-import importlib
 import logging
 
 from stevedore import driver as stevedore_driver
 from stevedore import exception as stevedore_exc
+from stevedore import extension
 
 from xsm_driver.hypervisor import base
 
@@ -32,49 +29,39 @@ LOG = logging.getLogger(__name__)
 
 NAMESPACE = 'xsm_driver.hypervisor'
 
-#: the drivers of this package, for when their entry points are missing
-BUILTIN = {
-    'model': 'xsm_driver.hypervisor.model:ModelDriver',
-    'qemu': 'xsm_driver.hypervisor.qemu:QemuDriver',
-}
-
 
 class UnknownDriver(base.HypervisorError):
     msg_fmt = ('no hypervisor driver %(name)s (namespace %(namespace)s; '
-               'built in: %(builtin)s)')
+               'installed: %(available)s)')
 
 
 def _reraise(manager, entrypoint, exc):
     raise exc
 
 
-def driver_class(name, use_entry_points=True):
+def driver_class(name):
     """The class of hypervisor driver ``name``.
 
-    :param use_entry_points: look for an installed entry point first.
-    :raises UnknownDriver: neither an entry point nor a built-in.
+    :raises UnknownDriver: no such plugin is installed.
+    :raises Exception: whatever the plugin raised while importing; a
+        broken driver is never skipped.
     """
-    if use_entry_points:
-        try:
-            mgr = stevedore_driver.DriverManager(
-                NAMESPACE, name, invoke_on_load=False,
-                on_load_failure_callback=_reraise)
-            return mgr.driver
-        except stevedore_exc.NoMatches:
-            pass
-    target = BUILTIN.get(name)
-    if target is None:
+    try:
+        mgr = stevedore_driver.DriverManager(
+            NAMESPACE, name, invoke_on_load=False,
+            on_load_failure_callback=_reraise)
+    except stevedore_exc.NoMatches:
+        available = sorted(extension.ExtensionManager(
+            NAMESPACE, on_load_failure_callback=lambda *args: None
+        ).entry_points_names())
         raise UnknownDriver(name=name, namespace=NAMESPACE,
-                            builtin=', '.join(sorted(BUILTIN)))
-    module, _, attr = target.partition(':')
-    LOG.debug('hypervisor driver %s: no entry point, using the built-in '
-              '%s', name, target)
-    return getattr(importlib.import_module(module), attr)
+                            available=', '.join(available) or '(none)')
+    return mgr.driver
 
 
-def load(name, *args, use_entry_points=True, **kwargs):
+def load(name, *args, **kwargs):
     """Build hypervisor driver ``name`` with ``args`` and ``kwargs``."""
-    return driver_class(name, use_entry_points)(*args, **kwargs)
+    return driver_class(name)(*args, **kwargs)
 
 
 def from_config(conf, state_dir, name=None):

@@ -100,8 +100,7 @@ class GuestTestCase(base.TestCase):
     def driver(self):
         drv = hypervisor.load('qemu', self.state, accel='tcg',
                               guest_kit=KIT_DIR, memory_mib=128,
-                              shutdown_timeout=15,
-                              use_entry_points=False)
+                              shutdown_timeout=15)
         self.addCleanup(self.destroy_all, drv)
         return drv
 
@@ -406,8 +405,7 @@ class TestRestart(GuestTestCase):
         os.kill(pid, signal.SIGSTOP)        # alive, but deaf to QMP
         self.addCleanup(qemu.kill, pid)
         drv2 = hypervisor.load('qemu', self.state, accel='tcg',
-                               guest_kit=KIT_DIR, qmp_timeout=1,
-                               use_entry_points=False)
+                               guest_kit=KIT_DIR, qmp_timeout=1)
         self.addCleanup(self.destroy_all, drv2)
         self.assertEqual({'g1': 'halted'}, drv2.recover())
         self.assertTrue(qemu.wait_gone(pid, TIMEOUT))

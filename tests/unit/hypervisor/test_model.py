@@ -32,7 +32,7 @@ class TestModelDriver(base.TestCase):
         return dev
 
     def test_life_cycle(self):
-        drv = hypervisor.load('model', use_entry_points=False)
+        drv = hypervisor.load('model')
         self.addCleanup(drv.close)
         dev = self.disk()
         spec = hv_base.GuestSpec('g', [hv_base.DiskSpec('d0', device=dev)],
@@ -60,6 +60,6 @@ class TestModelDriver(base.TestCase):
         self.assertRaises(hv_base.GuestNotFound, drv.power_state, 'g')
 
     def test_needs_devices(self):
-        drv = hypervisor.load('model', use_entry_points=False)
+        drv = hypervisor.load('model')
         self.assertRaises(hv_base.HypervisorError, drv.start,
                           hv_base.GuestSpec('g', [hv_base.DiskSpec('d0')]))

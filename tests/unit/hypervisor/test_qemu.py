@@ -196,16 +196,11 @@ class TestSpec(base.TestCase):
 
 
 class TestLoad(base.TestCase):
-    """The built-in table (the entry points may not be installed)."""
+    """The drivers through their entry points (setup.cfg)."""
 
-    def test_builtin_drivers(self):
-        self.assertIs(qemu.QemuDriver, hypervisor.driver_class(
-            'qemu', use_entry_points=False))
-        self.assertIs(model.ModelDriver, hypervisor.driver_class(
-            'model', use_entry_points=False))
-
-    def test_load_falls_back_to_the_builtin_table(self):
-        # whether or not setup.cfg lists them, both names load
+    def test_installed_drivers(self):
+        self.assertIs(qemu.QemuDriver, hypervisor.driver_class('qemu'))
+        self.assertIs(model.ModelDriver, hypervisor.driver_class('model'))
         self.assertIsInstance(hypervisor.load('model'), model.ModelDriver)
         tmp = self.make_tempdir()
         drv = hypervisor.load('qemu', tmp, accel='tcg')
@@ -223,4 +218,6 @@ class TestLoad(base.TestCase):
         hypervisor.load('qemu', tmp, accel='tcg').close()
 
     def test_unknown(self):
-        self.assertRaises(hypervisor.UnknownDriver, hypervisor.load, 'xen')
+        exc = self.assertRaises(hypervisor.UnknownDriver, hypervisor.load,
+                                'xen')
+        self.assertIn('installed: model, qemu', str(exc))
