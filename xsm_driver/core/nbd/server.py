@@ -71,8 +71,9 @@ from xsm_driver.core.nbd import wire
 
 LOG = logging.getLogger(__name__)
 
-# Defaults of the bounds (see the module's docstring and set_defaults);
-# the [agent] options nbd_* set them in xsm-agent.
+# Defaults of the bounds (see the module's docstring). A process that runs
+# migrations sets them from its [agent]nbd_* options with
+# set_defaults(**xsm_driver.conf.agent.nbd_server_limits(conf)).
 HANDSHAKE_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 60.0
 MAX_CONNECTIONS = 256
@@ -210,7 +211,8 @@ def set_defaults(max_connections=None, max_handshakes=None,
                  handshake_timeout=None, request_timeout=None):
     """Set the bounds of servers made without them (None: leave as is).
 
-    xsm-agent calls this with its ``[agent]nbd_*`` options, so that the
+    A process that runs migrations calls this with its ``[agent]nbd_*``
+    options (``xsm_driver.conf.agent.nbd_server_limits``), so that the
     servers its migrations make follow them.
     """
     g = globals()
