@@ -367,7 +367,8 @@ class Manager:
                 'error': entry.state.get('error') if entry.phase ==
                 plan.IN_DOUBT else None,
                 'result': entry.state.get('result'),
-                'finished': entry.updated}
+                'finished': entry.updated if entry.finished or
+                entry.phase == plan.IN_DOUBT else None}
 
     def list(self):
         return [m.status() for m in self._sources.values()]
@@ -387,6 +388,13 @@ class Manager:
                 self._drop_begun(begun, 'aborted before its start')
                 return {'id': mid, 'phase': 'aborted', 'finished': True,
                         'error': 'aborted before its start', 'result': None}
+            entry = self.host.journal.get(mid, role=source.ROLE)
+            if entry is not None and entry.phase == plan.IN_DOUBT:
+                raise errors.InvalidPhase(
+                    id=mid, phase=entry.phase, reason='the destination may '
+                    'have committed it; run "xsm-migrate resolve %s" to '
+                    'finish or roll it back by the destination\'s answer'
+                    % mid)
             raise errors.MigrationNotFound(id=mid, host=self.host.name)
         mig.cancel()
         return mig.status()

@@ -170,6 +170,8 @@ class Migration:
         self._leased = False                    # the destination said so
         #: (paused items, suspended guest or None) while in doubt
         self._held = None
+        #: the destination's commit is known (nothing may roll back)
+        self._commit_known = False
         self._resolve_lock = threading.Lock()
         #: called as ``phase_hook(migration, phase)`` on each new phase
         self.phase_hook = None
@@ -239,6 +241,12 @@ class Migration:
     def cancel(self, reason='cancelled by the operator'):
         """Ask the migration to abort; it does so at its next step."""
         with self._lock:
+            if self.phase == plan.IN_DOUBT:
+                raise errors.InvalidPhase(
+                    id=self.id, phase=self.phase,
+                    reason='the destination may have committed it; run '
+                    '"xsm-migrate resolve %s" to finish or roll it back '
+                    'by the destination\'s answer' % self.id)
             if not plan.can_abort(self.phase):
                 raise errors.InvalidPhase(
                     id=self.id, phase=self.phase,
@@ -333,7 +341,7 @@ class Migration:
             with self._lock:
                 if self.error is None:
                     self.error = exc
-            if not committed:
+            if not committed and not self._commit_known:
                 LOG.error('migration %s failed in phase %s: %s', self.id,
                           self.phase, self.error)
                 self._abort()
@@ -674,6 +682,7 @@ class Migration:
                 remotes.append(item.mirror.detach())
                 item.remote_leaf = None
             self.result = self._commit(vm_state)
+            self._commit_known = True
         except errors.InDoubt:
             # The destination may have committed: the guest stays paused
             # (a copy's guest never moves: it may go on).

@@ -22,6 +22,7 @@ functional/core/migration/test_switch_over.py.
 import doctest
 import time
 
+import fixtures
 import oslo_messaging as messaging
 
 from tests import base
@@ -30,6 +31,7 @@ from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import plan
+from xsm_driver.core.migration import source
 
 MiB = 1 << 20
 
@@ -311,8 +313,10 @@ class TestSourceHalf(CommitRuleFixture):
         self.assertEqual({vm.uuid}, self.a.in_doubt_vms())
         self.assertRaises(errors.MigrationError, self.a.migrate_vm,
                           vm.uuid, 'b', self.vdi_map(vm), {'net0': 'net0'})
-        # still no answer: resolve changes nothing
+        # still no answer: resolve changes nothing, abort is refused
         self.assertRaises(errors.InDoubt, self.a.resolve, mid)
+        exc = self.assertRaises(errors.InvalidPhase, self.a.abort, mid)
+        self.assertIn('xsm-migrate resolve %s' % mid, str(exc))
         self.assertEqual(plan.IN_DOUBT, self.a.get(mid)['phase'])
         # the answers come back: committed (the destination had)
         self.peer.lost = set()
@@ -350,3 +354,25 @@ class TestSourceHalf(CommitRuleFixture):
         self.assertEqual('done', status['phase'])
         self.assertEqual('done', self.a.resolve(mid)['phase'])
         self.assertRaises(errors.MigrationNotFound, self.a.resolve, 'nope')
+
+    def test_a_failure_after_the_commit_never_rolls_back(self):
+        # (the source's own steps after a known commit may fail: it must
+        # not resume a guest the destination runs)
+        def broken(mig, paused):
+            raise RuntimeError('repointing failed')
+        self.useFixture(fixtures.MockPatchObject(source.Migration,
+                                                 '_committed', broken))
+        vm = self.make_vm()
+        mid = self.a.migrate_vm(vm.uuid, 'b', self.vdi_map(vm),
+                                {'net0': 'net0'})
+        mig = self.a._sources[mid]
+        mig.thread.join(60)
+        self.assertEqual('repointing failed', str(mig.error))
+        # left where a restart finishes it (it asks, learns committed)
+        self.assertEqual('switch-over', mig.phase)
+        self.assertEqual('switch-over',
+                         self.a.host.journal.get(mid, 'source').phase)
+        self.assertEqual('done', self.b.receive_status(mid)['phase'])
+        self.assertEqual('committed', self.b.receive_abort(mid))
+        self.assertEqual('running', self.b.host.vms[vm.uuid].power_state)
+        self.b.host.stop_vm(vm.uuid)
