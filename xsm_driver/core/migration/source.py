@@ -196,10 +196,12 @@ class Migration:
     # -- status ------------------------------------------------------------
 
     def status(self):
+        with self._lock:
+            phase, finished = self.phase, self.finished
         snap = self.progress.snapshot()
-        snap['phase'] = self.phase
+        snap['phase'] = phase
         return {
-            'id': self.id, 'kind': self.kind, 'phase': self.phase,
+            'id': self.id, 'kind': self.kind, 'phase': phase,
             'vm': self.vm_ref[0],
             'vm_name': self.vm_ref[1],
             'vdis': [i.vdi for i in self._items] or list(self.vdi_map),
@@ -210,7 +212,7 @@ class Migration:
                             else round(self.downtime * 1000, 3)),
             'guest_writes_during_migration': self._guest_writes(),
             'error': str(self.error) if self.error else None,
-            'started': self.started, 'finished': self.finished,
+            'started': self.started, 'finished': finished,
             'time': time.time(),
             'result': self.result,
         }
@@ -334,8 +336,10 @@ class Migration:
             with self._lock:
                 self.error = exc
             LOG.error('%s', exc)
-            self._set_phase(plan.IN_DOUBT, error=str(exc))
-            self._mark_paused(True)
+            with self._lock:            # seen at once by status()
+                self._mark_paused(True)
+                self.finished = time.time()     # (its run has ended)
+                self._set_phase(plan.IN_DOUBT, error=str(exc))
         except Exception as exc:
             self._stop_renewing()
             with self._lock:
