@@ -298,10 +298,20 @@ class Agent:
                                               name='xsm-progress',
                                               daemon=True)
             self._reporter.start()
-        LOG.info('xsm-agent of host %s is serving (topic %s, %s)',
-                 self.host.name, self.topic,
-                 'calls of trusted callers only' if self.identity else
-                 'in-process transport, calls not authenticated')
+        if self.identity is None:
+            LOG.info('xsm-agent of host %s is serving (topic %s; in-process '
+                     'transport, calls not authenticated)', self.host.name,
+                     self.topic)
+            return self
+        trust = self.identity.trust
+        LOG.info('xsm-agent of host %s is serving (topic %s; calls signed '
+                 'by trusted keys only: %d hosts, operators: %s)',
+                 self.host.name, self.topic, len(trust.hosts),
+                 ', '.join(sorted(trust.operators)) or 'none')
+        if not trust.operators:
+            LOG.warning('no operator key is trusted ([agent]'
+                        'trusted_operators): xsm-migrate, Nova and '
+                        'CloudStack calls will all be refused')
         return self
 
     def stop(self):
