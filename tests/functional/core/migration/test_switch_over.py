@@ -141,7 +141,8 @@ class SwitchOverMatrix(switch_over.SwitchOverFixture):
         else:
             final = expected
             if 'crash-source' in fault or a_crash_at:
-                self.assertIn(mig.phase, ('switch-over', 'clean-up'))
+                self.assertIn(mig.phase, ('switch-over', 'clean-up'),
+                              '%s; calls: %s' % (mig.error, self.calls))
                 outcomes = self.restart_a()
                 self.assertEqual([(mid, 'source', final)], outcomes)
             else:
