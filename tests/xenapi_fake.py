@@ -19,11 +19,55 @@ the calls the ``xenapi`` engine makes, with xapi's own envelopes
 "ErrorDescription": [...]}``), opaque references, sessions that can
 expire, 64-bit integers sent as strings, and ``Async.*`` methods that
 return a task whose progress moves until it succeeds, fails or is
-cancelled. xapi's own rules that matter to the engine are enforced:
-``VDI_NOT_IN_MAP``, ``VIF_NOT_IN_MAP``, ``HOST_DISABLED``, version
-checks, and at most 3 storage migrations per host
-(``TOO_MANY_STORAGE_MIGRATES``); :attr:`FakePool.peak_storage` records
-the most that ever ran at once.
+cancelled.
+
+It is exactly as strict as xapi on the rules of storage migration, as
+xapi-project/xen-api master (commit e2ee48d, August 2026 -- the xapi of
+XenServer 8 and XCP-ng 8.3) enforces them; each check names the function
+that sets the rule:
+
+* power states: ``VM.migrate_send`` and ``VDI.pool_migrate`` (which runs
+  as the VM's ``migrate_send``) accept Halted, Suspended and Running VMs
+  (xapi_vm_lifecycle.ml ``allowed_power_states``), else
+  ``VM_BAD_POWER_STATE [vm; "halted, suspended, running"; actual]``;
+* every disk of the VM (not CDs, not empty drives) is in the VDI map,
+  else ``VDI_NOT_IN_MAP`` (xapi_vm_migrate.ml ``check_vdi_map``); the VDIs
+  of snapshots and suspend images may be left out: they go where the VDI
+  they are a snapshot of goes, else to the suspend-image SR (suspend VDIs)
+  or the destination pool's default SR, else ``VDI_NOT_IN_MAP``
+  (``migrate_send'``);
+* every VDI that changes SR needs SM features ``VDI_SNAPSHOT`` and
+  ``VDI_MIRROR`` on its SR, ``VDI_SNAPSHOT`` and ``VDI_MIRROR_IN`` (or
+  ``VDI_MIRROR``) on the destination's, whatever the power state, else
+  ``SR_DOES_NOT_SUPPORT_MIGRATION [sr; missing]``
+  (``assert_sr_support_operations``; smint.ml ``has_capability``);
+  ``SR.allowed_operations`` plays no part;
+* host versions ``platform_version``, ``xapi_build`` and ``xen`` must not
+  decrease (helpers.ml ``Checks.Migration``): across pools
+  ``VM_HOST_INCOMPATIBLE_VERSION_MIGRATE [vm; host]`` -- in that order,
+  though datamodel_errors.ml documents ``[host; vm]`` -- within a pool
+  ``NOT_SUPPORTED_DURING_UPGRADE``;
+* across pools: ``copy`` of a VM that is not halted needs ``force``
+  (``VM_BAD_POWER_STATE``); the destination host is enabled
+  (``HOST_DISABLED``); every VIF of the VM and of its snapshots is mapped,
+  or shares its MAC with a mapped VIF (``infer_vif_map``), else
+  ``VIF_NOT_IN_MAP`` (``assert_can_migrate``);
+* within a pool: a non-empty VIF map is ``OPERATION_NOT_ALLOWED``
+  (``assert_can_migrate``), so is ``copy`` (``migrate_send'``);
+* inserted CDs of a VM that is not suspended are ejected by xapi
+  (``find_cds_to_eject``, ``eject_cds``): :attr:`FakePool.ejected`;
+* ``Host.migrate_receive`` needs a PIF of the network on the host
+  (``HOST_CANNOT_ATTACH_NETWORK [host; network]``) with an IP, else
+  ``PIF_HAS_NO_NETWORK_CONFIGURATION`` (mode None) or
+  ``INTERFACE_HAS_NO_IP`` (xapi_host.ml ``migrate_receive``);
+* ``VDI.pool_migrate`` needs a VBD (``VDI_NEEDS_VM_FOR_MIGRATE``,
+  message_forwarding.ml); a VM that is not running gets a host that sees
+  the SRs (``choose_host``);
+* at most 3 storage migrations per host (``TOO_MANY_STORAGE_MIGRATES``);
+  :attr:`FakePool.peak_storage` records the most that ever ran at once.
+
+Not modelled: licences, CBT and encrypted VDIs, vGPUs, CPU features,
+memory, HA.
 
 Failure injection: :meth:`FakePool.fail` (the next call of a method is
 refused with an error), :meth:`FakePool.fail_task` (the next task of a
@@ -53,6 +97,14 @@ REGISTRY = {}
 
 SR_OPS = ['vdi_create', 'vdi_destroy', 'vdi_snapshot', 'vdi_clone',
           'vdi_mirror', 'scan']
+#: SM features of a driver that can do storage migration (ext, nfs, lvm..)
+SM_FEATURES = {'SR_PROBE': 1, 'SR_UPDATE': 1, 'VDI_CREATE': 1,
+               'VDI_DELETE': 1, 'VDI_ATTACH': 1, 'VDI_DETACH': 1,
+               'VDI_SNAPSHOT': 1, 'VDI_CLONE': 1, 'VDI_MIRROR': 1,
+               'VDI_ACTIVATE': 1, 'VDI_DEACTIVATE': 1}
+NULL = 'OpaqueRef:NULL'
+#: xapi_vm_lifecycle.ml allowed_power_states `migrate_send
+MIGRATE_SEND_STATES = ('Halted', 'Suspended', 'Running')
 VM_OPS = ['migrate_send', 'pool_migrate', 'clean_shutdown', 'snapshot']
 
 
@@ -85,7 +137,7 @@ class FakePool:
     """One pool's objects and the calls on them."""
 
     CLASSES = ('pool', 'host', 'SR', 'PBD', 'VDI', 'VBD', 'VM', 'VIF',
-               'network', 'PIF', 'task')
+               'network', 'PIF', 'task', 'SM')
 
     def __init__(self, name, username='root', password='secret',
                  version='3.4.0', task_seconds=0.3, steps=10):
@@ -113,8 +165,11 @@ class FakePool:
         self.max_storage = 3
         self.nbd_info = {}
         self.leave_on_failure = False
+        #: VBDs xapi ejected (their CD) before a storage migration
+        self.ejected = []
         REGISTRY[name] = self
-        self.pool = self._add('pool', name_label=name, master='')
+        self.pool = self._add('pool', name_label=name, master='',
+                              default_SR=NULL, suspend_image_SR=NULL)
         self.network = self.add_network('Pool-wide network associated '
                                         'with eth0')
         self.master = self.add_host('%s-master' % name, version=version)
@@ -134,19 +189,49 @@ class FakePool:
     def add_network(self, name):
         return self._add('network', name_label=name, PIFs=[], VIFs=[])
 
-    def add_host(self, name, enabled=True, version=None):
+    def add_host(self, name, enabled=True, version=None,
+                 xapi_build='25.33.1', xen='4.17.5-20'):
         host = self._add('host', name_label=name, enabled=enabled,
-                         address='127.0.0.1', PIFs=[], software_version={
+                         address='127.0.0.1', PIFs=[],
+                         suspend_image_sr=NULL, software_version={
                              'platform_version': version or self.version,
-                             'product_version': '8.2.1'})
-        pif = self._add('PIF', host=host, network=self.network,
-                        management=True, device='eth0')
-        self.db['host'][host]['PIFs'].append(pif)
-        self.db['network'][self.network]['PIFs'].append(pif)
+                             'product_version': '8.2.1',
+                             'xapi_build': xapi_build, 'xen': xen})
+        self.add_pif(host, self.network, management=True, device='eth0')
         return host
+
+    def add_pif(self, host, network, ip='127.0.0.1', mode=None,
+                management=False, device='eth1'):
+        """A PIF of ``host`` on ``network``; ``ip=''`` has no address."""
+        pif = self._add('PIF', host=host, network=network,
+                        management=management, device=device, IP=ip,
+                        ip_configuration_mode=mode or (
+                            'Static' if ip else 'None'),
+                        primary_address_type='IPv4',
+                        currently_attached=True)
+        self.db['host'][host]['PIFs'].append(pif)
+        self.db['network'][network]['PIFs'].append(pif)
+        return pif
+
+    def sm_features(self, sr_type, features):
+        """The SM driver of ``sr_type`` has (only) these features."""
+        self._sm(sr_type)['features'] = {f: 1 for f in features}
+
+    def _sm(self, sr_type):
+        for rec in self.db['SM'].values():
+            if rec['type'] == sr_type:
+                return rec
+        features = {} if sr_type in ('iso', 'udev') else dict(SM_FEATURES)
+        ref = self._add('SM', type=sr_type, name_label=sr_type,
+                        features=features)
+        return self.db['SM'][ref]
+
+    def set_default_sr(self, sr):
+        self.db['pool'][self.pool]['default_SR'] = sr
 
     def add_sr(self, name, type='ext', size=100 * GiB, used=0, host=None,
                ops=None, content_type='user'):
+        self._sm(type)
         sr = self._add('SR', name_label=name, type=type, physical_size=size,
                        physical_utilisation=used, VDIs=[], PBDs=[],
                        shared=host is None, content_type=content_type,
@@ -172,8 +257,8 @@ class FakePool:
             self.db['VDI'][snapshot_of]['snapshots'].append(vdi)
         return vdi
 
-    def _add_vbd(self, vm, vdi, device, attached):
-        vbd = self._add('VBD', VM=vm, VDI=vdi, type='Disk',
+    def _add_vbd(self, vm, vdi, device, attached, type='Disk'):
+        vbd = self._add('VBD', VM=vm, VDI=vdi, type=type,
                         empty=vdi == 'OpaqueRef:NULL', userdevice=str(device),
                         device='xvd' + chr(ord('a') + device), mode='RW',
                         currently_attached=attached)
@@ -183,18 +268,24 @@ class FakePool:
         return vbd
 
     def add_vm(self, name, disks, networks=(), power_state='Running',
-               host=None, uuid=None):
+               host=None, uuid=None, suspend_vdi=None):
         host = host or self.master
-        running = power_state == 'Running'
+        running = power_state in ('Running', 'Paused')
         vm = self._add('VM', name_label=name, power_state=power_state,
                        is_a_template=False, is_a_snapshot=False,
                        is_control_domain=False, snapshots=[],
                        snapshot_of='OpaqueRef:NULL', VBDs=[], VIFs=[],
                        resident_on=host if running else 'OpaqueRef:NULL',
-                       allowed_operations=list(VM_OPS),
+                       suspend_VDI=NULL, allowed_operations=list(VM_OPS),
                        **({'uuid': uuid} if uuid else {}))
         for i, vdi in enumerate(disks):
             self._add_vbd(vm, vdi, i, running)
+        if suspend_vdi:
+            self.db['VM'][vm]['suspend_VDI'] = suspend_vdi
+        elif power_state == 'Suspended' and disks:
+            rec = self.db['VDI'][disks[0]]
+            self.db['VM'][vm]['suspend_VDI'] = self.add_vdi(
+                rec['SR'], 'Suspend image', 64 * MiB, 64 * MiB)
         for i, net in enumerate(networks):
             vif = self._add('VIF', VM=vm, network=net, device=str(i),
                             MAC='02:00:00:00:%02x:%02x' % (len(self.db['VIF'])
@@ -202,8 +293,13 @@ class FakePool:
             self.db['VM'][vm]['VIFs'].append(vif)
         return vm
 
+    def insert_cd(self, vm, iso_vdi, device=3):
+        """A CD drive of the VM holding ``iso_vdi``."""
+        running = self.db['VM'][vm]['power_state'] == 'Running'
+        return self._add_vbd(vm, iso_vdi, device, running, type='CD')
+
     def snapshot_vm(self, vm, name='snap'):
-        """A snapshot of the VM: a snapshot VDI of each disk."""
+        """A snapshot of the VM: a snapshot VDI of each disk, its VIFs."""
         snap = self._add('VM', name_label=name, power_state='Halted',
                          is_a_template=True, is_a_snapshot=True,
                          is_control_domain=False, snapshots=[],
@@ -217,6 +313,11 @@ class FakePool:
                                 rec['virtual_size'], 4 * MiB,
                                 snapshot_of=vdi)
             self._add_vbd(snap, copy, i, False)
+        for vif in self.db['VM'][vm]['VIFs']:
+            rec = self.db['VIF'][vif]
+            copy = self._add('VIF', VM=snap, network=rec['network'],
+                             device=rec['device'], MAC=rec['MAC'])
+            self.db['VM'][snap]['VIFs'].append(copy)
         return snap
 
     def args_of(self, method):
@@ -426,15 +527,23 @@ class FakePool:
     # -- migration ---------------------------------------------------------
 
     def _host_migrate_receive(self, host, network, options):
+        # xapi_host.ml migrate_receive
         with self.lock:
-            rec = self._record('host', host)
-            self._record('network', network)
-            if not rec['enabled']:
-                raise Failure('HOST_DISABLED', host)
+            self._record('host', host)
+            pifs = [p for p in self._record('network', network)['PIFs']
+                    if self.db['PIF'][p]['host'] == host]
+            if not pifs:
+                raise Failure('HOST_CANNOT_ATTACH_NETWORK', host, network)
+            pif = self.db['PIF'][pifs[0]]
+            if not pif.get('IP'):
+                if pif.get('ip_configuration_mode') == 'None':
+                    raise Failure('PIF_HAS_NO_NETWORK_CONFIGURATION',
+                                  pifs[0])
+                raise Failure('INTERFACE_HAS_NO_IP', pifs[0])
             session = _ref()
             self.sessions.add(session)
-        return {'SM': 'http://127.0.0.1/services/SM?session_id=%s'
-                % session, 'host': host, 'master': '127.0.0.1',
+        return {'SM': 'http://%s/services/SM?session_id=%s'
+                % (pif['IP'], session), 'host': host, 'master': '127.0.0.1',
                 'session_id': session,
                 'xenops': 'http://127.0.0.1/%s/services/xenops' % self.name}
 
@@ -442,45 +551,173 @@ class FakePool:
     def _dest_of(token):
         return REGISTRY[token['xenops'].split('/')[3]]
 
-    def _all_vdis(self, vm):
-        """The VDI refs of a VM and of its snapshots."""
+    @staticmethod
+    def _flag(options, key):
+        # xapi: bool_of_string (List.assoc key options), false on error
+        return (options or {}).get(key) == 'true'
+
+    def _vm_disks(self, vm):
+        """VDI refs of the VM's disks (xapi_vm_migrate.ml vdi_filter)."""
         out = []
-        for v in [vm] + list(self.db['VM'][vm]['snapshots']):
-            for vbd in self.db['VM'][v]['VBDs']:
-                vdi = self.db['VBD'][vbd]['VDI']
-                if vdi in self.db['VDI']:
-                    out.append(vdi)
+        for vbd in self.db['VM'][vm]['VBDs']:
+            rec = self.db['VBD'][vbd]
+            if rec['empty'] or rec['type'] == 'CD':
+                continue
+            out.append(rec['VDI'])
+        return out
+
+    def _assert_power(self, vm, rec):
+        # message_forwarding.ml with_vm_operation ~op:`migrate_send;
+        # xapi_vm_lifecycle.ml allowed_power_states, report_power_state_error
+        if rec['power_state'] not in MIGRATE_SEND_STATES:
+            raise Failure('VM_BAD_POWER_STATE', vm,
+                          ', '.join(p.lower() for p in MIGRATE_SEND_STATES),
+                          rec['power_state'].lower())
+        if 'migrate_send' not in rec['allowed_operations']:
+            raise Failure('OPERATION_NOT_ALLOWED', 'migrate_send')
+
+    @staticmethod
+    def _versions(host_rec):
+        """helpers.ml Checks.version_numbers_of_string, per version key."""
+        out = []
+        sw = host_rec.get('software_version', {})
+        for key in ('platform_version', 'xapi_build', 'xen'):
+            text = sw.get(key, '0.0.0')
+            parts = text.split('-')
+            words = (parts[0].split('.') + parts[1].split('.')
+                     if len(parts) > 1 else parts[0].split('.'))
+            nums = []
+            for word in words:
+                try:
+                    nums.append(int(word))
+                except ValueError:
+                    pass
+            out.append(nums)
+        return out
+
+    def _versions_not_decreasing(self, src_host, target, dest_host):
+        # helpers.ml Checks.Migration.host_versions_not_decreasing
+        return all(to >= frm for frm, to in zip(
+            self._versions(self.db['host'][src_host]),
+            self._versions(target.db['host'][dest_host])))
+
+    def _sm_has(self, sr_type, needed):
+        # smint.ml Feature.has_capability: VDI_MIRROR_IN <- VDI_MIRROR too
+        features = self._sm(sr_type)['features']
+        return [f for f in needed if f not in features and not (
+            f == 'VDI_MIRROR_IN' and 'VDI_MIRROR' in features)]
+
+    def _assert_sr_support(self, target, vdi_map):
+        # xapi_vm_migrate.ml assert_sr_support_operations
+        for vdi, sr in vdi_map.items():
+            src_sr = self._record('VDI', vdi)['SR']
+            if src_sr == sr:
+                continue
+            missing = self._sm_has(self.db['SR'][src_sr]['type'],
+                                   ['VDI_SNAPSHOT', 'VDI_MIRROR'])
+            if missing:
+                raise Failure('SR_DOES_NOT_SUPPORT_MIGRATION', src_sr,
+                              ';'.join(missing))
+            missing = target._sm_has(target._record('SR', sr)['type'],
+                                     ['VDI_SNAPSHOT', 'VDI_MIRROR_IN'])
+            if missing:
+                raise Failure('SR_DOES_NOT_SUPPORT_MIGRATION', sr,
+                              ';'.join(missing))
+
+    def _infer_vif_map(self, vifs, vif_map):
+        # xapi_vm_migrate.ml infer_vif_map
+        macs = [(self.db['VIF'][v]['MAC'], n) for v, n in vif_map.items()
+                if v in self.db['VIF']]
+        out = {}
+        for vif in vifs:
+            if vif in vif_map:
+                out[vif] = vif_map[vif]
+                continue
+            mac = self.db['VIF'][vif]['MAC']
+            same = [n for m, n in macs if m == mac]
+            if not same:
+                raise Failure('VIF_NOT_IN_MAP', vif)
+            out[vif] = same[0]
         return out
 
     def _VM_assert_can_migrate(self, vm, dest, live, vdi_map, vif_map,
                                options, vgpu_map):
+        # xapi_vm_migrate.ml assert_can_migrate
         target = self._dest_of(dest)
-        with self.lock:
+        force = self._flag(options, 'force')
+        copy = self._flag(options, 'copy')
+        with self.lock, target.lock:
             rec = self._record('VM', vm)
-            for vdi in self._all_vdis(vm):
-                if vdi not in vdi_map:
-                    raise Failure('VDI_NOT_IN_MAP', vdi)
-            if target is not self:
-                for vif in rec['VIFs']:
-                    if vif not in vif_map:
-                        raise Failure('VIF_NOT_IN_MAP', vif)
             host = rec['resident_on'] if rec['resident_on'] in \
                 self.db['host'] else self.master
-            src_v = self.db['host'][host]['software_version']
-        with target.lock:
-            dst = target._record('host', dest['host'])
+            for vdi in self._vm_disks(vm):          # check_vdi_map
+                if vdi not in vdi_map:
+                    raise Failure('VDI_NOT_IN_MAP', vdi)
+            dest_host = dest['host']
+            dst = target._record('host', dest_host)
+            ok = self._versions_not_decreasing(host, target, dest_host)
+            if target is self:
+                if not ok:
+                    raise Failure('NOT_SUPPORTED_DURING_UPGRADE')
+                self._assert_sr_support(target, vdi_map)
+                if not dst['enabled']:              # assert_can_boot_here
+                    raise Failure('HOST_DISABLED', dest_host)
+                if vif_map:
+                    raise Failure(
+                        'OPERATION_NOT_ALLOWED', 'VIF mapping is not allowed '
+                        'for intra-pool migration -all VIFs must be on the '
+                        'same network')
+                return ''
+            if not ok:
+                # [vm; host], as raised (datamodel_errors.ml says host; vm)
+                raise Failure('VM_HOST_INCOMPATIBLE_VERSION_MIGRATE', vm,
+                              dest_host)
+            self._assert_sr_support(target, vdi_map)
+            if not force and copy and rec['power_state'] != 'Halted':
+                raise Failure('VM_BAD_POWER_STATE', vm, 'halted',
+                              rec['power_state'].lower())
             if not dst['enabled']:
-                raise Failure('HOST_DISABLED', dest['host'])
+                raise Failure('HOST_DISABLED', dest_host)
+            vifs = list(rec['VIFs'])
+            for snap in rec['snapshots']:
+                vifs += self.db['VM'][snap]['VIFs']
+            self._infer_vif_map(vifs, vif_map)
+            # inter_pool_metadata_transfer ~dry_run: the objects exist
             for sr in vdi_map.values():
                 target._record('SR', sr)
             for net in vif_map.values():
                 target._record('network', net)
-            if tuple(int(x) for x in dst['software_version'][
-                    'platform_version'].split('.')) < tuple(
-                    int(x) for x in src_v['platform_version'].split('.')):
-                raise Failure('VM_HOST_INCOMPATIBLE_VERSION_MIGRATE',
-                              dest['host'], vm)
         return ''
+
+    def _complete_vdi_map(self, vm, vdi_map, target):
+        """The VDIs of snapshots and suspend images placed (migrate_send')."""
+        rec = self.db['VM'][vm]
+        pool = target.db['pool'][target.pool]
+        default = pool['default_SR']
+        suspend_sr = pool['suspend_image_SR']
+        if suspend_sr == NULL:
+            suspend_sr = target.db['host'][target.master]['suspend_image_sr']
+        extra = []
+        for v in [vm] + list(rec['snapshots']):
+            if self.db['VM'][v]['power_state'] == 'Suspended' and \
+                    self.db['VM'][v].get('suspend_VDI', NULL) != NULL:
+                extra.append((self.db['VM'][v]['suspend_VDI'], True))
+        for snap in rec['snapshots']:
+            extra += [(vdi, False) for vdi in self._vm_disks(snap)]
+        out = dict(vdi_map)
+        for vdi, is_suspend in extra:
+            of = self.db['VDI'][vdi].get('snapshot_of', NULL)
+            if vdi in vdi_map:
+                continue
+            if of in vdi_map:
+                out[vdi] = vdi_map[of]
+            elif is_suspend and suspend_sr != NULL:
+                out[vdi] = suspend_sr
+            elif default != NULL:
+                out[vdi] = default
+            else:
+                raise Failure('VDI_NOT_IN_MAP', vdi)
+        return out
 
     def _storage_slot(self, host, delta):
         with self.lock:
@@ -493,26 +730,59 @@ class FakePool:
 
     def _VM_migrate_send(self, task, vm, dest, live, vdi_map, vif_map,
                          options, vgpu_map, fail_plan=None):
+        # message_forwarding.ml VM.migrate_send: the VM operation, then
+        # assert_can_migrate; then xapi_vm_migrate.ml migrate_send'
+        with self.lock:
+            self._assert_power(vm, self._record('VM', vm))
         self._VM_assert_can_migrate(vm, dest, live, vdi_map, vif_map,
                                     options, vgpu_map)
         target = self._dest_of(dest)
+        copy = self._flag(options, 'copy')
+        if copy and target is self:
+            raise Failure('OPERATION_NOT_ALLOWED', 'Copy mode is disallowed '
+                          'on intra pool storage migration, try efficient '
+                          'alternatives, for example, VM.copy/clone.')
+        with self.lock, target.lock:
+            full_map = self._complete_vdi_map(vm, vdi_map, target)
+            if target is not self:
+                rec = self.db['VM'][vm]
+                vifs = list(rec['VIFs'])
+                for snap in rec['snapshots']:
+                    vifs += self.db['VM'][snap]['VIFs']
+                vif_map = self._infer_vif_map(vifs, vif_map)
+            self._eject_cds(vm, full_map)
         host = self.db['VM'][vm]['resident_on']
         self._storage_slot(host, +1)
         with self.lock:
             self.db['VM'][vm]['current_operations'][task] = 'migrate_send'
-        made = []
         try:
             if self.leave_on_failure and fail_plan is not None:
                 sr = list(vdi_map.values())[0]
-                made.append(target.add_vdi(sr, 'leftover', GiB, 0))
+                target.add_vdi(sr, 'leftover', GiB, 0)
             self._progress(task, fail_plan)
-            return self._move_vm(target, vm, dest['host'], vdi_map,
-                                 vif_map, options.get('copy') == 'true')
+            return self._move_vm(target, vm, dest['host'], full_map,
+                                 vif_map, copy)
         finally:
             with self.lock:
                 if vm in self.db['VM']:
                     self.db['VM'][vm]['current_operations'].pop(task, None)
             self._storage_slot(host, -1)
+
+    def _eject_cds(self, vm, vdi_map):
+        # xapi_vm_migrate.ml find_cds_to_eject: the VM's (not snapshots')
+        # CDs that would move, unless the VM is suspended; eject_cds
+        rec = self.db['VM'][vm]
+        if rec['power_state'] == 'Suspended':
+            return
+        for vbd in rec['VBDs']:
+            vrec = self.db['VBD'][vbd]
+            if vrec['type'] != 'CD' or vrec['VDI'] not in self.db['VDI']:
+                continue
+            if self.db['VDI'][vrec['VDI']]['SR'] != vdi_map.get(vrec['VDI'],
+                                                                NULL):
+                self.db['VDI'][vrec['VDI']]['VBDs'].remove(vbd)
+                vrec.update(VDI=NULL, empty=True)
+                self.ejected.append(vbd)
 
     def _move_vm(self, target, vm, dest_host, vdi_map, vif_map, copy):
         with self.lock, target.lock:
@@ -524,7 +794,8 @@ class FakePool:
                 for v in [vm] + list(rec['snapshots']):
                     for vbd in self.db['VM'][v]['VBDs']:
                         vdi = self.db['VBD'][vbd]['VDI']
-                        if self.db['VDI'][vdi]['SR'] == vdi_map[vdi]:
+                        if vdi not in vdi_map or \
+                                self.db['VDI'][vdi]['SR'] == vdi_map[vdi]:
                             continue
                         old = self.db['VDI'][vdi]
                         copy_ref = self.add_vdi(
@@ -533,38 +804,45 @@ class FakePool:
                         self.db['VBD'][vbd]['VDI'] = copy_ref
                         self.db['VDI'][copy_ref]['VBDs'].append(vbd)
                         self._destroy_vdi(vdi)
-                for vif in rec['VIFs']:
-                    if vif in vif_map:
-                        self.db['VIF'][vif]['network'] = vif_map[vif]
-                self.db['VM'][vm]['resident_on'] = dest_host
+                if rec['power_state'] == 'Running':
+                    self.db['VM'][vm]['resident_on'] = dest_host
                 return vm
             new_disks = []
-            for vbd in rec['VBDs']:
-                vdi = self.db['VBD'][vbd]['VDI']
+            for vdi in self._vm_disks(vm):
                 old = self.db['VDI'][vdi]
                 new_disks.append(target.add_vdi(
                     vdi_map[vdi], old['name_label'], old['virtual_size'],
                     old['physical_utilisation']))
-            for snap in rec['snapshots']:
-                for vbd in self.db['VM'][snap]['VBDs']:
-                    vdi = self.db['VBD'][vbd]['VDI']
-                    old = self.db['VDI'][vdi]
-                    target.add_vdi(vdi_map[vdi], old['name_label'],
-                                   old['virtual_size'],
-                                   old['physical_utilisation'])
+            moved = set(self._vm_disks(vm))
+            suspend = None
+            for vdi, sr in vdi_map.items():
+                if vdi in moved or vdi not in self.db['VDI']:
+                    continue
+                old = self.db['VDI'][vdi]
+                made = target.add_vdi(sr, old['name_label'],
+                                      old['virtual_size'],
+                                      old['physical_utilisation'])
+                if vdi == rec.get('suspend_VDI'):
+                    suspend = made
             new = target.add_vm(rec['name_label'], new_disks, nets,
                                 rec['power_state'], host=dest_host,
-                                uuid=None if copy else rec['uuid'])
+                                uuid=None if copy else rec['uuid'],
+                                suspend_vdi=suspend)
             if not copy:
                 self._remove_vm(vm)
             return new
 
     def _remove_vm(self, vm, keep_record=False):
         rec = self.db['VM'][vm]
+        self._destroy_vdi(rec.get('suspend_VDI', NULL))
         for v in [vm] + list(rec['snapshots']):
             for vbd in self.db['VM'][v]['VBDs']:
-                vdi = self.db['VBD'].pop(vbd)['VDI']
-                self._destroy_vdi(vdi)
+                vbd_rec = self.db['VBD'].pop(vbd)
+                if vbd_rec['type'] == 'CD':
+                    if vbd_rec['VDI'] in self.db['VDI']:
+                        self.db['VDI'][vbd_rec['VDI']]['VBDs'].remove(vbd)
+                    continue            # an ISO stays in its library
+                self._destroy_vdi(vbd_rec['VDI'])
             for vif in self.db['VM'][v]['VIFs']:
                 self.db['VIF'].pop(vif, None)
             if v != vm or not keep_record:
@@ -578,12 +856,36 @@ class FakePool:
             sr['physical_utilisation'] -= rec['physical_utilisation']
 
     def _VDI_pool_migrate(self, task, vdi, sr, options, fail_plan=None):
+        # message_forwarding.ml VDI.pool_migrate, then xapi_vm_migrate.ml
+        # vdi_pool_migrate (migrate_receive, assert_can_migrate, send)
         with self.lock:
             rec = self._record('VDI', vdi)
             self._record('SR', sr)
             vbds = list(rec['VBDs'])
-            host = self.db['VM'][self.db['VBD'][vbds[0]]['VM']][
-                'resident_on'] if vbds else self.master
+            if not vbds:
+                raise Failure('VDI_NEEDS_VM_FOR_MIGRATE', vdi)
+            vm = self.db['VBD'][vbds[0]]['VM']
+            vmrec = self.db['VM'][vm]
+            self._assert_power(vm, vmrec)
+            vdi_map = {v: self.db['VDI'][v]['SR']
+                       for v in (self.db['VBD'][b]['VDI']
+                                 for b in vmrec['VBDs'])
+                       if v in self.db['VDI']}
+            vdi_map[vdi] = sr
+            if vmrec['power_state'] == 'Running':
+                host = vmrec['resident_on']
+            else:
+                # choose_host: a host that sees every SR the VM needs
+                needed = set(vdi_map.values())
+                hosts = [h for h in self.db['host'] if needed <= {
+                    self.db['PBD'][p]['SR'] for p in self.db['PBD']
+                    if self.db['PBD'][p]['host'] == h}]
+                if not hosts:
+                    raise Failure('NO_HOSTS_AVAILABLE')
+                host = hosts[0]
+            if not self.db['host'][host]['enabled']:
+                raise Failure('HOST_DISABLED', host)
+            self._assert_sr_support(self, vdi_map)
         self._storage_slot(host, +1)
         with self.lock:
             rec['current_operations'][task] = 'mirror'

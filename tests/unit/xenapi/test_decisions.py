@@ -83,8 +83,9 @@ class TestTranslate(base.TestCase):
         self.assertIn('3 storage migrations', text)
 
     def test_version(self):
+        # [vm; host], as xapi_vm_migrate.ml raises it
         text = self.msg('VM_HOST_INCOMPATIBLE_VERSION_MIGRATE',
-                        'OpaqueRef:host', 'OpaqueRef:vm')
+                        'OpaqueRef:vm', 'OpaqueRef:host')
         self.assertIn("host 55-66 'xs-b1' runs an older", text)
         self.assertIn("VM 77-88 'web-1'", text)
 
@@ -129,11 +130,22 @@ class TestPreflight(base.TestCase):
                              {'sa': 'a', 'sb': 'b'},
                              {'a': 's1', 'b': 's2', 'sb': 's9'}))
 
-    def test_orphan_snapshot_vdi_must_be_mapped(self):
+    def test_orphan_snapshot_vdi_goes_to_the_default_sr(self):
+        # xapi_vm_migrate.ml migrate_send': the destination's default SR
+        self.assertEqual({'a': 's', 'old': 'dflt'}, preflight.full_vdi_map(
+            {'a': None}, {'old': None}, {'a': 's'}, default_sr='dflt'))
+        # with no default SR, xapi refuses it: VDI_NOT_IN_MAP
         exc = self.assertRaises(mig_errors.VDINotInMap,
                                 preflight.full_vdi_map,
                                 {'a': None}, {'old': None}, {'a': 's'})
         self.assertEqual(['old'], exc.kwargs['vdis'])
+
+    def test_suspend_image_placement(self):
+        self.assertEqual({'a': 's', 'susp': 'ssr'}, preflight.full_vdi_map(
+            {'a': None}, {}, {'a': 's'}, default_sr='d', suspend=['susp'],
+            suspend_sr='ssr'))
+        self.assertEqual({'a': 's', 'susp': 'd'}, preflight.full_vdi_map(
+            {'a': None}, {}, {'a': 's'}, default_sr='d', suspend=['susp']))
 
     def test_every_unmapped_disk_is_named(self):
         exc = self.assertRaises(mig_errors.VDINotInMap,
@@ -144,10 +156,27 @@ class TestPreflight(base.TestCase):
     def test_vifs_by_mac_and_within_pool(self):
         vifs = {'v1': {'device': '0', 'MAC': 'AA:BB'},
                 'v2': {'device': '1', 'MAC': 'cc:dd'}}
-        self.assertEqual({'v1': 'n'},
-                         preflight.resolve_vifs(vifs, {'aa:bb': 'n'}, False))
+        self.assertEqual({'v1': 'n', 'v2': 'm'}, preflight.resolve_vifs(
+            vifs, {'aa:bb': 'n', '1': 'm'}, True))
         self.assertRaises(mig_errors.VIFNotInMap, preflight.resolve_vifs,
                           vifs, {'aa:bb': 'n'}, True)
+        # within a pool xapi takes no VIF map at all
+        self.assertEqual({}, preflight.resolve_vifs(vifs, {}, False))
+        exc = self.assertRaises(errors.XenAPIError, preflight.resolve_vifs,
+                                vifs, {'aa:bb': 'n'}, False)
+        self.assertIn('OPERATION_NOT_ALLOWED', str(exc))
+
+    def test_snapshot_vifs_follow_by_mac_or_are_named(self):
+        vifs = {'v1': {'device': '0', 'MAC': 'aa:bb'}}
+        snaps = {'s1': {'device': '0', 'MAC': 'AA:BB', 'snapshot': "'a'"},
+                 's2': {'device': '1', 'MAC': 'ee:ff', 'snapshot': "'a'"}}
+        exc = self.assertRaises(mig_errors.VIFNotInMap,
+                                preflight.resolve_vifs, vifs, {'0': 'n'},
+                                True, snaps)
+        self.assertIn("s2 (of snapshot 'a', MAC ee:ff)", str(exc))
+        self.assertEqual({'v1': 'n', 's1': 'n', 's2': 'm'},
+                         preflight.resolve_vifs(
+                             vifs, {'0': 'n', 'EE:FF': 'm'}, True, snaps))
 
     def test_space(self):
         sr = {'name_label': 'B', 'uuid': 'u', 'type': 'lvm',
@@ -178,12 +207,76 @@ class TestPreflight(base.TestCase):
         self.assertRaises(errors.XenAPIError, preflight.check_versions,
                           new, old)
 
+    def test_versions_xapi_build_and_xen_too(self):
+        # helpers.ml Checks.Migration: platform_version, xapi_build, xen
+        src = {'software_version': {'platform_version': '3.4.0',
+                                    'xapi_build': '25.6.0',
+                                    'xen': '4.17.5-20'}}
+        for key, older in (('xapi_build', '25.5.9'), ('xen', '4.17.5-3'),
+                           ('xen', '4.17.5')):
+            dst = {'software_version': dict(src['software_version'],
+                                            **{key: older})}
+            exc = self.assertRaises(errors.XenAPIError,
+                                    preflight.check_versions, src, dst)
+            self.assertIn('VM_HOST_INCOMPATIBLE_VERSION_MIGRATE', str(exc))
+            self.assertIn(key, str(exc))
+            exc = self.assertRaises(errors.XenAPIError,
+                                    preflight.check_versions, src, dst,
+                                    cross_pool=False)
+            self.assertIn('NOT_SUPPORTED_DURING_UPGRADE', str(exc))
+        preflight.check_versions(src, {'software_version': dict(
+            src['software_version'], xen='4.17.6-1')})
+
+    def test_sr_features_not_allowed_operations(self):
+        feats = preflight.sm_features({
+            'r1': {'type': 'nfs', 'features': {'VDI_SNAPSHOT': '1',
+                                               'VDI_MIRROR': '2'}},
+            'r2': {'type': 'iso', 'features': {}}})
+        busy = {'type': 'nfs', 'uuid': 'u', 'allowed_operations': []}
+        preflight.check_sr_mirrors(busy, feats)
+        preflight.check_sr_receives(busy, feats)
+        exc = self.assertRaises(errors.XenAPIError,
+                                preflight.check_sr_receives,
+                                {'type': 'iso', 'uuid': 'i'}, feats)
+        self.assertIn('VDI_SNAPSHOT, VDI_MIRROR_IN', str(exc))
+
+    def test_copy_rules(self):
+        running = {'power_state': 'Running', 'uuid': 'u'}
+        halted = {'power_state': 'Halted', 'uuid': 'u'}
+        preflight.check_copy(halted, True, False, True)
+        preflight.check_copy(running, True, True, True)
+        exc = self.assertRaises(errors.XenAPIError, preflight.check_copy,
+                                running, True, False, True)
+        self.assertIn('VM_BAD_POWER_STATE', str(exc))
+        self.assertIn('force', str(exc))
+        exc = self.assertRaises(errors.XenAPIError, preflight.check_copy,
+                                halted, True, True, False)
+        self.assertIn('OPERATION_NOT_ALLOWED', str(exc))
+
+    def test_migration_network(self):
+        host = {'uuid': 'h', 'name_label': 'xs-b1'}
+        net = {'uuid': 'n', 'name_label': 'storage'}
+        preflight.check_migration_network(host, net, [{'IP': '10.0.0.1'}])
+        for pifs, code in (
+                ([], 'HOST_CANNOT_ATTACH_NETWORK'),
+                ([{'IP': '', 'ip_configuration_mode': 'None'}],
+                 'PIF_HAS_NO_NETWORK_CONFIGURATION'),
+                ([{'IP': '', 'ip_configuration_mode': 'DHCP'}],
+                 'INTERFACE_HAS_NO_IP')):
+            exc = self.assertRaises(errors.XenAPIError,
+                                    preflight.check_migration_network,
+                                    host, net, pifs)
+            self.assertIn(code, str(exc))
+            self.assertIn("xs-b1", str(exc))
+
     def test_power_states(self):
+        # xapi_vm_lifecycle.ml: migrate_send in Halted, Suspended, Running
         self.assertTrue(preflight.live({'power_state': 'Running'}))
         self.assertFalse(preflight.live({'power_state': 'Halted'}))
+        self.assertFalse(preflight.live({'power_state': 'Suspended'}))
         exc = self.assertRaises(errors.XenAPIError, preflight.live,
-                                {'power_state': 'Suspended', 'uuid': 'u'})
-        self.assertIn('suspended', str(exc))
+                                {'power_state': 'Paused', 'uuid': 'u'})
+        self.assertIn('paused', str(exc))
 
     def test_resolve(self):
         recs = {'r1': {'uuid': 'u1', 'name_label': 'x'},

@@ -67,11 +67,13 @@ class TestCrossPool(xfix.PoolsTestCase):
 
     def test_xapi_gets_full_maps_and_the_migration_network(self):
         storage_net = self.b.add_network('storage-net')
+        self.b.add_pif(self.b.master, storage_net, ip='10.0.0.2')
         front = self.b.add_network('front')
         self.engine = self.make_engine(migration_network='storage-net')
         snap_vdis = [self.a.get('VBD', vbd)['VDI'] for vbd in
                      self.a.get('VM', self.snap)['VBDs']]
         [vif] = self.a.get('VM', self.vm)['VIFs']
+        [snap_vif] = self.a.get('VM', self.snap)['VIFs']
         mac = self.a.get('VIF', vif)['MAC']
         mid = self.migrate(vif_map={mac.upper(): 'front'})
         self.assertEqual('done', self.wait(mid)['phase'])
@@ -88,7 +90,8 @@ class TestCrossPool(xfix.PoolsTestCase):
         self.assertEqual(sorted([self.disk0, self.disk1] + snap_vdis),
                          sorted(vdi_map))
         self.assertEqual({self.sr_b}, set(vdi_map.values()))
-        self.assertEqual({vif: front}, vif_map)
+        # the snapshot's VIF (same MAC) follows the VM's, as xapi infers
+        self.assertEqual({vif: front, snap_vif: front}, vif_map)
         self.assertEqual(({}, {}), (options, vgpu))
         # the same maps were checked first
         [check] = self.a.args_of('VM.assert_can_migrate')
@@ -101,13 +104,16 @@ class TestCrossPool(xfix.PoolsTestCase):
     def test_request_network_overrides_and_options_reach_xapi(self):
         self.b.add_network('storage-net')
         other = self.b.add_network('other-net')
+        self.b.add_pif(self.b.master, other, ip='10.0.1.2')
         self.engine = self.make_engine(migration_network='storage-net')
-        mid = self.migrate(network='other-net', copy=True, compress=True)
+        mid = self.migrate(network='other-net', copy=True, force=True,
+                           compress=True)
         self.assertEqual('done', self.wait(mid)['phase'])
         [(_host, network, _o)] = self.b.args_of('host.migrate_receive')
         self.assertEqual(other, network)
         [args] = self.a.args_of('Async.VM.migrate_send')
-        self.assertEqual({'copy': 'true', 'compress': 'true'}, args[5])
+        self.assertEqual({'copy': 'true', 'compress': 'true',
+                          'force': 'true'}, args[5])
 
     def test_management_network_by_default(self):
         self.assertEqual('done', self.wait(self.migrate())['phase'])
@@ -125,7 +131,8 @@ class TestCrossPool(xfix.PoolsTestCase):
         self.assertNotIn(vm, self.a.db['VM'])
 
     def test_copy_keeps_the_source(self):
-        mid = self.migrate(copy=True)
+        # xapi copies a running VM across pools only when forced
+        mid = self.migrate(copy=True, force=True)
         self.assertEqual('done', self.wait(mid)['phase'])
         self.assertIn(self.vm, self.a.db['VM'])
         self.assertEqual(1, len(self.b.find('VM', name_label='web-1')))
@@ -172,12 +179,24 @@ class TestWithinPool(xfix.PoolsTestCase):
         self.assertIn('Async.VDI.pool_migrate', self.a.calls)
         self.assertNotIn('Async.VM.migrate_send', self.a.calls)
 
-    def test_vdi_pool_migrate_refuses_a_halted_vm_s_disk(self):
+    def test_vdi_pool_migrate_of_a_halted_vm_s_disk(self):
+        # xapi picks a host for a VM that does not run
+        # (message_forwarding.ml VDI.pool_migrate)
         disk = self.a.add_vdi(self.sr_a, 'cold', GiB)
         self.a.add_vm('cold-1', [disk], power_state='Halted')
-        exc = self.assertRaises(errors.NotSupported, self.engine.migrate_vdi,
+        status = self.wait(self.engine.migrate_vdi(
+            self.uuid(self.a, 'VDI', disk), 'NFS-A'))
+        self.assertEqual('done', status['phase'], status['error'])
+        self.assertEqual([], self.a.find('VDI', SR=self.sr_a,
+                                         name_label='cold'))
+        self.assertIn('Async.VDI.pool_migrate', self.a.calls)
+
+    def test_vdi_pool_migrate_of_a_vdi_without_vm(self):
+        disk = self.a.add_vdi(self.sr_a, 'loose', GiB)
+        exc = self.assertRaises(errors.XenAPIError, self.engine.migrate_vdi,
                                 self.uuid(self.a, 'VDI', disk), 'NFS-A')
-        self.assertIn('running VM', str(exc))
+        self.assertIn('VDI_NEEDS_VM_FOR_MIGRATE', str(exc))
+        self.assertIn('vdi-copy', str(exc))
         self.assertNotIn('Async.VDI.pool_migrate', self.a.calls)
 
     def test_vdi_pool_migrate_space(self):
@@ -236,14 +255,17 @@ class TestPreflight(xfix.PoolsTestCase):
         self.assertIn('has 512.0 MiB free', message)
 
     def test_destination_sr_cannot_receive(self):
-        self.b.get('SR', self.sr_b)['allowed_operations'] = ['scan']
-        self.assertIn('cannot receive',
-                      self.refused(errors.XenAPIError))
+        self.b.sm_features('nfs', ['VDI_CREATE', 'VDI_SNAPSHOT'])
+        message = self.refused(errors.XenAPIError)
+        self.assertIn('cannot receive', message)
+        self.assertIn('VDI_MIRROR_IN', message)
+        self.assertIn('SR_DOES_NOT_SUPPORT_MIGRATION', message)
 
     def test_source_sr_cannot_mirror(self):
-        self.a.get('SR', self.sr_a)['allowed_operations'] = ['vdi_create']
+        self.a.sm_features('ext', ['VDI_CREATE', 'VDI_SNAPSHOT'])
         message = self.refused(errors.XenAPIError)
         self.assertIn('Local storage', message)
+        self.assertIn('VDI_MIRROR', message)
         self.assertIn('SR_DOES_NOT_SUPPORT_MIGRATION', message)
 
     def test_destination_host_disabled(self):
@@ -267,10 +289,18 @@ class TestPreflight(xfix.PoolsTestCase):
         self.assertIn('no VM', self.refused(errors.XenAPIError, vm='nope'))
         self.assertIn('knows', self.refused(errors.NotSupported, turbo=1))
 
-    def test_cd_must_be_ejected(self):
-        vbd = self.a.get('VM', self.vm)['VBDs'][0]
-        self.a.get('VBD', vbd)['type'] = 'CD'
-        self.assertIn('eject', self.refused(errors.XenAPIError))
+    def test_inserted_cd_is_left_to_xapi(self):
+        # xapi skips CD drives and ejects them itself
+        # (xapi_vm_migrate.ml vdi_filter, find_cds_to_eject)
+        isos = self.a.add_sr('ISOs', type='iso', content_type='iso')
+        iso = self.a.add_vdi(isos, 'install.iso', GiB // 2)
+        vbd = self.a.insert_cd(self.vm, iso)
+        mid = self.migrate()
+        self.assertEqual('done', self.wait(mid)['phase'])
+        self.assertEqual([vbd], self.a.ejected)
+        [args] = self.a.args_of('Async.VM.migrate_send')
+        self.assertNotIn(iso, args[3])
+        self.assertIn(iso, self.a.db['VDI'])
 
     def test_vm_busy(self):
         self.a.get('VM', self.vm)['allowed_operations'] = []
@@ -322,9 +352,9 @@ class TestXapiErrors(xfix.PoolsTestCase):
     def test_sr_does_not_support_migration(self):
         message = self.assert_refused('VM.assert_can_migrate',
                                       'SR_DOES_NOT_SUPPORT_MIGRATION',
-                                      self.sr_a)
+                                      self.sr_a, 'VDI_MIRROR')
         self.assertIn("'Local storage'", message)
-        self.assertIn('shut the VM down', message)
+        self.assertIn('lacks VDI_MIRROR', message)
 
     def test_mirror_failed(self):
         message = self.assert_task_fails('MIRROR_FAILED', self.disk0)
@@ -338,10 +368,15 @@ class TestXapiErrors(xfix.PoolsTestCase):
         self.assertIn('free space', message)
 
     def test_incompatible_version(self):
+        # xapi raises [vm; host] (xapi_vm_migrate.ml assert_can_migrate),
+        # not the [host; vm] datamodel_errors.ml documents
         message = self.assert_refused(
             'VM.assert_can_migrate', 'VM_HOST_INCOMPATIBLE_VERSION_MIGRATE',
-            self.b.master, self.vm)
-        self.assertIn('web-1', message)
+            self.vm, self.b.master)
+        self.assertIn("VM %s 'web-1'" % self.uuid(self.a, 'VM', self.vm),
+                      message)
+        self.assertIn("host %s 'pool-b-master'"
+                      % self.uuid(self.b, 'host', self.b.master), message)
         self.assertIn('update the destination pool', message)
 
     def test_host_disabled_at_receive(self):

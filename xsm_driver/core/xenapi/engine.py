@@ -876,6 +876,31 @@ class XenAPIEngine:
         return {r: self._call(src, 'VDI.get_record', r)
                 for r in preflight.disk_vdis(vbds)}
 
+    def _sm_features(self, pool):
+        return preflight.sm_features(self._call(pool, 'SM.get_all_records'))
+
+    def _suspend_vdis(self, pool, vm_refs):
+        """Suspend-image VDI records of the suspended VMs among ``vm_refs``.
+
+        xapi moves them too (xapi_vm_migrate.ml ``migrate_send'``,
+        suspends_vdis).
+        """
+        out = {}
+        for ref in vm_refs:
+            rec = self._call(pool, 'VM.get_record', ref)
+            vdi = rec.get('suspend_VDI')
+            if rec.get('power_state') == 'Suspended' and vdi and \
+                    vdi != 'OpaqueRef:NULL':
+                out[vdi] = self._call(pool, 'VDI.get_record', vdi)
+        return out
+
+    @staticmethod
+    def _pool_sr(dpool_rec, host_rec, field, host_field=None):
+        ref = dpool_rec.get(field)
+        if (not ref or ref == 'OpaqueRef:NULL') and host_field:
+            ref = host_rec.get(host_field)
+        return None if not ref or ref == 'OpaqueRef:NULL' else ref
+
     def plan_vm(self, vm, dest, vdi_map, vif_map, opts, compress=False,
                 force=False):
         """Check everything from XenAPI records; what the run needs."""
@@ -887,75 +912,121 @@ class XenAPIEngine:
         vmr = self._call(src, 'VM.get_record', vm_ref)
         live = preflight.live(vmr)
         preflight.check_allowed(vmr)
+        preflight.check_copy(vmr, opts.copy, force, cross)
+        vbds = {r: self._call(src, 'VBD.get_record', r)
+                for r in self._call(src, 'VM.get_VBDs', vm_ref)}
+        cds = preflight.inserted_cds(vbds)
+        if cds:
+            LOG.warning('VM %s has a CD in drive %s: xapi ejects it before '
+                        'the VM moves (an ISO does not move)', vmr['uuid'],
+                        ', '.join(cds))
         disks = self._disk_records(vm_ref)
         snaps = {}
         for snap in vmr.get('snapshots', ()):
             snaps.update(self._disk_records(snap))
+        suspends = self._suspend_vdis(src, [vm_ref] +
+                                      list(vmr.get('snapshots', ())))
         disk_uuid = {r: rec['uuid'] for r, rec in disks.items()}
+        all_uuid = dict(disk_uuid)
+        all_uuid.update({r: rec['uuid'] for r, rec in snaps.items()})
+        # hosts first: the default and suspend-image SRs may be per host
+        hosts = self._call(dpool, 'host.get_all_records')
+        dpool_rec = self._call(dpool, 'pool.get_record',
+                               self._call(dpool, 'pool.get_all')[0])
+        shost = vmr.get('resident_on')
+        if not shost or shost == 'OpaqueRef:NULL':
+            shost = self._call(src, 'pool.get_master',
+                               self._call(src, 'pool.get_all')[0])
+        if host_name:
+            dhost = preflight.resolve('host', hosts, host_name,
+                                      'pool %s' % dpool.name)
+        elif not cross and live:
+            # a move within the pool keeps the VM on its host
+            # (xapi_vm_migrate.ml vdi_pool_migrate prefers the local host)
+            dhost = shost
+        else:
+            dhost = dpool_rec.get('master') or self._call(
+                dpool, 'pool.get_master', self._call(dpool, 'pool.get_all')[0])
+        dsrs = self._call(dpool, 'SR.get_all_records')
+
+        def sr_uuid(ref):
+            return dsrs[ref]['uuid'] if ref in dsrs else None
         full = preflight.full_vdi_map(
             {rec['uuid']: None for rec in disks.values()},
-            {rec['uuid']: disk_uuid.get(rec.get('snapshot_of'))
-             for rec in snaps.values()}, vdi_map)
+            {rec['uuid']: all_uuid.get(rec.get('snapshot_of'),
+                                       rec.get('snapshot_of'))
+             for rec in snaps.values()}, vdi_map,
+            default_sr=sr_uuid(self._pool_sr(dpool_rec, None,
+                                             'default_SR')),
+            suspend=[rec['uuid'] for rec in suspends.values()],
+            suspend_sr=sr_uuid(self._pool_sr(
+                dpool_rec, hosts.get(dhost, {}), 'suspend_image_SR',
+                'suspend_image_sr')))
         by_uuid = {rec['uuid']: (r, rec)
-                   for r, rec in list(disks.items()) + list(snaps.items())}
+                   for r, rec in list(disks.items()) + list(snaps.items()) +
+                   list(suspends.items())}
         # destination SRs
-        dsrs = self._call(dpool, 'SR.get_all_records')
         sr_ref = {}
         for target in sorted(set(full.values())):
-            ref = preflight.resolve('SR', dsrs, target,
-                                    'pool %s' % dpool.name)
-            preflight.check_sr_receives(dsrs[ref])
-            sr_ref[target] = ref
-        # a running disk may grow while it moves; its snapshots do not
-        headroom = opts.leaf_headroom if live else 0
-        bound = collections.defaultdict(list)
+            sr_ref[target] = preflight.resolve('SR', dsrs, target,
+                                               'pool %s' % dpool.name)
+        # SM features of every VDI that changes SR, whatever the power
+        # state (xapi_vm_migrate.ml assert_sr_support_operations)
+        src_features = self._sm_features(src)
+        dst_features = src_features if not cross else \
+            self._sm_features(dpool)
+        src_srs = {}
+        moving = collections.defaultdict(list)
         for uuid, target in full.items():
             ref, rec = by_uuid[uuid]
             if not cross and rec.get('SR') == sr_ref[target]:
                 continue                        # stays where it is
-            bound[sr_ref[target]].append(rec)
+            if rec['SR'] not in src_srs:
+                src_srs[rec['SR']] = self._call(src, 'SR.get_record',
+                                                rec['SR'])
+            preflight.check_sr_mirrors(src_srs[rec['SR']], src_features)
+            preflight.check_sr_receives(dsrs[sr_ref[target]], dst_features)
+            moving[sr_ref[target]].append(rec)
+        # a running disk may grow while it moves; its snapshots do not
+        headroom = opts.leaf_headroom if live else 0
+        disk_uuids = {d['uuid'] for d in disks.values()}
         total = 0
-        for ref, recs in bound.items():
-            grow = headroom * sum(1 for r in recs if r['uuid'] in
-                                  {d['uuid'] for d in disks.values()})
+        for ref, recs in moving.items():
+            grow = headroom * sum(1 for r in recs if r['uuid'] in disk_uuids)
             total += preflight.check_space(dsrs[ref], recs, extra=grow)
-        # source SRs of the running disks
+        # source SRs of the running disks: room for xapi's snapshots
         if live:
             by_sr = collections.defaultdict(list)
             for rec in disks.values():
                 by_sr[rec['SR']].append(rec)
             for ref, recs in by_sr.items():
-                srec = self._call(src, 'SR.get_record', ref)
-                preflight.check_sr_mirrors(srec)
+                srec = src_srs.get(ref) or self._call(src, 'SR.get_record',
+                                                      ref)
                 preflight.check_source_space(srec, recs,
                                              self.options.leaf_headroom)
-        # VIFs and networks
-        vifs = {}
-        vif_refs = {}
+        # VIFs of the VM and of its snapshots, and networks
+        vifs, vif_refs, snap_vifs = {}, {}, {}
         for r in vmr.get('VIFs', ()):
             rec = self._call(src, 'VIF.get_record', r)
             vifs[rec['uuid']] = rec
             vif_refs[rec['uuid']] = r
-        vifmap = preflight.resolve_vifs(vifs, vif_map, cross)
+        if cross:
+            for snap in vmr.get('snapshots', ()):
+                name = self._call(src, 'VM.get_name_label', snap)
+                for r in self._call(src, 'VM.get_VIFs', snap):
+                    rec = dict(self._call(src, 'VIF.get_record', r),
+                               snapshot="'%s'" % name)
+                    snap_vifs[rec['uuid']] = rec
+                    vif_refs[rec['uuid']] = r
+        vifmap = preflight.resolve_vifs(vifs, vif_map, cross, snap_vifs)
         nets = self._call(dpool, 'network.get_all_records')
         xapi_vif_map = {vif_refs[u]: preflight.resolve(
                             'network', nets, n, 'pool %s' % dpool.name)
                         for u, n in vifmap.items()}
         # hosts, versions, migration network
-        hosts = self._call(dpool, 'host.get_all_records')
-        if host_name:
-            dhost = preflight.resolve('host', hosts, host_name,
-                                      'pool %s' % dpool.name)
-        else:
-            pool_ref = self._call(dpool, 'pool.get_all')[0]
-            dhost = self._call(dpool, 'pool.get_master', pool_ref)
         preflight.check_host(hosts[dhost])
-        shost = vmr.get('resident_on')
-        if not shost or shost == 'OpaqueRef:NULL':
-            pool_ref = self._call(src, 'pool.get_all')[0]
-            shost = self._call(src, 'pool.get_master', pool_ref)
         preflight.check_versions(self._call(src, 'host.get_record', shost),
-                                 hosts[dhost])
+                                 hosts[dhost], cross_pool=cross)
         network = opts.network or self.migration_network
         if network:
             net_ref = preflight.resolve('network', nets, network,
@@ -963,6 +1034,11 @@ class XenAPIEngine:
                                         % dpool.name)
         else:
             net_ref = self._management_network(dpool, dhost)
+        pifs = [self._call(dpool, 'PIF.get_record', p)
+                for p in nets[net_ref].get('PIFs', ())]
+        preflight.check_migration_network(
+            hosts[dhost], nets[net_ref],
+            [p for p in pifs if p.get('host') == dhost])
         return {
             'vm': vm_ref, 'vm_uuid': vmr['uuid'],
             'vm_name': vmr.get('name_label'), 'live': live,
@@ -1037,6 +1113,13 @@ class XenAPIEngine:
         return out
 
     def plan_pool_migrate(self, vdi, dest_sr):
+        """``VDI.pool_migrate`` of a disk of a halted/suspended/running VM.
+
+        message_forwarding.ml ``VDI.pool_migrate``: the VM is the one of
+        the VDI's first VBD (none: VDI_NEEDS_VM_FOR_MIGRATE), the call runs
+        as that VM's ``migrate_send`` (so its power states), on the host it
+        runs on, else on a host xapi chooses that sees the SRs.
+        """
         src = self.source
         vdi_ref = self.find_vdi(vdi)
         rec = self._call(src, 'VDI.get_record', vdi_ref)
@@ -1048,28 +1131,33 @@ class XenAPIEngine:
                                      'is already on SR %s'
                                      % (preflight.label('VDI', rec),
                                         dest_sr))
-        preflight.check_sr_receives(srs[sr_ref])
-        running = None
-        for vbd_ref in rec.get('VBDs', ()):
-            vbd = self._call(src, 'VBD.get_record', vbd_ref)
-            vm = self._call(src, 'VM.get_record', vbd['VM'])
-            if vm.get('power_state') == 'Running' and \
-                    vbd.get('currently_attached'):
-                running = (vbd['VM'], vm)
-        if running is None:
-            raise errors.NotSupported(
-                what='VDI.pool_migrate of %s' % preflight.label('VDI', rec),
-                reason='xapi moves a VDI within a pool only while a running '
-                'VM uses it; start the VM, or copy the VDI with "xe '
-                'vdi-copy sr-uuid=..." and swap it')
-        preflight.check_sr_mirrors(srs[rec['SR']])
-        need = preflight.check_space(srs[sr_ref], [rec],
-                                     self.options.leaf_headroom)
-        host = running[1].get('resident_on')
-        preflight.check_host(self._call(src, 'host.get_record', host))
+        vbds = list(rec.get('VBDs', ()))
+        if not vbds:
+            raise errors.XenAPIError(
+                code='VDI_NEEDS_VM_FOR_MIGRATE', detail='%s is not a disk '
+                'of any VM: xapi moves a VDI within the pool only as a disk '
+                'of a VM; copy it with "xe vdi-copy sr-uuid=..." instead'
+                % preflight.label('VDI', rec))
+        vm_ref = self._call(src, 'VBD.get_VM', vbds[0])
+        vm = self._call(src, 'VM.get_record', vm_ref)
+        live = preflight.live(vm)
+        preflight.check_allowed(vm)
+        features = self._sm_features(src)
+        preflight.check_sr_mirrors(srs[rec['SR']], features)
+        preflight.check_sr_receives(srs[sr_ref], features)
+        need = preflight.check_space(
+            srs[sr_ref], [rec], self.options.leaf_headroom if live else 0)
+        if live:
+            host = vm.get('resident_on')
+            preflight.check_host(self._call(src, 'host.get_record', host))
+        else:
+            # xapi chooses a host that sees the SRs (choose_host); the
+            # storage migrations it runs count against that host's 3
+            host = self._call(src, 'pool.get_master',
+                              self._call(src, 'pool.get_all')[0])
         return {'vdi': vdi_ref, 'sr': sr_ref, 'vdis': [rec['uuid']],
-                'destination': dest_sr, 'vm_uuid': running[1]['uuid'],
-                'vm_name': running[1].get('name_label'), 'bytes': need,
+                'destination': dest_sr, 'vm_uuid': vm['uuid'],
+                'vm_name': vm.get('name_label'), 'bytes': need,
                 'slot': host, 'dest_pool': src,
                 'dest_srs': {sr_ref: sorted(self._call(src, 'SR.get_VDIs',
                                                        sr_ref))}}

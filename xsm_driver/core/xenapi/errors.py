@@ -122,10 +122,13 @@ host (xapi: HOST_DISABLED)'
         return VIFNotInMap(vifs=[_first(params, describe, 'VIF')],
                            code=code)
     if code == 'SR_DOES_NOT_SUPPORT_MIGRATION':
+        # [sr; missing capabilities] (xapi_vm_migrate.ml supported_on)
         detail = ('%s does not support storage migration (its driver '
-                  'cannot snapshot and mirror a disk); move the disk to an '
-                  'SR that can (ext, nfs, lvm, lvmoiscsi, lvmohba) or shut '
-                  'the VM down and copy it' % _first(params, describe, 'SR'))
+                  'lacks %s); choose an SR whose driver can (ext, nfs, lvm, '
+                  'lvmoiscsi, lvmohba), or copy the disk with the VM shut '
+                  'down' % (_first(params, describe, 'SR'),
+                            _p(params, 1).replace(';', ', ') or
+                            'snapshot or mirror'))
     elif code == 'MIRROR_FAILED':
         detail = ('mirroring %s to the destination failed%s; xapi stopped '
                   'the migration and the VM goes on on the source: check '
@@ -144,11 +147,40 @@ host (xapi: HOST_DISABLED)'
             'finished' % (limit, where), host='source', active=limit,
             limit=limit, code=code)
     elif code == 'VM_HOST_INCOMPATIBLE_VERSION_MIGRATE':
-        detail = ('%s runs an older XenServer/XCP-ng version than %s: a VM '
-                  'can only move to the same or a newer version; update '
-                  'the destination pool first'
-                  % (describe(_p(params, 0), 'host'),
-                     describe(_p(params, 1), 'VM')))
+        # Raised as [vm; host] (xen-api ocaml/xapi/xapi_vm_migrate.ml,
+        # assert_can_migrate, cross_pool), though datamodel_errors.ml
+        # documents [host; vm]: the order xapi really sends.
+        detail = ('the destination %s runs an older XenServer/XCP-ng '
+                  'version than the source of %s: a VM can only move to '
+                  'the same or a newer version; update the destination '
+                  'pool first' % (describe(_p(params, 1), 'host'),
+                                  describe(_p(params, 0), 'VM')))
+    elif code == 'NOT_SUPPORTED_DURING_UPGRADE':
+        detail = ('the destination host runs an older version than the '
+                  'source host (a pool being updated): within a pool a VM '
+                  'moves only to a host as new as its own; finish the '
+                  'update first%s' % where)
+    elif code == 'HOST_CANNOT_ATTACH_NETWORK':
+        # [host; network] (xapi_host.ml migrate_receive)
+        detail = ('%s has no interface on %s to receive the migration; '
+                  'choose another migration network or give the host a PIF '
+                  'on it' % (describe(_p(params, 0), 'host'),
+                             describe(_p(params, 1), 'network')))
+    elif code in ('INTERFACE_HAS_NO_IP', 'PIF_HAS_NO_NETWORK_CONFIGURATION'):
+        # [pif] (xapi_host.ml migrate_receive)
+        detail = ('the destination\'s interface on the migration network '
+                  '(%s) has %s; %s, or choose another migration network%s'
+                  % (describe(_p(params, 0), 'PIF'),
+                     'no IP address' if code == 'INTERFACE_HAS_NO_IP'
+                     else 'no IP configuration',
+                     'check its DHCP' if code == 'INTERFACE_HAS_NO_IP'
+                     else 'configure it ("xe pif-reconfigure-ip")', where))
+    elif code == 'VDI_NEEDS_VM_FOR_MIGRATE':
+        detail = ('%s is not a disk of any VM: xapi moves a VDI within a '
+                  'pool only as a disk of a VM; copy it with "xe vdi-copy" '
+                  'instead' % _first(params, describe, 'VDI'))
+    elif code == 'OPERATION_NOT_ALLOWED':
+        detail = 'xapi does not allow this%s: %s' % (where, _p(params, 0))
     elif code == 'HOST_DISABLED':
         detail = ('%s is disabled (in maintenance mode, or being '
                   'evacuated); enable it with "xe host-enable uuid=..." or '

@@ -17,10 +17,18 @@ as ``*.get_record`` gives them; 64-bit integers arrive as strings over
 XML-RPC), raising a specific error that names the VDI, SR or host and says
 what to do. The engine gathers the records and calls these in order; they
 are tested alone, without a pool.
+
+Each rule cites the xapi source that sets it (xapi-project/xen-api
+master, ``ocaml/...``), so that we refuse exactly what xapi would refuse,
+only earlier and in words, and never what it allows.
 """
+
+import logging
 
 from xsm_driver.core.migration import errors as mig_errors
 from xsm_driver.core.xenapi import errors
+
+LOG = logging.getLogger(__name__)
 
 MiB = 1 << 20
 
@@ -28,8 +36,21 @@ MiB = 1 << 20
 #: virtual size on the destination.
 THICK_SR_TYPES = frozenset(['lvm', 'lvmoiscsi', 'lvmohba', 'lvmofcoe'])
 
-#: VM power states a storage migration accepts, and whether it is live.
-POWER_STATES = {'Running': True, 'Halted': False}
+#: VM power states a storage migration accepts, and whether it is live:
+#: xapi_vm_lifecycle.ml ``allowed_power_states`` (`migrate_send ->
+#: Halted, Suspended, Running); a Paused VM is refused.
+POWER_STATES = {'Running': True, 'Halted': False, 'Suspended': False}
+
+#: SM features a VDI's SR needs to move it, and the destination SR's
+#: (xapi_vm_migrate.ml ``assert_can_migrate``: required_src_sr_operations,
+#: required_dst_sr_operations, checked by ``assert_sr_support_operations``
+#: for every VDI that changes SR, whatever the power state).
+SOURCE_FEATURES = ('VDI_SNAPSHOT', 'VDI_MIRROR')
+DEST_FEATURES = ('VDI_SNAPSHOT', 'VDI_MIRROR_IN')
+
+#: software_version keys that must not decrease on a migration
+#: (helpers.ml ``Checks.Migration.version_keys``)
+VERSION_KEYS = ('platform_version', 'xapi_build', 'xen')
 
 
 def as_int(value):
@@ -70,10 +91,36 @@ def live(vm):
     state = vm.get('power_state')
     if state not in POWER_STATES:
         raise errors.XenAPIError(
-            code='VM_BAD_POWER_STATE', detail='%s is %s: start it (or shut '
-            'it down) before a storage migration' % (label('VM', vm),
-                                                     str(state).lower()))
+            code='VM_BAD_POWER_STATE', detail='%s is %s: xapi moves only '
+            'halted, suspended or running VMs; %s it first'
+            % (label('VM', vm), str(state).lower(),
+               'unpause' if state == 'Paused' else 'start or shut down'))
     return POWER_STATES[state]
+
+
+def check_copy(vm, copy, force, cross_pool):
+    """Whether xapi allows ``copy`` of this VM here.
+
+    * within a pool, never (xapi_vm_migrate.ml ``migrate_send'``:
+      OPERATION_NOT_ALLOWED, "Copy mode is disallowed on intra pool
+      storage migration");
+    * across pools, of a VM that is not halted only with ``force``
+      (``assert_can_migrate``, cross_pool: VM_BAD_POWER_STATE).
+    """
+    if not copy:
+        return
+    if not cross_pool:
+        raise errors.XenAPIError(
+            code='OPERATION_NOT_ALLOWED', detail='xapi does not copy a VM '
+            'within its pool (copy=True); use "xe vm-copy" there, or copy '
+            'it to another pool')
+    state = vm.get('power_state')
+    if state != 'Halted' and not force:
+        raise errors.XenAPIError(
+            code='VM_BAD_POWER_STATE', detail='%s is %s: xapi copies only a '
+            'halted VM to another pool, unless forced; shut it down, or '
+            'ask again with force=True' % (label('VM', vm),
+                                           str(state).lower()))
 
 
 def check_allowed(vm, operation='migrate_send'):
@@ -90,42 +137,57 @@ def check_allowed(vm, operation='migrate_send'):
 def disk_vdis(vbds):
     """The VDI refs of a VM's disks, in device order.
 
+    Empty drives and CDs are left out, as xapi does
+    (xapi_vm_migrate.ml ``vdi_filter``): xapi ejects an inserted CD itself
+    before it moves the VM (``find_cds_to_eject``, ``eject_cds``).
+
     :param vbds: ``{vbd_ref: vbd record}`` of the VM.
-    :raises XenAPIError: a CD is inserted (eject it first: an ISO does
-        not move with the VM).
     """
     out = []
     for _ref, vbd in sorted(vbds.items(),
                             key=lambda kv: str(kv[1].get('userdevice'))):
-        if vbd.get('empty'):
+        if vbd.get('empty') or vbd.get('type') == 'CD':
             continue
-        if vbd.get('type') == 'CD':
-            raise errors.XenAPIError(
-                code='VBD_NOT_EMPTY', detail='the VM has a CD in drive %s; '
-                'eject it first (xe vm-cd-eject), an ISO does not move '
-                'with the VM' % vbd.get('userdevice'))
         out.append(vbd['VDI'])
     return out
 
 
-def full_vdi_map(disks, snapshots, vdi_map):
-    """Every VDI of the VM and of its snapshots, mapped to an SR.
+def inserted_cds(vbds):
+    """Drives (userdevice) of the VM that hold a CD xapi will eject."""
+    return sorted(str(v.get('userdevice')) for v in vbds.values()
+                  if v.get('type') == 'CD' and not v.get('empty'))
 
-    xapi requires the snapshots' VDIs in the map too; they go where the
-    disk they are a snapshot of goes, unless mapped explicitly.
 
-    :param disks: ``{uuid: snapshot_of uuid or None}`` of the VM's disks.
-    :param snapshots: the same for the VDIs of the VM's snapshots.
+def full_vdi_map(disks, snapshots, vdi_map, default_sr=None,
+                 suspend=(), suspend_sr=None):
+    """Every VDI of the VM, of its snapshots and suspend images, mapped.
+
+    xapi requires every disk of the VM in the map (xapi_vm_migrate.ml
+    ``check_vdi_map``). The others it places itself in ``migrate_send'``:
+    a VDI of a snapshot goes where the VDI it is a snapshot of goes; one
+    whose original is gone (or not mapped), to the destination pool's
+    default SR; a suspend image to the pool's (or host's) suspend-image
+    SR, else the default SR; with no such SR, VDI_NOT_IN_MAP. We place
+    them the same way, explicitly.
+
+    :param disks: ``{uuid: None}`` of the VM's disks.
+    :param snapshots: ``{uuid: snapshot_of uuid or None}`` of the VDIs of
+        the VM's snapshots.
     :param vdi_map: ``{VDI uuid: destination SR}`` as asked for.
+    :param default_sr: the destination pool's default SR, or None.
+    :param suspend: uuids of suspend-image VDIs (of the VM, snapshots).
+    :param suspend_sr: the destination's suspend-image SR, or None.
     :returns: the complete map.
-    :raises VDINotInMap: a disk, or a snapshot VDI whose disk is gone, is
-        not mapped; every such VDI is named.
+    :raises VDINotInMap: a disk, or a VDI xapi could not place, is not
+        mapped; every such VDI is named.
     :raises XenAPIError: the map names a VDI that is not the VM's.
 
-    >>> full_vdi_map({'a': None}, {'s': 'a'}, {'a': 'sr2'})
-    {'a': 'sr2', 's': 'sr2'}
+    >>> full_vdi_map({'a': None}, {'s': 'a', 'o': 'gone'}, {'a': 'sr2'},
+    ...              default_sr='d')
+    {'a': 'sr2', 'o': 'd', 's': 'sr2'}
     """
-    foreign = sorted(set(vdi_map) - set(disks) - set(snapshots))
+    foreign = sorted(set(vdi_map) - set(disks) - set(snapshots) -
+                     set(suspend))
     if foreign:
         raise errors.XenAPIError(
             code='VDI_NOT_IN_VM', detail='VDI %s is not a disk of the VM '
@@ -133,50 +195,86 @@ def full_vdi_map(disks, snapshots, vdi_map):
             % ', '.join(foreign))
     out = dict(vdi_map)
     missing = sorted(u for u in disks if u not in out)
-    for uuid, of in sorted(snapshots.items()):
-        if uuid in out:
+    extra = sorted([(u, of, False) for u, of in snapshots.items()] +
+                   [(u, None, True) for u in suspend])
+    for uuid, of, is_suspend in extra:
+        if uuid in vdi_map:
             continue
-        if of in out and of in disks:
-            out[uuid] = out[of]
+        if of in vdi_map:
+            out[uuid] = vdi_map[of]
+        elif is_suspend and suspend_sr:
+            out[uuid] = suspend_sr
+        elif default_sr:
+            out[uuid] = default_sr
         else:
             missing.append(uuid)
     if missing:
         raise errors.VDINotInMap(vdis=missing, code='VDI_NOT_IN_MAP')
-    return out
+    return dict(sorted(out.items()))
 
 
-def resolve_vifs(vifs, vif_map, cross_pool):
+def resolve_vifs(vifs, vif_map, cross_pool, snapshot_vifs=None):
     """The VIF map by VIF uuid; keys may be uuid, device or MAC.
 
+    Within a pool xapi refuses any VIF map (xapi_vm_migrate.ml
+    ``assert_can_migrate``, intra_pool: OPERATION_NOT_ALLOWED, "all VIFs
+    must be on the same network"). Across pools every VIF of the VM *and
+    of its snapshots* must be mapped, or share its MAC with a mapped VIF
+    (``infer_vif_map``): a snapshot's VIF follows the VIF of the VM with
+    its MAC, as xapi infers it, and is sent explicitly.
+
     :param vifs: ``{uuid: VIF record}`` of the VM.
-    :param vif_map: ``{uuid | device | MAC: network}`` as asked for.
-    :param cross_pool: the VM changes pool: every VIF must be mapped.
+    :param vif_map: ``{uuid | device | MAC: network}`` as asked for; a
+        snapshot's VIF may be named by uuid or MAC (devices repeat).
+    :param cross_pool: the VM changes pool.
+    :param snapshot_vifs: ``{uuid: VIF record}`` of the VM's snapshots
+        (a ``snapshot`` key names the snapshot in messages).
     :returns: ``{VIF uuid: network}``.
 
     >>> resolve_vifs({'v1': {'device': '0', 'MAC': 'aa:bb'}},
-    ...              {'0': 'net-b'}, True)
-    {'v1': 'net-b'}
+    ...              {'0': 'net-b'}, True, {'s1': {'MAC': 'AA:BB'}})
+    {'v1': 'net-b', 's1': 'net-b'}
     """
+    snapshot_vifs = snapshot_vifs or {}
+    if vif_map and not cross_pool:
+        raise errors.XenAPIError(
+            code='OPERATION_NOT_ALLOWED', detail='xapi takes no VIF map for '
+            'a move within the pool (the VM keeps its networks); leave '
+            'the VIF map empty')
     out = {}
     known = set()
-    for uuid, vif in vifs.items():
-        keys = (uuid, str(vif.get('device')), str(vif.get('MAC')).lower())
-        known.update(keys)
-        for key in keys:
-            for asked, network in vif_map.items():
-                if str(asked).lower() == key:
-                    out[uuid] = network
+    for group, with_device in ((vifs, True), (snapshot_vifs, False)):
+        for uuid, vif in group.items():
+            keys = (uuid, str(vif.get('MAC')).lower()) + (
+                (str(vif.get('device')),) if with_device else ())
+            known.update(keys)
+            for key in keys:
+                for asked, network in vif_map.items():
+                    if str(asked).lower() == key:
+                        out[uuid] = network
     unknown = sorted(str(k) for k in vif_map if str(k).lower() not in known)
     if unknown:
         raise errors.XenAPIError(
             code='VIF_NOT_IN_VM', detail='VIF %s is not a network interface '
-            'of the VM (map VIFs by uuid, device number or MAC)'
-            % ', '.join(unknown))
-    if cross_pool:
-        missing = sorted('%s (device %s)' % (u, v.get('device'))
-                         for u, v in vifs.items() if u not in out)
-        if missing:
-            raise errors.VIFNotInMap(vifs=missing, code='VIF_NOT_IN_MAP')
+            'of the VM or of its snapshots (map VIFs by uuid, device number '
+            'or MAC)' % ', '.join(unknown))
+    if not cross_pool:
+        return out
+    missing = sorted('%s (device %s)' % (u, v.get('device'))
+                     for u, v in vifs.items() if u not in out)
+    by_mac = {str(vifs[u].get('MAC')).lower(): n for u, n in out.items()
+              if u in vifs}
+    for uuid, vif in sorted(snapshot_vifs.items()):
+        if uuid in out:
+            continue
+        mac = str(vif.get('MAC')).lower()
+        if mac in by_mac:
+            out[uuid] = by_mac[mac]
+        else:
+            missing.append('%s (of snapshot %s, MAC %s)' % (
+                uuid, vif.get('snapshot', '?'), vif.get('MAC')))
+    if missing:
+        raise errors.VIFNotInMap(vifs=missing, code='VIF_NOT_IN_MAP')
     return out
 
 
@@ -250,25 +348,113 @@ def check_source_space(sr, live_vdis, headroom):
                len(live_vdis), mig_errors.human_size(need)))
 
 
-def check_sr_receives(sr):
-    """The SR can be a migration's destination (it may create VDIs)."""
-    if sr.get('content_type') == 'iso' or \
-            'vdi_create' not in sr.get('allowed_operations', ()):
-        raise errors.XenAPIError(
-            code='SR_OPERATION_NOT_SUPPORTED', detail='%s (type %s) cannot '
-            'receive a disk: it does not allow creating VDIs; choose '
-            'another SR' % (label('SR', sr), sr.get('type')))
+def sm_features(sm_records):
+    """``{SR type: set of SM feature names}`` from ``SM.get_all_records``.
+
+    The SM record's ``features`` map (``{"VDI_MIRROR": "2", ...}``) is
+    what xapi checks (xapi_sr_operations.ml ``features_of_sr``); not
+    ``SR.allowed_operations``, which xapi empties while any operation
+    (scan, snapshot, backup) runs on the SR.
+
+    >>> sm_features({'r': {'type': 'nfs', 'features': {'VDI_MIRROR': '2'}}})
+    {'nfs': {'VDI_MIRROR'}}
+    """
+    out = {}
+    for rec in sm_records.values():
+        names = set(rec.get('features') or {})
+        # "VDI_MIRROR/2" in the legacy form (smint.ml parse_string_int64)
+        names = {n.split('/')[0] for n in names}
+        out.setdefault(rec.get('type'), set()).update(names)
+    return out
 
 
-def check_sr_mirrors(sr):
-    """The source SR can snapshot and mirror a running VM's disk."""
-    ops = sr.get('allowed_operations', ())
-    if 'vdi_snapshot' not in ops or 'vdi_mirror' not in ops:
+def missing_features(features, needed):
+    """Features of ``needed`` the set lacks.
+
+    VDI_MIRROR gives VDI_MIRROR_IN (smint.ml ``Feature.has_capability``).
+
+    >>> missing_features({'VDI_MIRROR'}, DEST_FEATURES)
+    ['VDI_SNAPSHOT']
+    """
+    have = set(features or ())
+    if 'VDI_MIRROR' in have:
+        have.add('VDI_MIRROR_IN')
+    return [f for f in needed if f not in have]
+
+
+def _check_features(sr, features, needed, role):
+    missing = missing_features(features.get(sr.get('type')), needed)
+    if missing:
         raise errors.XenAPIError(
-            code='SR_DOES_NOT_SUPPORT_MIGRATION', detail='%s (type %s) does '
-            'not support storage migration of a running VM (no snapshot or '
-            'mirror); move the disk to an SR that can, or shut the VM down'
-            % (label('SR', sr), sr.get('type')))
+            code='SR_DOES_NOT_SUPPORT_MIGRATION', detail='%s (type %s) '
+            'cannot %s a disk in a storage migration: its storage driver '
+            'lacks %s; choose an SR whose driver can (ext, nfs, lvm, '
+            'lvmoiscsi, lvmohba)' % (label('SR', sr), sr.get('type'), role,
+                                     ', '.join(missing)))
+
+
+def check_sr_receives(sr, features):
+    """The SR can receive a moving VDI.
+
+    SM features VDI_SNAPSHOT and VDI_MIRROR_IN (xapi_vm_migrate.ml
+    ``assert_sr_support_operations``).
+
+    :param features: :func:`sm_features` of the SR's pool.
+    """
+    _check_features(sr, features, DEST_FEATURES, 'receive')
+
+
+def check_sr_mirrors(sr, features):
+    """A VDI of this SR can move.
+
+    SM features VDI_SNAPSHOT and VDI_MIRROR, whatever the VM's power
+    state (xapi_vm_migrate.ml ``assert_sr_support_operations``).
+
+    :param features: :func:`sm_features` of the SR's pool.
+    """
+    _check_features(sr, features, SOURCE_FEATURES, 'send')
+
+
+def check_migration_network(host, network, pifs):
+    """The destination host has an address on the migration network.
+
+    xapi_host.ml ``migrate_receive``: a PIF of the network on that host
+    (else HOST_CANNOT_ATTACH_NETWORK), with an IP (else
+    PIF_HAS_NO_NETWORK_CONFIGURATION when its mode is None,
+    INTERFACE_HAS_NO_IP otherwise). Only the destination is checked, as
+    xapi does.
+
+    :param host: the destination host's record (``uuid`` and name).
+    :param network: the network's record.
+    :param pifs: records of the PIFs of that network on that host.
+    """
+    where = '%s on %s' % (label('network', network), label('host', host))
+    if not pifs:
+        raise errors.XenAPIError(
+            code='HOST_CANNOT_ATTACH_NETWORK', detail='%s: the host has no '
+            'interface on that network to receive the migration; choose '
+            'another migration network or give the host a PIF on it'
+            % where)
+    pif = pifs[0]
+    if pif.get('IP'):
+        return
+    if pif.get('primary_address_type') == 'IPv6':
+        if [a for a in pif.get('IPv6') or () if a and
+                not a.lower().startswith('fe80')]:
+            return
+        mode = pif.get('ipv6_configuration_mode')
+    else:
+        mode = pif.get('ip_configuration_mode')
+    if mode == 'None':
+        raise errors.XenAPIError(
+            code='PIF_HAS_NO_NETWORK_CONFIGURATION', detail='%s: its '
+            'interface %s has no IP configuration; configure one ("xe '
+            'pif-reconfigure-ip") or choose another migration network'
+            % (where, pif.get('device') or pif.get('uuid')))
+    raise errors.XenAPIError(
+        code='INTERFACE_HAS_NO_IP', detail='%s: its interface %s has no IP '
+        'address yet (DHCP?); fix it or choose another migration network'
+        % (where, pif.get('device') or pif.get('uuid')))
 
 
 def check_host(host):
@@ -293,21 +479,60 @@ def version_tuple(version):
     return tuple(out)
 
 
-def host_version(host):
+def xapi_version(text):
+    """A version as xapi compares it.
+
+    helpers.ml ``Checks.version_numbers_of_string``: ``A.B.C-P.Q`` ->
+    ``[A, B, C, P, Q]``, parts that are not numbers dropped; a missing
+    key is ``0.0.0``.
+
+    >>> xapi_version('4.17.5-20'), xapi_version('25.6.0-1.x')
+    ([4, 17, 5, 20], [25, 6, 0, 1])
+    >>> xapi_version(None)
+    [0, 0, 0]
+    """
+    parts = str(text if text is not None else '0.0.0').split('-')
+    words = parts[0].split('.') + (parts[1].split('.') if len(parts) > 1
+                                   else [])
+    out = []
+    for word in words:
+        try:
+            out.append(int(word))
+        except ValueError:
+            pass
+    return out
+
+
+def host_version(host, key='platform_version'):
     sw = host.get('software_version') or {}
-    return sw.get('platform_version') or sw.get('product_version') or '0'
+    return sw.get(key)
 
 
-def check_versions(src_host, dest_host):
-    """A VM moves only to the same or a newer xapi version."""
-    src, dst = host_version(src_host), host_version(dest_host)
-    if version_tuple(dst) < version_tuple(src):
+def check_versions(src_host, dest_host, cross_pool=True):
+    """A VM moves only to hosts whose versions do not decrease.
+
+    helpers.ml ``Checks.Migration.host_versions_not_decreasing`` compares
+    ``platform_version``, ``xapi_build`` and ``xen``; xapi_vm_migrate.ml
+    ``assert_can_migrate`` refuses with VM_HOST_INCOMPATIBLE_VERSION_MIGRATE
+    across pools, NOT_SUPPORTED_DURING_UPGRADE within one.
+    """
+    for key in VERSION_KEYS:
+        src, dst = host_version(src_host, key), host_version(dest_host, key)
+        if xapi_version(dst) >= xapi_version(src):
+            continue
+        what = '%s %s is older than %s\'s %s' % (
+            key, dst or 'unknown', label('host', src_host), src)
+        if cross_pool:
+            raise errors.XenAPIError(
+                code='VM_HOST_INCOMPATIBLE_VERSION_MIGRATE', detail='the '
+                'destination %s runs an older version (%s): a VM can only '
+                'move to the same or a newer version; update the '
+                'destination pool first' % (label('host', dest_host), what))
         raise errors.XenAPIError(
-            code='VM_HOST_INCOMPATIBLE_VERSION_MIGRATE', detail='destination '
-            '%s runs platform version %s, older than the source %s (%s): a '
-            'VM can only move to the same or a newer version; update the '
-            'destination pool first' % (label('host', dest_host), dst,
-                                        label('host', src_host), src))
+            code='NOT_SUPPORTED_DURING_UPGRADE', detail='%s is not updated '
+            'yet (%s): within a pool a VM moves only to a host as new as '
+            'its own; finish the pool\'s update first'
+            % (label('host', dest_host), what))
 
 
 def resolve(kind, records, wanted, where='the pool'):
