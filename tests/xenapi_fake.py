@@ -660,7 +660,11 @@ class FakePool:
                 if not ok:
                     raise Failure('NOT_SUPPORTED_DURING_UPGRADE')
                 self._assert_sr_support(target, vdi_map)
-                if not dst['enabled']:              # assert_can_boot_here
+                # xapi_vm_helpers.ml assert_can_boot_here: a disabled host
+                # is refused, but for a running VM staying on its host
+                local = rec['power_state'] == 'Running' and \
+                    rec['resident_on'] == dest_host
+                if not dst['enabled'] and not local:
                     raise Failure('HOST_DISABLED', dest_host)
                 if vif_map:
                     raise Failure(
@@ -689,7 +693,7 @@ class FakePool:
                 target._record('network', net)
         return ''
 
-    def _complete_vdi_map(self, vm, vdi_map, target):
+    def _complete_vdi_map(self, vm, vdi_map, target, dest_host):
         """The VDIs of snapshots and suspend images placed (migrate_send')."""
         rec = self.db['VM'][vm]
         pool = target.db['pool'][target.pool]
@@ -699,9 +703,17 @@ class FakePool:
             suspend_sr = target.db['host'][target.master]['suspend_image_sr']
         extra = []
         for v in [vm] + list(rec['snapshots']):
-            if self.db['VM'][v]['power_state'] == 'Suspended' and \
-                    self.db['VM'][v].get('suspend_VDI', NULL) != NULL:
-                extra.append((self.db['VM'][v]['suspend_VDI'], True))
+            image = self.db['VM'][v].get('suspend_VDI', NULL)
+            if self.db['VM'][v]['power_state'] != 'Suspended' or \
+                    image == NULL:
+                continue
+            # within the pool an image the destination host sees stays
+            sr = self.db['VDI'][image]['SR']
+            if target is self and any(
+                    self.db['PBD'][p]['host'] == dest_host
+                    for p in self.db['SR'][sr]['PBDs']):
+                continue
+            extra.append((image, True))
         for snap in rec['snapshots']:
             extra += [(vdi, False) for vdi in self._vm_disks(snap)]
         out = dict(vdi_map)
@@ -743,7 +755,8 @@ class FakePool:
                           'on intra pool storage migration, try efficient '
                           'alternatives, for example, VM.copy/clone.')
         with self.lock, target.lock:
-            full_map = self._complete_vdi_map(vm, vdi_map, target)
+            full_map = self._complete_vdi_map(vm, vdi_map, target,
+                                              dest['host'])
             if target is not self:
                 rec = self.db['VM'][vm]
                 vifs = list(rec['VIFs'])
@@ -873,18 +886,19 @@ class FakePool:
                        if v in self.db['VDI']}
             vdi_map[vdi] = sr
             if vmrec['power_state'] == 'Running':
+                # the VM's own host: a local live migration, allowed on a
+                # disabled host (xapi_vm_helpers.ml assert_can_boot_here)
                 host = vmrec['resident_on']
             else:
-                # choose_host: a host that sees every SR the VM needs
+                # choose_host: an enabled host that sees the SRs
                 needed = set(vdi_map.values())
-                hosts = [h for h in self.db['host'] if needed <= {
-                    self.db['PBD'][p]['SR'] for p in self.db['PBD']
-                    if self.db['PBD'][p]['host'] == h}]
+                hosts = [h for h in self.db['host']
+                         if self.db['host'][h]['enabled'] and needed <= {
+                             self.db['PBD'][p]['SR'] for p in self.db['PBD']
+                             if self.db['PBD'][p]['host'] == h}]
                 if not hosts:
                     raise Failure('NO_HOSTS_AVAILABLE')
                 host = hosts[0]
-            if not self.db['host'][host]['enabled']:
-                raise Failure('HOST_DISABLED', host)
             self._assert_sr_support(self, vdi_map)
         self._storage_slot(host, +1)
         with self.lock:

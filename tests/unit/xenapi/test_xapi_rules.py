@@ -468,3 +468,54 @@ class TestMigrationNetwork(RulesCase):
                       % self.uuid(self.b, 'host', self.b.master),
                       status['error'])
         self.assertIn('HOST_CANNOT_ATTACH_NETWORK', status['error'])
+
+
+class TestLocalLiveMigrationOnADisabledHost(RulesCase):
+    """The rule.
+
+    xapi_vm_helpers.ml assert_can_boot_here: a disabled host refuses VMs,
+    but a running VM whose disks move while it stays on its host (a local
+    live migration) is not refused.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.a.get('host', self.a.master)['enabled'] = False
+
+    def test_fake(self):
+        self.assertEqual('', self.assert_can_migrate(
+            vdi_map=self.full_map(self.sr_a2), vif_map={},
+            token=self.token(self.pa, self.a)))
+        h2 = self.a.add_host('pool-a-h2', enabled=False)
+        self.xapi_refuses('HOST_DISABLED', 'VM.assert_can_migrate', self.vm,
+                          self.token(self.pa, self.a, host=h2), True,
+                          self.full_map(self.sr_a2), {}, {}, {})
+
+    def test_engine(self):
+        status = self.wait(self.migrate(dest='pool-a', vif_map={},
+                                        vdi_map=self.vdi_map('NFS-A')))
+        self.assertEqual('done', status['phase'], status['error'])
+        status = self.wait(self.engine.migrate_vdi(
+            self.uuid(self.a, 'VDI', self.a._vm_disks(self.vm)[0]),
+            'Local storage'))
+        self.assertEqual('done', status['phase'], status['error'])
+
+
+class TestSuspendImageWithinThePool(RulesCase):
+    """The rule.
+
+    xapi_vm_migrate.ml migrate_send': within a pool the suspend image of
+    a suspended VM stays where it is when the destination host sees its
+    SR.
+    """
+
+    def test_engine(self):
+        disk = self.a.add_vdi(self.sr_a, 'sleepy', GiB)
+        vm = self.a.add_vm('sleeper', [disk], power_state='Suspended')
+        image = self.a.get('VM', vm)['suspend_VDI']
+        status = self.wait(self.engine.migrate_vm(
+            'sleeper', 'pool-a', {self.uuid(self.a, 'VDI', disk): 'NFS-A'}))
+        self.assertEqual('done', status['phase'], status['error'])
+        [args] = self.a.args_of('Async.VM.migrate_send')
+        self.assertNotIn(image, args[3])
+        self.assertEqual(self.sr_a, self.a.get('VDI', image)['SR'])

@@ -894,6 +894,10 @@ class XenAPIEngine:
                 out[vdi] = self._call(pool, 'VDI.get_record', vdi)
         return out
 
+    def _host_sees(self, pool, host, sr):
+        return any(self._call(pool, 'PBD.get_host', p) == host
+                   for p in self._call(pool, 'SR.get_PBDs', sr))
+
     @staticmethod
     def _pool_sr(dpool_rec, host_rec, field, host_field=None):
         ref = dpool_rec.get(field)
@@ -947,6 +951,11 @@ class XenAPIEngine:
         else:
             dhost = dpool_rec.get('master') or self._call(
                 dpool, 'pool.get_master', self._call(dpool, 'pool.get_all')[0])
+        if not cross:
+            # within the pool an image the destination host sees stays
+            # where it is (xapi_vm_migrate.ml migrate_send', suspends_vdis)
+            suspends = {r: rec for r, rec in suspends.items()
+                        if not self._host_sees(src, dhost, rec['SR'])}
         dsrs = self._call(dpool, 'SR.get_all_records')
 
         def sr_uuid(ref):
@@ -1023,8 +1032,11 @@ class XenAPIEngine:
         xapi_vif_map = {vif_refs[u]: preflight.resolve(
                             'network', nets, n, 'pool %s' % dpool.name)
                         for u, n in vifmap.items()}
-        # hosts, versions, migration network
-        preflight.check_host(hosts[dhost])
+        # hosts, versions, migration network; a running VM whose disks move
+        # on its own host may stay on a disabled host
+        # (xapi_vm_helpers.ml assert_can_boot_here, is_local_live_migration)
+        if cross or not (live and dhost == shost):
+            preflight.check_host(hosts[dhost])
         preflight.check_versions(self._call(src, 'host.get_record', shost),
                                  hosts[dhost], cross_pool=cross)
         network = opts.network or self.migration_network
@@ -1148,8 +1160,9 @@ class XenAPIEngine:
         need = preflight.check_space(
             srs[sr_ref], [rec], self.options.leaf_headroom if live else 0)
         if live:
+            # the VM's own host; a local live migration needs no enabled
+            # host (xapi_vm_helpers.ml assert_can_boot_here)
             host = vm.get('resident_on')
-            preflight.check_host(self._call(src, 'host.get_record', host))
         else:
             # xapi chooses a host that sees the SRs (choose_host); the
             # storage migrations it runs count against that host's 3
