@@ -1,0 +1,266 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The Orchestrator Extension's translation, without IO."""
+
+import doctest
+import json
+
+import oslo_messaging as messaging
+
+from tests import base
+from xsm_driver.cloudstack import extension
+from xsm_driver.core import exception
+
+
+def load_tests(loader, tests, ignore):
+    tests.addTests(doctest.DocTestSuite(extension))
+    return tests
+
+
+class FakeAgent:
+
+    def __init__(self, name, srs=('sr-a',)):
+        self.name = name
+        self.srs = list(srs)
+        self.vms = {}
+        self.migrations = []
+        self.calls = []
+        self.fail = {}
+
+    def _call(self, method, *args):
+        self.calls.append((method,) + args)
+        if method in self.fail:
+            raise self.fail[method]
+
+    def host_info(self):
+        self._call('host_info')
+        return {'name': self.name, 'srs': [{'name': s} for s in self.srs]}
+
+    def vm_list(self):
+        self._call('vm_list')
+        return [dict(v) for v in self.vms.values()]
+
+    def vm_create(self, name, disks, vifs=()):
+        self._call('vm_create', name, disks, list(vifs))
+        uuid = 'uuid-%s' % name
+        self.vms[uuid] = {'uuid': uuid, 'name': name, 'vifs': list(vifs),
+                          'power_state': 'halted', 'disks': [
+                              {'name': 'xvd' + 'ab'[i], 'vdi': 'vdi-%d' % i,
+                               'sr': d['sr']} for i, d in enumerate(disks)]}
+        return dict(self.vms[uuid])
+
+    def vm_start(self, vm):
+        self._call('vm_start', vm)
+        self.vms[vm]['power_state'] = 'running'
+
+    def vm_stop(self, vm):
+        self._call('vm_stop', vm)
+        self.vms[vm]['power_state'] = 'halted'
+
+    def vm_destroy(self, vm):
+        self._call('vm_destroy', vm)
+        del self.vms[vm]
+
+    def migration_list(self):
+        self._call('migration_list')
+        return list(self.migrations)
+
+    def migrate_vm(self, vm, dest, vdi_map, vif_map):
+        self._call('migrate_vm', vm, dest, vdi_map, vif_map)
+        return 'mig-1'
+
+    def migration_get(self, mid):
+        self._call('migration_get', mid)
+        return self.statuses.pop(0)
+
+    def migration_abort(self, mid):
+        self._call('migration_abort', mid)
+
+
+def request(host='a', name='i-2-7-VM', parameters=None, **vm):
+    data = {'externaldetails': {
+        'extension': {'xsm_hosts': 'a,b', 'xsm_sr': 'sr-a'},
+        'host': {'xsm_host': host}, 'virtualmachine': vm},
+        'cloudstack.vm.details': {'name': name, 'cpus': 1,
+                                  'minRam': 1 << 29, 'nics': [
+                                      {'deviceId': 1, 'mac': 'm1',
+                                       'broadcastUri': 'vlan://7'},
+                                      {'deviceId': 0, 'mac': 'm0',
+                                       'broadcastUri': 'vlan://untagged'}]}}
+    if parameters is not None:
+        data['parameters'] = parameters
+    return data
+
+
+class TestExtension(base.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.agents = {'a': FakeAgent('a'),
+                       'b': FakeAgent('b', ('sr-b', 'raw-b'))}
+        self.now = [0.0]
+
+    def client(self, host):
+        if host not in self.agents:
+            raise exception.XSMError('host %s is not a trusted host' % host)
+        return self.agents[host]
+
+    def ext(self, timeout=600):
+        def sleep(seconds):
+            self.now[0] += seconds
+        return extension.Extension(self.client, timeout=timeout,
+                                   clock=lambda: self.now[0], sleep=sleep)
+
+    def run_action(self, action, req):
+        return self.ext().run(action, req)
+
+    def created(self):
+        self.run_action('create', request())
+        return self.agents['a'].vms['uuid-i-2-7-VM']
+
+    def test_create_starts_the_vm_with_nics_in_device_order(self):
+        answer = self.run_action('create', request())
+        self.assertEqual('success', answer['status'])
+        vm = self.agents['a'].vms['uuid-i-2-7-VM']
+        self.assertEqual('running', vm['power_state'])
+        self.assertEqual(['guest', 'vlan-7'], vm['vifs'])
+        self.assertEqual(1 << 30, self.agents['a'].calls[1][2][0]['size'])
+
+    def test_create_destroys_what_it_made_when_start_fails(self):
+        self.agents['a'].fail['vm_start'] = exception.XSMError('no space')
+        status, answer = extension.answer(
+            'create', json.dumps(request()), lambda conf: self.client)
+        self.assertEqual(1, status)
+        self.assertEqual({'error': 'no space'}, answer)
+        self.assertEqual({}, self.agents['a'].vms)
+
+    def test_status_stop_delete(self):
+        self.created()
+        self.assertEqual('poweron', self.run_action(
+            'status', request())['power_state'])
+        self.run_action('stop', request())
+        self.assertEqual('poweroff', self.run_action(
+            'status', request())['power_state'])
+        self.run_action('delete', request())
+        self.assertEqual({}, self.agents['a'].vms)
+        self.assertEqual('success', self.run_action(
+            'delete', request())['status'])
+
+    def test_a_vm_that_moved_is_found_on_another_host(self):
+        vm = self.created()
+        self.agents['b'].vms[vm['uuid']] = self.agents['a'].vms.pop(
+            vm['uuid'])
+        answer = self.run_action('status', request('a'))
+        self.assertEqual(('b', 'poweron'), (answer['host'],
+                                            answer['power_state']))
+
+    def test_unknown_action_and_suspend(self):
+        for action in ('hibernate', 'suspend', 'resume'):
+            status, answer = extension.answer(
+                action, json.dumps(request()), lambda conf: self.client)
+            self.assertEqual(1, status)
+            self.assertEqual(['error'], list(answer))
+
+    def test_a_remote_traceback_never_reaches_the_answer(self):
+        # as oslo.messaging rebuilds a remote error: the remote traceback
+        # appended to its message
+        text = 'boom\nTraceback (most recent call last):\n  File "/opt/x.py"'
+        remote = type('XSMError_Remote', (exception.XSMError,),
+                      {'__str__': lambda self: text})('boom')
+        self.agents['a'].fail['vm_list'] = remote
+        status, answer = extension.answer(
+            'status', json.dumps(request()), lambda conf: self.client)
+        self.assertEqual(1, status)
+        self.assertNotIn('Traceback', answer['error'])
+        self.assertNotIn('/opt/x.py', answer['error'])
+        err = messaging.RemoteError('ValueError', 'bad', 'Traceback ...')
+        self.assertEqual('ValueError: bad', extension.describe(err))
+
+    def test_unknown_host_is_an_error(self):
+        status, answer = extension.answer(
+            'status', json.dumps(request('zz')), lambda conf: self.client)
+        self.assertEqual(1, status)
+        self.assertIn('zz', answer['error'])
+
+    def test_migrate_waits_for_the_end(self):
+        vm = self.created()
+        self.agents['a'].statuses = [
+            {'id': 'mig-1', 'phase': 'copy', 'finished': None},
+            {'id': 'mig-1', 'phase': 'done', 'finished': 5.0,
+             'result': {'vdis': {'vdi-0': 'new-0'}}}]
+        answer = self.run_action('migratevmwithvolume', request(
+            parameters={'host': 'b', 'pools': 'xvda=raw-b', 'pool': 'sr-b'}))
+        call = [c for c in self.agents['a'].calls if c[0] == 'migrate_vm'][0]
+        self.assertEqual((vm['uuid'], 'b', {'vdi-0': 'raw-b'},
+                          {'vlan-7': 'vlan-7', 'guest': 'guest'}), call[1:])
+        self.assertEqual('done', answer['message']['phase'])
+        self.assertEqual({'vdi-0': 'new-0'}, answer['message']['volumes'])
+
+    def test_migrate_refusals(self):
+        self.created()
+        for params, text in (
+                ({}, 'needs the parameter host'),
+                ({'host': 'a', 'pool': 'sr-b'}, 'already on host a'),
+                ({'host': 'b'}, 'no destination storage'),
+                ({'host': 'b', 'pool': 'nope'}, 'has no SR nope'),
+                ({'host': 'b', 'pools': 'sr-b,sr-b,sr-b'}, 'names 3 SRs')):
+            exc = self.assertRaises(
+                extension.ExtensionError, self.run_action,
+                'migratevmwithvolume', request(parameters=params))
+            self.assertIn(text, exc.message)
+        self.agents['a'].migrations = [{'id': 'm0', 'vm': 'uuid-i-2-7-VM',
+                                        'phase': 'copy', 'finished': None}]
+        exc = self.assertRaises(
+            extension.ExtensionError, self.run_action,
+            'migratevmwithvolume', request(parameters={'host': 'b',
+                                                       'pool': 'sr-b'}))
+        self.assertIn('already migrating', exc.message)
+
+    def test_migrate_failure_and_in_doubt_are_errors(self):
+        self.created()
+        for status, text in (
+                ({'id': 'mig-1', 'phase': 'aborted', 'finished': 1,
+                  'error': 'no space\nTraceback (most recent call last):'},
+                 'ended aborted: no space'),
+                ({'id': 'mig-1', 'phase': 'in-doubt', 'finished': 1,
+                  'source': 'a'}, 'xsm-migrate resolve mig-1')):
+            self.agents['a'].statuses = [status]
+            exc = self.assertRaises(
+                extension.ExtensionError, self.run_action,
+                'migratevmwithvolume', request(parameters={'host': 'b',
+                                                           'pool': 'sr-b'}))
+            self.assertIn(text, exc.message)
+            self.assertNotIn('Traceback', exc.message)
+
+    def test_migrate_answers_before_cloudstack_gives_up(self):
+        self.created()
+        self.agents['a'].statuses = [
+            {'id': 'mig-1', 'phase': 'copy', 'finished': None}] * 1000
+        answer = self.ext(timeout=10).run('migratevmwithvolume', request(
+            parameters={'host': 'b', 'pool': 'sr-b'}))
+        self.assertIn('migrationstatus', answer['note'])
+        self.assertLessEqual(self.now[0], 10)
+
+    def test_status_and_abort_of_a_migration(self):
+        self.created()
+        running = {'id': 'm0', 'vm': 'uuid-i-2-7-VM', 'vm_name': 'i-2-7-VM',
+                   'phase': 'copy', 'finished': None, 'started': 1,
+                   'progress': {'done': 1, 'total': 4}}
+        self.agents['a'].migrations = [running]
+        answer = self.run_action('migrationstatus', request())
+        self.assertEqual(25.0, answer['message']['percent'])
+        self.agents['a'].statuses = [dict(running, phase='aborted',
+                                          finished=2)]
+        answer = self.run_action('abortmigration', request())
+        self.assertIn(('migration_abort', 'm0'), self.agents['a'].calls)
+        self.assertEqual('aborted', answer['message']['phase'])
