@@ -138,6 +138,8 @@ class FakePool:
 
     CLASSES = ('pool', 'host', 'SR', 'PBD', 'VDI', 'VBD', 'VM', 'VIF',
                'network', 'PIF', 'task', 'SM')
+    #: calls that run as a task, also when called without ``Async.``
+    TASKED = ('VM.migrate_send', 'VDI.pool_migrate')
 
     def __init__(self, name, username='root', password='secret',
                  version='3.4.0', task_seconds=0.3, steps=10):
@@ -410,6 +412,8 @@ class FakePool:
         if special is not None:
             if is_async:
                 return self._task(name, special, args)
+            if name in self.TASKED:
+                return self._sync(name, special, args)
             return special(*args)
         if cls not in self.db:
             raise Failure('MESSAGE_METHOD_UNKNOWN', method)
@@ -465,6 +469,26 @@ class FakePool:
                                   if t.is_alive()] + [thread]
         thread.start()
         return task
+
+    def _sync(self, name, func, args):
+        """A tasked call without ``Async.``: its task runs here, to its end.
+
+        Its result is returned, or its failure raised, as xapi answers a
+        synchronous call.
+        """
+        task = self._add('task', name_label=name, status='pending',
+                         progress=0.0, result='', error_info=[],
+                         created=time.time())
+        plan = None
+        with self.lock:
+            if self._fail_task[name]:
+                plan = self._fail_task[name].pop(0)
+        self._run_task(task, func, args, plan)
+        with self.lock:
+            rec = self.db['task'].pop(task)
+        if rec['status'] != 'success':
+            raise Failure(*rec['error_info'])
+        return rec['result'][len('<value>'):-len('</value>')]
 
     def stop_tasks(self, timeout=5.0):
         """Let the tasks still running end (a held one is released)."""

@@ -519,3 +519,21 @@ class TestSuspendImageWithinThePool(RulesCase):
         [args] = self.a.args_of('Async.VM.migrate_send')
         self.assertNotIn(image, args[3])
         self.assertEqual(self.sr_a, self.a.get('VDI', image)['SR'])
+
+
+class TestSynchronousCalls(RulesCase):
+    """The rule.
+
+    ``VM.migrate_send`` and ``VDI.pool_migrate`` without ``Async.`` run
+    the same rules and answer with the result or the failure.
+    """
+
+    def test_fake(self):
+        self.xapi_refuses('VM_BAD_POWER_STATE', 'VM.migrate_send', self.vm,
+                          self.token(), True, self.full_map(),
+                          self.vif_map(), {'copy': 'true'}, {})
+        loose = self.a.add_vdi(self.sr_a, 'loose', GiB)
+        self.xapi_refuses('VDI_NEEDS_VM_FOR_MIGRATE', 'VDI.pool_migrate',
+                          loose, self.sr_a2, {})
+        new = self.pa.call('VDI.pool_migrate', self.disk1, self.sr_a2, {})
+        self.assertEqual(self.sr_a2, self.a.get('VDI', new)['SR'])
