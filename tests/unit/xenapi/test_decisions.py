@@ -160,11 +160,15 @@ class TestPreflight(base.TestCase):
             vifs, {'aa:bb': 'n', '1': 'm'}, True))
         self.assertRaises(mig_errors.VIFNotInMap, preflight.resolve_vifs,
                           vifs, {'aa:bb': 'n'}, True)
-        # within a pool xapi takes no VIF map at all
-        self.assertEqual({}, preflight.resolve_vifs(vifs, {}, False))
-        exc = self.assertRaises(errors.XenAPIError, preflight.resolve_vifs,
-                                vifs, {'aa:bb': 'n'}, False)
+        # within a pool xapi takes no VIF map at all: a VIF kept on its
+        # network is dropped, a change refused
+        self.assertEqual({}, preflight.intra_pool_vif_map(
+            {'r1': 'n'}, {'r1': {'network': 'n', 'device': '0'}}))
+        exc = self.assertRaises(errors.XenAPIError,
+                                preflight.intra_pool_vif_map, {'r1': 'm'},
+                                {'r1': {'network': 'n', 'device': '0'}})
         self.assertIn('OPERATION_NOT_ALLOWED', str(exc))
+        self.assertIn('device 0', str(exc))
 
     def test_snapshot_vifs_follow_by_mac_or_are_named(self):
         vifs = {'v1': {'device': '0', 'MAC': 'aa:bb'}}

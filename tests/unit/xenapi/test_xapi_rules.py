@@ -125,11 +125,19 @@ class TestVifMapWithinAPool(RulesCase):
             vdi_map=self.full_map(self.sr_a2), vif_map={}, token=token))
 
     def test_engine(self):
+        other = self.a.add_network('other')
+        self.assertIsNotNone(other)
         message = self.refused_now(dest='pool-a',
                                    vdi_map=self.vdi_map('NFS-A'),
-                                   vif_map={'0': NET})
+                                   vif_map={'0': 'other'})
         self.assertIn('OPERATION_NOT_ALLOWED', message)
         self.assertIn('leave the VIF map empty', message)
+        # a VIF "mapped" to its own network changes nothing: xapi gets {}
+        status = self.wait(self.migrate(dest='pool-a', vif_map={'0': NET},
+                                        vdi_map=self.vdi_map('NFS-A')))
+        self.assertEqual('done', status['phase'], status['error'])
+        [args] = self.a.args_of('Async.VM.migrate_send')
+        self.assertEqual({}, args[4])
 
 
 class TestDiskMoveKeepsTheHost(RulesCase):

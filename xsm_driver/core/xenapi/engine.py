@@ -1032,6 +1032,9 @@ class XenAPIEngine:
         xapi_vif_map = {vif_refs[u]: preflight.resolve(
                             'network', nets, n, 'pool %s' % dpool.name)
                         for u, n in vifmap.items()}
+        if not cross:
+            xapi_vif_map = preflight.intra_pool_vif_map(
+                xapi_vif_map, {vif_refs[u]: rec for u, rec in vifs.items()})
         # hosts, versions, migration network; a running VM whose disks move
         # on its own host may stay on a disabled host
         # (xapi_vm_helpers.ml assert_can_boot_here, is_local_live_migration)

@@ -218,7 +218,9 @@ def resolve_vifs(vifs, vif_map, cross_pool, snapshot_vifs=None):
 
     Within a pool xapi refuses any VIF map (xapi_vm_migrate.ml
     ``assert_can_migrate``, intra_pool: OPERATION_NOT_ALLOWED, "all VIFs
-    must be on the same network"). Across pools every VIF of the VM *and
+    must be on the same network"): the map is resolved here and
+    :func:`intra_pool_vif_map` keeps only what would change, to refuse it.
+    Across pools every VIF of the VM *and
     of its snapshots* must be mapped, or share its MAC with a mapped VIF
     (``infer_vif_map``): a snapshot's VIF follows the VIF of the VM with
     its MAC, as xapi infers it, and is sent explicitly.
@@ -236,11 +238,6 @@ def resolve_vifs(vifs, vif_map, cross_pool, snapshot_vifs=None):
     {'v1': 'net-b', 's1': 'net-b'}
     """
     snapshot_vifs = snapshot_vifs or {}
-    if vif_map and not cross_pool:
-        raise errors.XenAPIError(
-            code='OPERATION_NOT_ALLOWED', detail='xapi takes no VIF map for '
-            'a move within the pool (the VM keeps its networks); leave '
-            'the VIF map empty')
     out = {}
     known = set()
     for group, with_device in ((vifs, True), (snapshot_vifs, False)):
@@ -276,6 +273,32 @@ def resolve_vifs(vifs, vif_map, cross_pool, snapshot_vifs=None):
     if missing:
         raise errors.VIFNotInMap(vifs=missing, code='VIF_NOT_IN_MAP')
     return out
+
+
+def intra_pool_vif_map(vif_map, vifs):
+    """The VIF map to send within a pool: always empty.
+
+    xapi refuses any VIF map within a pool (xapi_vm_migrate.ml
+    ``assert_can_migrate``, intra_pool: OPERATION_NOT_ALLOWED). Entries
+    that keep a VIF on its network change nothing and are dropped; any
+    other is refused here, in words.
+
+    :param vif_map: ``{VIF ref: network ref}`` as asked for.
+    :param vifs: ``{VIF ref: VIF record}`` (``network``, ``device``).
+
+    >>> intra_pool_vif_map({'v': 'n1'}, {'v': {'network': 'n1'}})
+    {}
+    """
+    moving = sorted('device %s' % vifs[v].get('device')
+                    for v, n in vif_map.items()
+                    if vifs[v].get('network') != n)
+    if moving:
+        raise errors.XenAPIError(
+            code='OPERATION_NOT_ALLOWED', detail='xapi cannot move a VIF '
+            'to another network while the VM moves within its pool (%s); '
+            'leave the VIF map empty, and change the network of the VIF '
+            'by itself' % ', '.join(moving))
+    return {}
 
 
 def vdi_need(vdi, sr_type, headroom=0):
