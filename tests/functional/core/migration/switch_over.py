@@ -32,6 +32,8 @@ import os
 import threading
 import time
 
+from testtools import content
+
 from tests import base
 from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import host as host_mod
@@ -76,10 +78,16 @@ class FaultyPeer:
 
     def _call(self, name, *args):
         h = self.h
-        with h.lock:
-            h.counts[name] += 1
-            n = h.counts[name]
-        fault = h.faults.get((name, n))
+        fault = None
+        if h.switching.is_set():
+            # (faults are of the switch-over: calls before it, e.g. of an
+            # abort after an unrelated failure, do not count)
+            with h.lock:
+                h.counts[name] += 1
+                n = h.counts[name]
+            fault = h.faults.get((name, n))
+        else:
+            n = 0
         h.calls.append((name, n, fault))
         if fault == 'crash-source-before':
             raise Crash('source agent killed before it sent %s' % name)
@@ -147,6 +155,8 @@ class SwitchOverFixture(base.TestCase):
         self.calls = []
         self.faults = {}
         self.cut = threading.Event()
+        #: set when the source enters the switch-over
+        self.switching = threading.Event()
         self.managers = {}
         self.crashed = set()
         self.peer = FaultyPeer(self)
@@ -225,6 +235,37 @@ class SwitchOverFixture(base.TestCase):
         return self.managers['a'].migrate_vm(
             vm.uuid, 'b', {d.vdi: 'sr-b' for d in vm.disks},
             {'net0': 'net0'})
+
+    def phase_hook(self, then=None):
+        """The source's hook: notes the switch-over, then ``then``."""
+        def hook(mig, phase):
+            if phase == 'switch-over':
+                self.switching.set()
+            if then is not None:
+                then(mig, phase)
+        self.managers['a'].phase_hook = hook
+
+    def migrate_to_the_switch_over(self, attempts=2):
+        """A VM and its migration that reached the switch-over.
+
+        A migration that failed before it (a data path failure, which
+        has nothing to do with the switch-over and rolls back) is noted
+        in the test's details and tried again with a new VM.
+
+        :returns: ``(vm, migration id, the ended source migration)``.
+        """
+        for attempt in range(1, attempts + 1):
+            vm = self.make_vm()
+            mid = self.migrate(vm)
+            mig = self.wait_ended(mid)
+            if self.switching.is_set():
+                return vm, mid, mig
+            self.assertEqual('aborted', mig.phase, mig.error)
+            self.addDetail('attempt-%d' % attempt, content.text_content(
+                'migration %s failed before the switch-over (tried again '
+                'with a new VM): %s' % (mid, mig.error)))
+        self.fail('no migration reached the switch-over in %d attempts'
+                  % attempts)
 
     def wait_ended(self, mid, timeout=60):
         """Until the source's run ends (done, aborted, in doubt, dead)."""

@@ -52,6 +52,10 @@ STEPS = [
     ('commit', {}, 'destination-commit'),
     # inside the destination: the VM started, "done" not journaled yet
     ('start', {}, 'destination-start'),
+    # inside the destination, after a lost commit request: its roll-back
+    # is journaled, nothing removed yet
+    ('roll-back', {('complete', 1): 'drop-request'},
+     'destination-roll-back'),
     # the source retires its copy
     ('clean-up', {}, 'source-clean-up'),
 ]
@@ -93,6 +97,7 @@ EXPECTED = {
     ('status', 'cut-link'): 'done',
     ('commit', 'crash-destination'): 'done',
     ('start', 'crash-destination'): 'done',
+    ('roll-back', 'crash-destination'): 'aborted',
     ('clean-up', 'crash-source'): 'done',
 }
 
@@ -112,19 +117,17 @@ class SwitchOverMatrix(switch_over.SwitchOverFixture):
             self._crash_b_in(destination.Receive, '_finish')
         elif at == 'destination-start':
             self._crash_b_after(destination, 'adopt')
+        elif at == 'destination-roll-back':
+            self._crash_b_in(destination.Receive, '_stop_server')
         elif at == 'source-clean-up':
             a_crash_at = 'clean-up'
 
-        if a_crash_at is not None:
-            def hook(mig, phase):
-                if phase == a_crash_at:
-                    raise switch_over.Crash('source agent killed in %s'
-                                            % phase)
-            self.managers['a'].phase_hook = hook
+        def hook(mig, phase):
+            if a_crash_at is not None and phase == a_crash_at:
+                raise switch_over.Crash('source agent killed in %s' % phase)
+        self.phase_hook(hook)
 
-        vm = self.make_vm()
-        mid = self.migrate(vm)
-        mig = self.wait_ended(mid)
+        vm, mid, mig = self.migrate_to_the_switch_over()
         expected = EXPECTED[(step, fault)]
         if expected.startswith('in-doubt/'):
             final = expected.split('/')[1]
@@ -207,9 +210,8 @@ class TestIssue15SplitBrain(switch_over.SwitchOverFixture):
         # said aborted and the destination's done.
         self.faults[('complete', 1)] = 'drop-reply'
         self.faults[('abort', 1)] = 'drop-reply'
-        vm = self.make_vm()
-        mid = self.migrate(vm)
-        mig = self.wait_ended(mid)
+        self.phase_hook()
+        vm, mid, mig = self.migrate_to_the_switch_over()
         self.assertEqual('done', mig.phase, mig.error)
         self.assertEqual([('complete', 1, 'drop-reply'),
                           ('abort', 1, 'drop-reply'),
@@ -217,4 +219,30 @@ class TestIssue15SplitBrain(switch_over.SwitchOverFixture):
                          [c for c in self.calls
                           if c[0] in ('complete', 'abort')][:3])
         self.assertEqual({'b': 'running'}, self.where(vm.uuid))
+        self.assert_one_copy(mid, vm.uuid, 'done')
+
+
+class TestInDoubtAcrossRestarts(switch_over.SwitchOverFixture):
+    """A source in doubt that restarts stays in doubt, and resolves."""
+
+    def test_restarted_in_doubt_then_resolved_from_the_journal(self):
+        self.faults[('complete', 1)] = 'cut-link'
+        self.phase_hook()
+        vm, mid, mig = self.migrate_to_the_switch_over()
+        self.assertEqual(plan.IN_DOUBT, mig.phase, mig.error)
+        # the source's agent dies while in doubt, the link still cut
+        self.assertEqual([(mid, 'source', plan.IN_DOUBT)], self.restart_a())
+        a = self.managers['a']
+        self.assertEqual(plan.IN_DOUBT, a.get(mid)['phase'])
+        self.assertIsNotNone(a.get(mid)['finished'])
+        self.assertIn('xsm-migrate resolve %s' % mid, a.get(mid)['error'])
+        self.assertEqual({vm.uuid}, a.in_doubt_vms())
+        self.assertEqual('done',
+                         self.assert_in_doubt_and_safe(mid, vm.uuid))
+        self.assertRaises(errors.InvalidPhase, a.abort, mid)
+        self.assertRaises(errors.InDoubt, a.resolve, mid)
+        self.heal()
+        status = a.resolve(mid)
+        self.assertEqual('done', status['phase'], status)
+        self.assertEqual(set(), a.in_doubt_vms())
         self.assert_one_copy(mid, vm.uuid, 'done')
