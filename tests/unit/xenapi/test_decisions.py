@@ -37,8 +37,10 @@ def _describe(ref, kind):
             'OpaqueRef:sr': "SR 33-44 'Local storage'",
             'OpaqueRef:host': "host 55-66 'xs-b1'",
             'OpaqueRef:vif': 'VIF 99-00 (device 0)',
-            'OpaqueRef:vm': "VM 77-88 'web-1'"}.get(ref, '%s %s'
-                                                    % (kind, ref))
+            'OpaqueRef:vm': "VM 77-88 'web-1'",
+            'OpaqueRef:net': "network n-1 'storage'",
+            'OpaqueRef:pif': 'PIF p-1 (eth1)'}.get(ref, '%s %s'
+                                                   % (kind, ref))
 
 
 class TestTranslate(base.TestCase):
@@ -88,6 +90,32 @@ class TestTranslate(base.TestCase):
                         'OpaqueRef:vm', 'OpaqueRef:host')
         self.assertIn("host 55-66 'xs-b1' runs an older", text)
         self.assertIn("VM 77-88 'web-1'", text)
+
+    def test_migration_network_errors(self):
+        # xapi_host.ml migrate_receive: [host; network], then [pif]
+        text = self.msg('HOST_CANNOT_ATTACH_NETWORK', 'OpaqueRef:host',
+                        'OpaqueRef:net')
+        self.assertIn("host 55-66 'xs-b1' has no interface on network "
+                      "n-1 'storage'", text)
+        for code, words in (('INTERFACE_HAS_NO_IP', 'no IP address'),
+                            ('PIF_HAS_NO_NETWORK_CONFIGURATION',
+                             'pif-reconfigure-ip')):
+            text = self.msg(code, 'OpaqueRef:pif')
+            self.assertIn('PIF p-1 (eth1)', text)
+            self.assertIn(words, text)
+            self.assertIn('(xapi: %s)' % code, text)
+
+    def test_other_refusals_of_xapi(self):
+        self.assertIn('update first', self.msg(
+            'NOT_SUPPORTED_DURING_UPGRADE'))
+        self.assertIn("VDI 11-22 'data'", self.msg(
+            'VDI_NEEDS_VM_FOR_MIGRATE', 'OpaqueRef:vdi'))
+        self.assertIn('Copy mode is disallowed', self.msg(
+            'OPERATION_NOT_ALLOWED', 'Copy mode is disallowed on intra '
+            'pool storage migration'))
+        text = self.msg('SR_DOES_NOT_SUPPORT_MIGRATION', 'OpaqueRef:sr',
+                        'VDI_MIRROR;VDI_SNAPSHOT')
+        self.assertIn('lacks VDI_MIRROR, VDI_SNAPSHOT', text)
 
     def test_host_disabled(self):
         self.assertIn('xe host-enable', self.msg('HOST_DISABLED',
