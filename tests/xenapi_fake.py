@@ -21,10 +21,10 @@ expire, 64-bit integers sent as strings, and ``Async.*`` methods that
 return a task whose progress moves until it succeeds, fails or is
 cancelled.
 
-It is exactly as strict as xapi on the rules of storage migration, as
-xapi-project/xen-api master (commit e2ee48d, August 2026 -- the xapi of
-XenServer 8 and XCP-ng 8.3) enforces them; each check names the function
-that sets the rule:
+It models the xapi of xapi-project/xen-api master at commit e2ee48d
+(August 2026), read for this purpose, and is exactly as strict as that
+xapi on the rules of storage migration (older releases may differ in
+details); each check names the function that sets the rule:
 
 * power states: ``VM.migrate_send`` and ``VDI.pool_migrate`` (which runs
   as the VM's ``migrate_send``) accept Halted, Suspended and Running VMs
@@ -53,7 +53,10 @@ that sets the rule:
   or shares its MAC with a mapped VIF (``infer_vif_map``), else
   ``VIF_NOT_IN_MAP`` (``assert_can_migrate``);
 * within a pool: a non-empty VIF map is ``OPERATION_NOT_ALLOWED``
-  (``assert_can_migrate``), so is ``copy`` (``migrate_send'``);
+  (``assert_can_migrate``), so is ``copy`` (``migrate_send'``); a disabled
+  destination host is ``HOST_DISABLED`` unless a running VM stays on it
+  (xapi_vm_helpers.ml ``assert_can_boot_here``); a suspend image stays
+  where the destination host sees it;
 * inserted CDs of a VM that is not suspended are ejected by xapi
   (``find_cds_to_eject``, ``eject_cds``): :attr:`FakePool.ejected`;
 * ``Host.migrate_receive`` needs a PIF of the network on the host
@@ -66,8 +69,11 @@ that sets the rule:
 * at most 3 storage migrations per host (``TOO_MANY_STORAGE_MIGRATES``);
   :attr:`FakePool.peak_storage` records the most that ever ran at once.
 
-Not modelled: licences, CBT and encrypted VDIs, vGPUs, CPU features,
-memory, HA.
+``VM.migrate_send`` and ``VDI.pool_migrate`` run as tasks; called
+without ``Async.`` they answer when the task ends, as xapi does.
+
+Not modelled: licences, CBT and encrypted VDIs, ``on_boot=reset`` VDIs,
+vGPUs, CPU features, memory, HA, image formats.
 
 Failure injection: :meth:`FakePool.fail` (the next call of a method is
 refused with an error), :meth:`FakePool.fail_task` (the next task of a
@@ -76,7 +82,9 @@ before or after a call runs), :meth:`FakePool.hold` (tasks stop at a
 given progress until released), :meth:`FakePool.expire_sessions`.
 
 :class:`XenAPIServer` serves a pool over HTTP (or HTTPS); the real
-``XenAPI`` client from PyPI talks to it.
+``XenAPI`` client from PyPI talks to it. :class:`XapiNBDServer` is xapi's
+NBD server (xapi-nbd, built on xapi-project/nbd master at commit b71e1be)
+exactly as narrow as it is: what ``VDI.get_nbd_info`` points at.
 """
 
 import collections
