@@ -352,12 +352,13 @@ class TestErrors(MigrateCLITest):
             line = error_line(proc, argv[0])
             self.assertIn('host %s refused' % self.name_a, line)
             self.assertIn('the call is not signed', line)
-        # a destination the operator's configuration does not trust is
-        # not even asked
+        # a destination the agents do not trust is refused, even to the
+        # operator
         line = self.fails('vm', '--vm', vm['uuid'], '--to-host', 'stranger',
                           *self.vdi_maps(vm, 'sr-b'), '--vif-map',
                           'net0=net0')
-        self.assertIn('stranger is not a trusted host', line)
+        self.assertIn('refused migrate_vm: destination host \'stranger\' is '
+                      'not a trusted host', line)
         self.assertEqual([], self.a.migration_list())
         self.assertEqual('running', self.a.vm_get(vm['uuid'])['power_state'])
         self.assertIn('refused call migration_list from an unsigned caller',

@@ -21,9 +21,11 @@ reporter thread publishes their progress.
 import functools
 import inspect
 import logging
+import sys
 import threading
 
 import oslo_messaging as messaging
+from oslo_messaging._drivers import common as rpc_common
 
 from xsm_driver.core import exception
 from xsm_driver.core.migration import manager as manager_mod
@@ -56,21 +58,30 @@ def _checked(name, func):
     signed it, for which host, method and arguments, when, and whether
     that caller may make it): a refused call is logged once and answered
     with :class:`auth.NotAuthorized` before anything else happens. Then
-    its arguments are checked, the method runs, and its answer is sealed
-    with this host's key.
+    its arguments are checked, the method runs, and its answer -- its
+    result, or the error it raised, serialised as oslo.messaging does --
+    is sealed with this host's key.
     """
     signature = inspect.signature(func)
 
     def checked(self, context, *args, **kwargs):
         guard = self._guard
-        caller = None
-        if guard is not None:
-            caller = guard.admit(name, context, kwargs)
-        arguments.check_arguments(name, signature, (self, context) + args,
-                                  kwargs)
-        result = func(self, context, *args, **kwargs)
-        if caller is None:
-            return result
+        if guard is None:
+            arguments.check_arguments(name, signature,
+                                      (self, context) + args, kwargs)
+            return func(self, context, *args, **kwargs)
+        caller = guard.admit(name, context, kwargs)
+        try:
+            arguments.check_arguments(name, signature,
+                                      (self, context) + args, kwargs)
+            result = func(self, context, *args, **kwargs)
+        except Exception as exc:
+            if not isinstance(exc, exception.XSMError):
+                # (what oslo.messaging logs of an unexpected error)
+                LOG.exception('%s from %s %s failed', name, caller.role,
+                              caller.name)
+            return guard.seal(caller, error=rpc_common.
+                              serialize_remote_exception(sys.exc_info()))
         return guard.seal(caller, result)
     return checked
 

@@ -91,6 +91,36 @@ def queue_name(exchange, host):
     return '%s.%s' % (topic(exchange), host)
 
 
+def _rebuild(error):
+    """The exception of a sealed error answer (as oslo.messaging does)."""
+    from oslo_messaging._drivers import common as rpc_common
+    return rpc_common.deserialize_remote_exception(
+        error, rpc.ALLOWED_EXMODS + [auth.__name__])
+
+
+#: errors that may come unsealed from an agent: its refusal of a call, and
+#: what oslo.messaging's dispatcher answers before the agent's code runs
+_UNSEALED = ('NotAuthorized', 'NoSuchMethod', 'UnsupportedVersion')
+
+
+def _unsealed_error(exc, host, method):
+    """What the caller of a trusted host sees of an error it raised.
+
+    An agent seals the errors of the calls it admits: an error that comes
+    unsealed is a refusal, the dispatcher's, one of this process (a
+    timeout, a lost connection), or forged -- then it is UntrustedAnswer.
+    """
+    if isinstance(exc, messaging.RemoteError):
+        if exc.exc_type in _UNSEALED:
+            return exc
+    elif isinstance(exc, (auth.NotAuthorized, messaging.MessagingException)):
+        return exc
+    return auth.UntrustedAnswer(host=host, method=method, reason='an '
+                                'unsigned error (%s: %s)' % (
+                                    type(exc).__name__,
+                                    str(exc).split('\n', 1)[0]))
+
+
 #: AgentAPI's default credential and trust: those of the transport's
 #: configuration (``[agent]operator_key_file``, ``trusted_hosts``)
 FROM_CONF = object()
@@ -146,13 +176,19 @@ class AgentAPI:
         if self._credential is not None:
             envelope = self._credential.sign(self.host, method, kwargs)
             context[auth.CONTEXT_KEY] = envelope
-        reply = client.call(context, method, **kwargs)
-        if public_key is not None:
-            if envelope is None:
-                raise auth.UntrustedAnswer(
-                    host=self.host, method=method,
-                    reason='an unsigned call\'s answer cannot be checked')
-            return auth.open_reply(reply, self.host, envelope, public_key)
+        if public_key is None:
+            reply = client.call(context, method, **kwargs)
+        elif envelope is None:
+            raise auth.UntrustedAnswer(
+                host=self.host, method=method,
+                reason='an unsigned call\'s answer cannot be checked')
+        else:
+            try:
+                reply = client.call(context, method, **kwargs)
+            except Exception as exc:
+                raise _unsealed_error(exc, self.host, method)
+            return auth.open_reply(reply, self.host, envelope, public_key,
+                                   rebuild=_rebuild)
         if isinstance(reply, dict) and auth.REPLY_KEY in reply:
             return reply.get('result')      # (no key to check it with)
         return reply

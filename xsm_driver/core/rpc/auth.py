@@ -32,11 +32,15 @@ nonce not seen before (:class:`ReplayCache`, bounded in entries and in
 time: a nonce is kept until its call would be stale anyway).
 
 An agent answers an admitted call with ``{REPLY_KEY: seal, 'result':
-result}``; the seal binds its host name, the caller, the method, the
-call's nonce and the SHA-256 of the canonical result, signed by the
-agent's key. A caller that has the called host's public key checks it
-(:func:`open_reply`), so a forged or replayed answer is refused too.
-Errors raised by the agent are not sealed.
+result}``, or ``{REPLY_KEY: seal, 'error': error}`` when the method
+raised (the error as oslo.messaging serialises exceptions); the seal
+binds its host name, the caller, the method, the call's nonce and the
+SHA-256 of the canonical ``{'result': result}`` or ``{'error': error}``,
+signed by the agent's key. A caller that has the called host's public key
+checks it (:func:`open_reply`), so a forged or replayed answer, result or
+error, is refused too. What cannot be sealed is a refusal (the agent does
+not sign answers to calls it did not admit) and the errors oslo.messaging
+raises before the agent's code runs (no such method or version).
 
 Everything here is pure but for the clock :class:`Guard` reads and the
 log line it writes when it refuses a call; key files are read and written
@@ -249,13 +253,18 @@ def sign_call(key, role, sender, target, method, args, now, nonce):
     return envelope
 
 
-def seal_reply(key, host, envelope, result):
-    """An admitted call's answer, sealed by the answering ``host``."""
+def seal_reply(key, host, envelope, result=None, error=None):
+    """An admitted call's answer, sealed by the answering ``host``.
+
+    :param error: when not None, the answer is this error (a string: the
+        serialised exception), not ``result``.
+    """
+    answer = {'result': result} if error is None else {'error': error}
     seal = {'v': PROTOCOL, 'sender': host, 'caller': envelope['sender'],
             'method': envelope['method'], 'nonce': envelope['nonce'],
-            'digest': digest(result)}
+            'digest': digest(answer)}
     seal['sig'] = _sign(key, reply_message(seal))
-    return {REPLY_KEY: seal, 'result': result}
+    return dict(answer, **{REPLY_KEY: seal})
 
 
 # -- decisions (each returns why not, or None) --------------------------------
@@ -440,12 +449,14 @@ class Credential:
                                           public_text(self.key))
 
 
-def open_reply(reply, host, envelope, public_key):
+def open_reply(reply, host, envelope, public_key, rebuild=None):
     """The result of a sealed answer, checked; UntrustedAnswer otherwise.
 
     :param host: the host called.
     :param envelope: the call's envelope.
     :param public_key: ``host``'s public key.
+    :param rebuild: ``rebuild(error)`` makes the exception a sealed error
+        answer stands for; it is raised (default: a RuntimeError).
     """
     method = envelope['method']
 
@@ -457,18 +468,22 @@ def open_reply(reply, host, envelope, public_key):
     problem = _shape_problem(seal, _SEAL_FIELDS, 'answer seal')
     if problem:
         refuse(problem)
-    result = reply.get('result')
+    if set(reply) not in ({REPLY_KEY, 'result'}, {REPLY_KEY, 'error'}):
+        refuse('it holds %s' % ', '.join(sorted(set(reply) - {REPLY_KEY})))
+    answer = {k: v for k, v in reply.items() if k != REPLY_KEY}
     for field, wanted in (('sender', host), ('caller', envelope['sender']),
                           ('method', method), ('nonce', envelope['nonce'])):
         if seal[field] != wanted:
             refuse('it is sealed for %s %r, not %r' % (field, seal[field],
                                                        wanted))
-    if seal['digest'] != digest(result):
-        refuse('the result is not the one that was signed')
+    if seal['digest'] != digest(answer):
+        refuse('the %s is not the one that was signed' % ''.join(answer))
     problem = signature_problem(public_key, reply_message(seal), seal['sig'])
     if problem:
         refuse(problem)
-    return result
+    if 'error' in answer:
+        raise (rebuild or RuntimeError)(answer['error'])
+    return answer['result']
 
 
 Caller = collections.namedtuple('Caller', 'role name envelope')
@@ -543,8 +558,9 @@ class Guard:
         LOG.warning('refused call %s from %s: %s', method, caller, problem)
         raise NotAuthorized(host=self.host, method=method, reason=problem)
 
-    def seal(self, caller, result):
-        return seal_reply(self.key, self.host, caller.envelope, result)
+    def seal(self, caller, result=None, error=None):
+        return seal_reply(self.key, self.host, caller.envelope, result,
+                          error)
 
 
 class Identity:

@@ -34,6 +34,7 @@ import oslo_messaging as messaging
 from tests import base
 from tests.functional.core.migration import fixtures
 from tests.functional.core.migration import test_rabbit
+from xsm_driver.core import exception
 from xsm_driver.core.rpc import api
 from xsm_driver.core.rpc import auth
 
@@ -375,6 +376,26 @@ class TestImpostors(AttackerTest):
         self.assertEqual(12, genuine + forged)
         self.assertGreater(forged, 0, 'the attacker took no call')
         self.assertGreater(genuine, 0)
+
+    def test_a_forged_error_is_refused_a_genuine_one_is_not(self):
+        class Failing(ForgingEndpoint):
+            def host_info(self, context):
+                raise exception.XSMError('forged: the host is gone')
+
+        genuine = self.assertRaises(exception.XSMError, self.a.vm_get,
+                                    'no-such-vm')
+        self.assertNotIsInstance(genuine, auth.UntrustedAnswer)
+        self.assertIn('no-such-vm', str(genuine))
+        self.serve_as(self.name_a, Failing())
+        forged = 0
+        for _ in range(12):
+            try:
+                self.assertEqual(self.name_a, self.a.host_info()['name'])
+            except auth.UntrustedAnswer as exc:
+                self.assertIn('an unsigned error (XSMError_Remote: forged',
+                              str(exc))
+                forged += 1
+        self.assertGreater(forged, 0, 'the attacker took no call')
 
     def test_a_forged_sealed_answer_is_refused(self):
         # ... even sealed with a key of its own in host a's name

@@ -368,6 +368,28 @@ class ReplyTest(base.TestCase):
         exc = self.assertRaises(auth.UntrustedAnswer, self.open, reply)
         self.assertIn('not the one that was signed', str(exc))
 
+    def test_sealed_error(self):
+        reply = json.loads(json.dumps(auth.seal_reply(
+            self.h1, 'h1', self.env, error='{"class": "X"}')))
+        exc = self.assertRaises(ValueError, auth.open_reply, reply, 'h1',
+                                self.env, self.h1.public_key(),
+                                rebuild=ValueError)
+        self.assertEqual('{"class": "X"}', str(exc))
+        self.assertRaises(RuntimeError, self.open, reply)
+
+    def test_an_error_seal_does_not_make_a_result_nor_the_reverse(self):
+        error = auth.seal_reply(self.h1, 'h1', self.env, error='boom')
+        result = auth.seal_reply(self.h1, 'h1', self.env, 'fine')
+        swapped = {auth.REPLY_KEY: error[auth.REPLY_KEY], 'result': 'boom'}
+        exc = self.assertRaises(auth.UntrustedAnswer, self.open, swapped)
+        self.assertIn('result is not the one that was signed', str(exc))
+        swapped = {auth.REPLY_KEY: result[auth.REPLY_KEY], 'error': 'fine'}
+        exc = self.assertRaises(auth.UntrustedAnswer, self.open, swapped)
+        self.assertIn('error is not the one that was signed', str(exc))
+        both = dict(result, error='boom')
+        exc = self.assertRaises(auth.UntrustedAnswer, self.open, both)
+        self.assertIn('it holds error, result', str(exc))
+
     def test_answer_of_another_call_or_host(self):
         other = self.d.agent('h2').sign('h1', 'receive_status',
                                         {'migration': MID}, now=NOW)
