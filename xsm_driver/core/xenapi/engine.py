@@ -24,10 +24,14 @@ A VM migration: preflight from XenAPI records (nothing changes) -> a turn
 in the queue (xapi allows 3 storage migrations at once per host; the 4th
 waits here instead of failing) -> ``Host.migrate_receive`` on the
 destination, on the migration network -> ``VM.assert_can_migrate`` ->
-``Async.VM.migrate_send`` with every VDI of the VM and of its snapshots
-mapped -> the task is polled for progress until it ends. Abort cancels the
-task (``task.cancel``); xapi then rolls back: the VM goes on on the
-source. A VDI moves within the pool with ``Async.VDI.pool_migrate``; a
+``Async.VM.migrate_send`` with every VDI of the VM, of its snapshots and
+suspend images mapped -> the task is polled for progress until it ends.
+Preflight follows xapi's own rules (xapi-project/xen-api master:
+xapi_vm_migrate.ml, xapi_vm_lifecycle.ml, xapi_host.ml,
+message_forwarding.ml, helpers.ml; see :mod:`.preflight`), so that what
+xapi would refuse is refused first, in words, and nothing xapi allows.
+Abort cancels the task (``task.cancel``); xapi then rolls back: the VM
+goes on on the source. A VDI moves within the pool with ``Async.VDI.pool_migrate``; a
 VDI copied to a *local* SR of the agent (``[xenapi]local_repositories``)
 goes through xapi's NBD export (:mod:`.coldcopy`).
 
@@ -698,10 +702,18 @@ class XenAPIEngine:
 
         :param vm: the VM's uuid or unique name.
         :param dest_host: ``POOL`` or ``POOL/HOST``.
-        :param vdi_map: ``{VDI uuid: SR uuid or unique name}``; snapshot
-            VDIs follow their disk unless mapped.
+        :param vdi_map: ``{VDI uuid: SR uuid or unique name}`` of every
+            disk; the other VDIs are placed as xapi places them: a
+            snapshot's VDI follows its disk, one whose disk is gone goes
+            to the destination's default SR, a suspend image to its
+            suspend-image SR (see :func:`preflight.full_vdi_map`).
         :param vif_map: ``{VIF uuid, device or MAC: network uuid or
-            name}``; required for every VIF when the pool changes.
+            name}``; across pools required for every VIF (a snapshot's
+            VIF with the MAC of a mapped one follows it); within the pool
+            xapi takes none (a VIF kept on its network is dropped).
+        :param options: ``copy`` (across pools; of a VM that is not
+            halted only with ``force``), ``force``, ``compress``,
+            ``network`` (the destination's migration network).
         :returns: the migration id; the migration runs in a thread.
         """
         opts = self._options(options, VM_OPTIONS)
@@ -717,10 +729,10 @@ class XenAPIEngine:
         """Move a VDI to another SR of the pool, or copy it to a local SR.
 
         :param vdi: the VDI's uuid.
-        :param dest_sr: an SR of the pool (``VDI.pool_migrate``, the VDI
-            of a running VM moves live) or a local SR of this agent (the
-            VDI is copied out through xapi's NBD export; it must not be in
-            use by a running VM).
+        :param dest_sr: an SR of the pool (``VDI.pool_migrate``: a disk
+            of a halted, suspended or running VM, live when it runs) or a
+            local SR of this agent (the VDI is copied out through xapi's
+            NBD export; it must not be in use by a running VM).
         """
         opts = self._options(options, VDI_OPTIONS)
         mid = str(uuidlib.uuid4())
