@@ -31,9 +31,10 @@ xapi_vm_migrate.ml, xapi_vm_lifecycle.ml, xapi_host.ml,
 message_forwarding.ml, helpers.ml; see :mod:`.preflight`), so that what
 xapi would refuse is refused first, in words, and nothing xapi allows.
 Abort cancels the task (``task.cancel``); xapi then rolls back: the VM
-goes on on the source. A VDI moves within the pool with ``Async.VDI.pool_migrate``; a
-VDI copied to a *local* SR of the agent (``[xenapi]local_repositories``)
-goes through xapi's NBD export (:mod:`.coldcopy`).
+goes on on the source. A VDI moves within the pool with
+``Async.VDI.pool_migrate``; a VDI copied to a *local* SR of the agent
+(``[xenapi]local_repositories``) goes through xapi's NBD export
+(:mod:`.coldcopy`).
 
 Reported phases are the native engine's names: ``preflight`` (with
 ``queued`` while waiting for a turn), ``prepare-receive``
