@@ -425,6 +425,27 @@ class TestVersions(RulesCase):
         self.assertIn('pool-b-master', message)
 
 
+class TestVersionErrorOrder(RulesCase):
+    """The rule.
+
+    VM_HOST_INCOMPATIBLE_VERSION_MIGRATE comes as [vm; host]
+    (xapi_vm_migrate.ml assert_can_migrate); the [host; vm] of
+    datamodel_errors.ml is still understood.
+    """
+
+    def test_engine(self):
+        for details in ((self.vm, self.b.master), (self.b.master, self.vm)):
+            self.a.fail('VM.assert_can_migrate',
+                        'VM_HOST_INCOMPATIBLE_VERSION_MIGRATE', *details)
+            status = self.wait(self.migrate())
+            self.assertEqual('aborted', status['phase'])
+            self.assertIn("destination host %s 'pool-b-master' runs an "
+                          "older" % self.uuid(self.b, 'host', self.b.master),
+                          status['error'])
+            self.assertIn("source of VM %s 'web-1'"
+                          % self.uuid(self.a, 'VM', self.vm), status['error'])
+
+
 class TestMigrationNetwork(RulesCase):
     """The rule.
 

@@ -149,12 +149,17 @@ host (xapi: HOST_DISABLED)'
     elif code == 'VM_HOST_INCOMPATIBLE_VERSION_MIGRATE':
         # Raised as [vm; host] (xen-api ocaml/xapi/xapi_vm_migrate.ml,
         # assert_can_migrate, cross_pool), though datamodel_errors.ml
-        # documents [host; vm]: the order xapi really sends.
+        # documents [host; vm]: the order xapi really sends is read first;
+        # the documented one only when the first parameter is no VM.
+        vm, host = _p(params, 0), _p(params, 1)
+        if describe(vm, 'VM') == 'VM %s' % vm and \
+                describe(host, 'VM') != 'VM %s' % host:
+            vm, host = host, vm
         detail = ('the destination %s runs an older XenServer/XCP-ng '
                   'version than the source of %s: a VM can only move to '
                   'the same or a newer version; update the destination '
-                  'pool first' % (describe(_p(params, 1), 'host'),
-                                  describe(_p(params, 0), 'VM')))
+                  'pool first' % (describe(host, 'host'),
+                                  describe(vm, 'VM')))
     elif code == 'NOT_SUPPORTED_DURING_UPGRADE':
         detail = ('the destination host runs an older version than the '
                   'source host (a pool being updated): within a pool a VM '
