@@ -1068,7 +1068,10 @@ class XenAPIServer:
 # double below enforces is that library's, at its master (b71e1be):
 # lib/server.ml ``connect`` (negotiation), ``negotiate_end`` and ``serve``
 # (transmission), lib/protocol.ml (``Option.of_int32``, ``DiskInfo``,
-# ``PerExportFlag.to_int``).
+# ``PerExportFlag.to_int``); xapi-nbd itself (xen-api ocaml/nbd/src/main.ml
+# ``handle_connection``) serves read-only, offers no export list, and fails
+# the connection for an export name it cannot use; TLS or not follows the
+# networks' nbd / insecure_nbd purpose (``xapi_says_use_tls``).
 
 _NBDMAGIC = 0x4e42444d41474943
 _IHAVEOPT = 0x49484156454f5054
