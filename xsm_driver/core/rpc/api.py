@@ -31,6 +31,9 @@ API version history:
   ``receive_status`` answers ``committed`` too.
 """
 
+import importlib
+import json
+
 import oslo_messaging as messaging
 
 from xsm_driver.core import rpc
@@ -92,10 +95,27 @@ def queue_name(exchange, host):
 
 
 def _rebuild(error):
-    """The exception of a sealed error answer (as oslo.messaging does)."""
-    from oslo_messaging._drivers import common as rpc_common
-    return rpc_common.deserialize_remote_exception(
-        error, rpc.ALLOWED_EXMODS + [auth.__name__])
+    """The exception of a sealed error answer.
+
+    As oslo.messaging rebuilds a remote error, but without appending the
+    agent's traceback to its message: an exception of xsm-driver's own
+    modules (or a built-in one) is itself again, any other a RemoteError.
+    """
+    try:
+        failure = json.loads(error)
+        name, module = failure['class'], failure['module']
+        message = failure.get('message', '')
+    except (ValueError, TypeError, KeyError):
+        return messaging.RemoteError('unknown', str(error)[:200])
+    if module in rpc.ALLOWED_EXMODS + [auth.__name__, 'builtins']:
+        try:
+            klass = getattr(importlib.import_module(module), name)
+            if issubclass(klass, Exception):
+                return klass(*failure.get('args', []),
+                             **failure.get('kwargs', {}))
+        except (ImportError, AttributeError, TypeError):
+            pass
+    return messaging.RemoteError(name, message, failure.get('tb'))
 
 
 #: errors that may come unsealed from an agent: its refusal of a call, and
