@@ -12,7 +12,9 @@
 
 """The control plane: xsm-agent's RPC API over oslo.messaging.
 
-Topic ``xsm-agent``, one server per host (the host name); progress goes out
+Topic ``xsm-agent@<control_exchange>`` (:func:`api.topic`: the deployment's
+exchange is part of the queue names), one server per host (the host name);
+every call signed and every answer sealed (:mod:`auth`); progress goes out
 as notifications (``xsm.migration.progress`` and ``xsm.migration.end``,
 publisher ``xsm-agent.<host>``).
 """
