@@ -27,6 +27,7 @@ answer. The helpers list what there is (``listVirtualMachines``,
 
 import logging
 import re
+import threading
 
 import oslo_messaging as messaging
 
@@ -34,6 +35,7 @@ from xsm_driver.cloudstack import commands as cmds
 from xsm_driver.cloudstack import gson
 from xsm_driver.cloudstack import inventory
 from xsm_driver.cloudstack import jobs as jobs_mod
+from xsm_driver.cloudstack import resource as resource_mod
 from xsm_driver.core.migration import errors
 
 LOG = logging.getLogger(__name__)
@@ -45,12 +47,22 @@ _MIGRATE_TO = re.compile(r'^migrateto\[(\d+)\]\.(volume|pool)$', re.I)
 
 
 class ApiError(Exception):
-    """An API call CloudStack would refuse with ``errorcode``."""
+    """An API call CloudStack would refuse with ``errorcode``.
 
-    def __init__(self, code, text):
+    ``cserrorcode`` is 9999 by default: CloudStack's ApiServer answers a
+    refused call with the ServerApiException that wraps the cause, and
+    ApiServer.getSerializedApiError copies that exception's CS error code,
+    CSExceptionErrorCode's 9999 for ServerApiException (what a real
+    management server answers, e.g. ``{"cserrorcode": 9999, "errorcode":
+    431, "errortext": "Unable to execute API command listvolumes due to
+    invalid value. Invalid parameter ..."}``).
+    """
+
+    def __init__(self, code, text, cserrorcode=jobs_mod.CS_SERVER_API):
         super().__init__(text)
         self.code = code
         self.text = text
+        self.cserrorcode = cserrorcode
 
 
 def error_code(exc):
@@ -66,25 +78,63 @@ def error_code(exc):
     return jobs_mod.INTERNAL_ERROR
 
 
+#: CSExceptionErrorCode of the exception CloudStack raises for each code
+_CS_CODES = {
+    jobs_mod.INSUFFICIENT_CAPACITY_ERROR: jobs_mod.CS_INSUFFICIENT_CAPACITY,
+    jobs_mod.RESOURCE_UNAVAILABLE_ERROR: jobs_mod.CS_RESOURCE_UNAVAILABLE,
+    jobs_mod.PARAM_ERROR: jobs_mod.CS_INVALID_PARAMETER,
+}
+
+
+def cs_error_code(code):
+    """The CS error code of a failed migration job with ``code``.
+
+    >>> cs_error_code(533), cs_error_code(530)
+    (4325, 4250)
+    """
+    return _CS_CODES.get(code, jobs_mod.CS_CLOUD_RUNTIME)
+
+
 def _missing(command, name):
+    """A required parameter not given, as CloudStack refuses it (431).
+
+    ParamProcessWorker.processParameters names the command by its response
+    name without "response", so in lower case.
+    """
     return ApiError(jobs_mod.PARAM_ERROR, 'Unable to execute API command %s '
-                    'due to missing parameter %s' % (command, name))
+                    'due to missing parameter %s' % (command.lower(), name))
 
 
-def _invalid(command, name, value, what):
+def invalid_text(command, name, value):
+    """CloudStack's text for a UUID parameter that names nothing.
+
+    ParamProcessWorker.translateUuidToInternalId raises
+    InvalidParameterValueException with the second sentence, which
+    ApiDispatcher prefixes with the first.
+    """
+    return ('Unable to execute API command %s due to invalid value. Invalid '
+            'parameter %s value=%s due to incorrect long value format, or '
+            'entity does not exist or due to incorrect parameter annotation '
+            'for the field in api cmd class.'
+            % (command.lower(), name, value))
+
+
+def _invalid(command, name, value, what=None):
     """An id that names nothing, as CloudStack refuses it (431)."""
-    return ApiError(jobs_mod.PARAM_ERROR, 'Unable to execute API command %s '
-                    'due to invalid value. Invalid parameter %s value=%s: '
-                    'no %s has this id' % (command, name, value, what))
+    return ApiError(jobs_mod.PARAM_ERROR, invalid_text(command, name, value))
 
 
-def _unknown_vm(snap, vm_id):
-    """The VM is nowhere: say so, and name the hosts that did not answer."""
+def _unknown_vm(snap, command, name, vm_id):
+    """The VM is nowhere: CloudStack's 431; hosts that did not answer named.
+
+    (A management server knows every VM from its database; here a VM is
+    known only when its host answers, so that is said.)
+    """
     down = sorted(h for h, info in snap.hosts.items() if info is None)
-    text = 'Unable to find the VM by id=%s' % vm_id
+    text = invalid_text(command, name, vm_id)
     if down:
-        text += ('; host(s) %s do not answer (is their xsm-agent '
-                 'running?), the VM may be there' % ', '.join(down))
+        text += (' Host(s) %s do not answer (is their xsm-agent '
+                 'running?): the VM may be there.' % ', '.join(down))
     return ApiError(jobs_mod.PARAM_ERROR, text)
 
 
@@ -108,6 +158,16 @@ def _listing(name, items, params):
     return {'count': len(items), name: _page(items, params)}
 
 
+#: ApiServer.verifyRequest's answer to a command it does not have (432,
+#: named "errorresponse" by ApiServer.getSerializedApiError)
+UNKNOWN_COMMAND = ('The given command does not exist or it is not '
+                   'available for user')
+
+
+def unknown_command():
+    return ApiError(jobs_mod.UNSUPPORTED_ACTION_ERROR, UNKNOWN_COMMAND)
+
+
 class API:
     """CloudStack API calls over the xsm hosts.
 
@@ -121,6 +181,8 @@ class API:
         self.clients = clients
         self.resource = resource
         self.jobs = jobs
+        self._lock = threading.Lock()
+        self._migrating = set()     # uuids of VMs a job of ours moves
         self._commands = {
             'listvirtualmachines': self.list_virtual_machines,
             'listvolumes': self.list_volumes,
@@ -145,12 +207,11 @@ class API:
         """
         func = self._commands.get((command or '').lower())
         if func is None:
-            raise ApiError(jobs_mod.UNSUPPORTED_ACTION_ERROR,
-                           'The given command %s either does not exist, is '
-                           'not available for user, or not available from '
-                           'ip address; xsm-cloudstack-api serves: %s'
-                           % (command, ', '.join(self.names)))
+            raise unknown_command()
         return func(params)
+
+    def knows(self, command):
+        return (command or '').lower() in self._commands
 
     def snapshot(self):
         return inventory.Snapshot(self.clients)
@@ -228,7 +289,7 @@ class API:
         snap = self.snapshot()
         found = snap.find_vm(vm_id)
         if found is None:
-            raise _unknown_vm(snap, vm_id)
+            raise _unknown_vm(snap, 'findHostsForMigration', 'id', vm_id)
         source, vm = found
         needed = sum(snap.needed(source, d['vdi']) for d in vm['disks'])
         out = []
@@ -250,8 +311,7 @@ class API:
         snap = self.snapshot()
         item = snap.find_volume(params['id'])
         if item is None:
-            raise ApiError(jobs_mod.PARAM_ERROR, 'Unable to find the volume '
-                           'by id=%s' % params['id'])
+            raise _invalid('findStoragePoolsForMigration', 'id', params['id'])
         host, _vm, _index, vdi = item
         needed = snap.needed(host, vdi['uuid'])
         out = []
@@ -270,9 +330,9 @@ class API:
             raise _missing('queryAsyncJobResult', 'jobid')
         job = self.jobs.get(params['jobid'])
         if job is None:
-            raise ApiError(jobs_mod.PARAM_ERROR, 'Unable to find a job by id '
-                           '%s (finished jobs are kept [cloudstack]'
-                           'job_retention seconds)' % params['jobid'])
+            # jobid is a UUID parameter: CloudStack's usual 431 (finished
+            # jobs are kept [cloudstack]job_retention seconds here)
+            raise _invalid('queryAsyncJobResult', 'jobid', params['jobid'])
         return job.to_response()
 
     @staticmethod
@@ -293,6 +353,18 @@ class API:
         return out
 
     def migrate_virtual_machine_with_volume(self, params):
+        """Check as CloudStack does, claim the VM, start the job.
+
+        The checks and their texts are CloudStack's
+        (MigrateVirtualMachineWithVolumeCmd.execute, then
+        UserVmManagerImpl's getHostsForMigrateVmWithStorage and
+        getVolumePoolMappingForMigrateVmWithStorage). CloudStack runs
+        execute() in the job; here every check is made before a job
+        starts, so a refused call gets its 431 at once. A VM that is
+        migrating is in CloudStack's state Migrating, which the state
+        checks refuse with their texts: so it is here, atomically, so that
+        of concurrent calls for one VM one job at most starts.
+        """
         command = 'migrateVirtualMachineWithVolume'
         vm_id = params.get('virtualmachineid')
         if not vm_id:
@@ -300,41 +372,106 @@ class API:
         snap = self.snapshot()
         found = snap.find_vm(vm_id)
         if found is None:
-            raise _unknown_vm(snap, vm_id)
+            raise _unknown_vm(snap, command, 'virtualmachineid', vm_id)
         source, vm = found
-        mapping = self._migrate_to(params)
-        pools = []          # [(volume ref, (host, sr))], as given
-        for volume_ref, pool_ref in mapping:
-            pool = snap.find_pool(pool_ref)
-            if pool is None:
-                raise ApiError(jobs_mod.PARAM_ERROR, 'Unable to find the '
-                               'storage pool by id=%s' % pool_ref)
-            pools.append((volume_ref, pool))
+        dest = None
         if params.get('hostid'):
             dest = snap.find_host(params['hostid'])
             if dest is None:
-                raise ApiError(jobs_mod.PARAM_ERROR, 'Unable to find the '
-                               'host by id=%s' % params['hostid'])
-        else:
+                raise _invalid(command, 'hostid', params['hostid'])
+        mapping = self._migrate_to(params)
+        if dest is None and not mapping:
+            # (sic: two spaces, as CloudStack's format string has them)
+            raise ApiError(jobs_mod.PARAM_ERROR, 'Either hostid or migrateto '
+                           ' must be passed for migrating the VM')
+        migrating = self._migrating_now(source, vm)
+        state = 'Migrating' if migrating else inventory.POWER_STATES.get(
+            vm['power_state'], vm['power_state'])
+        if dest is not None and state != 'Running':
+            raise ApiError(jobs_mod.PARAM_ERROR, 'VM ID: %s is not in '
+                           'Running state to migrate it to new host'
+                           % vm['uuid'])
+        if dest is None and state != 'Stopped':
+            raise ApiError(jobs_mod.PARAM_ERROR, 'VM ID: %s is not in '
+                           'Stopped state to migrate, use hostid parameter '
+                           'to migrate it to a new host' % vm['uuid'])
+        pools = []          # [(volume ref, (host, sr))], as given
+        for volume_ref, pool_ref in mapping:
+            if snap.find_volume(volume_ref) is None:
+                raise ApiError(jobs_mod.PARAM_ERROR, 'There is no volume '
+                               'present with the given id %s' % volume_ref)
+            pool = snap.find_pool(pool_ref)
+            if pool is None:
+                raise ApiError(jobs_mod.PARAM_ERROR, 'There is no storage '
+                               'pool present with the given id %s'
+                               % pool_ref)
+            pools.append((volume_ref, pool))
+        if dest is None:
+            # a stopped VM: CloudStack moves its volumes only
+            # (vmStorageMigration); xsm pools are each one host's, so its
+            # volumes and the VM (stopped) go to the pools' host together
             dests = {h for _, (h, _sr) in pools}
-            if len(dests) != 1:
-                raise _missing(command, 'hostid')
+            if len(dests) != 1 or source in dests:
+                raise ApiError(
+                    jobs_mod.PARAM_ERROR, 'xsm-cloudstack-api moves the '
+                    'volumes of stopped VM %s to the pools of one other '
+                    'host (the VM goes with them); the pools given are on '
+                    '%s' % (vm['name'], ', '.join(sorted(dests))))
             dest = dests.pop()
-        if snap.hosts.get(dest) is None:
-            raise ApiError(jobs_mod.RESOURCE_UNAVAILABLE_ERROR, 'Host %s '
-                           'does not answer: is its xsm-agent running?'
-                           % dest)
         if dest == source:
-            raise ApiError(jobs_mod.PARAM_ERROR, 'VM %s is already on host '
-                           '%s; migrateVirtualMachineWithVolume moves it to '
-                           'another host' % (vm['name'], dest))
+            raise ApiError(jobs_mod.PARAM_ERROR, 'Cannot migrate VM as it is '
+                           'already present on host %s (ID: %s), please '
+                           'specify valid destination host to migrate the '
+                           'VM' % (dest, inventory.host_id(dest)))
+        if snap.hosts.get(dest) is None:
+            # a CloudRuntimeException in CloudStack: 530, CS code 4250
+            raise ApiError(jobs_mod.INTERNAL_ERROR, 'Cannot migrate VM, '
+                           'destination host %s (ID: %s) is not in correct '
+                           'state, has status: Disconnected, state: Enabled '
+                           '(its xsm-agent does not answer)'
+                           % (dest, inventory.host_id(dest)),
+                           jobs_mod.CS_CLOUD_RUNTIME)
         vdi_map = self._vdi_map(snap, source, vm, dest, pools)
-        job = self.jobs.submit(
-            lambda: self._migrate(source, vm, dest, vdi_map, snap),
-            MIGRATE_CMD, 'VirtualMachine', vm['uuid'])
+        with self._lock:
+            if vm['uuid'] in self._migrating:
+                raise ApiError(jobs_mod.PARAM_ERROR, 'VM ID: %s is not in '
+                               'Running state to migrate it to new host'
+                               % vm['uuid'])
+            self._migrating.add(vm['uuid'])
+        try:
+            job = self.jobs.submit(
+                lambda: self._run_migration(source, vm, dest, vdi_map, snap),
+                MIGRATE_CMD, 'VirtualMachine', vm['uuid'])
+        except Exception:
+            self._release(vm['uuid'])
+            raise
         LOG.info('job %s: migrate VM %s (%s) from %s to %s, disks %s',
                  job.id, vm['name'], vm['uuid'], source, dest, vdi_map)
         return {'id': vm['uuid'], 'jobid': job.id}
+
+    def _migrating_now(self, source, vm):
+        """Whether the VM is being migrated (by this service or another)."""
+        with self._lock:
+            if vm['uuid'] in self._migrating:
+                return True
+        try:
+            statuses = self.clients[source].migration_list()
+        except Exception as exc:
+            LOG.warning('host %s: migration_list failed: %s', source,
+                        resource_mod.describe(exc))
+            return False
+        return any(s.get('vm') == vm['uuid'] and s.get('finished') is None
+                   for s in statuses or ())
+
+    def _release(self, vm_uuid):
+        with self._lock:
+            self._migrating.discard(vm_uuid)
+
+    def _run_migration(self, source, vm, dest, vdi_map, snap):
+        try:
+            return self._migrate(source, vm, dest, vdi_map, snap)
+        finally:
+            self._release(vm['uuid'])
 
     @staticmethod
     def _vdi_map(snap, source, vm, dest, pools):
@@ -347,8 +484,10 @@ class API:
         for volume_ref, (host, sr) in pools:
             disk = by_volume.get(volume_ref)
             if disk is None:
-                raise ApiError(jobs_mod.PARAM_ERROR, 'Volume %s is not a '
-                               'volume of VM %s' % (volume_ref, vm['name']))
+                raise ApiError(jobs_mod.PARAM_ERROR, 'Volume %s doesn\'t '
+                               'belong to the VM %s (ID: %s) that has to be '
+                               'migrated' % (volume_ref, vm['name'],
+                                             vm['uuid']))
             if disk['vdi'] in vdi_map:
                 raise ApiError(jobs_mod.PARAM_ERROR, 'Volume %s of VM %s is '
                                'given twice in migrateto: map each volume '
@@ -395,10 +534,13 @@ class API:
         base = dict(cmds.COMMAND_DEFAULTS, contextMap={})
 
         def fail(answer):
+            code = error_code(answer.error)
             raise jobs_mod.JobFailed(
-                error_code(answer.error), 'Failed to migrate VM %s (%s) '
+                code, 'Failed to migrate VM %s (%s) '
                 'with its volumes from host %s to host %s: %s' % (
-                    vm['name'], vm['uuid'], source, dest, answer.details))
+                    vm['name'], vm['uuid'], source, dest,
+                    resource_mod.strip_traceback(answer.details)),
+                cs_error_code(code))
 
         answer = self._execute(dest, cmds.RECEIVE, dict(
             base, vm=to, volumeToStorageUuid=volumes))

@@ -43,8 +43,37 @@ POWER_STATES = {'running': 'Running', 'halted': 'Stopped',
 POOL_TYPES = {'vhd': 'EXT', 'raw': 'Filesystem'}
 
 
+def _id(kind, name):
+    return str(uuidlib.uuid5(NAMESPACE, '%s/%s' % (kind, name)))
+
+
 def host_id(host):
     return str(uuidlib.uuid5(NAMESPACE, 'host/' + host))
+
+
+#: What a CloudStack response carries and xsm-driver has no notion of:
+#: one zone, one pod, one cluster per host (so that CloudStack moves a VM
+#: between them with the Receive/Send/Complete commands), the ROOT domain
+#: and its admin account, one template and one service offering. Stable
+#: ids, so that a client may compare them.
+ZONE = {'zoneid': _id('zone', 'xsm'), 'zonename': 'xsm'}
+POD = {'podid': _id('pod', 'xsm'), 'podname': 'xsm'}
+OWNER = {'account': 'admin', 'domainid': _id('domain', 'ROOT'),
+         'domain': 'ROOT'}
+ACCOUNT_ID = _id('account', 'admin')      # (jobs.py has them too)
+USER_ID = _id('user', 'admin')
+TEMPLATE = {'templateid': _id('template', 'xsm'), 'templatename': 'xsm'}
+OFFERING = {'serviceofferingid': _id('serviceoffering', 'xsm'),
+            'serviceofferingname': 'xsm'}
+
+
+def cluster(host):
+    """The cluster fields of a host's things (one cluster per host)."""
+    return {'clusterid': _id('cluster', host), 'clustername': host}
+
+
+def placement(host):
+    return dict(ZONE, **dict(POD, **cluster(host)))
 
 
 def pool_id(host, sr):
@@ -89,29 +118,29 @@ class Snapshot:
 
     # -- lookups -------------------------------------------------------------
 
+    # CloudStack's API takes ids (UUIDs) only: a name in an id parameter
+    # names nothing (ParamProcessWorker.translateUuidToInternalId).
+
     def find_vm(self, vm_id):
-        """``(host, record)`` of a VM by id (uuid) or name, or None."""
+        """``(host, record)`` of a VM by id (its uuid), or None."""
         for host, vms in self.vms.items():
             for vm in vms:
                 if vm['uuid'] == vm_id:
                     return host, vm
-        named = [(h, vm) for h, vms in self.vms.items() for vm in vms
-                 if vm['name'] == vm_id]
-        return named[0] if len(named) == 1 else None
+        return None
 
     def find_host(self, ref):
-        """A host name by id or name, or None."""
+        """A host name by id, or None."""
         for name in self.hosts:
-            if ref in (name, host_id(name)):
+            if ref == host_id(name):
                 return name
         return None
 
-    def find_pool(self, ref, host=None):
-        """``(host, sr record)`` of a pool by id (or SR name on ``host``)."""
+    def find_pool(self, ref):
+        """``(host, sr record)`` of a pool by id, or None."""
         for name, info in self.hosts.items():
             for sr in (info or {}).get('srs', ()):
-                if ref == pool_id(name, sr['name']) or (
-                        name == host and ref == sr['name']):
+                if ref == pool_id(name, sr['name']):
                     return name, sr
         return None
 
@@ -157,6 +186,7 @@ class Snapshot:
                'hypervisor': 'XenServer',
                'state': 'Up' if info is not None else 'Disconnected',
                'resourcestate': 'Enabled'}
+        out.update(placement(name))
         if info is not None:
             out['ipaddress'] = name
             out['activemigrations'] = info.get('active_migrations', 0)
@@ -173,7 +203,7 @@ class Snapshot:
                 'ipaddress': host, 'path': sr.get('path'),
                 'disksizetotal': sr['size'],
                 'disksizeused': sr['size'] - sr['free'],
-                'state': 'Up'}
+                'state': 'Up', **placement(host)}
 
     def pools(self, host=None):
         return [(h, sr) for h, info in self.hosts.items()
@@ -187,9 +217,12 @@ class Snapshot:
                                           vm['power_state']),
                 'hostid': host_id(host), 'hostname': host,
                 'hypervisor': 'XenServer',
+                'cpunumber': vm.get('cpus') or 1,
+                'memory': vm.get('memory') or 0,
                 'nic': [{'deviceid': str(i), 'networkname': vif,
                          'isdefault': i == 0}
-                        for i, vif in enumerate(vm.get('vifs') or ())]}
+                        for i, vif in enumerate(vm.get('vifs') or ())],
+                **placement(host), **TEMPLATE, **OFFERING, **OWNER}
 
     def volume_response(self, item):
         host, vm, index, vdi = item
@@ -200,7 +233,8 @@ class Snapshot:
                'storageid': pool_id(host, sr), 'storage': sr,
                'storagetype': 'local', 'state': 'Ready',
                'hypervisor': 'XenServer', 'format': 'VHD'
-               if vdi.get('type') == 'vhd' else 'RAW'}
+               if vdi.get('type') == 'vhd' else 'RAW',
+               **placement(host), **OWNER}
         if vm is not None:
             out.update(type='ROOT' if index == 0 else 'DATADISK',
                        deviceid=index, virtualmachineid=vm['uuid'],

@@ -14,7 +14,9 @@
 
 A job runs in a thread; ``jobstatus`` is 0 while it runs, 1 when it
 succeeded (``jobresult`` is its answer), 2 when it failed (``jobresult`` is
-``{"errorcode": N, "errortext": "..."}`` and ``jobresultcode`` N). Jobs
+CloudStack's ExceptionResponse, ``{"uuidList": [], "errorcode": N,
+"cserrorcode": C, "errortext": "..."}``, and ``jobresultcode`` N; the
+text never carries a traceback). Jobs
 live in memory: a finished job is kept ``retention`` seconds, and the jobs
 of a service that restarts are gone (CloudStack keeps them in its
 database).
@@ -29,21 +31,60 @@ LOG = logging.getLogger(__name__)
 
 PENDING, SUCCEEDED, FAILED = 0, 1, 2
 
-#: CloudStack's ApiErrorCode values used here
+_NS = uuidlib.UUID('0d6f3f4c-2f4e-5b8e-9a57-2c0a1c8d7e31')  # inventory's
+ACCOUNT_ID = str(uuidlib.uuid5(_NS, 'account/admin'))
+USER_ID = str(uuidlib.uuid5(_NS, 'user/admin'))
+
+#: CloudStack's ApiErrorCode values used here (org.apache.cloudstack.api.
+#: ApiErrorCode: the HTTP codes of its errors)
 PARAM_ERROR = 431
 UNSUPPORTED_ACTION_ERROR = 432
 INTERNAL_ERROR = 530
 INSUFFICIENT_CAPACITY_ERROR = 533
 RESOURCE_UNAVAILABLE_ERROR = 534
 
+#: CloudStack's CSExceptionErrorCode values used here (com.cloud.utils.
+#: exception.CSExceptionErrorCode, by the exception's class)
+CS_CLOUD_RUNTIME = 4250             # CloudRuntimeException
+CS_INSUFFICIENT_CAPACITY = 4325     # InsufficientCapacityException
+CS_INVALID_PARAMETER = 4350         # InvalidParameterValueException
+CS_RESOURCE_UNAVAILABLE = 4380      # ResourceUnavailableException
+CS_SERVER_API = 9999                # ServerApiException
+
+_TRACEBACK = 'Traceback (most recent call last)'
+
+
+def strip_traceback(text):
+    """``text`` without any (remote) traceback, on one line.
+
+    oslo.messaging appends the remote traceback to a rebuilt exception's
+    message: it must never reach an API client.
+
+    >>> strip_traceback('no room\nTraceback (most recent call last):\n  F')
+    'no room'
+    """
+    text = str(text or '').split(_TRACEBACK)[0].strip()
+    return ' '.join(line.strip() for line in text.splitlines())
+
+
+def exception_response(code, text, cserrorcode):
+    """CloudStack's ExceptionResponse (api.response.ExceptionResponse).
+
+    ``uuidList`` (an empty list unless ids are attached), ``errorcode``,
+    ``cserrorcode``, ``errortext``.
+    """
+    return {'uuidList': [], 'errorcode': code, 'cserrorcode': cserrorcode,
+            'errortext': strip_traceback(text)}
+
 
 class JobFailed(Exception):
     """Raised by a job's function to fail with a CloudStack error code."""
 
-    def __init__(self, code, text):
+    def __init__(self, code, text, cserrorcode=CS_CLOUD_RUNTIME):
         super().__init__(text)
         self.code = code
         self.text = text
+        self.cserrorcode = cserrorcode
 
 
 def _now():
@@ -70,7 +111,10 @@ class Job:
         self.done = threading.Event()
 
     def to_response(self):
+        # AsyncJobResponse: accountid and userid of who ran it (the
+        # service's one admin account, as inventory.OWNER)
         out = {'jobid': self.id, 'cmd': self.cmd,
+               'accountid': ACCOUNT_ID, 'userid': USER_ID,
                'jobstatus': self.status, 'jobprocstatus': 0,
                'jobresultcode': self.result_code,
                'created': cs_time(self.created)}
@@ -116,14 +160,13 @@ class Jobs:
             result = func()
         except JobFailed as exc:
             LOG.warning('job %s (%s) failed: %s', job.id, job.cmd, exc.text)
-            self._finish(job, FAILED, {'errorcode': exc.code,
-                                       'errortext': exc.text}, exc.code)
+            self._finish(job, FAILED, exception_response(
+                exc.code, exc.text, exc.cserrorcode), exc.code)
         except Exception as exc:
             LOG.exception('job %s (%s) failed', job.id, job.cmd)
-            self._finish(job, FAILED, {'errorcode': INTERNAL_ERROR,
-                                       'errortext': '%s: %s' % (
-                                           type(exc).__name__, exc)},
-                         INTERNAL_ERROR)
+            self._finish(job, FAILED, exception_response(
+                INTERNAL_ERROR, '%s: %s' % (type(exc).__name__, exc),
+                CS_CLOUD_RUNTIME), INTERNAL_ERROR)
         else:
             LOG.info('job %s (%s) succeeded', job.id, job.cmd)
             self._finish(job, SUCCEEDED, result, 0)

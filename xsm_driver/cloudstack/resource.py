@@ -47,6 +47,7 @@ import oslo_messaging as messaging
 
 from xsm_driver.cloudstack import commands as cmds
 from xsm_driver.cloudstack import gson
+from xsm_driver.cloudstack import jobs
 from xsm_driver.core import exception
 
 LOG = logging.getLogger(__name__)
@@ -60,17 +61,30 @@ class MigrationFailed(exception.XSMError):
                "%(source)s and nothing of it is left on %(dest)s")
 
 
+def strip_traceback(text):
+    """``text`` without a (remote) traceback (see jobs.strip_traceback)."""
+    return jobs.strip_traceback(text)
+
+
 def describe(exc):
-    """An operator's one-line message for any exception."""
-    if isinstance(exc, exception.XSMError):
-        return str(exc)
-    if isinstance(exc, messaging.MessagingTimeout):
-        return ('an xsm-agent did not answer in time (%s): check that '
+    """An operator's one-line message for any exception.
+
+    Never a traceback: oslo.messaging appends the remote one to the
+    message of an exception it rebuilds (and RemoteError carries it).
+    """
+    if isinstance(exc, messaging.RemoteError):
+        text = 'remote error: %s: %s' % (exc.exc_type, exc.value)
+    elif isinstance(exc, exception.XSMError):
+        text = str(exc)
+    elif isinstance(exc, messaging.MessagingTimeout):
+        text = ('an xsm-agent did not answer in time (%s): check that '
                 'xsm-agent runs on the host and reaches the message broker'
                 % exc)
-    if isinstance(exc, messaging.MessagingException):
-        return 'control plane error: %s' % exc
-    return '%s: %s' % (type(exc).__name__, exc)
+    elif isinstance(exc, messaging.MessagingException):
+        text = 'control plane error: %s' % exc
+    else:
+        text = '%s: %s' % (type(exc).__name__, exc)
+    return strip_traceback(text)
 
 
 class Resource:
@@ -140,8 +154,23 @@ class Resource:
     def client(self, host=None):
         return self._client(host or self.host)
 
-    def sr_name(self, label):
-        return self.sr_labels.get(label, label)
+    def sr_name(self, label, srs=(), host=None):
+        """The SR of CloudStack's storage label for it.
+
+        The management server labels a pool's SR with the pool's uuid
+        (CitrixHelper.getSRNameLabel); the pools xsm-cloudstack-api lists
+        have uuids derived from host and SR names (inventory.pool_id), so
+        those are known without [cloudstack]sr_labels; any other label is
+        looked up there, else taken as the SR's name.
+        """
+        if label in self.sr_labels:
+            return self.sr_labels[label]
+        if host is not None:
+            from xsm_driver.cloudstack import inventory   # (it imports us)
+            for name in srs:
+                if label == inventory.pool_id(host, name):
+                    return name
+        return label
 
     def _check_host(self, host, what):
         if not host:
@@ -177,7 +206,7 @@ class Resource:
         have = self._srs(host)
         out = []
         for label in labels:
-            name = self.sr_name(label)
+            name = self.sr_name(label, have, host)
             if name not in have:
                 raise cmds.CommandError(
                     command=cmds.short_name(command),

@@ -22,6 +22,12 @@ Routes:
         401 {"listvolumesresponse": {"uuidList": [], "errorcode": 401,
              "errortext": "unable to verify user credentials and/or
              request signature"}}
+        431 {"listvolumesresponse": {"uuidList": [], "errorcode": 431,
+             "cserrorcode": 9999, "errortext": "Unable to execute API
+             command listvolumes due to invalid value. ..."}}
+        432 {"errorresponse": {"uuidList": [], "errorcode": 432,
+             "cserrorcode": 9999, "errortext": "The given command does not
+             exist or it is not available for user"}}
 
 ``POST /xsm/v1/hosts/<host>/commands``
     CloudStack agent commands for ``host`` in Gson JSON
@@ -113,7 +119,7 @@ class Application:
     """
 
     def __init__(self, api, keys, api_path='/client/api',
-                 command_token=None, require_expires=True, max_expires=0,
+                 command_token=None, require_expires=False, max_expires=0,
                  now=None, max_api_body=MAX_API_BODY):
         self.api = api
         self.keys = dict(keys)
@@ -142,8 +148,9 @@ class Application:
                                                           self.api_path)}
         except Exception as exc:        # never a bare 500 page
             LOG.exception('%s %s failed', method, path)
-            code, body = 530, {'errorcode': 530, 'errortext': '%s: %s' % (
-                type(exc).__name__, exc)}
+            code, body = 530, {'errorresponse': jobs_mod.exception_response(
+                530, '%s: %s' % (type(exc).__name__, exc),
+                jobs_mod.CS_CLOUD_RUNTIME)}
         text = body if isinstance(body, str) else json.dumps(body)
         data = text.encode('utf-8')
         start_response(_status(code), [('Content-Type', _JSON),
@@ -203,11 +210,19 @@ class Application:
         except BadRequest as exc:
             LOG.warning('refused a request from %s: %s',
                         environ.get('REMOTE_ADDR'), exc.text)
-            return exc.code, {'errorresponse': {
-                'uuidList': [], 'errorcode': exc.code,
-                'errortext': exc.text}}
+            return exc.code, {'errorresponse': jobs_mod.exception_response(
+                exc.code, exc.text, jobs_mod.CS_SERVER_API)}
         command = params.get('command') or ''
-        key = '%sresponse' % (command.lower() or 'error')
+        if not self.api.knows(command):
+            # ApiServer.verifyRequest checks that the command exists
+            # before the signature: 432, named "errorresponse"
+            # (ApiServer.getSerializedApiError, UNSUPPORTED_ACTION_ERROR)
+            LOG.warning('refused unknown command %r from %s', command,
+                        environ.get('REMOTE_ADDR'))
+            exc = api_mod.unknown_command()
+            return exc.code, {'errorresponse': jobs_mod.exception_response(
+                exc.code, exc.text, exc.cserrorcode)}
+        key = '%sresponse' % command.lower()
         try:
             api_key = signature.verify(params, self.keys, self.now(),
                                        self.require_expires,
@@ -215,18 +230,17 @@ class Application:
         except signature.SignatureError as exc:
             LOG.warning('refused %s from %s: %s', command or 'a request',
                         environ.get('REMOTE_ADDR'), exc)
+            # ApiServlet answers getSerializedApiError(401, text, ...): an
+            # ExceptionResponse without cserrorcode
             return 401, {key: {'uuidList': [], 'errorcode': 401,
                                'errortext': exc.public}}
-        if not command:
-            return 432, {key: {'uuidList': [], 'errorcode': 432,
-                               'errortext': 'no command given'}}
         LOG.info('%s by %s', command, api_key)
         try:
             return 200, {key: self.api.call(command, params)}
         except api_mod.ApiError as exc:
             LOG.warning('%s refused: %s', command, exc.text)
-            return exc.code, {key: {'uuidList': [], 'errorcode': exc.code,
-                                    'errortext': exc.text}}
+            return exc.code, {key: jobs_mod.exception_response(
+                exc.code, exc.text, exc.cserrorcode)}
 
     # -- agent commands ------------------------------------------------------
 

@@ -48,10 +48,13 @@ cloudstack_opts = [
              'With no pair configured every API request is refused.'),
     cfg.BoolOpt(
         'require_expires',
-        default=True,
+        default=False,
         help='Refuse signed API requests that do not carry '
              'signatureVersion=3 and an expires time. CloudStack itself '
-             'accepts them, but such a signed URL can be replayed for ever.'),
+             'accepts them (and so does this service by default, so that '
+             'clients written for CloudStack work), but such a signed URL '
+             'can be replayed for ever: set it to true when every client '
+             'sends expires.'),
     cfg.IntOpt(
         'max_expires_seconds',
         default=3600, min=0,

@@ -252,13 +252,24 @@ class TestSignature(CloudStackFixture):
         self.assert_refused(self.client(key='nobody').listVolumes)
 
     def test_an_expired_request_is_refused(self):
-        self.assert_refused(
+        # CloudStack's fixed text only (ApiServer.verifyRequest logs why):
+        # it used to add "the request expired at ..."
+        exc = self.assert_refused(
             lambda: self.cs.listVirtualMachines(
-                expires='2020-01-01T00:00:00+0000', signatureVersion='3'),
-            ['expired at 2020-01-01T00:00:00+0000'])
+                expires='2020-01-01T00:00:00+0000', signatureVersion='3'))
+        self.assertEqual({'uuidList': [], 'errorcode': 401,
+                          'errortext': 'unable to verify user credentials '
+                          'and/or request signature'}, exc.error)
 
-    def test_a_request_without_expires_is_refused(self):
-        # expiration < 0: cs signs without signatureVersion and expires
+    def test_a_request_without_expires_is_accepted(self):
+        # expiration < 0: cs signs without signatureVersion and expires;
+        # CloudStack accepts it (it checks expires with signatureVersion=3
+        # only): it used to be refused with 401
+        self.assertEqual({}, self.client(
+            expiration=-1).listVirtualMachines())
+
+    def test_a_request_without_expires_is_refused_when_required(self):
+        self.app.require_expires = True
         self.assert_refused(self.client(expiration=-1).listVirtualMachines)
 
     def test_an_unsigned_request_is_refused(self):
@@ -278,11 +289,16 @@ class TestSignature(CloudStackFixture):
         self.assertEqual(401, response.status_code)
 
     def test_an_unknown_command_is_432(self):
+        # ApiServer.verifyRequest: CloudStack's fixed text, in
+        # "errorresponse" (it used to name our commands, in
+        # "deployvirtualmachineresponse")
         exc = self.assertRaises(cs.CloudStackApiException,
                                 self.cs.deployVirtualMachine)
-        self.assertEqual(432, exc.error['errorcode'])
-        self.assertIn('migrateVirtualMachineWithVolume'.lower(),
-                      exc.error['errortext'])
+        self.assertEqual(432, exc.response.status_code)
+        self.assertEqual({'errorresponse': {
+            'uuidList': [], 'errorcode': 432, 'cserrorcode': 9999,
+            'errortext': 'The given command does not exist or it is not '
+                         'available for user'}}, exc.response.json())
 
 
 class TestBadInput(CloudStackFixture):
@@ -293,58 +309,84 @@ class TestBadInput(CloudStackFixture):
         host_b = inventory.host_id('host-b')
         pool_b = inventory.pool_id('host-b', 'sr-b')
         disk = vm['disks'][0]['vdi']
+
+        def invalid(command, name, value):
+            # ParamProcessWorker's text for a UUID that names nothing
+            return ('Unable to execute API command %s due to invalid value. '
+                    'Invalid parameter %s value=%s due to incorrect long '
+                    'value format, or entity does not exist or due to '
+                    'incorrect parameter annotation for the field in api '
+                    'cmd class.' % (command.lower(), name, value))
+        migrate = 'migrateVirtualMachineWithVolume'
         cases = [
             ('listVirtualMachines', {'id': 'no-vm'},
-             'Invalid parameter id value=no-vm: no virtual machine'),
+             invalid('listVirtualMachines', 'id', 'no-vm')),
             ('listVirtualMachines', {'hostid': 'no-host'},
-             'Invalid parameter hostid value=no-host: no host'),
-            ('listVolumes', {'id': 'no-vol'}, 'no volume has this id'),
+             invalid('listVirtualMachines', 'hostid', 'no-host')),
+            # names where CloudStack takes ids only
+            ('listVirtualMachines', {'id': 'i-2-42-VM'},
+             invalid('listVirtualMachines', 'id', 'i-2-42-VM')),
+            ('listVirtualMachines', {'hostid': 'host-a'},
+             invalid('listVirtualMachines', 'hostid', 'host-a')),
+            ('listVolumes', {'id': 'no-vol'},
+             invalid('listVolumes', 'id', 'no-vol')),
             ('listVolumes', {'virtualmachineid': 'no-vm'},
-             'no virtual machine has this id'),
+             invalid('listVolumes', 'virtualmachineid', 'no-vm')),
             ('listVolumes', {'storageid': 'no-pool'},
-             'no storage pool has this id'),
-            ('listHosts', {'id': 'no-host'}, 'no host has this id'),
-            ('listStoragePools', {'id': 'no-pool'},
-             'no storage pool has this id'),
+             invalid('listVolumes', 'storageid', 'no-pool')),
+            ('listHosts', {'id': 'host-a'},
+             invalid('listHosts', 'id', 'host-a')),
+            ('listStoragePools', {'id': 'sr-a'},
+             invalid('listStoragePools', 'id', 'sr-a')),
             ('listVolumes', {'page': 'one', 'pagesize': '2'},
              'page and pagesize must be integers'),
-            ('findHostsForMigration', {}, 'missing parameter id'),
+            ('findHostsForMigration', {},
+             'Unable to execute API command findhostsformigration due to '
+             'missing parameter id'),
             ('findHostsForMigration', {'id': 'no-vm'},
-             'Unable to find the VM by id=no-vm'),
+             invalid('findHostsForMigration', 'id', 'no-vm')),
             ('findStoragePoolsForMigration', {'id': 'no-vol'},
-             'Unable to find the volume by id=no-vol'),
+             invalid('findStoragePoolsForMigration', 'id', 'no-vol')),
             ('queryAsyncJobResult', {'jobid': 'no-job'},
-             'Unable to find a job by id no-job'),
-            ('migrateVirtualMachineWithVolume', {'hostid': host_b},
-             'missing parameter virtualmachineid'),
-            ('migrateVirtualMachineWithVolume',
-             {'virtualmachineid': 'no-vm', 'hostid': host_b},
-             'Unable to find the VM by id=no-vm'),
-            ('migrateVirtualMachineWithVolume',
-             {'virtualmachineid': vm['uuid'], 'hostid': 'no-host'},
-             'Unable to find the host by id=no-host'),
-            ('migrateVirtualMachineWithVolume',
+             invalid('queryAsyncJobResult', 'jobid', 'no-job')),
+            (migrate, {'hostid': host_b},
+             'Unable to execute API command migratevirtualmachinewithvolume '
+             'due to missing parameter virtualmachineid'),
+            (migrate, {'virtualmachineid': 'no-vm', 'hostid': host_b},
+             invalid(migrate, 'virtualmachineid', 'no-vm')),
+            (migrate, {'virtualmachineid': 'i-2-42-VM', 'hostid': host_b},
+             invalid(migrate, 'virtualmachineid', 'i-2-42-VM')),
+            (migrate, {'virtualmachineid': vm['uuid'], 'hostid': 'no-host'},
+             invalid(migrate, 'hostid', 'no-host')),
+            (migrate, {'virtualmachineid': vm['uuid'], 'hostid': 'host-b'},
+             invalid(migrate, 'hostid', 'host-b')),
+            (migrate, {'virtualmachineid': vm['uuid']},
+             'Either hostid or migrateto  must be passed for migrating the '
+             'VM'),
+            (migrate,
              {'virtualmachineid': vm['uuid'], 'hostid': host_b,
               'migrateto': [{'volume': 'no-vol', 'pool': pool_b}]},
-             'Volume no-vol is not a volume of VM i-2-42-VM'),
-            ('migrateVirtualMachineWithVolume',
+             'There is no volume present with the given id no-vol'),
+            (migrate,
              {'virtualmachineid': vm['uuid'], 'hostid': host_b,
               'migrateto': [{'volume': disk, 'pool': 'no-pool'}]},
-             'Unable to find the storage pool by id=no-pool'),
-            ('migrateVirtualMachineWithVolume',
+             'There is no storage pool present with the given id no-pool'),
+            (migrate,
              {'virtualmachineid': vm['uuid'], 'hostid': host_b,
               'migrateto[0].volume': disk},
              'migrateto[0] needs both volume and pool'),
-            ('migrateVirtualMachineWithVolume',
+            (migrate,
              {'virtualmachineid': vm['uuid'], 'hostid': host_b,
               'migrateto': [{'volume': disk, 'pool': pool_b},
                             {'volume': disk, 'pool': inventory.pool_id(
                                 'host-b', 'sr-b2')}]},
              'is given twice in migrateto'),
-            ('migrateVirtualMachineWithVolume',
+            (migrate,
              {'virtualmachineid': vm['uuid'],
               'hostid': inventory.host_id('host-a')},
-             'is already on host host-a'),
+             'Cannot migrate VM as it is already present on host host-a '
+             '(ID: %s), please specify valid destination host to migrate '
+             'the VM' % inventory.host_id('host-a')),
         ]
         for command, params, words in cases:
             exc = self.assertRaises(cs.CloudStackApiException,
@@ -354,6 +396,8 @@ class TestBadInput(CloudStackFixture):
             body = exc.response.json()
             self.assertEqual(['%sresponse' % command.lower()], list(body))
             self.assertEqual(431, exc.error['errorcode'])
+            self.assertEqual(9999, exc.error['cserrorcode'])
+            self.assertEqual([], exc.error['uuidList'])
             self.assertIn(words, exc.error['errortext'], (command, params))
             self.assertNotIn('Traceback', exc.response.text)
         # nothing was started
@@ -371,7 +415,7 @@ class TestBadInput(CloudStackFixture):
             self.cs.migrateVirtualMachineWithVolume,
             virtualmachineid=vm['uuid'], hostid=inventory.host_id('host-b'))
         self.assertEqual(431, exc.error['errorcode'])
-        self.assertIn('host(s) host-a do not answer (is their xsm-agent '
+        self.assertIn('Host(s) host-a do not answer (is their xsm-agent '
                       'running?)', exc.error['errortext'])
 
 
@@ -415,7 +459,11 @@ class TestFullPool(CloudStackFixture):
         self.assertEqual(2, job['jobstatus'], job)
         self.assertEqual(533, job['jobresultcode'])
         self.assertEqual(533, job['jobresult']['errorcode'])
+        # CloudStack's ExceptionResponse shape; InsufficientCapacity's code
+        self.assertEqual(4325, job['jobresult']['cserrorcode'])
+        self.assertEqual([], job['jobresult']['uuidList'])
         text = job['jobresult']['errortext']
+        self.assertNotIn('Traceback', text)
         for word in ('Failed to migrate VM i-2-42-VM', 'from host host-a to '
                      'host host-b', "SR 'sr-b' on host host-b needs",
                      'free'):
@@ -542,3 +590,161 @@ class TestCommandEndpoint(CloudStackFixture):
         response = self.post('host-a', 'not json')
         self.assertEqual(400, response.status_code)
         self.assertIn('invalid JSON', json.loads(response.text)['errortext'])
+
+
+class TestCloudStacksAnswers(CloudStackFixture):
+    """Each point where the API answered otherwise than CloudStack does.
+
+    The texts are CloudStack's (MigrateVirtualMachineWithVolumeCmd.execute,
+    UserVmManagerImpl, ApiServer), the codes its ApiErrorCode and
+    CSExceptionErrorCode values.
+    """
+
+    def refused(self, **params):
+        exc = self.assertRaises(
+            cs.CloudStackApiException, self.cs.migrateVirtualMachineWithVolume,
+            fetch_result=False, **params)
+        self.assertEqual(431, exc.response.status_code)
+        self.assertEqual(['migratevirtualmachinewithvolumeresponse'],
+                         list(exc.response.json()))
+        self.assertEqual((431, 9999, []), (exc.error['errorcode'],
+                                           exc.error['cserrorcode'],
+                                           exc.error['uuidList']))
+        return exc.error['errortext']
+
+    def test_a_stopped_vm_given_hostid_is_refused(self):
+        vm = self.make_vm(snapshots=0)
+        self.a.vm_stop(vm['uuid'])
+        self.assertEqual(
+            'VM ID: %s is not in Running state to migrate it to new host'
+            % vm['uuid'], self.refused(virtualmachineid=vm['uuid'],
+                                       hostid=inventory.host_id('host-b')))
+        self.assertEqual([], self.a.migration_list())
+
+    def test_a_running_vm_given_only_migrateto_is_refused(self):
+        vm = self.make_vm(snapshots=0)
+        volumes = self.cs.listVolumes(virtualmachineid=vm['uuid'],
+                                      fetch_list=True)
+        self.assertEqual(
+            'VM ID: %s is not in Stopped state to migrate, use hostid '
+            'parameter to migrate it to a new host' % vm['uuid'],
+            self.refused(virtualmachineid=vm['uuid'], migrateto=[
+                {'volume': v['id'],
+                 'pool': inventory.pool_id('host-b', 'sr-b')}
+                for v in volumes]))
+        self.assertEqual([], self.a.migration_list())
+        self.assertEqual('running', self.a.vm_get(vm['uuid'])['power_state'])
+
+    def test_a_stopped_vm_given_migrateto_moves_its_volumes(self):
+        vm = self.make_vm(snapshots=0)
+        self.a.vm_stop(vm['uuid'])
+        volumes = self.cs.listVolumes(virtualmachineid=vm['uuid'],
+                                      fetch_list=True)
+        result = self.cs.migrateVirtualMachineWithVolume(
+            virtualmachineid=vm['uuid'], migrateto=[
+                {'volume': volumes[0]['id'],
+                 'pool': inventory.pool_id('host-b', 'sr-b')},
+                {'volume': volumes[1]['id'],
+                 'pool': inventory.pool_id('host-b', 'sr-b2')}])
+        self.assertEqual('Stopped', result['virtualmachine']['state'])
+        moved = self.b.vm_get(vm['uuid'])
+        self.assertEqual('halted', moved['power_state'])
+        self.assertEqual(['sr-b', 'sr-b2'], [d['sr'] for d in moved['disks']])
+        self.assertEqual([], self.a.vm_list())
+
+    def test_concurrent_migrations_of_one_vm_get_one_job(self):
+        vm = self.make_vm(snapshots=0)
+        answers, errors = [], []
+
+        def migrate():
+            try:
+                answers.append(self.client().migrateVirtualMachineWithVolume(
+                    virtualmachineid=vm['uuid'], fetch_result=False,
+                    hostid=inventory.host_id('host-b')))
+            except cs.CloudStackApiException as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=migrate) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(1, len(answers), [e.error for e in errors])
+        self.assertEqual(2, len(errors))
+        for exc in errors:
+            # refused at the API, before a job: CloudStack's text for a VM
+            # in state Migrating
+            self.assertEqual(431, exc.response.status_code)
+            self.assertEqual({'uuidList': [], 'errorcode': 431,
+                              'cserrorcode': 9999,
+                              'errortext': 'VM ID: %s is not in Running '
+                              'state to migrate it to new host'
+                              % vm['uuid']}, exc.error)
+        job = wait_job(self.cs, answers[0]['jobid'])
+        self.assertEqual(1, job['jobstatus'], job)
+        self.assertNotIn('Traceback', json.dumps(job))
+        self.assertEqual(1, len(self.a.migration_list()))
+
+    def test_a_vm_another_tool_migrates_is_refused(self):
+        vm = self.make_vm(snapshots=0)
+        mid = self.a.migrate_vm(
+            vm['uuid'], 'host-b', {d['vdi']: 'sr-b' for d in vm['disks']},
+            {'net0': 'net0'}, bandwidth=2 * MiB)
+        self.addCleanup(self.wait_end, mid)
+        self.assertEqual(
+            'VM ID: %s is not in Running state to migrate it to new host'
+            % vm['uuid'], self.refused(virtualmachineid=vm['uuid'],
+                                       hostid=inventory.host_id('host-b')))
+        self.assertIsNone(self.a.migration_get(mid)['finished'])
+        self.a.migration_abort(mid)
+
+    def wait_end(self, mid):
+        deadline = time.monotonic() + 60
+        while self.a.migration_get(mid).get('finished') is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def test_responses_carry_cloudstacks_fields(self):
+        vm = self.make_vm(snapshots=0)
+        [listed] = self.cs.listVirtualMachines(id=vm['uuid'],
+                                               fetch_list=True)
+        for key in ('zoneid', 'podid', 'clusterid', 'templateid',
+                    'serviceofferingid', 'cpunumber', 'memory', 'account',
+                    'domainid'):
+            self.assertIn(key, listed)
+        self.assertEqual(inventory.cluster('host-a')['clusterid'],
+                         listed['clusterid'])
+        for host in self.cs.listHosts(fetch_list=True):
+            for key in ('zoneid', 'podid', 'clusterid'):
+                self.assertIn(key, host)
+        for pool in self.cs.listStoragePools(fetch_list=True):
+            for key in ('zoneid', 'podid', 'clusterid'):
+                self.assertIn(key, pool)
+        for volume in self.cs.listVolumes(fetch_list=True):
+            for key in ('zoneid', 'account', 'domainid'):
+                self.assertIn(key, volume)
+        started = self.cs.migrateVirtualMachineWithVolume(
+            virtualmachineid=vm['uuid'], hostid=inventory.host_id('host-b'),
+            fetch_result=False)
+        job = wait_job(self.cs, started['jobid'])
+        self.assertEqual(1, job['jobstatus'], job)
+        self.assertIn('accountid', job)
+        self.assertIn('userid', job)
+        self.assertEqual(inventory.cluster('host-b')['clusterid'],
+                         job['jobresult']['virtualmachine']['clusterid'])
+
+    def test_our_own_pool_ids_are_storage_labels(self):
+        # the management server labels a pool's SR with the pool's uuid:
+        # ours are known without [cloudstack]sr_labels
+        vm = self.make_vm(snapshots=0)
+        response = requests.post(
+            '%s/xsm/v1/hosts/host-b/commands' % self.base_url,
+            data=fixtures.receive(vm, [8 * MiB, 12 * MiB], [
+                inventory.pool_id('host-b', 'sr-b'),
+                inventory.pool_id('host-b', 'sr-b2')]),
+            headers={'Authorization': 'Bearer %s' % TOKEN}, timeout=60)
+        self.assertEqual(200, response.status_code, response.text)
+        [answer] = response.json()
+        fields = next(iter(answer.values()))
+        self.assertIs(True, fields['result'], fields.get('details'))
+        self.assertEqual(['sr-b', 'sr-b2'],
+                         [p['u']['sr'] for p in fields['volumeToSr']])

@@ -51,14 +51,27 @@ class TestJobs(base.TestCase):
         def fail():
             raise jobs_mod.JobFailed(533, 'no room')
         out = self.run_job(fail)
-        self.assertEqual((2, 533, {'errorcode': 533, 'errortext': 'no room'}),
+        # CloudStack's ExceptionResponse: uuidList, errorcode, cserrorcode,
+        # errortext (was errorcode and errortext only)
+        self.assertEqual((2, 533, {'uuidList': [], 'errorcode': 533,
+                                   'cserrorcode': 4250,
+                                   'errortext': 'no room'}),
                          (out['jobstatus'], out['jobresultcode'],
                           out['jobresult']))
 
     def test_an_unexpected_error_is_530(self):
         out = self.run_job(lambda: 1 / 0)
         self.assertEqual(530, out['jobresult']['errorcode'])
+        self.assertEqual(4250, out['jobresult']['cserrorcode'])
         self.assertIn('ZeroDivisionError', out['jobresult']['errortext'])
+
+    def test_a_remote_traceback_never_reaches_the_result(self):
+        def fail():
+            raise RuntimeError('no room\nTraceback (most recent call '
+                               'last):\n  File "/usr/lib/x.py", line 1')
+        out = self.run_job(fail)
+        self.assertEqual('RuntimeError: no room',
+                         out['jobresult']['errortext'])
 
     def test_pending_jobs_have_no_result_and_old_ones_go(self):
         jobs = jobs_mod.Jobs(retention=60)
@@ -95,10 +108,14 @@ class TestErrorCodes(base.TestCase):
 class FakeAPI:
     clients = {'host-a': None}
 
+    def knows(self, command):
+        return command in ('listVolumes', 'listHosts')
+
     def call(self, command, params):
         if command == 'listVolumes':
             return {}
-        raise api_mod.ApiError(432, 'no such command %s' % command)
+        raise api_mod.ApiError(431, 'Unable to execute API command '
+                               'listhosts due to invalid value.')
 
     def resource(self, host):
         raise AssertionError('not called')
@@ -152,9 +169,23 @@ class TestApplication(base.TestCase):
             'errortext': signature.MESSAGE}}), self.request(params))
 
     def test_api_errors_use_their_code_as_http_status(self):
-        code, body = self.request(self.sign({'command': 'rebootRouter'}))
-        self.assertEqual(432, code)
-        self.assertEqual(432, body['rebootrouterresponse']['errorcode'])
+        code, body = self.request(self.sign({'command': 'listHosts'}))
+        self.assertEqual((431, {'listhostsresponse': {
+            'uuidList': [], 'errorcode': 431, 'cserrorcode': 9999,
+            'errortext': 'Unable to execute API command listhosts due to '
+                         'invalid value.'}}), (code, body))
+
+    def test_an_unknown_command_is_432_before_the_signature(self):
+        # ApiServer.verifyRequest: UNSUPPORTED_ACTION_ERROR, fixed text,
+        # "errorresponse" (ApiServer.getSerializedApiError)
+        expected = (432, {'errorresponse': {
+            'uuidList': [], 'errorcode': 432, 'cserrorcode': 9999,
+            'errortext': 'The given command does not exist or it is not '
+                         'available for user'}})
+        self.assertEqual(expected, self.request(
+            self.sign({'command': 'rebootRouter'})))
+        self.assertEqual(expected, self.request({'command': 'rebootRouter'}))
+        self.assertEqual(expected, self.request({}))
 
     def test_the_command_endpoint_is_off_without_a_token(self):
         code, body = self.request({}, 'POST', '/xsm/v1/hosts/host-a/commands')
