@@ -131,3 +131,58 @@ class TestCloudStackServiceProcess(fixtures.RabbitAgentsFixture):
             cs.CloudStack(endpoint=api.endpoint, key=KEY,
                           secret='wrong').listVirtualMachines)
         self.assertEqual(401, exc.response.status_code)
+
+    def test_concurrent_migrations_of_one_vm_get_one_job(self):
+        # over the real broker remote errors carry the agent's traceback:
+        # none may reach a client, and only one job may start
+        import threading
+        vm = self.a.vm_create('i-2-8-VM', [{'sr': 'sr-a', 'size': 8 * MiB}],
+                              vifs=['net0'])
+        self.a.vm_start(vm['uuid'])
+        self.a.guest_start(vm['uuid'], rate=300, fill=0.5)
+        endpoint = 'http://127.0.0.1:%d/client/api' % self.port
+        dest = inventory.host_id(self.agents['b'].name)
+        started, refused = [], []
+
+        def migrate():
+            api = cs.CloudStack(endpoint=endpoint, key=KEY, secret=SECRET,
+                                timeout=60)
+            try:
+                started.append(api.migrateVirtualMachineWithVolume(
+                    virtualmachineid=vm['uuid'], hostid=dest))
+            except cs.CloudStackApiException as exc:
+                refused.append(exc)
+        threads = [threading.Thread(target=migrate) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        self.assertEqual(1, len(started), [e.error for e in refused])
+        for exc in refused:
+            self.assertEqual(431, exc.response.status_code)
+            self.assertEqual({'uuidList': [], 'errorcode': 431,
+                              'cserrorcode': 9999, 'errortext':
+                              'VM ID: %s is not in Running state to '
+                              'migrate it to new host' % vm['uuid']},
+                             exc.error)
+        api = cs.CloudStack(endpoint=endpoint, key=KEY, secret=SECRET,
+                            fetch_result=True, poll_interval=0.1,
+                            timeout=30, job_timeout=120)
+        deadline = time.monotonic() + 120
+        while True:
+            job = api.queryAsyncJobResult(jobid=started[0]['jobid'],
+                                          fetch_result=False)
+            if job['jobstatus'] != 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual(1, job['jobstatus'], job)
+        self.assertNotIn('Traceback', str(job))
+        self.assertEqual(self.agents['b'].name,
+                         job['jobresult']['virtualmachine']['hostname'])
+        # a VM that is nowhere now: CloudStack's 431, no traceback
+        exc = self.assertRaises(
+            cs.CloudStackApiException, api.migrateVirtualMachineWithVolume,
+            virtualmachineid=vm['uuid'], hostid=dest)
+        self.assertEqual(431, exc.error['errorcode'])
+        self.assertIn('Cannot migrate VM as it is already present on host',
+                      exc.error['errortext'])

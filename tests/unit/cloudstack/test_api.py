@@ -17,11 +17,15 @@ import io
 import json
 from urllib import parse
 
+import oslo_messaging as messaging
+
 from tests import base
 from xsm_driver.cloudstack import api as api_mod
 from xsm_driver.cloudstack import jobs as jobs_mod
+from xsm_driver.cloudstack import resource as resource_mod
 from xsm_driver.cloudstack import signature
 from xsm_driver.cloudstack import wsgi
+from xsm_driver.core import exception
 from xsm_driver.core.migration import errors
 
 NOW = datetime.datetime(2026, 11, 26, 12, 0, 0,
@@ -93,6 +97,19 @@ class TestErrorCodes(base.TestCase):
         self.assertEqual(431, api_mod.error_code(errors.VDINotInMap(
             vdis=['v'])))
         self.assertEqual(530, api_mod.error_code(RuntimeError()))
+
+    def test_remote_tracebacks_are_cut_from_messages(self):
+        # oslo.messaging rebuilds a remote XSMError with the remote
+        # traceback appended to its message
+        remote = type('XSMError_Remote', (exception.XSMError,), {
+            '__str__': lambda self: 'no room\nTraceback (most recent call '
+            'last):\n  File "/usr/lib/python3/x.py", line 1'})('no room')
+        self.assertEqual('no room', resource_mod.describe(remote))
+        err = messaging.RemoteError('KeyError', "'x'", ['Traceback ...'])
+        self.assertEqual("remote error: KeyError: 'x'",
+                         resource_mod.describe(err))
+        self.assertEqual(4325, api_mod.cs_error_code(533))
+        self.assertEqual(4250, api_mod.cs_error_code(530))
 
     def test_migrateto_is_read_in_index_order(self):
         params = {'migrateto[1].volume': 'v1', 'migrateto[1].pool': 'p1',
