@@ -60,7 +60,7 @@ def strip_traceback(text):
     oslo.messaging appends the remote traceback to a rebuilt exception's
     message: it must never reach an API client.
 
-    >>> strip_traceback('no room\nTraceback (most recent call last):\n  F')
+    >>> strip_traceback('no room\\nTraceback (most recent call last):\\n  F')
     'no room'
     """
     text = str(text or '').split(_TRACEBACK)[0].strip()

@@ -87,6 +87,35 @@ def describe(exc):
     return strip_traceback(text)
 
 
+def nic_vif(vifs, nic):
+    """The VIF of a VM a CloudStack ``NicTO`` names, or None.
+
+    XenServer's resource finds a NIC's VIF by its MAC address. An xsm VM's
+    VIFs are names: one equal to the NIC's ``mac`` (case aside) is taken
+    first, then one equal to its ``name`` (the network), and only then the
+    VIF at the NIC's ``deviceId``, as before.
+
+    >>> nic_vif(['net0', '02:00:00:00:00:0a'],
+    ...         cmds.Nic({'deviceId': 0, 'mac': '02:00:00:00:00:0A'}, 'c'))
+    '02:00:00:00:00:0a'
+    >>> nic_vif(['a', 'b'], cmds.Nic({'deviceId': 0, 'name': 'b'}, 'c'))
+    'b'
+    >>> nic_vif(['a', 'b'], cmds.Nic({'deviceId': 1}, 'c'))
+    'b'
+    >>> nic_vif(['a'], cmds.Nic({'deviceId': 3}, 'c')) is None
+    True
+    """
+    if isinstance(nic.mac, str) and nic.mac:
+        for vif in vifs:
+            if isinstance(vif, str) and vif.lower() == nic.mac.lower():
+                return vif
+    if isinstance(nic.name, str) and vifs.count(nic.name) == 1:
+        return nic.name
+    if nic.device is not None and 0 <= nic.device < len(vifs):
+        return vifs[nic.device]
+    return None
+
+
 class Resource:
     """Execute CloudStack's MigrateWithStorage commands for one host.
 
@@ -260,12 +289,12 @@ class Resource:
         vifs = list(record.get('vifs') or ())
         out = {}
         for nic, target in nic_pairs:
-            if not 0 <= nic.device < len(vifs):
+            vif = nic_vif(vifs, nic)
+            if vif is None:
                 raise cmds.CommandError(
                     command=cmds.short_name(command),
                     reason='NIC with deviceId %s: VM %s has %d network '
                     'interfaces' % (nic.device, record['name'], len(vifs)))
-            vif = vifs[nic.device]
             network = target.get('network') if isinstance(target, dict) \
                 else target
             if network is not None and not isinstance(network, str):

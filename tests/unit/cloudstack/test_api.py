@@ -13,6 +13,7 @@
 """The API service's pieces without hosts: jobs, errors, HTTP shapes."""
 
 import datetime
+import doctest
 import io
 import json
 from urllib import parse
@@ -27,6 +28,13 @@ from xsm_driver.cloudstack import signature
 from xsm_driver.cloudstack import wsgi
 from xsm_driver.core import exception
 from xsm_driver.core.migration import errors
+
+
+def load_tests(loader, tests, ignore):
+    for module in (api_mod, jobs_mod, resource_mod):
+        tests.addTests(doctest.DocTestSuite(module))
+    return tests
+
 
 NOW = datetime.datetime(2026, 11, 26, 12, 0, 0,
                         tzinfo=datetime.timezone.utc)
@@ -110,6 +118,19 @@ class TestErrorCodes(base.TestCase):
                          resource_mod.describe(err))
         self.assertEqual(4325, api_mod.cs_error_code(533))
         self.assertEqual(4250, api_mod.cs_error_code(530))
+
+    def test_a_nic_is_matched_by_mac_then_name_then_device(self):
+        from xsm_driver.cloudstack import commands as cmds
+
+        def nic(**fields):
+            return cmds.Nic(fields, cmds.SEND)
+        vifs = ['guest', '02:00:00:00:00:0a', 'storage']
+        self.assertEqual('02:00:00:00:00:0a', resource_mod.nic_vif(
+            vifs, nic(deviceId=0, mac='02:00:00:00:00:0A')))
+        self.assertEqual('storage', resource_mod.nic_vif(
+            vifs, nic(deviceId=0, name='storage', mac='02:ff')))
+        self.assertEqual('guest', resource_mod.nic_vif(vifs, nic(deviceId=0)))
+        self.assertIsNone(resource_mod.nic_vif(vifs, nic(deviceId=5)))
 
     def test_migrateto_is_read_in_index_order(self):
         params = {'migrateto[1].volume': 'v1', 'migrateto[1].pool': 'p1',
