@@ -50,8 +50,9 @@ extension's):
                             ``/etc/xsm-driver/xsm-driver.conf``)
 ``xsm_sr``                  the SR new disks go to (required to create)
 ``xsm_root_size``           size of the root disk (default ``1G``)
-``xsm_disks``               (virtual machine) disks as ``SR:SIZE,...``
-                            instead of one root disk on ``xsm_sr``
+``xsm_disks``               (virtual machine, or the VM's own details)
+                            disks as ``SR:SIZE,...`` instead of one root
+                            disk on ``xsm_sr``
 ``xsm_network``             the network of a NIC without a VLAN
 ==========================  ============================================
 
@@ -211,7 +212,11 @@ def disks_of(request, conf):
     ...     'xsm_disks': 'sr-a:1M, raw-a:2M'}}}, {})
     [{'sr': 'sr-a', 'size': 1048576}, {'sr': 'raw-a', 'size': 2097152}]
     """
-    spec = vm_settings(request).get('xsm_disks')
+    # the template's (or VM's) extension details; else the VM's own
+    # details (deployVirtualMachine details[0].xsm_disks=...)
+    own = vm_details(request).get('details')
+    spec = vm_settings(request).get('xsm_disks') or (
+        own.get('xsm_disks') if isinstance(own, dict) else None)
     if spec:
         out = []
         for item in _split(spec):

@@ -13,8 +13,10 @@
 """The Orchestrator Extension's translation, without IO."""
 
 import doctest
+import io
 import json
 
+import fixtures
 import oslo_messaging as messaging
 
 from tests import base
@@ -135,6 +137,28 @@ class TestExtension(base.TestCase):
         self.assertEqual('running', vm['power_state'])
         self.assertEqual(['guest', 'vlan-7'], vm['vifs'])
         self.assertEqual(1 << 30, self.agents['a'].calls[1][2][0]['size'])
+
+    def test_disks_from_the_vms_own_details(self):
+        req = request()
+        req['cloudstack.vm.details']['details'] = {'xsm_disks': 'sr-a:2M'}
+        self.assertEqual([{'sr': 'sr-a', 'size': 2 << 20}],
+                         extension.disks_of(req, {}))
+        exc = self.assertRaises(extension.ExtensionError, extension.disks_of,
+                                request(xsm_disks='sr-a'), {})
+        self.assertIn('is not SR:SIZE', exc.message)
+        exc = self.assertRaises(extension.ExtensionError, extension.disks_of,
+                                request(xsm_disks='sr-a:lots'), {})
+        self.assertIn('xsm_disks', exc.message)
+
+    def test_main_refuses_wrong_calls_with_one_json_error(self):
+        from xsm_driver.cmd import cloudstack_extension as cmd
+        out = io.StringIO()
+        self.useFixture(fixtures.MonkeyPatch('sys.stdout', out))
+        self.assertEqual(2, cmd.main(['status']))
+        self.assertEqual(1, cmd.main(['status', '/nonexistent/x.json']))
+        answers = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([['error'], ['error']], [list(a) for a in answers])
+        self.assertIn('cannot read the JSON file', answers[1]['error'])
 
     def test_create_destroys_what_it_made_when_start_fails(self):
         self.agents['a'].fail['vm_start'] = exception.XSMError('no space')
