@@ -241,7 +241,11 @@ class API:
                     continue
                 if params.get('name') and params['name'] != vm['name']:
                     continue
-                out.append(snap.vm_response(h, vm))
+                item = snap.vm_response(h, vm)
+                with self._lock:
+                    if vm['uuid'] in self._migrating:
+                        item['state'] = 'Migrating'     # as CloudStack's
+                out.append(item)
         return _listing('virtualmachine', out, params)
 
     def list_volumes(self, params):

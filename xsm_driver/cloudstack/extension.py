@@ -289,6 +289,27 @@ def parameters(request):
     return _object(request.get('parameters'), 'parameters')
 
 
+#: names the destination host parameter may have (the first is
+#: documented), and the SR ones
+HOST_PARAMETERS = ('host', 'destination', 'destinationhost', 'hostname')
+POOL_PARAMETERS = ('pool', 'storagepool', 'sr')
+POOLS_PARAMETERS = ('pools', 'storagepools', 'srs')
+
+
+def _first(params, names):
+    """The first of ``names`` given in ``params`` (any case), or None.
+
+    >>> _first({'SR': 'a'}, POOL_PARAMETERS)
+    'a'
+    """
+    lowered = {str(k).lower(): v for k, v in params.items()}
+    for name in names:
+        value = lowered.get(name)
+        if value not in (None, ''):
+            return value
+    return None
+
+
 def vdi_map(record, params):
     """The destination SR of each of the VM's disks, by VDI.
 
@@ -302,9 +323,9 @@ def vdi_map(record, params):
     [('a', 'sr-b'), ('b', 'raw-b')]
     """
     disks = record['disks']
-    default = params.get('pool') or None
+    default = _first(params, POOL_PARAMETERS)
     out = {}
-    items = _split(params.get('pools'))
+    items = _split(_first(params, POOLS_PARAMETERS))
     named = [i for i in items if '=' in i]
     if named and len(named) != len(items):
         raise ExtensionError('pools: give either SR,SR,... in disk order or '
@@ -558,12 +579,12 @@ class Extension:
 
     def do_migratevmwithvolume(self, request, conf):
         params = parameters(request)
-        dest = params.get('host') or params.get('destination')
+        dest = _first(params, HOST_PARAMETERS)
         if not isinstance(dest, str) or not dest.strip():
             raise ExtensionError('migratevmwithvolume needs the parameter '
                                  'host=<destination xsm host>')
         dest = dest.strip()
-        wait = flag(params.get('wait'))
+        wait = flag(_first(params, ('wait',)))
         source, record = self._require(request, conf)
         if dest == source:
             raise ExtensionError('VM %s is already on host %s'

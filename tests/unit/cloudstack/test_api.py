@@ -22,6 +22,7 @@ import oslo_messaging as messaging
 
 from tests import base
 from xsm_driver.cloudstack import api as api_mod
+from xsm_driver.cloudstack import inventory
 from xsm_driver.cloudstack import jobs as jobs_mod
 from xsm_driver.cloudstack import resource as resource_mod
 from xsm_driver.cloudstack import signature
@@ -141,6 +142,41 @@ class TestErrorCodes(base.TestCase):
         exc = self.assertRaises(api_mod.ApiError, api_mod.API._migrate_to,
                                 {'migrateto[0].volume': 'v0'})
         self.assertEqual(431, exc.code)
+
+
+class FakeAgent:
+
+    def host_info(self):
+        return {'name': 'host-a', 'srs': [{'name': 'sr-a', 'type': 'vhd',
+                                           'size': 100, 'free': 100}]}
+
+    def vm_list(self):
+        return [{'uuid': 'vm-1', 'name': 'i-2-1-VM', 'vifs': [],
+                 'power_state': 'running', 'disks': []}]
+
+    def vdi_list(self):
+        return []
+
+    def migration_list(self):
+        return []
+
+
+class TestMigratingState(base.TestCase):
+
+    def test_a_vm_a_job_of_ours_moves_is_listed_migrating(self):
+        api = api_mod.API({'host-a': FakeAgent()}, None, jobs_mod.Jobs())
+        [vm] = api.call('listVirtualMachines', {})['virtualmachine']
+        self.assertEqual('Running', vm['state'])
+        api._migrating.add('vm-1')
+        [vm] = api.call('listVirtualMachines', {})['virtualmachine']
+        self.assertEqual('Migrating', vm['state'])
+        exc = self.assertRaises(api_mod.ApiError, api.call,
+                                'migrateVirtualMachineWithVolume',
+                                {'virtualmachineid': 'vm-1',
+                                 'hostid': inventory.host_id('host-a')})
+        self.assertEqual((431, 9999, 'VM ID: vm-1 is not in Running state '
+                          'to migrate it to new host'),
+                         (exc.code, exc.cserrorcode, exc.text))
 
 
 class FakeAPI:

@@ -223,7 +223,7 @@ class TestExtension(base.TestCase):
             {'id': 'mig-1', 'phase': 'done', 'finished': 5.0,
              'result': {'vdis': {'vdi-0': 'new-0'}}}]
         answer = self.run_action('migratevmwithvolume', request(
-            parameters={'host': 'b', 'pools': 'xvda=raw-b', 'pool': 'sr-b'}))
+            parameters={'Host': 'b', 'pools': 'xvda=raw-b', 'sr': 'sr-b'}))
         call = [c for c in self.agents['a'].calls if c[0] == 'migrate_vm'][0]
         self.assertEqual((vm['uuid'], 'b', {'vdi-0': 'raw-b'},
                           {'vlan-7': 'vlan-7', 'guest': 'guest'}), call[1:])
