@@ -12,9 +12,10 @@
 
 """The Orchestrator Extension executable, run as CloudStack runs it.
 
-Each action is a separate ``python -m xsm_driver.cmd.cloudstack_extension
-ACTION FILE TIMEOUT`` process given a JSON file shaped as CloudStack's
-management server writes it (``cloudstack.vm.details``,
+Each action is a separate ``xsm-cloudstack-extension ACTION FILE TIMEOUT``
+process (the console script installed beside this interpreter) given a
+JSON file shaped as CloudStack's management server writes it
+(``cloudstack.vm.details``,
 ``externaldetails.extension/host/virtualmachine``, ``parameters``,
 ``virtualmachinename``, ``caller``), against two xsm-agent processes on the
 real RabbitMQ.
@@ -88,9 +89,13 @@ class TestExtensionProcesses(fixtures.RabbitAgentsFixture):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [base.REPO_TOP] + [p for p in [os.environ.get('PYTHONPATH')]
                                if p]))
+        script = os.path.join(os.path.dirname(sys.executable),
+                              'xsm-cloudstack-extension')
+        if not os.path.exists(script):
+            self.missing('xsm-cloudstack-extension is not installed beside '
+                         '%s: pip install -e .' % sys.executable)
         proc = subprocess.run(
-            [sys.executable, '-m', 'xsm_driver.cmd.cloudstack_extension',
-             action, path, str(timeout)], stdin=subprocess.DEVNULL,
+            [script, action, path, str(timeout)], stdin=subprocess.DEVNULL,
             capture_output=True, text=True, cwd=base.REPO_TOP, env=env,
             timeout=timeout + 30)
         lines = proc.stdout.strip().splitlines()
