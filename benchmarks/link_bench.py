@@ -100,8 +100,6 @@ class Bench:
         self.logfile = open(os.path.join(root, 'tools.log'), 'ab')
 
     def setup(self):
-        from oslo_config import cfg
-
         from tests.functional.core.migration import fixtures
         from tests.functional.faults import fixtures as ffix
         from xsm_driver.core.nbd import tls
@@ -128,12 +126,8 @@ class Bench:
             problem = agent.ready_problem(deadline)
             if problem:
                 raise BenchError(problem)
-        path = os.path.join(self.root, 'client.conf')
-        with open(path, 'w') as f:
-            f.write('[DEFAULT]\ncontrol_exchange = %s\n' % self.exchange)
-        conf = cfg.ConfigOpts()
-        conf(['--config-file', path], project='xsm-driver-linkbench',
-             default_config_files=[], default_config_dirs=[])
+        # the exchange, and the operator key its agents trust
+        conf = fixtures.client_conf(self.root, self.exchange)
         self.transport = api.get_transport(conf, url=fixtures.RABBIT_URL)
         self.clients = {r: api.AgentAPI(self.transport, a.name, timeout=300)
                         for r, a in self.agents.items()}
@@ -289,7 +283,8 @@ class Bench:
                              daemon=True).start()
         if self.agents:
             self.fixtures._delete_from_broker(
-                ['xsm-agent.%s' % g.name for g in self.agents.values()],
+                self.fixtures.queue_names(
+                    self.exchange, *[g.name for g in self.agents.values()]),
                 self.exchange)
         if self.proxy is not None:
             self.proxy.stop()

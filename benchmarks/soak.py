@@ -243,7 +243,6 @@ class Soak:
     # -- set-up and tear-down ------------------------------------------------
 
     def start(self):
-        from oslo_config import cfg
 
         from xsm_driver.core.rpc import api
         problem = self.fixtures.broker_problem()
@@ -256,12 +255,8 @@ class Soak:
             problem = agent.ready_problem(deadline)
             if problem:
                 raise SoakError(problem)
-        path = os.path.join(self.root, 'client.conf')
-        with open(path, 'w') as f:
-            f.write('[DEFAULT]\ncontrol_exchange = %s\n' % self.exchange)
-        conf = cfg.ConfigOpts()
-        conf(['--config-file', path], project='xsm-driver-soak',
-             default_config_files=[], default_config_dirs=[])
+        # the exchange, and the operator key its agents trust
+        conf = self.fixtures.client_conf(self.root, self.exchange)
         self.transport = api.get_transport(conf,
                                            url=self.fixtures.RABBIT_URL)
         for role, agent in self.agents.items():
@@ -276,7 +271,8 @@ class Soak:
             self.transport.cleanup()
             self.transport = None
         self.fixtures._delete_from_broker(
-            ['xsm-agent.%s' % a.name for a in self.agents.values()],
+            self.fixtures.queue_names(
+                self.exchange, *[a.name for a in self.agents.values()]),
             self.exchange)
 
     def tails(self):

@@ -158,7 +158,9 @@ class TestRefusals(fixtures.NamespacedAgentsFixture):
     def prepare(self):
         mid = str(uuidlib.uuid4())
         vdi = str(uuidlib.uuid4())
-        spec = {'id': mid, 'source_host': 'test-%s' % self.token, 'vm': None,
+        # the test is the source, in the name of host a (agents take
+        # receives from trusted hosts only)
+        spec = {'id': mid, 'source_host': self.agents['a'].name, 'vm': None,
                 'vif_map': {}, 'cross_pool': False, 'network': None,
                 'vdis': [{'uuid': vdi, 'size': self.SIZE, 'allocated': 0,
                           'name': 'refusals', 'sr': 'sr-b',

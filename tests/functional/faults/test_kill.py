@@ -289,7 +289,8 @@ class TestCLIKilled(KillTest):
         conf = os.path.join(self.root, 'cli.conf')
         with open(conf, 'w') as f:
             f.write('[DEFAULT]\ntransport_url = %s\ncontrol_exchange = %s\n'
-                    % (rabbit.RABBIT_URL, self.exchange))
+                    '\n%s\n' % (rabbit.RABBIT_URL, self.exchange, '\n'.join(
+                        rabbit.keyring(self.exchange).client_lines())))
         return [sys.executable, '-m', 'xsm_driver.cmd.migrate', args[0],
                 '--config-file', conf, '--host', self.agents['a'].name,
                 '--rpc-timeout', '30'] + list(args[1:])
