@@ -28,10 +28,12 @@ import oslo_messaging as messaging
 from oslo_messaging._drivers import common as rpc_common
 
 from xsm_driver.core import exception
+from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core import rpc
 from xsm_driver.core.rpc import api
 from xsm_driver.core.rpc import arguments
+from xsm_driver.core.rpc import auth
 
 LOG = logging.getLogger(__name__)
 
@@ -71,6 +73,15 @@ def _checked(name, func):
                                       (self, context) + args, kwargs)
             return func(self, context, *args, **kwargs)
         caller = guard.admit(name, context, kwargs)
+        if caller.role == auth.AGENT and 'migration' in kwargs:
+            problem = auth.owner_problem(
+                caller.role, caller.name, name,
+                self._receive_source(kwargs['migration']))
+            if problem:
+                LOG.warning('refused call %s from agent %s: %s', name,
+                            caller.name, problem)
+                raise auth.NotAuthorized(host=guard.host, method=name,
+                                         reason=problem)
         try:
             arguments.check_arguments(name, signature,
                                       (self, context) + args, kwargs)
@@ -114,6 +125,19 @@ class AgentEndpoint:
         self.manager = manager
         self.host = manager.host
         self._guard = guard
+
+    def _receive_source(self, mid):
+        """The source host of the receive ``mid`` (None: unknown here)."""
+        journal = getattr(self.host, 'journal', None)
+        if journal is None or not isinstance(mid, str):
+            return None
+        try:
+            entry = journal.get(mid, role=destination.ROLE)
+        except Exception:           # (a bad id: the method will say so)
+            return None
+        if entry is None:
+            return None
+        return (entry.state.get('spec') or {}).get('source_host')
 
     # -- hosts and VMs -----------------------------------------------------
 

@@ -390,6 +390,25 @@ def argument_problem(role, sender, method, args, trust, destinations=()):
     return None
 
 
+def owner_problem(role, sender, method, source):
+    """Why a caller may not act on a receive whose source is ``source``.
+
+    An agent may act on the receives it is the source of only (an
+    operator on any; ``source`` None: no receive of that id is known).
+
+    >>> owner_problem('agent', 'h2', 'receive_complete', 'h1')
+    "agent h2 may not act on a receive from host 'h1'"
+    >>> owner_problem('agent', 'h1', 'receive_complete', 'h1') is None
+    True
+    """
+    if role != AGENT or source is None or not method.startswith('receive_'):
+        return None
+    if source != sender:
+        return 'agent %s may not act on a receive from host %r' % (sender,
+                                                                   source)
+    return None
+
+
 class ReplayCache:
     """The nonces of admitted calls, until their calls would be stale.
 

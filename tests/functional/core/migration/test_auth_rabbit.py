@@ -250,6 +250,25 @@ class TestStrangers(AttackerTest):
                             self.receive_spec(vm, self.name_a))
         self.assertEqual(before, self.state())
 
+    def test_a_trusted_agent_acts_only_on_its_own_receives(self):
+        # host b's key on host b itself: a receive from host a is not its
+        vm = self.make_vm(snapshots=0)
+        mid = self.migrate(vm, bandwidth=4 * MiB)
+        self.wait_phase(self.a, mid, 'copy')
+        _, key_b = self.keyring.hosts[self.name_b]
+        peer = api.RemotePeer(self.attacker(
+            self.name_b, auth.Credential(auth.AGENT, self.name_b, key_b)))
+        for call, args in ((peer.complete, (mid, 'running')),
+                           (peer.abort, (mid,)), (peer.compose, (mid,)),
+                           (peer.status, (mid,)), (peer.renew, (mid,))):
+            self.assert_refused(call, 'agent %s may not act on a receive '
+                                'from host %r' % (self.name_b, self.name_a),
+                                *args)
+        status = self.wait(self.a, mid)
+        self.assertEqual('done', status['phase'],
+                         '%s%s' % (status['error'], self.logs()))
+        self.assert_guest_verifies(self.b, vm)
+
 
 class TestCapturedCalls(AttackerTest):
 
