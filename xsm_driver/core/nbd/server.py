@@ -58,6 +58,7 @@ import concurrent.futures
 import errno
 import logging
 import mmap
+import os
 import secrets
 import socket
 import ssl
@@ -268,19 +269,60 @@ class _Burst:
         self._what = what                  # 'refusing new connections'
         self._limit = limit                # 'max_connections'
 
-    def hit(self, address, value):
+    def hit(self, where, value):
         self.total += 1
         self._burst += 1
         if self._burst == 1:
-            LOG.warning('NBD server %s:%d: %s: %s (%d) reached (counted, '
-                        'not logged, until the burst ends)', address[0],
-                        address[1], self._what, self._limit, value)
+            LOG.warning('NBD server %s: %s: %s (%d) reached (counted, '
+                        'not logged, until the burst ends)', where,
+                        self._what, self._limit, value)
 
-    def end(self, address):
+    def end(self, where):
         if self._burst:
-            LOG.info('NBD server %s:%d: %s: burst over, %d in all',
-                     address[0], address[1], self._what, self._burst)
+            LOG.info('NBD server %s: %s: burst over, %d in all',
+                     where, self._what, self._burst)
             self._burst = 0
+
+
+def peer_name(peer):
+    """A client's name in logs: ``host:port``, or ``unix`` (no name)."""
+    if isinstance(peer, (tuple, list)):
+        return '%s:%d' % tuple(peer[:2])
+    return 'unix:%s' % peer if peer else 'unix'
+
+
+def unix_listener(path):
+    """A listening unix socket at ``path``, mode 0600 from the start.
+
+    A stale socket file (its server gone: nobody answers) is replaced; a
+    live one is refused (``OSError`` EADDRINUSE), as a TCP port in use.
+    """
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)                # stale: nobody listens
+        else:
+            raise OSError(errno.EADDRINUSE, 'NBD unix socket in use', path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        # No one can connect before listen(): no window with a wider mode.
+        os.chmod(path, 0o600)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        os.unlink(path)
+        raise
+    return sock
 
 
 def unguessable_name():
@@ -373,6 +415,10 @@ class Server:
     :param exports: mapping of export name to block device.
     :param host: address to listen on.
     :param port: TCP port (0 picks a free one; see :attr:`address`).
+    :param path: listen on this unix socket instead of TCP (the agent's
+        exports to its local QEMU guests); ``host`` and ``port`` are then
+        unused. Every bound below applies the same way; the socket file
+        is made with mode 0600 and removed by :meth:`stop`.
     :param tls_context: a server :class:`ssl.SSLContext`; when given, TLS
         is required before any export is shown.
     :param workers: requests of one connection served in parallel.
@@ -393,12 +439,14 @@ class Server:
     def __init__(self, exports, host='127.0.0.1', port=0, tls_context=None,
                  workers=8, max_payload=p.MAX_PAYLOAD, list_exports=True,
                  max_connections=None, max_handshakes=None,
-                 handshake_timeout=None, request_timeout=None):
+                 handshake_timeout=None, request_timeout=None,
+                 path=None):
         self._devices = dict(exports)
         self._once = set()                 # names of one-shot exports
         self._exports_lock = threading.Lock()
         self._table = _ExportTable(self._devices, max_payload, list_exports)
         self._host, self._port = host, port
+        self._path = path
         self._tls = tls_context
         self._workers = workers
         self._max_payload = max_payload
@@ -440,23 +488,49 @@ class Server:
     # -- life cycle ----------------------------------------------------------
 
     def start(self):
-        family = socket.AF_INET6 if ':' in self._host else socket.AF_INET
-        self._listener = socket.create_server((self._host, self._port),
-                                              family=family, backlog=64)
+        if self._path is not None:
+            self._listener = unix_listener(self._path)
+        else:
+            family = (socket.AF_INET6 if ':' in self._host
+                      else socket.AF_INET)
+            self._listener = socket.create_server(
+                (self._host, self._port), family=family, backlog=64)
         self._thread = threading.Thread(target=self._accept_loop,
                                         name='xsm-nbd-accept', daemon=True)
         try:
             self._thread.start()
         except BaseException:
             self._listener.close()
+            self._unlink()
             raise
-        LOG.info('NBD server listening on %s:%d (%s)', *self.address,
+        LOG.info('NBD server listening on %s (%s)', self.where,
                  'TLS' if self._tls else 'plain')
         return self
 
     @property
     def address(self):
+        """``(host, port)``; the socket's path when on a unix socket."""
+        if self._path is not None:
+            return self._path
         return self._listener.getsockname()[:2]
+
+    @property
+    def unix(self):
+        return self._path is not None
+
+    @property
+    def where(self):
+        """Where it listens, for logs: ``host:port`` or ``unix:path``."""
+        if self._path is not None:
+            return 'unix:%s' % self._path
+        return '%s:%d' % tuple(self.address)
+
+    def _unlink(self):
+        if self._path is not None:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
 
     def stop(self):
         """Stop listening, close every connection, wait for the threads.
@@ -478,6 +552,7 @@ class Server:
             self._thread.join()
         if self._listener is not None:
             self._listener.close()
+            self._unlink()
         with self._lock:
             handlers = list(self._handlers)
         for handler in handlers:
@@ -562,10 +637,10 @@ class Server:
             except Exception as exc:       # the loop must never die
                 self._drop(sock)
                 if not self._thread_error:
-                    LOG.error('NBD server %s:%d: cannot serve a new '
+                    LOG.error('NBD server %s: cannot serve a new '
                               'connection (%s: %s); closing it, pausing '
                               '%.1f s (logged once until one is served)',
-                              *self.address, type(exc).__name__, exc,
+                              self.where, type(exc).__name__, exc,
                               ACCEPT_PAUSE)
                 self._thread_error = True
                 self._stopping.wait(ACCEPT_PAUSE)
@@ -590,15 +665,15 @@ class Server:
             decision = admission(len(self._handlers), len(waiting),
                                  max_conns, max_hands)
             if decision == REFUSE:
-                self._refusals.hit(self.address, max_conns)
+                self._refusals.hit(self.where, max_conns)
             else:
-                self._refusals.end(self.address)
+                self._refusals.end(self.where)
             if decision == EVICT:
                 victim = min(waiting, key=lambda h: h.accepted)
                 victim.evicted = True
-                self._evictions.hit(self.address, max_hands)
+                self._evictions.hit(self.where, max_hands)
             elif decision == ADMIT:
-                self._evictions.end(self.address)
+                self._evictions.end(self.where)
         if decision == REFUSE:
             self._drop(sock)
             return
@@ -626,7 +701,7 @@ class _Handler:
     def __init__(self, server, sock, peer):
         self.server = server
         self.sock = sock
-        self.peer = '%s:%d' % tuple(peer[:2])
+        self.peer = peer_name(peer)
         self.conn = _ServerConnection(
             server, server._table.for_connection(),
             tls='require' if server._tls else 'off',
@@ -677,8 +752,11 @@ class _Handler:
 
     def _run(self):
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.sock.family != socket.AF_UNIX:
+                self.sock.setsockopt(socket.SOL_SOCKET,
+                                     socket.SO_KEEPALIVE, 1)
+                self.sock.setsockopt(socket.IPPROTO_TCP,
+                                     socket.TCP_NODELAY, 1)
             handshake_timeout = self.server.handshake_timeout
             self._deadline = time.monotonic() + handshake_timeout
             self.sock.settimeout(handshake_timeout)
