@@ -44,8 +44,10 @@ import oslo_messaging as messaging
 
 from xsm_driver.cmd import common
 from xsm_driver import conf as xsm_conf
+from xsm_driver.conf import agent as agent_conf
 from xsm_driver.core import engine as engine_mod
 from xsm_driver.core import exception
+from xsm_driver.core.nbd import server as nbd_server
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
 from xsm_driver.core.rpc import auth
@@ -136,6 +138,8 @@ def main(argv=None):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # the bounds of the NBD servers this agent's migrations open
+    nbd_server.set_defaults(**agent_conf.nbd_server_limits(conf))
     try:
         options = common.migration_options(conf)
         identity = keys.identity(conf.agent, conf.agent.host)

@@ -10,15 +10,20 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""``xsm-agent init`` and ``xsm-agent operator-key``; queue names."""
+"""``xsm-agent init`` and ``xsm-agent operator-key``; queue names; the
+agent's NBD server bounds."""
 
 import contextlib
 import io
 import os
 import stat
+from unittest import mock
+
+import fixtures
 
 from tests import base
 from xsm_driver.cmd import agent as agent_cmd
+from xsm_driver.core.nbd import server as nbd_server
 from xsm_driver.core.rpc import api
 from xsm_driver.core.rpc import auth
 from xsm_driver.core.rpc import keys
@@ -92,3 +97,29 @@ class TestQueueNames(base.TestCase):
                             api.queue_name('x', 'y.z'))
         self.assertEqual('xsm-agent@x%2Ey', api.topic('x.y'))
         self.assertEqual('xsm-agent@50%25%2E', api.topic('50%.'))
+
+
+class TestNBDBounds(base.TestCase):
+
+    def test_the_agent_s_nbd_servers_follow_its_options(self):
+        root = self.make_tempdir()
+        path = os.path.join(root, 'xsm-driver.conf')
+        with open(path, 'w') as f:
+            f.write('[agent]\nhost = h7\nstate_path = %s\n'
+                    'nbd_max_connections = 7\nnbd_max_handshakes = 3\n'
+                    'nbd_handshake_timeout = 9\nnbd_request_timeout = 11\n'
+                    % os.path.join(root, 'state'))
+        names = ('MAX_CONNECTIONS', 'MAX_HANDSHAKES', 'HANDSHAKE_TIMEOUT',
+                 'REQUEST_TIMEOUT')
+        for name in names:
+            self.useFixture(fixtures.MonkeyPatch(
+                'xsm_driver.core.nbd.server.' + name,
+                getattr(nbd_server, name)))
+        # stop at the first step after the bounds are set
+        with mock.patch.object(agent_cmd.common, 'migration_options',
+                               side_effect=ValueError('stop here')):
+            rc, out, err = run('--config-file', path)
+        self.assertEqual(1, rc)
+        self.assertIn('stop here', err)
+        self.assertEqual((7, 3, 9, 11),
+                         tuple(getattr(nbd_server, n) for n in names))
