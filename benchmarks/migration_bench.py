@@ -94,8 +94,14 @@ import threading
 import time
 import uuid as uuidlib
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+for _p in (TOP, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 import _common  # noqa: E402
+# the keys of a deployment its agents trust (the suite's own helpers)
+from tests.functional.core.migration import fixtures  # noqa: E402
 
 median = _common.median
 nearest_rank = _common.nearest_rank
@@ -116,7 +122,6 @@ CASES = ('copy', 'downtime', 'latency')
 START_TIMEOUT = 60
 MIGRATION_TIMEOUT = 1800
 READY_TIMEOUT = 30.0
-TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_size(text):
@@ -253,16 +258,20 @@ class AgentProcess:
         self.stderr = os.path.join(folder, 'agent.err')
         self.proc = None
         os.makedirs(folder, exist_ok=True)
-        lines = ['[DEFAULT]', 'transport_url = %s' % rabbit_url,
-                 'control_exchange = %s' % exchange,
-                 'rpc_response_timeout = 120', '',
-                 '[agent]', 'host = %s' % name,
-                 'state_path = %s' % os.path.join(folder, 'state'),
-                 'migration_address = 127.0.0.1',
-                 # nobody consumes progress notifications here: none sent
-                 'progress_interval = 3600', '',
-                 '[sr]',
-                 'repositories = %s:vhd:%s' % (sr_name, self.sr_path)]
+        # the keys of the deployment: its agents trust each other and
+        # the operator key of fixtures.client_conf
+        trust = sorted(fixtures.keyring(exchange).agent_options(name).items())
+        lines = (['[DEFAULT]', 'transport_url = %s' % rabbit_url,
+                  'control_exchange = %s' % exchange,
+                  'rpc_response_timeout = 120', '',
+                  '[agent]', 'host = %s' % name,
+                  'state_path = %s' % os.path.join(folder, 'state'),
+                  'migration_address = 127.0.0.1',
+                  # nobody consumes progress notifications here: none sent
+                  'progress_interval = 3600'] +
+                 ['%s = %s' % item for item in trust] +
+                 ['', '[sr]',
+                  'repositories = %s:vhd:%s' % (sr_name, self.sr_path)])
         with open(self.config, 'w') as f:
             f.write('\n'.join(lines) + '\n')
         self.argv = [sys.executable, '-m', 'xsm_driver.cmd.agent',
@@ -482,7 +491,6 @@ class Bench:
     # -- agents on RabbitMQ ----------------------------------------------
 
     def start_agents(self):
-        from oslo_config import cfg
         from xsm_driver.core.rpc import api
         for role in ('a', 'b'):
             self.agents[role] = AgentProcess(
@@ -493,12 +501,8 @@ class Bench:
         deadline = time.monotonic() + START_TIMEOUT
         for agent in self.agents.values():
             agent.wait_ready(deadline)
-        conf_path = self.path('client.conf')
-        with open(conf_path, 'w') as f:
-            f.write('[DEFAULT]\ncontrol_exchange = %s\n' % self.exchange)
-        conf = cfg.ConfigOpts()
-        conf(['--config-file', conf_path], project='xsm-bench',
-             default_config_files=[], default_config_dirs=[])
+        # the exchange, and the operator key its agents trust
+        conf = fixtures.client_conf(self.dir, self.exchange)
         self.transport = api.get_transport(conf, url=self.args.rabbit)
         for role, agent in self.agents.items():
             self.clients[role] = api.AgentAPI(self.transport, agent.name,
@@ -533,9 +537,9 @@ class Bench:
             with contextlib.suppress(Exception):
                 self.transport.cleanup()
         if self.agents:
-            delete_from_broker(['xsm-agent.%s' % a.name
-                                for a in self.agents.values()] +
-                               self.extra_queues, self.exchange)
+            delete_from_broker(fixtures.queue_names(
+                self.exchange, *[a.name for a in self.agents.values()]) +
+                self.extra_queues, self.exchange)
 
     def agent_logs(self):
         return ''.join('\n--- %s stderr (tail) ---\n%s'
@@ -978,7 +982,7 @@ class Bench:
         return root, transport, agents, clients, names
 
     @staticmethod
-    def inprocess_agent(transport, name, role, root):
+    def inprocess_agent(transport, name, role, root, identity=None):
         from xsm_driver.core.migration import host as host_mod
         from xsm_driver.core.migration import manager as manager_mod
         from xsm_driver.core.rpc import agent as agent_mod
@@ -986,8 +990,8 @@ class Bench:
             name, ['sr-%s:vhd:%s' % (role, os.path.join(root, name,
                                                         'sr-' + role))],
             os.path.join(root, name, 'state'))
-        return agent_mod.Agent(transport, host,
-                               manager_mod.Options()).start()
+        return agent_mod.Agent(transport, host, manager_mod.Options(),
+                               identity=identity).start()
 
     def inprocess_migrate(self, agents, clients, names, role, vm,
                           hook=None, options=None, while_copying=None):
@@ -1124,9 +1128,10 @@ class Bench:
         else:
             root = self.path('inproc-rabbit')
             name = 'bench-l-%s' % self.token
-            agents = {'a': self.inprocess_agent(self.transport, name, 'a',
-                                                root)}
-            self.extra_queues.append('xsm-agent.%s' % name)
+            agents = {'a': self.inprocess_agent(
+                self.transport, name, 'a', root,
+                fixtures.keyring(self.exchange).identity(name))}
+            self.extra_queues += fixtures.queue_names(self.exchange, name)
             clients = {'a': api.AgentAPI(self.transport, name, timeout=300),
                        'b': self.clients['b']}
             names = {'a': name, 'b': self.agents['b'].name}
