@@ -29,6 +29,11 @@ RUNNING = 'running'
 SUCCEEDED = 'succeeded'
 CANCELLED = 'cancelled'
 FAILED = 'failed'
+#: the engine's phase (and Nova's view of it) when the switch-over's
+#: commit was neither confirmed nor refused: the guest is paused on the
+#: source, the outcome unknown until ``xsm-migrate resolve`` settles it
+#: (doc/source/switch-over.rst)
+IN_DOUBT = 'in-doubt'
 
 
 def disk_sizes(root_gb, ephemeral_gb=0, swap_mb=0, image_size=0):
@@ -94,6 +99,24 @@ def progress(snapshot):
     return total, done, total - done, percent
 
 
+def migration_progress(progress):
+    """The Migration record's disk fields from :func:`progress`'s answer.
+
+    Nova's API schemas (``GET /servers/{id}/migrations``) want each at
+    least 1, or null: a 0 (nothing copied yet, nothing left) is None.
+
+    >>> sorted(migration_progress((100, 25, 75, 25)).items())
+    [('disk_processed', 25), ('disk_remaining', 75), ('disk_total', 100)]
+    >>> sorted(migration_progress((100, 100, 0, 100)).items())
+    [('disk_processed', 100), ('disk_remaining', None), ('disk_total', 100)]
+    >>> set(migration_progress((0, 0, 0, 0)).values())
+    {None}
+    """
+    total, done, remaining, _ = progress
+    return {'disk_total': total or None, 'disk_processed': done or None,
+            'disk_remaining': remaining or None}
+
+
 def outcome(status, abort_requested=False):
     """What an engine migration status means for Nova.
 
@@ -102,21 +125,28 @@ def outcome(status, abort_requested=False):
     :returns: :data:`RUNNING`; :data:`SUCCEEDED` once the destination
         committed (also when only the source's clean-up after the commit
         failed: the instance runs on the destination then);
-        :data:`CANCELLED` for an abort the operator asked for;
+        :data:`IN_DOUBT` while nobody knows whether it committed (never a
+        failure: a rollback could run the guest twice; never a success:
+        the destination may have refused) -- also when an abort was
+        asked; :data:`CANCELLED` for an abort the operator asked for;
         :data:`FAILED` otherwise.
 
     >>> outcome({'finished': None, 'phase': 'copy'})
     'running'
     >>> outcome({'finished': 1.0, 'phase': 'done'})
     'succeeded'
+    >>> outcome({'finished': 1.0, 'phase': 'in-doubt'}, abort_requested=True)
+    'in-doubt'
     >>> outcome({'finished': 1.0, 'phase': 'aborted'}, abort_requested=True)
     'cancelled'
     >>> outcome({'finished': 1.0, 'phase': 'aborted'})
     'failed'
     """
+    phase = status.get('phase')
+    if phase == IN_DOUBT:
+        return IN_DOUBT
     if status.get('finished') is None:
         return RUNNING
-    phase = status.get('phase')
     if phase == 'done' or (phase == 'clean-up' and status.get('result')):
         return SUCCEEDED
     if abort_requested:

@@ -92,6 +92,38 @@ class TestProgress(base.TestCase):
                          decisions.progress({'done': 5, 'total': 4}))
 
 
+class TestMigrationProgress(base.TestCase):
+    """Nova 34's API schemas: each disk field null or at least 1."""
+
+    def assert_schema_valid(self, fields):
+        for name, value in fields.items():
+            self.assertTrue(value is None or (isinstance(value, int) and
+                                              value >= 1), (name, value))
+
+    def test_nothing_copied_yet_is_null(self):
+        fields = decisions.migration_progress(
+            decisions.progress({'done': 0, 'total': 8}))
+        self.assertEqual({'disk_total': 8, 'disk_processed': None,
+                          'disk_remaining': 8}, fields)
+        self.assert_schema_valid(fields)
+
+    def test_nothing_left_is_null(self):
+        fields = decisions.migration_progress(
+            decisions.progress({'done': 8, 'total': 8}))
+        self.assertEqual({'disk_total': 8, 'disk_processed': 8,
+                          'disk_remaining': None}, fields)
+        self.assert_schema_valid(fields)
+
+    def test_unknown_total_is_all_null(self):
+        fields = decisions.migration_progress(decisions.progress({}))
+        self.assertEqual({None}, set(fields.values()))
+
+    def test_every_step_valid(self):
+        for done in range(0, 9):
+            self.assert_schema_valid(decisions.migration_progress(
+                decisions.progress({'done': done, 'total': 8})))
+
+
 class TestOutcome(base.TestCase):
 
     def test_running(self):
@@ -117,6 +149,26 @@ class TestOutcome(base.TestCase):
     def test_cancelled_only_when_asked(self):
         self.assertEqual(decisions.CANCELLED, decisions.outcome(
             {'finished': 3.0, 'phase': 'aborted'}, abort_requested=True))
+
+    def test_in_doubt_is_neither_failure_nor_success(self):
+        # the guest is paused on the source and may run on the
+        # destination: never rolled back, never called done (the engine
+        # marks its run finished; the phase is what counts)
+        for finished in (None, 3.0):
+            for asked in (False, True):
+                status = {'finished': finished, 'phase': 'in-doubt',
+                          'error': 'no answer from host2', 'result': None}
+                self.assertEqual(decisions.IN_DOUBT,
+                                 decisions.outcome(status, asked))
+        self.assertNotIn(decisions.IN_DOUBT, (
+            decisions.RUNNING, decisions.SUCCEEDED, decisions.CANCELLED,
+            decisions.FAILED))
+
+    def test_resolved_in_doubt_follows_the_destination(self):
+        self.assertEqual(decisions.SUCCEEDED, decisions.outcome(
+            {'finished': 4.0, 'phase': 'done', 'result': {}}))
+        self.assertEqual(decisions.FAILED, decisions.outcome(
+            {'finished': 4.0, 'phase': 'aborted', 'result': None}))
 
 
 class TestBandwidth(base.TestCase):
