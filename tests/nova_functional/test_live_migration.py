@@ -14,7 +14,6 @@
 true}}`` through the real Nova API, with two xsm computes."""
 
 import io
-import json
 import os
 import subprocess
 import time
@@ -23,6 +22,7 @@ from nova.compute import power_state
 from unittest import mock
 
 from nova import objects
+from nova.objects import migrate_data as nova_migrate_data
 from oslo_utils import uuidutils
 
 from tests.nova_functional import base
@@ -58,6 +58,13 @@ class TestLiveMigration(base.XSMLiveMigrationTestCase):
         self.assertGreater(seen, 0)
         self.wait_for('progress on the instance', lambda: objects.Instance.
                       get_by_uuid(self.ctxt, server['id']).progress)
+        # and GET /servers/{id}/migrations shows it, valid for nova's
+        # response schema (the poller fails the test on a 400)
+        shown = self.wait_for(
+            'progress in GET /servers/{id}/migrations',
+            lambda: [m for m in self.polled_migrations
+                     if m.get('disk_processed_bytes')])
+        self.assertGreater(shown[0]['disk_total_bytes'], 0)
 
         self.wait_for_server(server, DEST)
         record = self.wait_for_migration(server, ['completed'])
@@ -65,20 +72,20 @@ class TestLiveMigration(base.XSMLiveMigrationTestCase):
         self.assertGreater(migration.disk_total, 0)
         self.assertEqual(migration.disk_total,
                          migration.disk_processed)
-        self.assertEqual(0, migration.disk_remaining)
+        # nothing left: null, as nova's API schema wants (not 0)
+        self.assertIsNone(migration.disk_remaining)
 
         engine = self.engine_migration()
         self.assertEqual('done', engine['phase'], engine['error'])
         self.assertGreater(engine['guest_writes_during_migration'], 0)
         self.assertIsNotNone(engine['downtime_ms'])
 
-        # live_migration got what pre_live_migration prepared on the
-        # destination, and the engine ran on it
+        # live_migration got nova's own migrate_data, nothing secret in
+        # it; the receive is prepared when the engine starts, agent to
+        # agent
         self.assertEqual(1, len(calls))
-        self.assert_prepared(calls[0], vm, engine['id'])
-        # the receive (a parent and a leaf per disk) existed before the
-        # source started
-        self.assertEqual(2 * len(vm['disks']), len(received[0]))
+        self.assert_migrate_data(calls[0])
+        self.assertEqual([], received[0])
         self.assertEqual([], self.migration_files(SOURCE))
         self.assertEqual([], self.migration_files(DEST))
 
@@ -112,30 +119,17 @@ class TestLiveMigration(base.XSMLiveMigrationTestCase):
         self._delete_and_check_allocations(server)
         self.assertEqual([], self.xsm[DEST].vdi_list())
 
-    def assert_prepared(self, migrate_data, vm, mid):
-        self.assertEqual('1.1', migrate_data.VERSION)
-        self.assertTrue(migrate_data.prepared)
-        self.assertEqual(mid, migrate_data.migration_id)
-        self.assertEqual('127.0.0.1', migrate_data.receive_host)
-        self.assertGreater(migrate_data.receive_port, 0)
-        self.assertIn('BEGIN CERTIFICATE', migrate_data.server_ca_pem)
-        self.assertRegex(migrate_data.server_fingerprint,
-                         r'^([0-9A-F]{2}:){31}[0-9A-F]{2}$')
-        disks = {d['vdi'] for d in vm['disks']}
-        self.assertEqual({v: base.SR for v in disks},
-                         dict(migrate_data.vdi_map))
-        exports = json.loads(migrate_data.receive_exports)
-        self.assertEqual(disks, set(exports))
-        request = json.loads(migrate_data.receive_request)
-        self.assertEqual(mid, request['id'])
-        self.assertIn('BEGIN CERTIFICATE', request['client_ca_pem'])
-        # the one-time export names never show where Nova logs the object
-        text = repr(migrate_data)
-        self.assertIn("receive_exports='<secret>'", text)
-        for names in exports.values():
-            self.assertTrue(names['leaf'])
-            self.assertNotIn(names['leaf'], text)
-            self.assertNotIn(names['base'], text)
+    def assert_migrate_data(self, migrate_data):
+        # a class every nova service knows (the stock conductor too), and
+        # one nova's manager rolls back at the destination for
+        self.assertIs(nova_migrate_data.LibvirtLiveMigrateData,
+                      type(migrate_data))
+        self.assertEqual(base.SR, migrate_data.instance_relative_path)
+        self.assertFalse(migrate_data.is_shared_instance_path)
+        self.assertTrue(migrate_data.block_migration)
+        self.assertEqual(
+            (True, True), self.computes[SOURCE].manager.
+            _live_migration_cleanup_flags(migrate_data))
 
 
 def broker_consumers(queue):
@@ -244,9 +238,18 @@ class TestLiveMigrationAbort(base.XSMLiveMigrationTestCase):
                         status['progress']['total'])
         self.assertNotEqual([], self.xsm[DEST].vdi_list())  # receiving
 
-        self.api.delete_migration(server['id'], record['id'])
-        self.wait_for_migration(server, ['cancelled'])
-        self.wait_for_server(server, SOURCE)
+        dest = self.computes[DEST].manager.driver
+        with mock.patch.object(
+                dest, 'rollback_live_migration_at_destination',
+                wraps=dest.rollback_live_migration_at_destination) as rb:
+            self.api.delete_migration(server['id'], record['id'])
+            self.wait_for_migration(server, ['cancelled'])
+            self.wait_for_server(server, SOURCE)
+            # nova rolled back at the destination: its task has ended
+            self.wait_for('the destination\'s rollback',
+                          lambda: rb.call_count)
+        self.assertEqual(1, rb.call_count)
+        self.assert_no_dest_task()
 
         engine = self.engine_migration()
         self.assertEqual('aborted', engine['phase'])
@@ -384,20 +387,17 @@ class TestLiveMigrationNoSpace(base.XSMLiveMigrationTestCase):
         self.assert_guest_verified(server, SOURCE)
 
 
-class TestPreparedReceive(base.XSMLiveMigrationTestCase):
-    """A receive pre_live_migration prepared and nobody used."""
+class TestStartFailure(base.XSMLiveMigrationTestCase):
+    """The source's engine cannot start: nothing stays anywhere."""
 
     EPHEMERAL_GB = 0
-    PREPARED_TIMEOUT = 2
 
-    def test_rolled_back_when_the_source_cannot_start(self):
+    def test_nothing_left_when_the_source_cannot_start(self):
         server = self.boot()
         self.start_guest(server)
         source_before = self.sr_records(SOURCE)
-        received = []
 
         def fail_to_start(*args, **kwargs):
-            received.append(self.xsm[DEST].vdi_list())
             raise RuntimeError('the source agent is unreachable (test)')
 
         drv = self.computes[SOURCE].manager.driver
@@ -405,40 +405,7 @@ class TestPreparedReceive(base.XSMLiveMigrationTestCase):
             self.live_migrate(server)
             self.wait_for_migration(server, ['error', 'failed'])
             self.wait_for_server(server, SOURCE)
-        # it had been prepared; the rollback removed it at once (long
-        # before its timeout), and the source's begun migration too
-        self.assertEqual(2, len(received[0]))
-        self.assertEqual([], self.xsm[DEST].vdi_list())
-        self.assertEqual([], self.migration_files(DEST))
-        self.assertEqual([], self.migration_files(SOURCE))
-        self.assertEqual(source_before, self.sr_records(SOURCE))
-        self.assert_guest_verified(server, SOURCE)
-
-    def test_a_source_too_late_finds_it_rolled_back(self):
-        server = self.boot()
-        self.start_guest(server)
-        source_before = self.sr_records(SOURCE)
-        received = []
-
-        def late(migrate_data):
-            received.append(self.xsm[DEST].vdi_list())
-            # [xsm]prepared_receive_timeout (2 s) passes
-            self.wait_for('the prepared receive to time out',
-                          lambda: self.xsm[DEST].vdi_list() == [],
-                          timeout=30)
-
-        seen = self.spy_live_migration(before=late)
-        self.live_migrate(server)
-        self.wait_for_migration(server, ['error', 'failed'])
-        self.wait_for_server(server, SOURCE)
-        self.assertEqual(2, len(received[0]))
-        # the source's begun migration timed out as well: the engine
-        # refused to start it, and nothing ran
-        self.assertIsNone(self.engine_migration())
-        self.assertEqual('aborted', self.xsm[SOURCE].migration_get(
-            seen[0].migration_id)['phase'])
-        self.assertEqual('aborted', self.xsm[DEST].call(
-            'receive_status', migration=seen[0].migration_id)['phase'])
+        self.assert_no_dest_task()
         self.assertEqual([], self.xsm[DEST].vdi_list())
         self.assertEqual([], self.migration_files(DEST))
         self.assertEqual([], self.migration_files(SOURCE))
@@ -501,3 +468,62 @@ class TestSpawnFromImage(base.XSMLiveMigrationTestCase):
         for host in (SOURCE, DEST):
             self.assertEqual([], self.xsm[host].vdi_list())
             self.assertEqual([], self.xsm[host].vm_list())
+
+
+class TestLiveMigrationInDoubt(base.XSMLiveMigrationTestCase):
+    """A switch-over in doubt is reported and watched, never guessed."""
+
+    EPHEMERAL_GB = 0
+
+    def test_in_doubt_keeps_running_until_resolved(self):
+        server = self.boot()
+        self.start_guest(server)
+        src = self.computes[SOURCE].manager.driver
+        dst = self.computes[DEST].manager.driver
+        real_get = src._api.migration_get
+        in_doubt = {'on': True, 'polls': 0}
+
+        def migration_get(mid):
+            # the engine's answer while nobody knows whether the
+            # destination committed (then, "resolved", the real one)
+            status = real_get(mid)
+            if in_doubt['on'] and status['phase'] in ('switch-over',
+                                                      'clean-up', 'done'):
+                in_doubt['polls'] += 1
+                return dict(status, phase='in-doubt', result=None,
+                            finished=status['finished'] or 1.0,
+                            error='no certain answer from host2 (test)')
+            return status
+
+        with mock.patch.object(src._api, 'migration_get', migration_get), \
+                mock.patch.object(
+                    src, 'rollback_live_migration_at_source') as rb_src, \
+                mock.patch.object(
+                    dst, 'rollback_live_migration_at_destination') as rb_dst:
+            self.live_migrate(server)
+            record = self.wait_for_migration(server, ['running'])
+            self.wait_for('the driver to see it in doubt',
+                          lambda: in_doubt['polls'] >= 5)
+            # neither rolled back nor completed: still running in Nova
+            time.sleep(0.5)
+            self.assertEqual('running',
+                             self.migration_record(server)['status'])
+            s = self.api.get_server(server['id'])
+            self.assertEqual(SOURCE, s['OS-EXT-SRV-ATTR:host'])
+            self.assertEqual('migrating', s['OS-EXT-STS:task_state'])
+            self.assertFalse(rb_src.called)
+            self.assertFalse(rb_dst.called)
+            faults = objects.InstanceFaultList.get_by_instance_uuids(
+                self.ctxt, [server['id']])
+            self.assertEqual(1, len(faults))
+            self.assertIn('is in doubt; settle it with "xsm-migrate '
+                          'resolve ', faults[0].message)
+            # resolved: the destination had committed
+            in_doubt['on'] = False
+            self.wait_for_server(server, DEST)
+            self.wait_for_migration(server, ['completed'])
+        self.assertFalse(rb_src.called)
+        self.assertFalse(rb_dst.called)
+        self.assertEqual(record['id'],
+                         self.migration_record(server, ['completed'])['id'])
+        self.assert_guest_verified(server, DEST)

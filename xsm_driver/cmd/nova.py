@@ -10,13 +10,11 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""``xsm-nova-conductor`` and ``xsm-nova-shim``, behind this package's
-quiet warnings filter (see :mod:`xsm_driver.cmd`)."""
+"""``xsm-nova-shim``, behind this package's quiet warnings filter (see
+:mod:`xsm_driver.cmd`).
 
-
-def conductor():
-    from xsm_driver.nova import conductor as conductor_mod
-    return conductor_mod.main()
+(``xsm-nova-conductor`` is retired: the stock nova-conductor deserialises
+the driver's migrate_data, nova's own ``LibvirtLiveMigrateData``.)"""
 
 
 def shim(argv=None):

@@ -13,11 +13,10 @@
 """The Nova adapter: ``compute_driver = xsm.XSMDriver``.
 
 * :mod:`.driver` -- the compute driver (imports nova).
-* :mod:`.migrate_data` -- ``XSMLiveMigrateData`` (imports nova).
+* :mod:`.migrate_data` -- the driver's migrate_data, nova's own
+  ``LibvirtLiveMigrateData`` (imports nova): stock nova services only.
 * :mod:`.decisions` -- pure decisions of the driver (no nova, no I/O).
 * :mod:`.shim` -- ``xsm-nova-shim``, installs ``nova/virt/xsm/``.
-* :mod:`.conductor` -- ``xsm-nova-conductor``, nova-conductor with
-  ``XSMLiveMigrateData`` registered.
 
 This package itself imports nothing, so that the pure parts can be used
 and tested where nova is not installed.

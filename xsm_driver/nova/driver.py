@@ -39,46 +39,47 @@ Nova calls (host)                           xsm
                                             concurrency, VIF map) with the
                                             source's real VDI sizes;
                                             refusals become
-                                            ``MigrationPreCheckError``
+                                            ``MigrationPreCheckError``;
+                                            the destination SR goes into
+                                            migrate_data
 ``check_can_live_migrate_source`` (s)       every VDI mapped, chain depth,
-                                            room for the snapshot leaf;
-                                            ``migrate_vm_begin``: the
-                                            migration id and the receive
-                                            request (with this host's
-                                            new client CA certificate)
-                                            go into migrate_data
-``pre_live_migration`` (d)                  ``receive_prepare_ahead``: the
-                                            receive preflight, then the
-                                            parent and leaf VDIs and the
-                                            TLS NBD export; its address,
-                                            port, server CA, fingerprint
-                                            and one-time export names go
-                                            into migrate_data; rolled
-                                            back if unclaimed in time
-                                            (``[xsm]`` option
-                                            ``prepared_receive_timeout``)
-``live_migration`` (s)                      ``migrate_vm`` with that id
-                                            and receive: the engine
-                                            claims it (once) and mirrors,
-                                            snapshots, copies; polled to
-                                            the end; progress saved;
-                                            completion timeout;
-                                            ``post_method`` /
-                                            ``recover_method``
+                                            room for the snapshot leaf
+``pre_live_migration`` (d)                  the receive preflight again
+``live_migration`` (s)                      ``migrate_vm``: the source
+                                            agent prepares the receive on
+                                            the destination's agent (the
+                                            one-time export names and
+                                            certificates go agent to
+                                            agent, never through nova)
+                                            and mirrors, snapshots,
+                                            copies; polled to the end;
+                                            progress saved; completion
+                                            timeout; ``post_method`` /
+                                            ``recover_method``; a
+                                            migration ``in-doubt`` is
+                                            neither: it is reported and
+                                            watched until ``xsm-migrate
+                                            resolve`` settles it
 ``live_migration_abort`` (s)                ``migration_abort``
 ``live_migration_force_complete`` (s)       ``migration_force_complete``
 ``rollback_live_migration_at_source`` (s)   the destination's
                                             ``receive_abort`` (idempotent)
-                                            and this host's
-                                            ``migration_abort`` of a
-                                            begun migration
+``rollback_live_migration_at_destination``  ``receive_abort`` of this
+(d)                                         host's receive; nova calls it
+                                            for this driver's migrate_data
+                                            (nova's own
+                                            ``LibvirtLiveMigrateData``, see
+                                            :mod:`xsm_driver.nova.
+                                            migrate_data`), which ends the
+                                            destination's
+                                            ``live_migration_at_dest``
+                                            task
 =========================================== ==============================
 
-``rollback_live_migration_at_destination`` (d), when Nova calls it (it
-does not for this driver's migrate_data), is ``receive_abort`` as well.
-
-A destination check from a 1.0 host (no ``receive_request``) runs the old
-way: the source's engine prepares the receive when it starts.
+The engine's migration of an instance is found, on either host, in the
+source agent's ``migration_list`` by the VM's name (the instance's uuid)
+and the destination host: nothing of it needs to travel in migrate_data,
+which every nova service (the stock nova-conductor too) deserialises.
 
 Nothing here imports eventlet. The monitor of a live migration uses
 ``time.sleep`` in the thread Nova runs ``live_migration`` in (a green
@@ -93,10 +94,10 @@ import time
 import uuid as uuidlib
 
 from oslo_log import log as logging
-from oslo_serialization import jsonutils
 from oslo_utils import versionutils
 
 from nova.compute import power_state
+from nova.compute import utils as compute_utils
 import nova.conf
 from nova import exception
 from nova.objects import fields as obj_fields
@@ -195,6 +196,7 @@ class _LiveMigration:
         self.mid = None
         self.abort_requested = False
         self.force_requested = False
+        self.in_doubt_reported = False
         self.started = threading.Event()
 
 
@@ -611,19 +613,12 @@ class XSMDriver(driver.ComputeDriver):
         spec = self._receive_spec(instance, vm, disks, vif_map)
         self._preflight_here(spec)
         sr = self._sr_info()
-        data = xsm_migrate_data.XSMLiveMigrateData(
-            block_migration=True, dest_host=self._host, dest_sr=self._sr,
-            disk_available_bytes=sr['free'],
-            disk_needed_bytes=plan.space_needed(
-                spec['vdis'], CONF.xsm.leaf_headroom_mb * MiB),
-            vdi_map={d['vdi']: self._sr for d in disks}, vif_map=vif_map,
-            migration_address=(None if CONF.xsm.agent == 'external'
-                               else CONF.xsm.migration_address),
-            source_host=None, migration_id=None)
+        data = xsm_migrate_data.check_data(self._sr, sr['free'])
         LOG.info('xsm: host %s can receive instance %s: %d bytes needed, '
                  '%d free in SR %s', self._host, instance.uuid,
-                 data.disk_needed_bytes, data.disk_available_bytes,
-                 self._sr, instance=instance)
+                 plan.space_needed(spec['vdis'],
+                                   CONF.xsm.leaf_headroom_mb * MiB),
+                 sr['free'], self._sr, instance=instance)
         return data
 
     def cleanup_live_migration_destination_check(self, context,
@@ -632,15 +627,16 @@ class XSMDriver(driver.ComputeDriver):
 
     def check_can_live_migrate_source(self, context, instance,
                                       dest_check_data, block_device_info=None):
-        if not isinstance(dest_check_data,
-                          xsm_migrate_data.XSMLiveMigrateData):
+        dest_sr = xsm_migrate_data.dest_sr(dest_check_data)
+        if dest_sr is None:
             raise exception.MigrationPreCheckError(
                 reason='the destination is not an xsm host (its check data '
-                       'is %s)' % type(dest_check_data).__name__)
+                       'is %s without a destination SR)'
+                       % type(dest_check_data).__name__)
         vm = self._vm(instance)
         try:
             plan.check_vdi_map([d['vdi'] for d in vm['disks']],
-                               dest_check_data.vdi_map)
+                               self._vdi_map(vm, dest_sr))
             if vm['power_state'] == host_mod.RUNNING:
                 free = {s['name']: s['free']
                         for s in self._api.host_info()['srs']}
@@ -654,68 +650,45 @@ class XSMDriver(driver.ComputeDriver):
                     plan.check_space(disk['sr'],
                                      CONF.xsm.leaf_headroom_mb * MiB,
                                      free[disk['sr']], host=self._host)
-            # Begin the engine's migration: its id, and the request the
-            # destination prepares the receive of (with the client CA
-            # certificate of this migration; the key stays here).
-            begun = self._api.migrate_vm_begin(
-                vm['uuid'], dest_check_data.dest_host,
-                dict(dest_check_data.vdi_map), dict(dest_check_data.vif_map),
-                prepared_timeout=CONF.xsm.prepared_receive_timeout)
         except xsm_exception.XSMError as exc:
             raise _precheck_error(exc)
-        dest_check_data.source_host = self._host
-        dest_check_data.migration_id = begun['id']
-        dest_check_data.receive_request = jsonutils.dumps(begun['request'])
-        LOG.info('xsm live migration %s to %s begun', begun['id'],
-                 dest_check_data.dest_host, instance=instance)
         return dest_check_data
+
+    @staticmethod
+    def _vdi_map(vm, dest_sr):
+        """Every disk of the VM to the destination's SR."""
+        return {d['vdi']: dest_sr for d in vm['disks']}
+
+    @staticmethod
+    def _vif_map(vm):
+        return {v: v for v in vm['vifs']}
 
     def pre_live_migration(self, context, instance, block_device_info,
                            network_info, disk_info, migrate_data):
-        """Prepare the receive; migrate_data then says how to reach it.
+        """Check once more that this host can receive the instance.
 
-        This host's agent checks again that it can receive (SR, space,
-        concurrency), makes a parent and a leaf VDI per disk and opens a
-        TLS NBD export for them, which trusts only the client CA the
-        source made for this migration. Its address, port, server CA
-        certificate and fingerprint and the one-time export names go back
-        to the source in migrate_data. The source's ``live_migration``
-        claims it; unclaimed after ``[xsm]prepared_receive_timeout``
-        seconds it is rolled back, and
-        ``rollback_live_migration_at_source`` (or ``..._at_destination``)
-        rolls it back at once.
-
-        A source that did not begin the migration (a 1.0 host) gets the
-        preflight only; its engine prepares the receive when it starts.
+        The receive itself is prepared when the source's
+        ``live_migration`` starts the engine: the source agent asks this
+        host's agent for it, and the one-time export names and
+        certificates stay between the two agents.
         """
-        if not isinstance(migrate_data, xsm_migrate_data.XSMLiveMigrateData):
+        if xsm_migrate_data.dest_sr(migrate_data) is None:
             return migrate_data
-        if migrate_data.obj_attr_is_set('receive_request') and \
-                migrate_data.receive_request is not None:
-            request = jsonutils.loads(migrate_data.receive_request)
-            try:
-                receive = self._api.receive_prepare_ahead(
-                    request,
-                    prepared_timeout=CONF.xsm.prepared_receive_timeout)
-            except xsm_exception.XSMError as exc:
-                raise exception.MigrationError(
-                    reason='host %s cannot prepare to receive instance %s: '
-                           '%s' % (self._host, instance.uuid, exc))
-            migrate_data.receive_host = receive['host']
-            migrate_data.receive_port = receive['port']
-            migrate_data.server_ca_pem = receive['server_ca_pem']
-            migrate_data.server_fingerprint = receive['fingerprint']
-            migrate_data.receive_exports = jsonutils.dumps(
-                receive['exports'])
-            LOG.info('xsm live migration %s: receive prepared on %s:%d '
-                     '(server certificate %s)', migrate_data.migration_id,
-                     receive['host'], receive['port'],
-                     receive['fingerprint'], instance=instance)
-        elif disk_info:
-            vm = self._vm(instance, self._agent_api(instance.host))
-            spec = self._receive_spec(instance, vm, json.loads(disk_info),
-                                      dict(migrate_data.vif_map))
-            self._preflight_here(spec)
+        source = self._agent_api(instance.host)
+        try:
+            vm = self._vm(instance, source)
+            disks = self._disks(vm, source)
+        except exception.InstanceNotFound:
+            raise exception.MigrationError(
+                reason='host %s has no xsm VM for instance %s'
+                       % (instance.host, instance.uuid))
+        spec = self._receive_spec(instance, vm, disks, self._vif_map(vm))
+        try:
+            rpc_api.RemotePeer(self._api).preflight(spec)
+        except xsm_exception.XSMError as exc:
+            raise exception.MigrationError(
+                reason='host %s cannot receive instance %s: %s'
+                       % (self._host, instance.uuid, exc))
         return migrate_data
 
     # -- live migration: the run ---------------------------------------------
@@ -754,28 +727,21 @@ class XSMDriver(driver.ComputeDriver):
             return recover('cancelled')
         try:
             vm = self._vm(instance)
-            prepared = {}
-            if migrate_data.prepared:
-                prepared = dict(
-                    migration_id=migrate_data.migration_id,
-                    receive={'host': migrate_data.receive_host,
-                             'port': migrate_data.receive_port,
-                             'server_ca_pem': migrate_data.server_ca_pem,
-                             'fingerprint': migrate_data.server_fingerprint,
-                             'exports': jsonutils.loads(
-                                 migrate_data.receive_exports)})
+            dest_sr = xsm_migrate_data.dest_sr(migrate_data)
+            if dest_sr is None:
+                raise exception.MigrationError(
+                    reason='no xsm destination SR in the migrate_data (%s)'
+                           % type(migrate_data).__name__)
             mid = self._api.migrate_vm(
-                vm['uuid'], migrate_data.dest_host,
-                dict(migrate_data.vdi_map), dict(migrate_data.vif_map),
-                bandwidth=decisions.bandwidth(CONF.xsm.bandwidth_limit),
-                **prepared)
+                vm['uuid'], dest, self._vdi_map(vm, dest_sr),
+                self._vif_map(vm),
+                bandwidth=decisions.bandwidth(CONF.xsm.bandwidth_limit))
         except Exception as exc:
             LOG.error('xsm live migration to %s could not start: %s', dest,
                       exc, instance=instance)
             lm.started.set()
             return recover()
         lm.mid = mid
-        migrate_data.migration_id = mid
         lm.started.set()
         LOG.info('xsm live migration %s to %s started', mid, dest,
                  instance=instance)
@@ -822,7 +788,12 @@ class XSMDriver(driver.ComputeDriver):
             if progress != reported:
                 self._save_progress(instance, migrate_data, progress)
                 reported = progress
-            if decisions.outcome(status) != decisions.RUNNING:
+            result = decisions.outcome(status)
+            if result == decisions.IN_DOUBT:
+                self._report_in_doubt(context, instance, lm, status)
+                time.sleep(CONF.xsm.progress_interval)
+                continue
+            if result != decisions.RUNNING:
                 return status
             timeout = decisions.completion_timeout(
                 CONF.xsm.completion_timeout, progress[0])
@@ -841,13 +812,46 @@ class XSMDriver(driver.ComputeDriver):
                         self._api.migration_force_complete(lm.mid)
             time.sleep(CONF.xsm.progress_interval)
 
+    def _report_in_doubt(self, context, instance, lm, status):
+        """Say once, loud and clear, that nobody knows where it runs.
+
+        The switch-over's commit was neither confirmed nor refused (see
+        doc/source/switch-over.rst): the guest is paused on the source
+        and may run on the destination. Nothing is guessed: no rollback,
+        no post-migration; the migration stays ``running`` in Nova and
+        this watches it until ``xsm-migrate resolve`` settles it.
+        """
+        if lm.in_doubt_reported:
+            return
+        lm.in_doubt_reported = True
+        dest = status.get('destination')
+        # first what to do (an instance fault's message holds 255
+        # characters), then why
+        short = ('xsm live migration %s is in doubt; settle it with '
+                 '"xsm-migrate resolve %s" on host %s' % (lm.mid, lm.mid,
+                                                          self._host))
+        LOG.error('%s: the commit on host %s was neither confirmed nor '
+                  'refused; the guest is paused here and may run on %s. '
+                  'Nova keeps the migration running; resolve asks the '
+                  'destination and finishes or rolls back by its '
+                  'answer%s', short, dest, dest,
+                  ' (%s)' % status['error'] if status.get('error') else '',
+                  instance=instance)
+        try:
+            compute_utils.add_instance_fault_from_exc(
+                context, instance, exception.MigrationError(reason=short))
+        except Exception as exc:
+            LOG.warning('could not record the instance fault: %s', exc,
+                        instance=instance)
+
     def _save_progress(self, instance, migrate_data, progress):
         total, done, remaining, percent = progress
         if 'migration' in migrate_data:
             migration = migrate_data.migration
-            migration.disk_total = total
-            migration.disk_processed = done
-            migration.disk_remaining = remaining
+            # nova's API answers null or at least 1 for each
+            for name, value in decisions.migration_progress(
+                    progress).items():
+                setattr(migration, name, value)
             migration.save()
         instance.progress = percent
         instance.save()
@@ -912,22 +916,30 @@ class XSMDriver(driver.ComputeDriver):
                  ', '.join('%s:%s' % (d['sr'], d['vdi'])
                            for d in vm['disks']), instance=instance)
 
-    def _roll_back_destination(self, api, migrate_data, instance):
-        if not isinstance(migrate_data,
-                          xsm_migrate_data.XSMLiveMigrateData) or \
-                not migrate_data.obj_attr_is_set('migration_id') or \
-                migrate_data.migration_id is None:
+    def _engine_migration(self, api, instance, dest_host):
+        """The latest engine migration of the instance to ``dest_host``.
+
+        Asked of the source's agent (``api``); None when it lists none
+        that did not complete.
+        """
+        name = decisions.vm_name(instance.uuid)
+        found = [m for m in api.migration_list()
+                 if m.get('vm_name') == name and
+                 m.get('destination') == dest_host and
+                 m.get('phase') != 'done']
+        if not found:
             return None
-        mid = migrate_data.migration_id
-        answer = rpc_api.RemotePeer(api).abort(mid)
+        return max(found, key=lambda m: m.get('started') or 0)
+
+    def _roll_back_receive(self, dest_api, mid, dest_host, instance):
+        answer = rpc_api.RemotePeer(dest_api).abort(mid)
         if answer == 'committed':
             LOG.error('xsm live migration %s had committed on host %s: the '
-                      'instance runs there', mid, migrate_data.dest_host,
+                      'instance runs there', mid, dest_host,
                       instance=instance)
         else:
             LOG.info('xsm live migration %s: host %s holds nothing of it '
-                     '(%s)', mid, migrate_data.dest_host, answer,
-                     instance=instance)
+                     '(%s)', mid, dest_host, answer, instance=instance)
         return answer
 
     def rollback_live_migration_at_source(self, context, instance,
@@ -935,50 +947,53 @@ class XSMDriver(driver.ComputeDriver):
         """Make sure the destination holds nothing of a failed migration.
 
         The engine's abort has already asked it; this asks again (it is
-        idempotent), because Nova's manager does not call
-        ``rollback_live_migration_at_destination`` for this driver's
-        migrate_data.
+        idempotent).
         """
-        if isinstance(migrate_data, xsm_migrate_data.XSMLiveMigrateData):
-            try:
-                self._roll_back_destination(
-                    self._agent_api(migrate_data.dest_host), migrate_data,
-                    instance)
-            except Exception as exc:
-                LOG.error('xsm: host %s could not be asked to roll back: %s '
-                          '(a receive it prepared is rolled back after '
-                          '[xsm]prepared_receive_timeout, or at its agent\'s '
-                          'next start)', migrate_data.dest_host, exc,
-                          instance=instance)
-            self._drop_begun(migrate_data, instance)
-
-    def _drop_begun(self, migrate_data, instance):
-        """Drop the migration check_can_live_migrate_source began.
-
-        When live_migration never started it (pre_live_migration failed,
-        an abort came first), its client credentials go now rather than
-        at its timeout; a started migration has ended by now and stays
-        as it is.
-        """
-        mid = migrate_data.migration_id if migrate_data.obj_attr_is_set(
-            'migration_id') else None
-        if mid is None:
+        dest = None
+        if 'migration' in migrate_data:
+            dest = migrate_data.migration.dest_compute
+        if dest is None:
             return
         try:
-            self._api.migration_abort(mid)
-            LOG.info('xsm live migration %s: dropped before its start', mid,
-                     instance=instance)
-        except mig_errors.MigrationError as exc:
-            LOG.debug('xsm live migration %s: nothing begun to drop (%s)',
-                      mid, exc, instance=instance)
+            mig = self._engine_migration(self._api, instance, dest)
+            if mig is not None and mig['phase'] != plan.IN_DOUBT:
+                self._roll_back_receive(self._agent_api(dest), mig['id'],
+                                        dest, instance)
         except Exception as exc:
-            LOG.warning('xsm live migration %s: could not drop it (%s); it '
-                        'is dropped after [xsm]prepared_receive_timeout',
-                        mid, exc, instance=instance)
+            LOG.error('xsm: host %s could not be asked to roll back: %s '
+                      '(its agent rolls back a receive whose lease runs '
+                      'out, or at its next start)', dest, exc,
+                      instance=instance)
 
     def rollback_live_migration_at_destination(self, context, instance,
                                                network_info,
                                                block_device_info,
                                                destroy_disks=True,
                                                migrate_data=None):
-        self._roll_back_destination(self._api, migrate_data, instance)
+        """Roll back this host's receive of a failed or aborted migration.
+
+        Nova calls it for this driver's migrate_data; its return ends
+        the destination's ``live_migration_at_dest`` task. The source's
+        agent names the engine's migration; a receive that committed is
+        kept (the instance runs here).
+        """
+        source = instance.host
+        try:
+            mig = self._engine_migration(self._agent_api(source), instance,
+                                         self._host)
+            if mig is None:
+                LOG.debug('xsm: no migration of this instance from host %s '
+                          'to roll back', source, instance=instance)
+            elif mig['phase'] == plan.IN_DOUBT:
+                LOG.error('xsm live migration %s is in doubt: nothing is '
+                          'rolled back here; "xsm-migrate resolve %s" '
+                          'settles it', mig['id'], mig['id'],
+                          instance=instance)
+            else:
+                self._roll_back_receive(self._api, mig['id'], self._host,
+                                        instance)
+        except Exception as exc:
+            LOG.error('xsm: could not roll back the receive of this '
+                      'instance from host %s: %s (this agent rolls back a '
+                      'receive whose lease runs out, or at its next start)',
+                      source, exc, instance=instance)

@@ -10,112 +10,54 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""``XSMLiveMigrateData``: what the xsm driver's hosts tell each other.
+"""The migrate_data of the xsm driver: nova's own ``LibvirtLiveMigrateData``.
 
-Importing this module registers the class with Nova's object registry.
-Every process that deserialises it must have done so: nova-compute does
-when it loads the driver; nova-conductor never loads a compute driver, so
-it runs as ``xsm-nova-conductor`` (see :mod:`xsm_driver.nova.conductor`),
-else it fails with ``UnsupportedObjectError``.
+Every nova service deserialises it, the stock nova-conductor included
+(the driver registers no object of its own), and it is the class for
+which nova's compute manager asks the destination to roll back a failed
+or aborted live migration (``_live_migration_cleanup_flags``: with
+``is_shared_instance_path`` False, ``rollback_live_migration_at_destination``
+runs there and ends its ``live_migration_at_dest`` task), and the source
+to clean up after a successful one. Nova's own fake driver uses the same
+class; no nova service but the libvirt driver reads its libvirt fields.
 
-Nova's compute manager only asks the destination to roll back, and the
-source to clean up, for migrate_data classes it knows (libvirt, Hyper-V):
-for this one it does neither, so the driver does its own clean-up (the
-engine's abort, and ``rollback_live_migration_at_source``).
+What the xsm driver puts in it, nothing secret:
 
-The one-time export names of a prepared receive are secrets: Nova logs
-migrate_data at debug level (``'pre_live_migration result data is %s'``),
-so they print as ``'<secret>'``; they travel only on the message bus.
+* ``block_migration`` True, ``disk_over_commit`` False,
+  ``is_shared_instance_path`` and ``is_shared_block_storage`` False (the
+  disks are in host-local SRs and are copied);
+* ``disk_available_mb``: the destination SR's free space when it checked;
+* ``instance_relative_path``: where the instance's disks go on the
+  destination, the name of its SR (``[xsm]instance_sr``).
+
+The source's ``live_migration`` starts the engine's migration, whose
+source agent prepares the receive on the destination's agent and passes
+the one-time export names and certificates agent to agent, over the
+agents' own signed bus: none of it crosses nova's message bus or its
+logs. The engine's migration is found again by the instance (its VM's
+name) and the destination host (see ``XSMDriver``).
 """
 
-from nova.objects import base as obj_base
-from nova.objects import fields
-from nova.objects import migrate_data
-from oslo_utils import versionutils
-from oslo_versionedobjects import fields as ovo_fields
+from nova.objects import migrate_data as nova_migrate_data
+
+MiB = 1 << 20
+
+#: the class of the xsm driver's migrate_data
+LiveMigrateData = nova_migrate_data.LibvirtLiveMigrateData
 
 
-class SecretString(ovo_fields.String):
-    """A string that never shows in a repr or a log line."""
-
-    def stringify(self, value):
-        return "'<secret>'"
-
-
-class SecretStringField(ovo_fields.AutoTypedField):
-    AUTO_TYPE = SecretString()
+def check_data(dest_sr, free_bytes):
+    """The destination's check data: copy the disks into ``dest_sr``."""
+    return LiveMigrateData(
+        block_migration=True, disk_over_commit=False,
+        is_shared_instance_path=False, is_shared_block_storage=False,
+        disk_available_mb=free_bytes // MiB,
+        instance_relative_path=dest_sr)
 
 
-#: fields version 1.1 added: what the destination prepared
-PREPARED_FIELDS = ('receive_request', 'receive_host', 'receive_port',
-                   'server_ca_pem', 'server_fingerprint', 'receive_exports')
-
-
-@obj_base.NovaObjectRegistry.register
-class XSMLiveMigrateData(migrate_data.LiveMigrateData):
-    """Destination check data and live migration data of the xsm driver.
-
-    Filled by the destination's ``check_can_live_migrate_destination``
-    (``dest_host`` .. ``vif_map``) and checked by the source; the source's
-    ``check_can_live_migrate_source`` adds ``source_host``,
-    ``migration_id`` and ``receive_request`` (it has begun the engine's
-    migration); the destination's ``pre_live_migration`` prepares the
-    receive and adds where and how to reach it (``receive_host`` ..
-    ``receive_exports``), which the source's ``live_migration`` starts
-    the engine with.
-    """
-
-    # Version 1.0: Initial version (LiveMigrateData 1.4)
-    # Version 1.1: receive_request, receive_host, receive_port,
-    #              server_ca_pem, server_fingerprint, receive_exports: the
-    #              destination prepares the receive in pre_live_migration
-    VERSION = '1.1'
-
-    fields = {
-        'block_migration': fields.BooleanField(),
-        # the xsm agent of each side (= the nova-compute host name)
-        'source_host': fields.StringField(nullable=True),
-        'dest_host': fields.StringField(),
-        # the destination SR the disks go to, and its free space when the
-        # destination checked (bytes), next to what the copy needs
-        'dest_sr': fields.StringField(),
-        'disk_available_bytes': fields.IntegerField(),
-        'disk_needed_bytes': fields.IntegerField(),
-        # source VDI uuid -> destination SR name; VIF -> network
-        'vdi_map': fields.DictOfStringsField(),
-        'vif_map': fields.DictOfStringsField(),
-        # where the destination's NBD server of this migration listens
-        'migration_address': fields.StringField(nullable=True),
-        # the engine's migration id: picked by the source in
-        # check_can_live_migrate_source (1.0: once the source started it)
-        'migration_id': fields.StringField(nullable=True),
-        # 1.1: the engine's receive request (JSON), from the source: the
-        # VDIs and their sizes, the VM record, the source's client CA
-        # certificate; nothing secret
-        'receive_request': fields.StringField(nullable=True),
-        # 1.1: the receive the destination prepared in pre_live_migration:
-        # its NBD-over-TLS server (address, port), the server's CA
-        # certificate and certificate fingerprint (SHA-256), and the
-        # one-time export names of each VDI (JSON: {source VDI: {'base',
-        # 'leaf', ...}}, secret)
-        'receive_host': fields.StringField(nullable=True),
-        'receive_port': fields.IntegerField(nullable=True),
-        'server_ca_pem': fields.StringField(nullable=True),
-        'server_fingerprint': fields.StringField(nullable=True),
-        'receive_exports': SecretStringField(nullable=True),
-    }
-
-    def obj_make_compatible(self, primitive, target_version):
-        super().obj_make_compatible(primitive, target_version)
-        target = versionutils.convert_version_to_tuple(target_version)
-        if target < (1, 1):
-            # A 1.0 host starts the engine the old way: the source
-            # prepares the receive.
-            for name in PREPARED_FIELDS:
-                primitive.pop(name, None)
-
-    @property
-    def prepared(self):
-        """Whether the destination has prepared the receive (1.1)."""
-        return all(self.obj_attr_is_set(n) and getattr(self, n) is not None
-                   for n in PREPARED_FIELDS + ('migration_id',))
+def dest_sr(data):
+    """The destination SR ``data`` names; None when it is not ours."""
+    if not isinstance(data, LiveMigrateData) or \
+            not data.obj_attr_is_set('instance_relative_path'):
+        return None
+    return data.instance_relative_path
