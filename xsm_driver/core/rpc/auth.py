@@ -29,7 +29,8 @@ this method and these very arguments, within ``clock_skew`` seconds of
 this host's clock, signed by a key this host trusts for that role, a
 method that role may call, arguments that name only trusted hosts, and a
 nonce not seen before (:class:`ReplayCache`, bounded in entries and in
-time: a nonce is kept until its call would be stale anyway).
+time: a nonce is kept until its call would be stale anyway) in a call
+signed after this agent started (the cache does not outlive a restart).
 
 An agent answers an admitted call with ``{REPLY_KEY: seal, 'result':
 result}``, or ``{REPLY_KEY: seal, 'error': error}`` when the method
@@ -322,6 +323,28 @@ def freshness_problem(ts_ms, now, skew):
     return None
 
 
+def restart_problem(ts_ms, started_ms):
+    """Why a call signed before this agent started is refused.
+
+    The replay cache lives in memory: a restarted agent has forgotten the
+    nonces it admitted, so a call signed before it started cannot be told
+    from a replay of one it already ran. The caller signs the call anew
+    (a caller whose clock is behind this host's by ``d`` seconds is refused
+    for the first ``d`` seconds after a restart).
+
+    >>> restart_problem(1000500, 1000000) is None
+    True
+    >>> restart_problem(1000000, 1000500)
+    'the call was signed 0.500 s before this agent started (it cannot be \
+told from a replay)'
+    """
+    if ts_ms < started_ms:
+        return ('the call was signed %.3f s before this agent started (it '
+                'cannot be told from a replay)'
+                % ((started_ms - ts_ms) / 1000.0))
+    return None
+
+
 def call_problem(envelope, method, args):
     """Why a signed envelope is not the one of this method and arguments.
 
@@ -533,6 +556,9 @@ class Guard:
         self.destinations = frozenset(destinations)
         self.replays = ReplayCache(cache_size)
         self._clock = clock
+        # calls signed before this moment may be replays of calls an
+        # earlier run of this agent admitted (restart_problem)
+        self.started_ms = int(clock() * 1000)
 
     def decide(self, method, context, args):
         """``(Caller, None)`` if admitted, else ``(who, why not)``.
@@ -547,7 +573,8 @@ class Guard:
         who = '%s %s' % (envelope['role'], envelope['sender'])
         now = self._clock()
         problem = (target_problem(envelope, self.host) or
-                   freshness_problem(envelope['ts'], now, self.skew))
+                   freshness_problem(envelope['ts'], now, self.skew) or
+                   restart_problem(envelope['ts'], self.started_ms))
         if problem:
             return who, problem
         public_key = self.trust.key(envelope['role'], envelope['sender'])

@@ -142,8 +142,9 @@ class GuardTest(base.TestCase):
     def setUp(self):
         super().setUp()
         self.d = Deployment()
-        self.clock = Clock()
+        self.clock = Clock(NOW - 120)       # the agent started earlier
         self.guard = self.d.guard(clock=self.clock)
+        self.clock.now = NOW
 
     def sign(self, method, args, credential=None, target='h1', now=NOW,
              nonce=None):
@@ -245,6 +246,20 @@ class GuardTest(base.TestCase):
                      'replay')
         self.clock.now += 31                   # and later it is stale
         self.refused('migration_abort', args, context(env), 'old')
+
+    def test_no_replay_across_a_restart(self):
+        # the nonce cache is in memory: a restarted agent refuses calls
+        # signed before it started, so a captured call cannot run twice
+        args = {'migration': MID}
+        env = self.sign('migration_abort', args)
+        self.guard.admit('migration_abort', context(env), args)
+        self.clock.now += 5
+        restarted = self.d.guard(clock=self.clock)
+        caller, problem = restarted.decide('migration_abort',
+                                           copy.deepcopy(context(env)), args)
+        self.assertIn('5.000 s before this agent started', problem)
+        fresh = self.sign('migration_abort', args, now=self.clock.now)
+        restarted.admit('migration_abort', context(fresh), args)
 
     def test_a_refused_call_does_not_burn_its_nonce(self):
         args = {'vm': 'v1'}
