@@ -152,7 +152,7 @@ class TestLiveMigrationEventlet(TestLiveMigration):
     Run by tools/run-nova-tests.sh in a second process without
     OS_NOVA_DISABLE_EVENTLET_PATCHING; skipped in the native-threads run.
     Each compute runs its xsm agent in its own threads (``[xsm]agent =
-    auto``), green threads here: the engine's NBD client and server use
+    thread``), green threads here: the engine's NBD client and server use
     eventlet's green TLS sockets. The agents meet on a real RabbitMQ, as
     nova-compute's own bus would be.
     """
@@ -200,6 +200,7 @@ class TestLiveMigrationEventlet(TestLiveMigration):
                           '(ps -ef | grep xsm_driver.cmd.agent), would take '
                           'this test\'s calls' % (queue, others))
         flags['transport_url'] = base.RABBIT_URL
+        flags['agent'] = 'thread'
         self.flags(control_exchange=exchange)
         return flags
 
@@ -412,6 +413,25 @@ class TestStartFailure(base.XSMLiveMigrationTestCase):
         self.assertEqual(source_before, self.sr_records(SOURCE))
         self.assert_guest_verified(server, SOURCE)
 
+    def test_a_guest_that_does_not_run_is_refused(self):
+        server = self.boot()
+        self.xsm[SOURCE].vm_stop(server['id'])      # nova still says ACTIVE
+        self.live_migrate(server)
+        self.wait_for_migration(server, ['error'])
+        self.wait_for_server(server, SOURCE)
+        actions = self.api.get_instance_actions(server['id'])
+        action = [a for a in actions if a['action'] == 'live-migration'][0]
+        events = self.api.get_instance_action_details(
+            server['id'], action['request_id'])['events']
+        check = [e for e in events if e['event'] ==
+                 'compute_check_can_live_migrate_destination'][0]
+        self.assertIn('is not running on host host1 (its xsm VM is halted)',
+                      check['details'])
+        self.assertIsNone(self.engine_migration())
+        self.assertEqual([], self.xsm[DEST].vdi_list())
+        self.assertEqual('halted',
+                         self.xsm[SOURCE].vm_get(server['id'])['power_state'])
+
 
 class TestSpawnFromImage(base.XSMLiveMigrationTestCase):
     """The root disk holds the Glance image's data, and it migrates."""
@@ -526,4 +546,71 @@ class TestLiveMigrationInDoubt(base.XSMLiveMigrationTestCase):
         self.assertFalse(rb_dst.called)
         self.assertEqual(record['id'],
                          self.migration_record(server, ['completed'])['id'])
+        self.assert_guest_verified(server, DEST)
+
+
+class TestGuestsOutliveCompute(base.XSMLiveMigrationTestCase):
+    """``[xsm]agent = auto`` on a real bus: the agent outlives nova-compute.
+
+    nova-compute starts the host's agent as a process of its own; stopped,
+    nova-compute leaves it (and the guest) running; restarted, it adopts
+    it. (Native threads; RabbitMQ at 127.0.0.1:5672, an exchange of the
+    test's own.)
+    """
+
+    EPHEMERAL_GB = 0
+
+    def xsm_flags(self):
+        flags = super().xsm_flags()
+        problem = base.broker_problem()
+        if problem:
+            self.missing(problem)
+        flags['transport_url'] = base.RABBIT_URL
+        flags['agent'] = 'auto'
+        self.flags(control_exchange='xsm-nova-%s'
+                   % uuidutils.generate_uuid())
+        return flags
+
+    def start_xsm_compute(self, host, sr_path=None):
+        compute = super().start_xsm_compute(host, sr_path)
+        agent = compute.manager.driver._agent
+        self.assertIsInstance(agent, agent_process.AgentProcess)
+        self.assertTrue(agent.detached)
+        # the test ends the agents it made (nova-compute never does)
+        if not agent.adopted:
+            self.addCleanup(agent.terminate)
+        return compute
+
+    def test_stop_and_restart_of_nova_compute_keep_the_guest(self):
+        server = self.boot()
+        self.start_guest(server)
+        first = self.computes[SOURCE].manager.driver._agent
+        pid = first.pid()
+        self.assertIsNotNone(pid)
+
+        # nova-compute stops (its service, then the driver's clean-up)
+        compute = self.computes[SOURCE]
+        compute.stop()
+        compute.manager.driver.cleanup_host(SOURCE)
+        os.kill(pid, 0)                 # the agent still runs
+        self.assertEqual('running',
+                         self.xsm[SOURCE].vm_get(server['id'])[
+                             'power_state'])
+        time.sleep(0.3)
+        self.assert_guest_verified(server, SOURCE)
+
+        # a new nova-compute adopts the agent: same process, same guest
+        compute = self.start_xsm_compute(SOURCE)
+        agent = compute.manager.driver._agent
+        self.assertTrue(agent.adopted)
+        self.assertEqual(pid, agent.pid())
+        instance = objects.Instance.get_by_uuid(self.ctxt, server['id'])
+        self.assertEqual(power_state.RUNNING,
+                         compute.manager.driver.get_info(instance).state)
+        self.assert_guest_verified(server, SOURCE)
+
+        # and it live-migrates the guest as ever
+        self.live_migrate(server)
+        self.wait_for_server(server, DEST)
+        self.wait_for_migration(server, ['completed'])
         self.assert_guest_verified(server, DEST)

@@ -44,6 +44,16 @@ fsync, unlink, an SR's flock held by another process) and its CPU work
 (TLS, copying) run on nova-compute's one OS thread and pause its other
 green threads while they last.
 
+With ``[xsm]agent = auto`` on a real message bus, the agent is not a
+child but a process of its own (``detached``): started in a session of
+its own when no agent of the host answers, adopted when one does (a
+nova-compute that restarts finds the agent it left), and never stopped
+by nova-compute: stopping, restarting or upgrading nova-compute leaves
+the host's guests running. (Under systemd, nova-compute's unit kills
+every process of its control group when it stops: run ``xsm-agent`` as
+a service of its own -- ``[xsm]agent = external`` -- or give
+nova-compute's unit ``KillMode=process``.)
+
 Nothing here imports nova or eventlet.
 """
 
@@ -122,18 +132,47 @@ class AgentProcess:
     :param text: its configuration (see :func:`config_text`).
     :param ping: called without arguments until it stops raising, to
         learn that the child serves.
+    :param detached: the agent outlives nova-compute: adopted when it
+        already answers, started in a session of its own otherwise, and
+        left running by :meth:`stop`.
     """
 
-    def __init__(self, folder, text, ping):
+    def __init__(self, folder, text, ping, detached=False):
         self.folder = folder
         self.config = os.path.join(folder, 'xsm-agent.conf')
         self.log = os.path.join(folder, 'xsm-agent.log')
+        self.pid_file = os.path.join(folder, 'xsm-agent.pid')
         self._text = text
         self._ping = ping
+        self.detached = detached
+        self.adopted = False
         self.proc = None
+
+    def _answers(self):
+        try:
+            self._ping()
+            return True
+        except Exception:
+            return False
 
     def start(self):
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        if self.detached and self._answers():
+            self.adopted = True
+            written = None
+            try:
+                with open(self.config) as f:
+                    written = f.read()
+            except OSError:
+                pass
+            if written is not None and written != self._text:
+                LOG.warning('the running xsm-agent of this host was started '
+                            'with another configuration than nova.conf\'s '
+                            '[xsm] gives now (%s); restart it, when no guest '
+                            'needs it, to apply the new one', self.config)
+            LOG.info('xsm-agent %s adopted: it runs on its own and outlives '
+                     'nova-compute', self.pid() or '(pid unknown)')
+            return self
         fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                      0o600)          # it holds the transport's credentials
         with os.fdopen(fd, 'w') as f:
@@ -143,9 +182,13 @@ class AgentProcess:
                 [sys.executable, '-m', 'xsm_driver.cmd.agent',
                  '--config-file', self.config],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                close_fds=True)
-        LOG.info('xsm-agent child %d started (config %s, log %s)',
-                 self.proc.pid, self.config, self.log)
+                close_fds=True, start_new_session=self.detached)
+        if self.detached:
+            with open(self.pid_file, 'w') as f:
+                f.write('%d\n' % self.proc.pid)
+        LOG.info('xsm-agent %s %d started (config %s, log %s)',
+                 'process' if self.detached else 'child', self.proc.pid,
+                 self.config, self.log)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -162,9 +205,54 @@ class AgentProcess:
                                            START_TIMEOUT, exc, self.log))
                 time.sleep(0.2)
 
+    def pid(self):
+        """The detached agent's pid, from its pid file; None: unknown."""
+        try:
+            with open(self.pid_file) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
     def stop(self):
-        """SIGTERM (the agent aborts what runs and exits), then SIGKILL."""
-        proc, self.proc = self.proc, None
+        """Stop a child: SIGTERM, then SIGKILL; a detached agent runs on.
+
+        A child aborts what runs and exits on SIGTERM. A detached agent
+        keeps running, and its guests (see :meth:`terminate`).
+        """
+        if self.detached:
+            LOG.info('xsm-agent %s keeps running (its guests with it)',
+                     self.pid() or '')
+            self.proc = None
+            return
+        self._stop(self.proc)
+
+    def terminate(self):
+        """Stop a detached agent too (tests; an operator's choice)."""
+        proc = self.proc
+        if proc is None:
+            pid = self.pid()
+            if pid is None:
+                return
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.1)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        self._stop(proc)
+
+    def _stop(self, proc):
+        self.proc = None
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)

@@ -12,13 +12,17 @@
 
 """``XSMDriver``: a Nova compute driver whose live migration is xsm's.
 
-Each nova-compute is the xsm agent of its host: at ``init_host`` the
-driver opens the host's SRs and serves them as an xsm agent named after
-the compute host, on ``[xsm]transport_url`` (nova's own message bus when
-unset) -- in its own threads (``[xsm]agent = thread``, what ``auto``
-means; green threads when nova-compute runs monkey-patched by eventlet),
-or as a child ``xsm-agent`` process (``process``). With ``external`` a
-separate ``xsm-agent`` of the same host name does it. Either way every
+Each compute host has an xsm agent named after the compute host, on
+``[xsm]transport_url`` (nova's own message bus when unset), which opens
+the host's SRs and runs its guests. With ``[xsm]agent = auto`` on a real
+bus it is a process of its own that nova-compute starts at ``init_host``
+when none answers and adopts when one does, and never stops: guests
+outlive nova-compute (see :func:`agent_mode`). ``thread`` runs it in
+nova-compute's threads (what ``auto`` means on ``fake://``, in tests;
+green threads when nova-compute runs monkey-patched by eventlet) and
+``process`` as a child ``xsm-agent`` process: both stop, with the
+guests, when nova-compute stops. With ``external`` a separate
+``xsm-agent`` service of the same host name does it. Either way every
 call below goes through the agent's RPC API
 (:class:`xsm_driver.core.rpc.api.AgentAPI`), to this host's agent or to
 the other host's.
@@ -169,20 +173,32 @@ def eventlet_patched():
     return bool(patcher and patcher.is_monkey_patched('thread'))
 
 
-def agent_mode(option):
-    """The ``[xsm]agent`` mode to use: ``auto`` is ``thread``.
+def agent_mode(option, url=None):
+    """The ``[xsm]agent`` mode to use.
 
-    Under eventlet too: the engine's threads are then green threads and
-    its NBD sockets green sockets, which it closes the way a green thread
-    waiting on them notices (tests/unit/core/nbd/
+    ``auto`` is ``detached`` on a message bus other processes reach: the
+    agent is a process of its own that nova-compute starts when none
+    answers, adopts when one does, and never stops, so that its guests
+    outlive nova-compute (see :mod:`xsm_driver.nova.agent_process`). On
+    ``fake://`` (nova's functional tests: one process) ``auto`` is
+    ``thread``, the agent in nova-compute's threads, which stops, and its
+    guests with it, when nova-compute stops: safe in tests only.
+
+    In threads under eventlet too: the engine's threads are then green
+    threads and its NBD sockets green sockets, which it closes the way a
+    green thread waiting on them notices (tests/unit/core/nbd/
     test_eventlet.py). Its blocking system calls (file reads and writes,
     fsync, unlink) then pause nova-compute's other green threads while
-    they run; ``process`` keeps the engine out of nova-compute.
+    they run; a process keeps the engine out of nova-compute.
 
-    >>> agent_mode('auto'), agent_mode('process')
+    >>> agent_mode('auto', 'rabbit://h/'), agent_mode('auto', 'fake://')
+    ('detached', 'thread')
+    >>> agent_mode('auto'), agent_mode('process', 'rabbit://h/')
     ('thread', 'process')
     """
-    return 'thread' if option == 'auto' else option
+    if option != 'auto':
+        return option
+    return 'detached' if url and not url.startswith('fake:') else 'thread'
 
 
 def _precheck_error(exc):
@@ -235,11 +251,13 @@ class XSMDriver(driver.ComputeDriver):
         self._credential = rpc_keys.operator_credential(CONF.xsm)
         self._trust = rpc_keys.trust(CONF.xsm)
         self._api = self._agent_api(host)
-        mode = agent_mode(CONF.xsm.agent)
+        mode = agent_mode(CONF.xsm.agent,
+                          CONF.xsm.transport_url or CONF.transport_url)
         if mode == 'thread':
             self._agent = self._thread_agent(host)
-        elif mode == 'process':
-            self._agent = self._process_agent(host)
+        elif mode in ('process', 'detached'):
+            self._agent = self._process_agent(host,
+                                              detached=mode == 'detached')
         srs = [s['name'] for s in self._api.host_info()['srs']]
         self._sr = CONF.xsm.instance_sr or (srs[0] if srs else None)
         if self._sr not in srs:
@@ -266,7 +284,7 @@ class XSMDriver(driver.ComputeDriver):
                                rpc_timeout=CONF.xsm.rpc_timeout,
                                identity=identity).start()
 
-    def _process_agent(self, host):
+    def _process_agent(self, host, detached=False):
         url = CONF.xsm.transport_url or CONF.transport_url
         if not url or url.startswith('fake:'):
             raise exception.NovaException(
@@ -281,7 +299,7 @@ class XSMDriver(driver.ComputeDriver):
                                 credential=self._credential,
                                 trust=self._trust).host_info
         return agent_process.AgentProcess(CONF.xsm.state_path, text,
-                                          ping).start()
+                                          ping, detached=detached).start()
 
     def cleanup_host(self, host):
         if self._agent is not None:
@@ -634,6 +652,14 @@ class XSMDriver(driver.ComputeDriver):
                        'is %s without a destination SR)'
                        % type(dest_check_data).__name__)
         vm = self._vm(instance)
+        if vm['power_state'] != host_mod.RUNNING:
+            # (nova may still show it ACTIVE: its power-state sync has not
+            # run since the guest stopped)
+            raise exception.MigrationPreCheckError(
+                reason='instance %s is not running on host %s (its xsm VM '
+                       'is %s): a live migration moves a running guest; '
+                       'start it, or migrate it cold'
+                       % (instance.uuid, self._host, vm['power_state']))
         try:
             plan.check_vdi_map([d['vdi'] for d in vm['disks']],
                                self._vdi_map(vm, dest_sr))

@@ -15,6 +15,7 @@
 import doctest
 import os
 import sys
+from unittest import mock
 
 from oslo_config import cfg
 
@@ -265,3 +266,56 @@ class TestImageFormat(base.TestCase):
         exc = self.assertRaises(ValueError, decisions.image_format, 'vhd',
                                 'ova')
         self.assertIn("container format 'ova' wraps the disk", str(exc))
+
+
+class TestDetachedAgent(base.TestCase):
+    """``[xsm]agent = auto``: the agent outlives nova-compute."""
+
+    def test_an_agent_that_answers_is_adopted_and_never_stopped(self):
+        folder = self.make_tempdir()
+        with open(os.path.join(folder, 'xsm-agent.pid'), 'w') as f:
+            f.write('4242\n')
+        proc = agent_process.AgentProcess(folder, '[agent]\n',
+                                          ping=lambda: None, detached=True)
+        with mock.patch('subprocess.Popen') as popen:
+            self.assertIs(proc, proc.start())
+            proc.stop()
+        self.assertFalse(popen.called)
+        self.assertTrue(proc.adopted)
+        self.assertEqual(4242, proc.pid())
+
+    def test_a_child_is_not_adopted(self):
+        folder = self.make_tempdir()
+        calls = []
+
+        def ping():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError('nobody answers yet')
+
+        proc = agent_process.AgentProcess(folder, '[agent]\n', ping)
+        with mock.patch('subprocess.Popen') as popen:
+            popen.return_value.poll.return_value = None
+            proc.start()
+        self.assertFalse(proc.adopted)
+        self.assertFalse(popen.call_args.kwargs['start_new_session'])
+
+    def test_a_detached_agent_gets_a_session_of_its_own(self):
+        folder = self.make_tempdir()
+        answers = iter([RuntimeError('none yet'), None])
+
+        def ping():
+            answer = next(answers)
+            if answer is not None:
+                raise answer
+
+        proc = agent_process.AgentProcess(folder, '[agent]\n', ping,
+                                          detached=True)
+        with mock.patch('subprocess.Popen') as popen:
+            popen.return_value.poll.return_value = None
+            popen.return_value.pid = 777
+            proc.start()
+            proc.stop()
+        self.assertTrue(popen.call_args.kwargs['start_new_session'])
+        self.assertEqual(777, proc.pid())
+        self.assertFalse(popen.return_value.send_signal.called)
