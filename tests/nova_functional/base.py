@@ -118,8 +118,7 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
             bandwidth_limit=self.BANDWIDTH_MIB,
             completion_timeout=self.COMPLETION_TIMEOUT,
             completion_timeout_action=self.TIMEOUT_ACTION,
-            progress_interval=0.1, rpc_timeout=30, leaf_headroom_mb=8,
-            prepared_receive_timeout=self.PREPARED_TIMEOUT)
+            progress_interval=0.1, rpc_timeout=30, leaf_headroom_mb=8)
 
     def auth_flags(self):
         """Keys of the hosts and the operator, trusted by every host.
@@ -138,9 +137,6 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         return dict(trusted_hosts=hosts,
                     trusted_operators={'operator': auth.public_text(key)},
                     operator_key_file=operator, operator_name='operator')
-
-    #: [xsm]prepared_receive_timeout of the test
-    PREPARED_TIMEOUT = 300
 
     def missing(self, message):
         """Fail in CI, skip elsewhere: CI must never hide a missing peer."""

@@ -42,12 +42,16 @@ xsm_opts = [
         'agent',
         default='auto',
         choices=[
-            ('auto', 'thread, on native threads (the default of nova 34) '
-                     'and when nova-compute runs monkey-patched by '
-                     'eventlet alike.'),
+            ('auto', 'on a real message bus, xsm-agent as a process of its '
+                     'own, configured from this group: started when no '
+                     'agent of this host answers, adopted when one does, '
+                     'never stopped by nova-compute, so guests outlive '
+                     'restarts of nova-compute (under systemd, give '
+                     'nova-compute\'s unit KillMode=process); on fake:// '
+                     '(tests only), thread.'),
             ('thread', 'nova-compute is the xsm agent of its host: it serves '
                        'the host\'s SRs, VMs and migrations in its own '
-                       'threads.'),
+                       'threads, and its guests stop with it.'),
             ('process', 'nova-compute starts xsm-agent as a child process '
                         'configured from this group, and stops it with the '
                         'service; needs a real message bus (not fake://).'),
@@ -56,8 +60,10 @@ xsm_opts = [
                          'options of this group that describe the agent '
                          '(SRs, state, address, limits) are not used.'),
         ],
-        help='Where the xsm agent of this host runs. Inside nova-compute '
-             '(thread) works on native threads and under eventlet; under '
+        help='Where the xsm agent of this host runs. Only auto (on a real '
+             'bus) and external keep guests running when nova-compute '
+             'stops. Inside nova-compute (thread) works on native threads '
+             'and under eventlet; under '
              'eventlet the engine\'s blocking file I/O (fsync, unlink) '
              'briefly holds nova-compute\'s green threads, which process '
              'or external avoid.'),
@@ -126,15 +132,15 @@ xsm_opts = [
     cfg.IntOpt(
         'prepared_receive_timeout',
         default=300, min=1,
-        help='Seconds the destination of a live migration keeps the '
-             'receive it prepared in pre_live_migration (its new VDIs and '
-             'the NBD-over-TLS export with one-time names) waiting for the '
-             'source to start copying; a receive not claimed by then is '
-             'rolled back, so nothing stays behind when the source never '
-             'comes. The source likewise drops a migration it began in '
-             'check_can_live_migrate_source (its TLS client credentials) '
-             'when live_migration has not started it within this time. '
-             'Nova calls the three steps within seconds of each other.'),
+        deprecated_for_removal=True,
+        deprecated_reason='The destination no longer prepares its receive '
+                          'in pre_live_migration: the source agent prepares '
+                          'it when the live migration starts (the stock '
+                          'nova-conductor carries no secrets), and an '
+                          'unclaimed receive is rolled back by the agents\' '
+                          'own lease ([agent]receive_lease_timeout).',
+        help='Unused since the stock nova-conductor runs xsm live '
+             'migrations (see the deprecation reason).'),
     cfg.FloatOpt(
         'progress_interval',
         default=1.0, min=0.05,
