@@ -34,13 +34,18 @@ out for long:
   it is accepted, counted in :attr:`Server.refused` and logged once per
   burst (not once per connection);
 * at most ``max_handshakes`` of them still in the handshake (not yet
-  serving an export, so not yet authenticated with TLS): a new connection
-  over that limit takes the place of the oldest of them, which is closed
-  (counted in :attr:`Server.evicted`, logged once per burst). A flood of
-  connections that never finish their handshake thus keeps a bounded
-  number of threads, and cannot keep out a client that does finish it (in
-  milliseconds): refusing newcomers instead would lock the legitimate
-  client out for as long as the flood lasts. :func:`admission` decides;
+  serving an export, nor authenticated by a TLS client certificate): a
+  new connection over that limit takes the place of one of them, which
+  is closed (counted in :attr:`Server.evicted`, logged once per burst):
+  the one that got least far, the oldest first (:func:`eviction_order`:
+  a connection that never said a word goes before one that speaks NBD).
+  A flood of connections that never finish their handshake thus keeps a
+  bounded number of threads, and cannot keep out a client that does
+  finish it (in milliseconds): refusing newcomers instead would lock the
+  legitimate client out for as long as the flood lasts, and evicting the
+  oldest whatever its progress would close the legitimate client whenever
+  more than ``max_handshakes`` idle connections arrive during its
+  handshake. :func:`admission` decides;
 * the handshake, before and during TLS, must end within
   ``handshake_timeout`` seconds of the connection;
 * once serving, a request that has begun to arrive (its header, or the
@@ -249,6 +254,25 @@ def admission(connections, handshaking, max_connections, max_handshakes):
     if handshaking >= max_handshakes:
         return EVICT
     return ADMIT
+
+
+# How far a connection got in its handshake (_Handler.progress)
+SILENT, SPOKE, AUTHENTICATED = 0, 1, 2
+
+
+def eviction_order(progress, accepted):
+    """Sort key of the connections a newcomer may take the place of.
+
+    The least advanced goes first (a connection that never sent a byte
+    before one that speaks NBD), the oldest first among equals.
+    Connections authenticated by a TLS client certificate are never
+    candidates.
+
+    >>> sorted([(SPOKE, 1.0), (SILENT, 3.0), (SILENT, 2.0)],
+    ...        key=lambda h: eviction_order(*h))
+    [(0, 2.0), (0, 3.0), (1, 1.0)]
+    """
+    return (progress, accepted)
 
 
 class RequestTimeout(Exception):
@@ -661,7 +685,8 @@ class Server:
         victim = None
         with self._lock:
             waiting = [h for h in self._handlers
-                       if not h.serving and not h.evicted]
+                       if not h.serving and not h.evicted and
+                       h.progress < AUTHENTICATED]
             decision = admission(len(self._handlers), len(waiting),
                                  max_conns, max_hands)
             if decision == REFUSE:
@@ -669,7 +694,8 @@ class Server:
             else:
                 self._refusals.end(self.where)
             if decision == EVICT:
-                victim = min(waiting, key=lambda h: h.accepted)
+                victim = min(waiting, key=lambda h: eviction_order(
+                    h.progress, h.accepted))
                 victim.evicted = True
                 self._evictions.hit(self.where, max_hands)
             elif decision == ADMIT:
@@ -720,6 +746,8 @@ class _Handler:
         #: closed to make room for a newer connection (max_handshakes)
         self.evicted = False
         self.accepted = time.monotonic()
+        #: SILENT, SPOKE or AUTHENTICATED (see eviction_order)
+        self.progress = SILENT
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='xsm-nbd-' + self.peer)
 
@@ -866,6 +894,8 @@ class _Handler:
                 size = self.conn.expected_payload
             if not size:
                 data = self.sock.recv(wire.RECV_SIZE)
+                if data and self.progress == SILENT:
+                    self.progress = SPOKE
                 with self._core:
                     self.conn.receive_data(data)
                 return
@@ -935,6 +965,10 @@ class _Handler:
                     return None
                 self._handshake_time_left()
                 self.sock.do_handshake()
+                if self.server._tls.verify_mode == ssl.CERT_REQUIRED:
+                    # the peer proved a certificate of our CA: no flood
+                    # of strangers can take its place any more
+                    self.progress = AUTHENTICATED
             elif isinstance(event, p.ExportChosen):
                 # A one-shot name is a secret: it stays out of the logs.
                 LOG.debug('NBD client %s uses export %s', self.peer,

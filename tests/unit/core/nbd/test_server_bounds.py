@@ -161,6 +161,22 @@ class ConnectionLimitTest(_TLS):
             % '|'.join(str(p.port) for p in flood[:16]), re.M))
         self.assertTrue(settle(lambda: server.connections == 4))
 
+    def test_silent_connections_make_room_before_one_that_speaks(self):
+        # a client that has begun its handshake is not closed for a flood
+        # of connections that never said a word, however many arrive
+        server = self.tls_server(max_handshakes=4)
+        speaker = self.raw(server)
+        speaker.client_flags()          # reads the greeting, answers it
+        self.assertTrue(settle(lambda: any(
+            h.progress == nbd_server.SPOKE for h in server._handlers)))
+        flood = [self.raw(server) for _ in range(10)]
+        for peer in flood[:7]:
+            self.assertTrue(peer.closed_by_server(timeout=5))
+        self.assertEqual(7, server.evicted)
+        self.assertFalse(speaker.closed_by_server(timeout=0.5))
+        speaker.send(option(c.NBD_OPT_STARTTLS))
+        self.assertEqual(c.NBD_REP_ACK, speaker.option_reply()[1])
+
 
 class AcceptLoopTest(_Base):
 
