@@ -60,9 +60,15 @@ def parse_line(line):
 
 
 def reports(text, kind=None):
-    """Every report in ``text`` (a console log), or those of ``kind``."""
+    """Every report in ``text`` (a console log), or those of ``kind``.
+
+    Only whole lines count: the last one of a log the guest is still
+    writing may be cut anywhere (``XSMV verify id=1`` without its result).
+    """
     out = []
-    for line in text.splitlines():
+    for line in text.splitlines(keepends=True):
+        if not line.endswith(('\n', '\r')):
+            break                       # still being written
         rep = parse_line(line)
         if rep is not None and (kind is None or rep.kind == kind):
             out.append(rep)

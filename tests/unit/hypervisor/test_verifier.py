@@ -48,6 +48,15 @@ class TestVerifierLines(base.TestCase):
         self.assertEqual(20, verifier.last(CONSOLE, 'progress')['writes'])
         self.assertIsNone(verifier.last(CONSOLE, 'shutdown'))
 
+    def test_a_line_still_being_written_is_not_a_report(self):
+        whole = 'XSMV verify id=1 result=ok disks=1 mismatches=0 io_errors=0'
+        self.assertEqual([], verifier.reports(whole[:16]))
+        self.assertEqual([], verifier.reports(whole))
+        self.assertTrue(verifier.verified(verifier.last(whole + '\r\n',
+                                                        'verify')))
+        self.assertEqual(['verify'], [r.kind for r in verifier.reports(
+            whole + '\nXSMV progress writes=1')])
+
     def test_verified(self):
         first, second = verifier.reports(CONSOLE, 'verify')
         self.assertFalse(verifier.verified(first))
