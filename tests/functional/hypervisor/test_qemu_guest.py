@@ -249,7 +249,10 @@ class TestQemuGuest(GuestTestCase):
         rep = self.verify()
         self.assertFalse(verifier.verified(rep))
         self.assertEqual('FAIL', rep['result'])
-        self.assertEqual(rep['checked'], rep['mismatches'])
+        # every block but those the guest wrote again between its resume
+        # and the verify command (20 writes a second) reads as zeros
+        self.assertGreater(rep['mismatches'], 0)
+        self.assertLessEqual(rep['checked'] - rep['mismatches'], 10)
         self.assertEqual('zeros', verifier.reports(
             self.console(), 'mismatch')[0]['found'])
 
