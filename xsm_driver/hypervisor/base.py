@@ -55,18 +55,24 @@ class DiskSpec:
     :param port: ``qemu``: its TCP port.
     :param device: ``model``: the :class:`BlockDevice` the guest thread
         writes to.
+    :param size: ``qemu``: the disk's size in bytes, when known: the
+        disk's geometry is then set from it, and QEMU reads nothing of
+        the disk before the guest does (otherwise it reads the first
+        sector to guess the geometry -- which an incoming migration's
+        disk, held until the commit, cannot answer).
     """
 
     def __init__(self, name, socket=None, export=None, device=None,
-                 host=None, port=None):
+                 host=None, port=None, size=None):
         self.name, self.socket, self.export = name, socket, export
         self.host, self.port = host, port
         self.device = device
+        self.size = size
 
     def to_dict(self):
         return {'name': self.name, 'socket': self.socket,
                 'export': self.export, 'host': self.host,
-                'port': self.port}
+                'port': self.port, 'size': self.size}
 
 
 class GuestSpec:

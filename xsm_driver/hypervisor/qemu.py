@@ -32,8 +32,18 @@ in the folders (:meth:`QemuDriver.recover`): a pid whose
 ``/proc/PID/cmdline`` is this folder's QEMU is adopted, a QEMU that does not
 answer QMP is killed, anything else means the guest is halted.
 
+Live migration of a guest (the engine's memory leg, see
+``xsm_driver.core.migration.source``): the destination's QEMU starts with
+``-incoming defer`` and listens (:meth:`QemuDriver.listen_incoming`); the
+source's QEMU migrates with the ``pause-before-switchover`` capability and
+stops, its vCPUs stopped and its disks drained and flushed, in
+``pre-switchover`` (:meth:`QemuDriver.migrate_until_switchover`) until the
+engine has switched the storage over and sends ``migrate-continue``
+(:meth:`QemuDriver.migrate_finish`); before that, a cancel
+(:meth:`QemuDriver.migrate_cancel`) leaves the source's guest running.
+
 The decisions (:func:`command_line`, :func:`power_state`,
-:func:`recovery_action`) are pure functions.
+:func:`recovery_action`, :func:`migration_step`) are pure functions.
 """
 
 import fcntl
@@ -58,6 +68,9 @@ PID_FILE = 'qemu.pid'
 QMP_SOCK = 'qmp.sock'
 CTL_SOCK = 'ctl.sock'
 CONSOLE_LOG = 'console.log'
+#: a migration's TLS credentials in QEMU's layout, in the guest's folder
+TLS_DIR = 'migration-tls'
+TLS_ID = 'xsm-migration-tls'
 #: AF_UNIX paths longer than this do not fit in sockaddr_un
 MAX_SOCKET_PATH = 107
 
@@ -108,7 +121,7 @@ def kernel_cmdline(spec):
 
 
 def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
-                 paused=False, reconnect_delay=0):
+                 paused=False, reconnect_delay=0, incoming=False):
     """The argv of the QEMU process of guest ``spec``.
 
     :param paths: the guest's :class:`Paths`.
@@ -118,6 +131,9 @@ def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
     :param reconnect_delay: seconds QEMU keeps a disk's requests waiting
         and reconnects when its NBD server goes away (an agent restart),
         before it fails them (0: fail them at once).
+    :param incoming: the guest of a live migration: its state comes from
+        the source's QEMU (``-incoming defer``; see
+        :meth:`QemuDriver.listen_incoming`).
     :raises QemuError: a socket path too long for AF_UNIX.
     """
     for disk in spec.disks:
@@ -159,16 +175,40 @@ def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
         else:
             server = 'server.type=inet,server.host=%s,server.port=%d' % (
                 escape(disk.host), int(disk.port))
+        geometry = ''
+        if disk.size:
+            geometry = ',cyls=%d,heads=%d,secs=%d' % chs(disk.size)
         argv += ['-blockdev',
                  'driver=nbd,node-name=disk%d,%s,export=%s%s'
                  % (i, server, escape(disk.export or ''),
                     ',reconnect-delay=%d' % reconnect_delay
                     if reconnect_delay else ''),
-                 '-device', 'virtio-blk-pci,drive=disk%d,id=vd%d' % (i, i)]
+                 '-device', 'virtio-blk-pci,drive=disk%d,id=vd%d%s'
+                 % (i, i, geometry)]
     if paused:
         argv.append('-S')
+    if incoming:
+        argv += ['-incoming', 'defer']
     argv += ['-pidfile', paths.pid, '-daemonize']
     return argv
+
+
+def chs(size):
+    """A disk's (cylinders, heads, sectors) from its size in bytes.
+
+    The same on every host for the same size, so that a migrated guest
+    sees the geometry it had; set, it spares QEMU its guess, a read of
+    the disk's first sector when the device is made.
+
+    >>> chs(16 << 20)
+    (32, 16, 63)
+    >>> chs(512)
+    (1, 16, 63)
+    >>> chs(1 << 40)
+    (65535, 16, 63)
+    """
+    cyls = size // (16 * 63 * 512)
+    return (min(max(cyls, 1), 65535), 16, 63)
 
 
 def power_state(status):
@@ -182,6 +222,42 @@ def power_state(status):
     if status in _PAUSED_STATUSES:
         return base.PAUSED
     return base.PAUSED         # a status newer than this list: not running
+
+
+# migration_step(): what the engine does on a query-migrate status
+WAIT = 'wait'            # the migration goes on
+SWITCH = 'switch'        # the source paused before the switch-over
+DONE = 'done'            # completed
+FAILED = 'failed'        # failed or cancelled
+
+_MIGRATION_FAILED = frozenset(('failed', 'cancelled', 'cancelling'))
+
+
+def migration_step(status, want):
+    """What a ``query-migrate`` ``status`` means to one waiting for it.
+
+    :param want: ``pre-switchover`` (the source's wait for the
+        switch-over) or ``completed``.
+    :returns: WAIT, SWITCH, DONE or FAILED.
+
+    >>> migration_step('active', 'pre-switchover')
+    'wait'
+    >>> migration_step('pre-switchover', 'pre-switchover')
+    'switch'
+    >>> migration_step('completed', 'completed')
+    'done'
+    >>> migration_step('cancelled', 'completed')
+    'failed'
+    """
+    if status in _MIGRATION_FAILED:
+        return FAILED
+    if status == 'completed':
+        return DONE
+    if status == 'pre-switchover' and want == 'pre-switchover':
+        return SWITCH
+    if status == 'none' and want == 'pre-switchover':
+        return FAILED            # nothing runs: the migrate was lost
+    return WAIT
 
 
 def is_our_qemu(argv, qmp_path):
@@ -379,7 +455,7 @@ class QemuDriver(base.Driver):
 
     # -- life cycle ----------------------------------------------------------
 
-    def start(self, spec, paused=False, timeout=30.0):
+    def start(self, spec, paused=False, timeout=30.0, incoming=False):
         with self._lock:
             old = self._guests.get(spec.name, ())
             if old is None or (old and old.alive()):
@@ -388,7 +464,7 @@ class QemuDriver(base.Driver):
                 self._forget(old)
             self._guests[spec.name] = None        # reserved while starting
         try:
-            guest = self._start(spec, paused, timeout)
+            guest = self._start(spec, paused, timeout, incoming)
         except BaseException:
             with self._lock:
                 self._guests.pop(spec.name, None)
@@ -397,7 +473,7 @@ class QemuDriver(base.Driver):
             self._guests[spec.name] = guest
         return guest.pid
 
-    def _start(self, spec, paused, timeout):
+    def _start(self, spec, paused, timeout, incoming=False):
         binary = self._binary_path()
         kernel, initrd = self._kernel(spec)
         paths = self.paths(spec.name)
@@ -412,7 +488,8 @@ class QemuDriver(base.Driver):
             json.dump(spec.to_dict(), f, indent=1, sort_keys=True)
         os.replace(paths.spec + '.tmp', paths.spec)
         argv = command_line(binary, spec, paths, self.accel, kernel, initrd,
-                            self.memory_mib, paused, self.reconnect_delay)
+                            self.memory_mib, paused, self.reconnect_delay,
+                            incoming)
         LOG.info('starting guest %s (%s): %s', spec.name, self.accel,
                  ' '.join(argv))
         try:
@@ -620,6 +697,152 @@ class QemuDriver(base.Driver):
         if fd is not None:
             os.close(fd)              # and with it the folder's lock
 
+    # -- live migration ----------------------------------------------------
+
+    def tls_dir(self, name):
+        """The folder of guest ``name``'s migration TLS credentials."""
+        return os.path.join(self.paths(name).folder, TLS_DIR)
+
+    def _use_tls(self, name, endpoint, tls, hostname=None):
+        """Make QEMU's migration of ``name`` TLS with ``tls``'s keys.
+
+        :param tls: ``{'ca_pem': the peer's CA (PEM), 'own_ca_pem': this
+            side's CA (PEM), 'cert': file, 'key': file}``: this side's
+            certificate and key (a migration's per-migration
+            credentials).
+        """
+        folder = write_tls_dir(self.tls_dir(name), endpoint,
+                               tls_ca_bundle(tls['ca_pem'],
+                                             tls.get('own_ca_pem')),
+                               tls['cert'], tls['key'])
+        try:            # an earlier migration's, cancelled
+            self.qmp_execute(name, 'object-del', {'id': TLS_ID})
+        except qmp.QMPCommandError:
+            pass
+        self.qmp_execute(name, 'object-add', {
+            'qom-type': 'tls-creds-x509', 'id': TLS_ID, 'dir': folder,
+            'endpoint': endpoint, 'verify-peer': True})
+        params = {'tls-creds': TLS_ID}
+        if hostname:
+            params['tls-hostname'] = hostname
+        self.qmp_execute(name, 'migrate-set-parameters', params)
+
+    def drop_tls(self, name):
+        """Remove the migration's keys from the guest's folder."""
+        shutil.rmtree(self.tls_dir(name), ignore_errors=True)
+
+    def listen_incoming(self, name, address, tls=None):
+        """An ``-incoming defer`` guest listens for its state on ``address``.
+
+        :param tls: the server's credentials (see :meth:`_use_tls`): the
+            source's QEMU must present a certificate of ``ca_pem``.
+        :returns: the TCP port it listens on (chosen by the system).
+        """
+        host = '[%s]' % address if ':' in address else address
+        self.qmp_execute(name, 'migrate-set-capabilities', {'capabilities': [
+            {'capability': 'events', 'state': True}]})
+        if tls is not None:
+            self._use_tls(name, 'server', tls)
+        self.qmp_execute(name, 'migrate-incoming',
+                         {'uri': 'tcp:%s:0' % host})
+        info = self.qmp_execute(name, 'query-migrate')
+        for sock in info.get('socket-address') or ():
+            if sock.get('port'):
+                return int(sock['port'])
+        raise QemuError('guest %s: QEMU did not say where it listens for '
+                        'the incoming migration (%r)' % (name, info))
+
+    def _wait_migration(self, name, want, timeout, check=None):
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.qmp_execute(name, 'query-migrate')
+            step = migration_step(info.get('status', 'none'), want)
+            if step in (SWITCH, DONE):
+                return info
+            if step == FAILED:
+                raise QemuError('guest %s: QEMU\'s migration is %s: %s'
+                                % (name, info.get('status'),
+                                   info.get('error-desc', 'no reason')))
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise QemuError('guest %s: QEMU\'s migration is still %s '
+                                'after %.0f s' % (name, info.get('status'),
+                                                  timeout))
+            time.sleep(0.05)
+
+    def migrate_until_switchover(self, name, host, port, timeout=300.0,
+                                 check=None, max_bandwidth=1 << 30,
+                                 tls=None):
+        """Migrate guest ``name`` to ``host:port``, up to the switch-over.
+
+        Returns once the source's QEMU is in ``pre-switchover``: the guest
+        is stopped, its disks drained and flushed, most of its memory on
+        the destination; :meth:`migrate_finish` sends the rest.
+
+        :param check: called while waiting; what it raises (a cancel)
+            ends the wait (the caller cancels the migration).
+        :param tls: the client's credentials (see :meth:`_use_tls`): the
+            destination's QEMU must present a certificate of ``ca_pem``
+            for ``host``.
+        :returns: QEMU's ``query-migrate`` answer then.
+        """
+        self.qmp_execute(name, 'migrate-set-capabilities', {'capabilities': [
+            {'capability': 'pause-before-switchover', 'state': True},
+            {'capability': 'events', 'state': True}]})
+        if tls is not None:
+            self._use_tls(name, 'client', tls, hostname=host)
+        self.qmp_execute(name, 'migrate-set-parameters',
+                         {'max-bandwidth': int(max_bandwidth)})
+        where = '[%s]' % host if ':' in host else host
+        self.qmp_execute(name, 'migrate',
+                         {'uri': 'tcp:%s:%d' % (where, int(port))})
+        return self._wait_migration(name, 'pre-switchover', timeout, check)
+
+    def migrate_finish(self, name, timeout=120.0):
+        """Let QEMU send the rest (``migrate-continue``) and complete.
+
+        :returns: QEMU's ``query-migrate`` answer once completed (its
+            ``downtime`` in ms).
+        """
+        info = self.qmp_execute(name, 'query-migrate')
+        if info.get('status') == 'pre-switchover':
+            self.qmp_execute(name, 'migrate-continue',
+                             {'state': 'pre-switchover'})
+        return self._wait_migration(name, 'completed', timeout)
+
+    def migrate_cancel(self, name, resume=True, timeout=30.0):
+        """Cancel an outgoing migration; the guest runs on here.
+
+        :param resume: run the guest's vCPUs again if QEMU left them
+            stopped (it restarts a guest that was running by itself).
+        """
+        try:
+            self.qmp_execute(name, 'migrate_cancel')
+        except qmp.QMPCommandError as exc:
+            LOG.warning('guest %s: migrate_cancel: %s', name, exc)
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmp_execute(name, 'query-migrate').get('status')
+            if status not in ('cancelling', 'pre-switchover', 'device',
+                              'active', 'setup'):
+                break
+            if time.monotonic() > deadline:
+                raise QemuError('guest %s: QEMU\'s migration still %s %.0f '
+                                's after migrate_cancel'
+                                % (name, status, timeout))
+            time.sleep(0.05)
+        if resume and self.power_state(name) == base.PAUSED:
+            self.resume(name)
+        return status
+
+    def wait_incoming(self, name, timeout=120.0):
+        """Wait until an incoming guest has all of its state.
+
+        :returns: QEMU's ``query-migrate`` answer on this side.
+        """
+        return self._wait_migration(name, 'completed', timeout)
+
     # -- the guest's console and verifier ----------------------------------
 
     def console_path(self, name):
@@ -655,6 +878,48 @@ class QemuDriver(base.Driver):
                 pass
             except OSError:
                 pass
+
+
+def tls_ca_bundle(peer_ca_pem, own_ca_pem=None):
+    """The ``ca-cert.pem`` of QEMU's ``tls-creds-x509``: peer's CA, own CA.
+
+    QEMU checks its own certificate against the same file it checks the
+    peer's with; each side of a migration has its own CA. Adding this
+    side's CA trusts nothing more: its key was dropped once it signed
+    this side's one certificate, whose key only this side holds.
+    """
+    def text(pem):
+        return pem.decode('ascii') if isinstance(pem, bytes) else pem
+    pems = [text(peer_ca_pem).strip()]
+    if own_ca_pem:
+        pems.append(text(own_ca_pem).strip())
+    return '\n'.join(pems) + '\n'
+
+
+def write_tls_dir(folder, endpoint, ca_pem, cert_file, key_file):
+    """A ``tls-creds-x509`` folder: the files under the names QEMU reads.
+
+    ``ca-cert.pem`` (the peer's CA), ``<endpoint>-cert.pem`` and
+    ``<endpoint>-key.pem`` (mode 0600), in ``folder`` (mode 0700).
+    """
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    with open(cert_file, 'rb') as f:
+        cert = f.read()
+    with open(key_file, 'rb') as f:
+        key = f.read()
+    for fname, data, mode in (
+            ('ca-cert.pem', ca_pem, 0o644),
+            ('%s-cert.pem' % endpoint, cert, 0o644),
+            ('%s-key.pem' % endpoint, key, 0o600)):
+        if isinstance(data, str):
+            data = data.encode('ascii')
+        path = os.path.join(folder, fname)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                     os.O_CLOEXEC, mode)
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+    return folder
 
 
 def _unlink(path):

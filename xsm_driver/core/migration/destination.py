@@ -131,6 +131,8 @@ class Receive:
         #: the roll-back is journaled: a commit is refused from here
         self.aborting = False
         self._vm_state = None
+        #: a QEMU guest moves: its incoming QEMU waits here (VM uuid)
+        self._incoming = None
         #: ``{'silent': s, 'lease': s}`` once rolled back for want of a
         #: lease renewal
         self.expired = None
@@ -191,10 +193,34 @@ class Receive:
         host, port = self._server.address
         LOG.info('migration %s: receiving %d VDIs on %s:%d', self.id,
                  len(exports), host, port)
-        return {'host': host, 'port': port,
-                'server_ca_pem': self._creds.ca_pem,
-                'fingerprint': self._creds.fingerprint,
-                'exports': exports}
+        answer = {'host': host, 'port': port,
+                  'server_ca_pem': self._creds.ca_pem,
+                  'fingerprint': self._creds.fingerprint,
+                  'exports': exports}
+        if self.spec.get('guest') == 'qemu' and vm:
+            answer['incoming'] = self._prepare_incoming(vm)
+        return answer
+
+    def _prepare_incoming(self, vm):
+        """Start the paused ``-incoming`` QEMU the guest moves into.
+
+        Its disks wait behind paused gates until the commit
+        (:meth:`Host.prepare_incoming`); before it, an abort kills it.
+        """
+        if self.host.qemu is None:
+            raise errors.MigrationError(
+                'host %s runs no QEMU guests ([hypervisor]driver is not '
+                'qemu): VM %s cannot move here live' % (self.host.name,
+                                                        vm.get('uuid')))
+        sizes = {v['uuid']: v['size'] for v in self.spec['vdis']}
+        by_name = {d['name']: sizes[d['vdi']] for d in vm['disks']}
+        self._incoming = vm['uuid']
+        # QEMU's stream is TLS with this migration's credentials: this
+        # side's server certificate, and only the source's CA trusted
+        tls = {'ca_pem': self.spec['client_ca_pem'],
+               'own_ca_pem': self._creds.ca_pem,
+               'cert': self._creds.cert_file, 'key': self._creds.key_file}
+        return self.host.prepare_incoming(vm, by_name, self.address, tls)
 
     def compose(self):
         """The copy is complete: make the copied bases durable."""
@@ -247,7 +273,15 @@ class Receive:
         vm_uuid = None
         if self._vm_state is not None:
             vm_uuid = adopt(self.host, self.spec, self._vm_state, new,
-                            start=True)
+                            start=self._incoming is None)
+            if self._incoming is not None and \
+                    self.host.take_incoming(vm_uuid):
+                # The guest runs once its QEMU has the rest of its state,
+                # which the source sends on this commit's answer.
+                threading.Thread(target=self.host.resume_incoming,
+                                 args=(vm_uuid,), daemon=True,
+                                 name='xsm-incoming-%s' % self.id[:8]
+                                 ).start()
         self.result = {'vdis': new, 'vm': vm_uuid}
         self._record('done', result=self.result)
         self._forget_credentials()
@@ -280,6 +314,8 @@ class Receive:
                 self._record(self.phase, aborting=True, **state)
                 self.aborting = True
             self._stop_server()
+            if self._incoming is not None:
+                self.host.discard_incoming(self._incoming)
             for _sr, rec in self._receivers.values():
                 rec.discard()
             self._receivers = {}

@@ -16,24 +16,41 @@ A VM here is what the hypervisor keeps of it: a name, its disks (each a
 VDI in one of the host's SRs), its network interfaces, a power state and,
 while running, the I/O stack of each disk -- ``Counter(Gate(device))`` --
 that the migration engine reaches into to mirror, snapshot and switch.
-The guest's vCPU is the verifying :mod:`workload`.
+
+What runs the guest is the host's hypervisor driver
+(:mod:`xsm_driver.hypervisor`, ``[hypervisor]driver``). Without one, or
+with ``model``, the guest's vCPU is the verifying :mod:`workload`, as
+always. With ``qemu``, a running VM is a QEMU process: each disk's stack
+is served by an NBD server of this agent on a unix socket in the guest's
+folder, and QEMU's virtio-blk disk is that export -- every guest write
+passes the gate (and the mirror the engine inserts). An agent that stops
+leaves its QEMUs running; built again, the host finds them
+(``driver.recover()``), serves their disks again on the same sockets
+(QEMU reconnects) and marks them running or paused; a QEMU whose VM it
+does not know is killed, never left an orphan.
 
 VM records live in ``<state_path>/vms.json`` (replaced atomically); a VM
 that was running when the host stopped is ``halted`` when it comes back.
 """
 
+import errno
 import json
 import logging
 import os
+import shutil
 import threading
 import uuid as uuidlib
 
+from xsm_driver.core.block import device as device_mod
 from xsm_driver.core.block import filters
 from xsm_driver.core import exception
 from xsm_driver.core.migration import journal as journal_mod
 from xsm_driver.core.migration import workload as workload_mod
+from xsm_driver.core.nbd import server as nbd_server
 from xsm_driver.core import sr as sr_mod
 from xsm_driver.core.sr import base as sr_base
+from xsm_driver import hypervisor as hv_mod
+from xsm_driver.hypervisor import base as hv_base
 
 LOG = logging.getLogger(__name__)
 
@@ -55,6 +72,33 @@ class InvalidVMState(exception.XSMError):
               '%(needed)s'
 
 
+class Held(device_mod.BlockDevice):
+    """What a paused gate holds until the disk it stands for exists.
+
+    An incoming guest's disk (see :meth:`Host.prepare_incoming`): its size
+    is known, its contents are not yet; nothing may read or write it (the
+    gate stays paused until :meth:`Gate.resume` puts the composed VDI in
+    its place). It announces what a VHD or raw VDI offers, so that the
+    NBD export negotiated now stays true afterwards.
+    """
+
+    can_write = can_flush = can_fua = can_extents = True
+
+    def __init__(self, size, name='held'):
+        self._size = size
+        self.name = name
+
+    @property
+    def size(self):
+        return self._size
+
+    def _refuse(self, *args, **kwargs):
+        raise device_mod.BlockError(device=self.name, errno=errno.EIO,
+                                    reason='the disk is not here yet')
+
+    pread = pwrite = flush = extents = _refuse
+
+
 class Disk:
     """One disk of a VM: which VDI, and its I/O stack while running."""
 
@@ -62,6 +106,8 @@ class Disk:
         self.name, self.vdi, self.sr = name, vdi, sr
         self.gate = None
         self.counter = None
+        #: the unix-socket NBD server of a QEMU guest's disk
+        self.server = None
 
     def to_dict(self):
         return {'name': self.name, 'vdi': self.vdi, 'sr': self.sr}
@@ -70,26 +116,53 @@ class Disk:
         self.gate = filters.Gate(sr.attach(self.vdi, writable=True))
         self.counter = filters.Counter(self.gate)
 
+    def serve(self, path):
+        """Serve the attached stack to a local QEMU on unix socket ``path``.
+
+        :returns: the :class:`xsm_driver.hypervisor.base.DiskSpec`.
+        """
+        if self.server is None:
+            self.server = nbd_server.Server({self.name: self.counter},
+                                            path=path).start()
+        return hv_base.DiskSpec(self.vdi, socket=path, export=self.name,
+                                size=self.counter.size)
+
     def detach(self):
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
         if self.counter is not None:
             self.counter.close()
         self.gate = self.counter = None
 
 
 class VM:
+    """A VM record.
 
-    def __init__(self, uuid, name, disks, vifs=(), power_state=HALTED):
+    :param qemu: what a QEMU guest needs besides its disks (``qemu``
+        hypervisor driver): ``{'memory_mib': .., 'vcpus': ..,
+        'verifier': {..}, 'kernel': .., 'initrd': .., 'cmdline': ..}``,
+        each optional; kept in the record and sent with a migration.
+    """
+
+    def __init__(self, uuid, name, disks, vifs=(), power_state=HALTED,
+                 qemu=None):
         self.uuid, self.name = uuid, name
         self.disks = [Disk(**d) for d in disks]
         self.vifs = list(vifs)
         self.power_state = power_state
+        self.qemu = dict(qemu) if qemu else None
         self.workload = None
+        #: the guest runs as a QEMU process (the qemu driver's guest)
+        self.in_qemu = False
         self.lock = threading.RLock()
 
     def to_dict(self):
         out = {'uuid': self.uuid, 'name': self.name,
                'disks': [d.to_dict() for d in self.disks],
                'vifs': self.vifs, 'power_state': self.power_state}
+        if self.qemu:
+            out['qemu'] = dict(self.qemu)
         if self.workload is not None:
             out['guest'] = self.workload.counters()
         return out
@@ -106,9 +179,12 @@ class Host:
     :param srs: mapping of SR name to an :class:`xsm_driver.core.sr.base.SR`.
     :param state_path: directory for the journal, VM records and
         per-migration credentials.
+    :param hypervisor: a hypervisor driver (:mod:`xsm_driver.hypervisor`)
+        that runs the guests; None or a ``model`` driver: the verifying
+        workload thread plays each guest, as it always did.
     """
 
-    def __init__(self, name, srs, state_path):
+    def __init__(self, name, srs, state_path, hypervisor=None):
         self.name = name
         self.srs = dict(srs)
         self.state_path = state_path
@@ -117,20 +193,44 @@ class Host:
                                                         'journal.sqlite'))
         self._vms_file = os.path.join(state_path, 'vms.json')
         self._lock = threading.RLock()
+        self.hypervisor = hypervisor
+        #: incoming QEMU guests: VM uuid -> their Disks (held gates)
+        self._incoming = {}
         try:
             self.vms = self._load_vms()
+            if self.qemu is not None:
+                self._recover_guests()
         except BaseException:
             self.journal.close()
             raise
 
     @classmethod
-    def from_config(cls, name, sr_specs, state_path):
-        """Build a host from ``NAME:DRIVER:PATH`` SR specifications."""
+    def from_config(cls, name, sr_specs, state_path, conf=None):
+        """Build a host from ``NAME:DRIVER:PATH`` SR specifications.
+
+        :param conf: with a ``[hypervisor]`` group: its driver runs the
+            guests (``model``, the default, keeps today's workload).
+        """
         srs = {}
         for spec in sr_specs:
             sr_name, driver, path = parse_sr_spec(spec)
             srs[sr_name] = sr_mod.load_driver(driver, sr_name, path)
-        return cls(name, srs, state_path)
+        hypervisor = None
+        if conf is not None and uses_qemu(conf.hypervisor.driver):
+            hypervisor = hv_mod.from_config(
+                conf, os.path.join(state_path, 'guests'))
+        return cls(name, srs, state_path, hypervisor)
+
+    @property
+    def qemu(self):
+        """The qemu hypervisor driver, or None (the workload plays)."""
+        if self.hypervisor is not None and uses_qemu(self.hypervisor.name):
+            return self.hypervisor
+        return None
+
+    def _disk_socket(self, vm_uuid, disk_name):
+        return os.path.join(self.qemu.paths(vm_uuid).folder,
+                            'nbd-%s.sock' % disk_name)
 
     def close(self):
         """Release what the host holds: the agent is stopping.
@@ -142,8 +242,13 @@ class Host:
         """
         with self._lock:
             vms = list(self.vms.values())
+            incoming = list(self._incoming)
+        for uuid in incoming:
+            # not committed: a restarted agent rolls its receive back
+            self.discard_incoming(uuid)
         for vm in vms:
             with vm.lock:
+                # a QEMU guest keeps running: the next agent finds it
                 if vm.workload is not None:
                     try:
                         vm.workload.stop()
@@ -157,6 +262,8 @@ class Host:
                         LOG.exception('host %s: detaching disk %s of VM %s '
                                       'failed', self.name, disk.name,
                                       vm.uuid)
+        if self.hypervisor is not None:
+            self.hypervisor.close()
         self.journal.close()
 
     def __enter__(self):
@@ -258,14 +365,18 @@ class Host:
     def adopt_vm(self, record, power_state):
         """Register a VM whose disks already are in this host's SRs."""
         vm = VM(record['uuid'], record['name'], record['disks'],
-                record.get('vifs', ()), power_state)
+                record.get('vifs', ()), power_state, record.get('qemu'))
         with self._lock:
             self.vms[vm.uuid] = vm
         self.save()
         return vm
 
-    def start_vm(self, ref, workload=None):
-        """Attach the disks and run; ``workload`` is a guest state."""
+    def start_vm(self, ref, workload=None, paused=False):
+        """Attach the disks and run; ``workload`` is a guest state.
+
+        With the qemu driver: each disk's stack is served on a unix
+        socket and a QEMU boots on them (``paused``: its vCPUs stopped).
+        """
         vm = self.vm(ref)
         with vm.lock:
             if vm.power_state == RUNNING:
@@ -275,34 +386,257 @@ class Host:
                 for disk in vm.disks:
                     disk.attach(self.sr(disk.sr))
                     attached.append(disk)
+                if self.qemu is not None:
+                    self.qemu.start(self._guest_spec(vm), paused=paused)
+                    vm.in_qemu = True
             except Exception:
                 for disk in attached:
                     disk.detach()
                 raise
-            vm.power_state = RUNNING
-            if workload is not None:
+            vm.power_state = PAUSED if vm.in_qemu and paused else RUNNING
+            if workload is not None and not vm.in_qemu:
                 vm.workload = workload_mod.Workload.from_state(
                     vm.devices, workload).start()
         self.save()
         return vm
 
-    def stop_vm(self, ref):
+    def _guest_spec(self, vm):
+        """The GuestSpec of a QEMU guest, its disks' exports started."""
+        folder = self.qemu.paths(vm.uuid).folder
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        disks = [d.serve(self._disk_socket(vm.uuid, d.name))
+                 for d in vm.disks]
+        return guest_spec(vm.uuid, disks, vm.qemu)
+
+    def stop_vm(self, ref, clean=False):
+        """Stop the guest and detach the disks.
+
+        :param clean: a QEMU guest is asked to power off (ACPI) first;
+            otherwise its process is killed at once.
+        """
         vm = self.vm(ref)
         with vm.lock:
             if vm.workload is not None:
                 vm.workload.stop()
+            if vm.in_qemu:
+                self._stop_qemu(vm, clean)
+                for disk in vm.disks:
+                    release_held(disk.gate)
             for disk in vm.disks:
                 disk.detach()
             vm.power_state = HALTED
         self.save()
         return vm
 
+    def _stop_qemu(self, vm, clean=False):
+        try:
+            if clean:
+                self.qemu.shutdown(vm.uuid)
+            else:
+                self.qemu.destroy(vm.uuid)
+        except hv_base.GuestNotFound:
+            pass
+        self.qemu.forget(vm.uuid)
+        vm.in_qemu = False
+
+    def vm_power_state(self, ref):
+        """The VM's power state, from its QEMU when it runs in one."""
+        vm = self.vm(ref)
+        with vm.lock:
+            if vm.in_qemu:
+                try:
+                    state = self.qemu.power_state(vm.uuid)
+                except hv_base.GuestNotFound:
+                    state = HALTED
+                if state in (RUNNING, PAUSED) and state != vm.power_state:
+                    vm.power_state = state
+            return vm.power_state
+
+    def pause_vm(self, ref):
+        vm = self.vm(ref)
+        with vm.lock:
+            if vm.in_qemu:
+                self.qemu.pause(vm.uuid)
+            elif vm.workload is not None:
+                vm.workload.suspend()
+            vm.power_state = PAUSED
+        self.save()
+        return vm
+
+    def resume_vm(self, ref):
+        vm = self.vm(ref)
+        with vm.lock:
+            if vm.in_qemu:
+                self.qemu.resume(vm.uuid)
+            elif vm.workload is not None:
+                vm.workload.resume()
+            vm.power_state = RUNNING
+        self.save()
+        return vm
+
+    def _recover_guests(self):
+        """Find the QEMUs that kept running while no agent ran.
+
+        A VM whose QEMU runs gets its disks served again on the same
+        sockets (QEMU reconnects, its I/O waited meanwhile); a QEMU of no
+        VM of this host (a migration's incoming guest, say) is killed.
+        """
+        found = self.qemu.recover()
+        for name, state in sorted(found.items()):
+            vm = self.vms.get(name)
+            if state not in (RUNNING, PAUSED):
+                self.qemu.forget(name)
+                continue
+            if vm is None:
+                LOG.warning('host %s: QEMU of guest %s belongs to no VM '
+                            'here (an unfinished incoming migration?): '
+                            'killing it', self.name, name)
+                self.qemu.destroy(name)
+                self.qemu.forget(name)
+                continue
+            try:
+                for disk in vm.disks:
+                    disk.attach(self.sr(disk.sr))
+                    disk.serve(self._disk_socket(vm.uuid, disk.name))
+            except Exception:
+                LOG.exception('host %s: cannot serve the disks of VM %s '
+                              'again: killing its QEMU', self.name, name)
+                for disk in vm.disks:
+                    disk.detach()
+                self.qemu.destroy(name)
+                self.qemu.forget(name)
+                continue
+            vm.in_qemu = True
+            vm.power_state = state
+            LOG.info('host %s: VM %s (%s) runs on in its QEMU (%s)',
+                     self.name, vm.uuid, vm.name, state)
+        self.save()
+
+    # -- an incoming QEMU guest (live migration, destination side) --------
+
+    def prepare_incoming(self, record, sizes, address, tls=None):
+        """Start the QEMU that receives a migrating guest, paused.
+
+        Its disks are exports on unix sockets of gates that stay paused
+        on a :class:`Held` device until :meth:`take_incoming` puts each
+        composed VDI there: no guest write reaches this host's disks
+        before the migration's commit.
+
+        :param record: the VM record (uuid, disks by name, ``qemu``).
+        :param sizes: disk name -> virtual size.
+        :param address: where QEMU listens for the guest's state.
+        :param tls: the migration's server credentials for QEMU's stream
+            (see :meth:`QemuDriver.listen_incoming`); None: plain TCP.
+        :returns: ``{'host': .., 'port': ..}`` for the source's QEMU.
+        """
+        uuid = record['uuid']
+        if uuid in self.vms:
+            raise exception.XSMError('host %s already has VM %s'
+                                     % (self.name, uuid))
+        folder = self.qemu.paths(uuid).folder
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        disks = []
+        try:
+            for d in record['disks']:
+                disk = Disk(d['name'], d['vdi'], None)
+                disk.gate = filters.Gate(Held(sizes[d['name']], d['name']))
+                disk.gate.pause()
+                disk.counter = filters.Counter(disk.gate)
+                disks.append(disk)
+            specs = [d.serve(self._disk_socket(uuid, d.name))
+                     for d in disks]
+            self.qemu.start(guest_spec(uuid, specs, record.get('qemu')),
+                            paused=True, incoming=True)
+            port = self.qemu.listen_incoming(uuid, address, tls=tls)
+        except BaseException:
+            self._drop_incoming(uuid, disks)
+            raise
+        with self._lock:
+            self._incoming[uuid] = disks
+        return {'host': address, 'port': port}
+
+    def _drop_incoming(self, uuid, disks):
+        try:
+            self.qemu.destroy(uuid)
+        except hv_base.GuestNotFound:
+            pass
+        self.qemu.forget(uuid)
+        for disk in disks:
+            if disk.gate is not None and disk.gate.paused:
+                disk.gate.resume()
+            disk.detach()
+        shutil.rmtree(self.qemu.paths(uuid).folder, ignore_errors=True)
+
+    def discard_incoming(self, uuid):
+        """Kill an incoming guest and remove what it had; idempotent."""
+        with self._lock:
+            disks = self._incoming.pop(uuid, None)
+        if disks is None:
+            if self.qemu is not None and uuid not in self.vms:
+                self._drop_incoming(uuid, [])
+            return
+        self._drop_incoming(uuid, disks)
+
+    def take_incoming(self, uuid):
+        """The migration committed: the incoming guest is VM ``uuid``'s.
+
+        Each gate resumes on the VM's composed VDI; the guest stays
+        paused until its QEMU has the whole state (:meth:`resume_incoming`).
+        """
+        with self._lock:
+            disks = self._incoming.pop(uuid, None)
+        if disks is None:
+            return False
+        vm = self.vm(uuid)
+        with vm.lock:
+            by_name = {d.name: d for d in disks}
+            for disk in vm.disks:
+                held = by_name[disk.name]
+                held.gate.resume(self.sr(disk.sr).attach(disk.vdi,
+                                                         writable=True))
+                disk.gate, disk.counter = held.gate, held.counter
+                disk.server = held.server
+            vm.in_qemu = True
+            vm.power_state = PAUSED
+        self.save()
+        return True
+
+    def resume_incoming(self, uuid, timeout=120.0):
+        """Run the migrated guest once its QEMU has all of its state.
+
+        :returns: True when it runs; False when QEMU's migration failed
+            (the guest is then killed: the VM is halted here, its disks
+            are the committed ones).
+        """
+        vm = self.vm(uuid)
+        try:
+            info = self.qemu.wait_incoming(uuid, timeout)
+        except Exception as exc:
+            LOG.error('host %s: the migrated guest of VM %s did not get '
+                      'its state (%s); it is halted', self.name, uuid, exc)
+            self.stop_vm(uuid)
+            return False
+        finally:
+            self.qemu.drop_tls(uuid)
+        with vm.lock:
+            self.qemu.resume(uuid)
+            vm.power_state = RUNNING
+        self.save()
+        LOG.info('host %s: VM %s runs here (%s)', self.name, uuid, info)
+        return True
+
     def forget_vm(self, ref):
-        """Drop the VM record (its disks stay)."""
+        """Drop the VM record (its disks stay).
+
+        A QEMU guest's folder goes too (console log, sockets, keys).
+        """
         vm = self.vm(ref)
         with self._lock:
             self.vms.pop(vm.uuid, None)
         self.save()
+        if self.qemu is not None and not vm.in_qemu:
+            shutil.rmtree(self.qemu.paths(vm.uuid).folder,
+                          ignore_errors=True)
 
     def destroy_vm(self, ref):
         """Stop the VM, destroy its disks and their chains, forget it."""
@@ -386,6 +720,32 @@ class Host:
                 return result
             result['verified'] = True
             return result
+
+
+def release_held(gate):
+    """Let a paused gate's held requests fail (EIO): their guest is gone.
+
+    A QEMU killed while its disks' gates were paused (its migration
+    committed elsewhere) may have left a request waiting there (QEMU's
+    last flush); nothing may reach the disk any more.
+    """
+    if gate is not None and gate.paused:
+        gate.resume(Held(gate.size, gate.name)).close()
+
+
+def uses_qemu(driver_name):
+    """Whether hypervisor driver ``driver_name`` runs QEMU guests."""
+    return driver_name == 'qemu'
+
+
+def guest_spec(uuid, disks, qemu=None):
+    """A QEMU guest's :class:`GuestSpec` from a VM record's ``qemu``."""
+    qemu = dict(qemu or {})
+    return hv_base.GuestSpec(
+        uuid, disks, memory_mib=qemu.get('memory_mib'),
+        vcpus=qemu.get('vcpus', 1), verifier=qemu.get('verifier'),
+        kernel=qemu.get('kernel'), initrd=qemu.get('initrd'),
+        cmdline=qemu.get('cmdline', ''))
 
 
 def parse_sr_spec(spec):

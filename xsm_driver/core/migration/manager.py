@@ -109,6 +109,12 @@ class Options:
     commit_timeout: float = 60.0
     #: seconds between two such questions
     commit_retry_interval: float = 1.0
+    #: bytes/s for QEMU's migration of a QEMU guest's memory; None: the
+    #: copy's ``bandwidth`` when set, else 1 GiB/s
+    memory_bandwidth: int = None
+    #: seconds QEMU's migration of the memory may take, up to its pause
+    #: before the switch-over, before the migration is rolled back
+    memory_timeout: float = 600.0
 
     def replace(self, **changes):
         return dataclasses.replace(self, **{k: v for k, v in changes.items()

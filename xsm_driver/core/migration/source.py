@@ -175,6 +175,17 @@ class Migration:
         self._resolve_lock = threading.Lock()
         #: called as ``phase_hook(migration, phase)`` on each new phase
         self.phase_hook = None
+        #: the guest runs in a QEMU here: its memory moves with QEMU's
+        #: own migration (see :meth:`_memory`)
+        self.qemu_guest = (kind == 'vm' and vm is not None and
+                           vm.in_qemu and not options.copy)
+        #: QEMU's migration was started (a roll-back cancels it)
+        self._qemu_migrating = False
+        #: QEMU's ``downtime`` (ms) from ``query-migrate``, once completed
+        self.qemu_downtime = None
+        #: QEMU's ``query-migrate`` at the pre-switchover pause
+        self.memory = None
+        self._in_memory = False
 
     @property
     def vdis(self):
@@ -199,7 +210,8 @@ class Migration:
         with self._lock:
             phase, finished = self.phase, self.finished
         snap = self.progress.snapshot()
-        snap['phase'] = phase
+        # (QEMU's migration of the memory runs in the journal's compose)
+        snap['phase'] = 'memory' if self._in_memory else phase
         return {
             'id': self.id, 'kind': self.kind, 'phase': phase,
             'vm': self.vm_ref[0],
@@ -210,6 +222,8 @@ class Migration:
             'bytes_copied': snap['done'],
             'downtime_ms': (None if self.downtime is None
                             else round(self.downtime * 1000, 3)),
+            'guest_kind': 'qemu' if self.qemu_guest else 'model',
+            'qemu_downtime_ms': self.qemu_downtime,
             'guest_writes_during_migration': self._guest_writes(),
             'error': str(self.error) if self.error else None,
             'started': self.started, 'finished': finished,
@@ -326,6 +340,9 @@ class Migration:
             self._set_phase('compose')
             self.peer.compose(self.id)
             self._check()
+            if self.qemu_guest:
+                self._memory()
+                self._check()
             committed = self._switch_over()
             self._clean_up()
             self._set_phase('done', result=self.result)
@@ -409,8 +426,8 @@ class Migration:
         vm = None
         if self.vm is not None and self.kind == 'vm':
             vm = {k: v for k, v in self.vm.to_dict().items()
-                  if k in ('uuid', 'name', 'disks', 'vifs')}
-        return {'id': self.id, 'source_host': self.host.name,
+                  if k in ('uuid', 'name', 'disks', 'vifs', 'qemu')}
+        spec = {'id': self.id, 'source_host': self.host.name,
                 'vm': vm, 'vif_map': self.vif_map,
                 'cross_pool': self.kind == 'vm',
                 'network': self.options.network,
@@ -418,6 +435,10 @@ class Migration:
                 # this source renews a lease on the receive (API 1.2)
                 'renews': True,
                 'vdis': [self._describe(i) for i in self._items]}
+        if self.qemu_guest:
+            # the destination starts a QEMU that receives the guest
+            spec['guest'] = 'qemu'
+        return spec
 
     def _copy_connections(self):
         return max(1, int(self.options.connections))
@@ -447,6 +468,11 @@ class Migration:
             spec = dict(self.spec, client_ca_pem=self._creds.ca_pem)
             self._remote = self.peer.prepare(spec)
         self._start_renewing()
+        if self.qemu_guest and not self._remote.get('incoming'):
+            raise errors.MigrationError(
+                'host %s runs no QEMU guests ([hypervisor]driver): VM %s, '
+                'a QEMU guest, cannot move there live'
+                % (self.dest_host, self.vm_ref[0]))
         self._tls = self._creds.client_context(self._remote['server_ca_pem'])
         for item in self._items:
             item.export = self._remote['exports'][item.vdi]
@@ -645,6 +671,79 @@ class Migration:
         finally:
             for dst in dsts:
                 self._disconnect(dst)
+
+    # -- the guest's memory (a QEMU guest) ---------------------------------
+
+    def _memory(self):
+        """QEMU's migration, up to its pause before the switch-over.
+
+        The destination's QEMU listens (it started ``-incoming`` when it
+        prepared the receive); this side's QEMU sends the guest's memory
+        while the guest runs, its disk writes mirrored as ever. It stops
+        in ``pre-switchover``: the guest's vCPUs stopped, its disk
+        requests drained and flushed -- every one of them through the
+        gates and the mirrors, so both sides hold them. The storage
+        switch-over follows; QEMU sends the rest only after the commit
+        (:meth:`_finish_memory`). Until then a roll-back cancels QEMU's
+        migration and the guest runs on here. The journal stays at
+        ``compose``: nothing has been asked to commit.
+
+        QEMU's stream is TLS 1.3 with this migration's credentials
+        (``tls-creds-x509`` on both sides): this side's client
+        certificate, and only the destination's CA trusted, for the
+        destination's migration address.
+        """
+        with self._lock:
+            self.progress.phase = 'memory'
+            self._in_memory = True
+        incoming = self._remote['incoming']
+        self._qemu_migrating = True
+        timeout = self.options.memory_timeout or 600.0
+        tls = {'ca_pem': self._remote['server_ca_pem'],
+               'own_ca_pem': self._creds.ca_pem,
+               'cert': self._creds.cert_file, 'key': self._creds.key_file}
+        try:
+            self.memory = self.host.qemu.migrate_until_switchover(
+                self.vm.uuid, incoming['host'], incoming['port'],
+                timeout=timeout, check=self._check, tls=tls,
+                # the migration's bandwidth limit holds for the memory too
+                max_bandwidth=(self.options.memory_bandwidth or
+                               self.options.bandwidth or (1 << 30)))
+        finally:
+            self._in_memory = False
+        LOG.info('migration %s: the guest\'s memory is on host %s, its '
+                 'QEMU waits for the switch-over (%s ms of RAM transfer)',
+                 self.id, self.dest_host, self.memory.get('total-time'))
+
+    def _finish_memory(self):
+        """The commit is known: let QEMU send the rest of the guest."""
+        if not self._qemu_migrating:
+            return
+        try:
+            info = self.host.qemu.migrate_finish(self.vm.uuid)
+            self.qemu_downtime = info.get('downtime')
+            LOG.info('migration %s: QEMU\'s migration completed (%s ms '
+                     'of downtime by QEMU)', self.id, self.qemu_downtime)
+        except Exception:
+            # The destination committed: the guest must not run here.
+            LOG.exception('migration %s: QEMU could not send the end of '
+                          'the guest\'s state; the VM is committed on host '
+                          '%s, where it stays halted', self.id,
+                          self.dest_host)
+        self._qemu_migrating = False
+        self.host.qemu.drop_tls(self.vm.uuid)
+
+    def _cancel_memory(self):
+        """Roll back QEMU's migration: the guest runs on here."""
+        if not self._qemu_migrating or self.vm is None:
+            return
+        try:
+            self.host.qemu.migrate_cancel(self.vm.uuid)
+            self._qemu_migrating = False
+        except Exception:
+            LOG.exception('migration %s: cancelling QEMU\'s migration of '
+                          'VM %s failed', self.id, self.vm.uuid)
+        self.host.qemu.drop_tls(self.vm.uuid)
 
     # -- switch-over -------------------------------------------------------
 
@@ -907,6 +1006,7 @@ class Migration:
                 self._unsnapshot(item)
         else:
             if self.kind == 'vm':
+                self._finish_memory()
                 self.host.stop_vm(self.vm.uuid)
                 self.host.forget_vm(self.vm.uuid)
             for item in self._items:
@@ -941,6 +1041,7 @@ class Migration:
     def _abort(self):
         """Undo everything; each step can be run again."""
         self._cancel.set()
+        self._cancel_memory()
         for item in self._items:
             try:
                 self._remove_mirror(item)

@@ -1,0 +1,305 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Real QEMU guests on xsm hosts, and their live migration (TCG).
+
+Hosts run their VMs with the ``qemu`` hypervisor driver: each disk's
+stack (``Counter(Gate(VHD chain))``) is served on a unix socket and a
+QEMU booted from the guest kit runs the in-guest verifier on it. Two
+in-process hosts and agents on oslo.messaging's ``fake://`` transport
+(as in test_engine.py) migrate such a guest live; the storage moves with
+the engine's protocol over mutual-TLS NBD, the memory with QEMU's own
+migration, and both meet at one switch-over.
+
+Every QEMU a test starts is killed in its cleanup; a last cleanup fails
+the test if a QEMU process of its folder is still alive. Under CI=true a
+missing QEMU or guest kit fails the test.
+"""
+
+import logging
+import os
+import time
+
+from oslo_config import cfg
+from testtools import content
+
+from tests.functional.hypervisor import test_qemu_guest as guest_tests
+from xsm_driver.core.migration import host as host_mod
+from xsm_driver.core.migration import manager as manager_mod
+from xsm_driver.core.rpc import agent as agent_mod
+from xsm_driver.core.rpc import api
+from xsm_driver.core import sr as sr_mod
+from xsm_driver import hypervisor
+from xsm_driver.hypervisor import qemu
+from xsm_driver.hypervisor import verifier
+
+MiB = 1 << 20
+DISK_MIB = 16
+BOOT_TIMEOUT = guest_tests.BOOT_TIMEOUT
+TIMEOUT = 60
+
+
+class QemuHostCase(guest_tests.GuestTestCase):
+    """Hosts whose guests are QEMU processes (kit checks of the base)."""
+
+    def driver(self):
+        return None                     # each host builds its own
+
+    def make_host(self, name, state=None):
+        root = os.path.join(self.tmp, name)
+        srs = {'sr': sr_mod.load_driver('vhd', 'sr',
+                                        os.path.join(root, 'sr'))}
+        drv = hypervisor.load('qemu', os.path.join(root, 'g'),
+                              accel='tcg', guest_kit=guest_tests.KIT_DIR,
+                              memory_mib=128, shutdown_timeout=15)
+        host = host_mod.Host(name, srs, os.path.join(root, 'state'), drv)
+        self.addCleanup(self.kill_guests, drv)
+        self.addCleanup(host.close)
+        return host
+
+    def kill_guests(self, drv):
+        for pid in guest_tests.qemu_processes(drv.state_dir):
+            qemu.kill(pid)
+
+    def make_vm(self, host, disks=1, **verifier_opts):
+        opts = {'rate': 40, 'report_ms': 250}
+        opts.update(verifier_opts)
+        vm = host.create_vm('vm', [{'sr': 'sr', 'size': DISK_MIB * MiB}
+                                   for _ in range(disks)])
+        vm.qemu = {'memory_mib': 128, 'verifier': opts}
+        host.save()
+        return vm
+
+    def console(self, name, drv):
+        return drv.console_output(name)
+
+    def guest_report(self, host, vm, kind, pred=lambda r: True,
+                     timeout=TIMEOUT, after=0):
+        return self.wait_report(vm.uuid, kind, pred, timeout, after,
+                                drv=host.qemu)
+
+
+class TestQemuHost(QemuHostCase):
+
+    def test_vm_runs_in_qemu_on_the_agents_unix_exports(self):
+        host = self.make_host('host-a')
+        vm = self.make_vm(host)
+        host.start_vm(vm.uuid)
+        self.assertTrue(vm.in_qemu)
+        rep = self.guest_report(host, vm, 'progress',
+                                lambda r: r['writes'] > 20, BOOT_TIMEOUT)
+        # every guest write passed the agent's stack
+        writes = vm.disks[0].counter.stats()['requests'].get('write', 0)
+        self.assertGreaterEqual(writes, rep['writes'])
+        self.assertEqual('running', host.vm_power_state(vm.uuid))
+        host.pause_vm(vm.uuid)
+        self.assertEqual('paused', host.vm_power_state(vm.uuid))
+        host.resume_vm(vm.uuid)
+        rep = self.verify(vm.uuid, drv=host.qemu)
+        self.assertTrue(verifier.verified(rep), rep.line)
+        pid = host.qemu.pid(vm.uuid)
+        host.stop_vm(vm.uuid)
+        self.assertIsNone(qemu.process_argv(pid))
+        self.assertEqual('halted', vm.power_state)
+        self.assertIsNone(vm.disks[0].server)
+        host.destroy_vm(vm.uuid)
+        self.assertEqual([], host.sr('sr').list())
+
+    def test_a_restarted_agent_finds_its_qemu_again(self):
+        host = self.make_host('host-a')
+        vm = self.make_vm(host)
+        host.start_vm(vm.uuid)
+        self.guest_report(host, vm, 'progress', lambda r: r['writes'] > 10,
+                          BOOT_TIMEOUT)
+        pid = host.qemu.pid(vm.uuid)
+        host.close()                          # the agent stops
+        time.sleep(1)                         # the guest's I/O waits
+        host2 = self.make_host('host-a')
+        vm2 = host2.vm(vm.uuid)
+        self.assertTrue(vm2.in_qemu)
+        self.assertEqual('running', vm2.power_state)
+        self.assertEqual(pid, host2.qemu.pid(vm.uuid))
+        seen = verifier.last(self.console(vm.uuid, host2.qemu),
+                             'progress')['writes']
+        rep = self.guest_report(host2, vm2, 'progress',
+                                lambda r: r['writes'] > seen + 20)
+        self.assertEqual(0, rep['io_errors'])
+        rep = self.verify(vm.uuid, drv=host2.qemu)
+        self.assertTrue(verifier.verified(rep), rep.line)
+        host2.stop_vm(vm.uuid)
+
+
+class TestQemuLiveMigration(QemuHostCase):
+    """A running QEMU guest moves from host-a to host-b with its disks."""
+
+    def setUp(self):
+        super().setUp()
+        self.transport = api.get_transport(cfg.ConfigOpts(), url='fake://')
+        self.hosts = {}
+        for name in ('host-a', 'host-b'):
+            host = self.make_host(name)
+            agent = agent_mod.Agent(
+                self.transport, host,
+                manager_mod.Options(chunk=1 * MiB), rpc_timeout=30).start()
+            self.addCleanup(agent.stop)
+            self.hosts[name] = host
+        self.a = api.AgentAPI(self.transport, 'host-a', timeout=60)
+        self.b = api.AgentAPI(self.transport, 'host-b', timeout=60)
+
+    def boot(self, disks=2):
+        host = self.hosts['host-a']
+        vm = self.make_vm(host, disks=disks)
+        host.start_vm(vm.uuid)
+        self.guest_report(host, vm, 'progress', lambda r: r['writes'] > 20,
+                          BOOT_TIMEOUT)
+        # a chain under the first disk: the guest wrote before each
+        host.snapshot_vm(vm.uuid)
+        time.sleep(0.3)
+        host.snapshot_vm(vm.uuid)
+        return vm
+
+    def wait(self, mid, timeout=TIMEOUT, until=None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.a.migration_get(mid)
+            if status['finished'] is not None or (
+                    until is not None and until(status)):
+                return status
+            time.sleep(0.05)
+        self.fail('migration %s did not end within %s s' % (mid, timeout))
+
+    def test_live_migration_guest_verifies_on_the_destination(self):
+        t0 = time.monotonic()
+        vm = self.boot()
+        a, b = self.hosts['host-a'], self.hosts['host-b']
+        src_pid = a.qemu.pid(vm.uuid)
+        before = verifier.last(self.console(vm.uuid, a.qemu), 'progress')
+        vdi_map = {d.vdi: 'sr' for d in vm.disks}
+        t1 = time.monotonic()
+        mid = self.a.migrate_vm(vm.uuid, 'host-b', vdi_map, {})
+        status = self.wait(mid)
+        self.assertEqual('done', status['phase'], status['error'])
+        self.assertEqual('qemu', status['guest_kind'])
+        migration_s = time.monotonic() - t1
+        # the source's QEMU is gone, nothing is left on host-a
+        self.assertTrue(qemu.wait_gone(src_pid, TIMEOUT))
+        self.assertEqual([], guest_tests.qemu_processes(a.qemu.state_dir))
+        self.assertEqual({}, a.vms)
+        self.assertEqual([], a.sr('sr').list())
+        self.assertFalse(os.path.exists(a.qemu.paths(vm.uuid).folder))
+        # the guest runs on host-b, its memory and disks in agreement
+        vm_b = b.vm(vm.uuid)
+        deadline = time.monotonic() + TIMEOUT
+        while b.vm_power_state(vm.uuid) != 'running':
+            self.assertLess(time.monotonic(), deadline, 'not resumed')
+            time.sleep(0.05)
+        self.assertTrue(vm_b.in_qemu)
+        # the guest's state came over TLS, its keys are gone afterwards
+        params = b.qemu.qmp_execute(vm.uuid, 'query-migrate-parameters')
+        self.assertEqual(qemu.TLS_ID, params.get('tls-creds'))
+        self.assertFalse(os.path.exists(b.qemu.tls_dir(vm.uuid)))
+        rep = self.guest_report(
+            b, vm_b, 'progress', lambda r: r['writes'] > before['writes'] +
+            40)
+        self.assertEqual(0, rep['io_errors'])
+        self.assertEqual(0, rep['mismatches'])
+        check = self.verify(vm.uuid, drv=b.qemu)
+        self.assertTrue(verifier.verified(check), check.line)
+        self.assertEqual(2, check['disks'])
+        self.assertGreater(check['checked'], 0)
+        # (the verifier's longest gap between two writes since it
+        # started: by the guest's clock, which stands still while the VM
+        # is stopped, and by the RTC, to about a second)
+        numbers = (
+            'migration_s=%.2f test_s=%.1f storage_pause_ms=%s '
+            'qemu_downtime_ms=%s guest_stall_ms=%s guest_wall_stall_ms=%s '
+            'verify: %s' % (
+                migration_s, time.monotonic() - t0, status['downtime_ms'],
+                status['qemu_downtime_ms'], rep['max_stall_ms'],
+                rep['max_wall_stall_ms'], check.line))
+        logging.getLogger(__name__).warning('QEMU live migration: %s',
+                                            numbers)
+        self.addDetail('numbers', _text(numbers))
+        self.assertIsNotNone(status['downtime_ms'])
+        self.assertIsNotNone(status['qemu_downtime_ms'])
+        b.stop_vm(vm.uuid)
+
+    def test_abort_mid_copy_keeps_the_guest_running_on_the_source(self):
+        vm = self.boot()
+        a, b = self.hosts['host-a'], self.hosts['host-b']
+        pid = a.qemu.pid(vm.uuid)
+        sr_before = sorted(v.uuid for v in a.sr('sr').list())
+        vdi_map = {d.vdi: 'sr' for d in vm.disks}
+        mid = self.a.migrate_vm(vm.uuid, 'host-b', vdi_map, {},
+                                bandwidth=64 * 1024)
+        status = self.wait(mid, until=lambda s: s['phase'] == 'copy')
+        self.assertEqual('copy', status['phase'])
+        # the incoming QEMU waits on host-b, paused
+        self.assertEqual(1, len(guest_tests.qemu_processes(
+            b.qemu.state_dir)))
+        self.a.migration_abort(mid)
+        status = self.wait(mid)
+        self.assertEqual('aborted', status['phase'])
+        # nothing left on host-b: no QEMU, no VM, no VDI
+        self.assertEqual([], guest_tests.qemu_processes(b.qemu.state_dir))
+        self.assertEqual({}, b.vms)
+        self.assertEqual([], b.sr('sr').list())
+        # the guest ran on, on host-a, without an error
+        self.assertEqual(pid, a.qemu.pid(vm.uuid))
+        self.assertEqual('running', a.vm_power_state(vm.uuid))
+        seen = verifier.last(self.console(vm.uuid, a.qemu),
+                             'progress')['writes']
+        rep = self.guest_report(a, vm, 'progress',
+                                lambda r: r['writes'] > seen + 20)
+        self.assertEqual(0, rep['io_errors'])
+        self.assertEqual(0, rep['mismatches'])
+        check = self.verify(vm.uuid, drv=a.qemu)
+        self.assertTrue(verifier.verified(check), check.line)
+        self.assertEqual(sr_before, sorted(v.uuid for v in
+                                           a.sr('sr').list()))
+        a.stop_vm(vm.uuid)
+
+    def test_abort_while_the_memory_moves_resumes_nothing_twice(self):
+        vm = self.boot(disks=1)
+        a, b = self.hosts['host-a'], self.hosts['host-b']
+        pid = a.qemu.pid(vm.uuid)
+        vdi_map = {d.vdi: 'sr' for d in vm.disks}
+        # slow enough for the memory phase to last a few seconds
+        mid = self.a.migrate_vm(vm.uuid, 'host-b', vdi_map, {},
+                                memory_bandwidth=256 * 1024)
+        status = self.wait(mid, until=lambda s: s['progress'].get(
+            'phase') == 'memory')
+        self.assertEqual('memory', status['progress']['phase'],
+                         status['error'])
+        time.sleep(0.5)
+        self.a.migration_abort(mid)
+        status = self.wait(mid)
+        self.assertEqual('aborted', status['phase'])
+        self.assertEqual([], guest_tests.qemu_processes(b.qemu.state_dir))
+        self.assertEqual({}, b.vms)
+        self.assertEqual([], b.sr('sr').list())
+        self.assertEqual(pid, a.qemu.pid(vm.uuid))
+        self.assertEqual('running', a.vm_power_state(vm.uuid))
+        self.assertFalse(os.path.exists(a.qemu.tls_dir(vm.uuid)))
+        seen = verifier.last(self.console(vm.uuid, a.qemu),
+                             'progress')['writes']
+        rep = self.guest_report(a, vm, 'progress',
+                                lambda r: r['writes'] > seen + 20)
+        self.assertEqual(0, rep['io_errors'])
+        self.assertEqual(0, rep['mismatches'])
+        check = self.verify(vm.uuid, drv=a.qemu)
+        self.assertTrue(verifier.verified(check), check.line)
+        a.stop_vm(vm.uuid)
+
+
+def _text(value):
+    return content.text_content(value)
