@@ -811,7 +811,9 @@ class Migration:
     def _mark_paused(self, held):
         """The held VM shows as paused while in doubt (not running)."""
         guest = (self._held or ([], None))[1]
-        if self.vm is None or (held and guest is None):
+        # (a QEMU guest is held in QEMU's pre-switchover, vCPUs stopped)
+        if self.vm is None or (held and guest is None and
+                               not self.qemu_guest):
             return
         state = host_mod.PAUSED if held else host_mod.RUNNING
         if self.vm.power_state != state and \
@@ -961,7 +963,7 @@ class Migration:
                     self.error = None
                 else:
                     self._unpause(paused, guest)
-                    if guest is not None:
+                    if guest is not None or self.qemu_guest:
                         self._mark_paused(False)
                     self._held = None
                     self.error = errors.MigrationAborted(

@@ -29,10 +29,12 @@ import logging
 import os
 import time
 
+import fixtures
 from oslo_config import cfg
 from testtools import content
 
 from tests.functional.hypervisor import test_qemu_guest as guest_tests
+from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.rpc import agent as agent_mod
@@ -138,8 +140,8 @@ class TestQemuHost(QemuHostCase):
         host2.stop_vm(vm.uuid)
 
 
-class TestQemuLiveMigration(QemuHostCase):
-    """A running QEMU guest moves from host-a to host-b with its disks."""
+class TwoHostsCase(QemuHostCase):
+    """host-a and host-b, each with its agent on ``fake://``."""
 
     def setUp(self):
         super().setUp()
@@ -176,6 +178,10 @@ class TestQemuLiveMigration(QemuHostCase):
                 return status
             time.sleep(0.05)
         self.fail('migration %s did not end within %s s' % (mid, timeout))
+
+
+class TestQemuLiveMigration(TwoHostsCase):
+    """A running QEMU guest moves from host-a to host-b with its disks."""
 
     def test_live_migration_guest_verifies_on_the_destination(self):
         t0 = time.monotonic()
@@ -290,6 +296,71 @@ class TestQemuLiveMigration(QemuHostCase):
         self.assertEqual(pid, a.qemu.pid(vm.uuid))
         self.assertEqual('running', a.vm_power_state(vm.uuid))
         self.assertFalse(os.path.exists(a.qemu.tls_dir(vm.uuid)))
+        seen = verifier.last(self.console(vm.uuid, a.qemu),
+                             'progress')['writes']
+        rep = self.guest_report(a, vm, 'progress',
+                                lambda r: r['writes'] > seen + 20)
+        self.assertEqual(0, rep['io_errors'])
+        self.assertEqual(0, rep['mismatches'])
+        check = self.verify(vm.uuid, drv=a.qemu)
+        self.assertTrue(verifier.verified(check), check.line)
+        a.stop_vm(vm.uuid)
+
+
+class TestQemuCommitRule(TwoHostsCase):
+    """The commit rule with a QEMU guest: an answer lost at the commit.
+
+    The source's QEMU waits in ``pre-switchover`` while the source asks
+    the destination whether it committed; it sends the rest of the guest
+    only on ``committed``, and cancels (the guest runs on here) only on
+    ``aborted``.
+    """
+
+    def lose_commit(self, after):
+        real = destination.Receive.complete
+
+        def complete(receive, vm_state=None):
+            if after:
+                real(receive, vm_state)
+                raise RuntimeError('test: the commit\'s reply was lost')
+            raise RuntimeError('test: the commit request was lost')
+        self.useFixture(fixtures.MockPatchObject(
+            destination.Receive, 'complete', complete))
+
+    def test_commit_reply_lost_the_guest_moves_once(self):
+        vm = self.boot(disks=1)
+        a, b = self.hosts['host-a'], self.hosts['host-b']
+        src_pid = a.qemu.pid(vm.uuid)
+        self.lose_commit(after=True)
+        mid = self.a.migrate_vm(vm.uuid, 'host-b',
+                                {d.vdi: 'sr' for d in vm.disks}, {})
+        status = self.wait(mid)
+        self.assertEqual('done', status['phase'], status['error'])
+        self.assertTrue(qemu.wait_gone(src_pid, TIMEOUT))
+        self.assertEqual({}, a.vms)
+        vm_b = b.vm(vm.uuid)
+        deadline = time.monotonic() + TIMEOUT
+        while b.vm_power_state(vm.uuid) != 'running':
+            self.assertLess(time.monotonic(), deadline, 'not resumed')
+            time.sleep(0.05)
+        check = self.verify(vm.uuid, drv=b.qemu)
+        self.assertTrue(verifier.verified(check), check.line)
+        b.stop_vm(vm_b.uuid)
+
+    def test_commit_request_lost_the_guest_stays_at_the_source(self):
+        vm = self.boot(disks=1)
+        a, b = self.hosts['host-a'], self.hosts['host-b']
+        pid = a.qemu.pid(vm.uuid)
+        self.lose_commit(after=False)
+        mid = self.a.migrate_vm(vm.uuid, 'host-b',
+                                {d.vdi: 'sr' for d in vm.disks}, {})
+        status = self.wait(mid)
+        self.assertEqual('aborted', status['phase'])
+        self.assertEqual([], guest_tests.qemu_processes(b.qemu.state_dir))
+        self.assertEqual({}, b.vms)
+        self.assertEqual([], b.sr('sr').list())
+        self.assertEqual(pid, a.qemu.pid(vm.uuid))
+        self.assertEqual('running', a.vm_power_state(vm.uuid))
         seen = verifier.last(self.console(vm.uuid, a.qemu),
                              'progress')['writes']
         rep = self.guest_report(a, vm, 'progress',
