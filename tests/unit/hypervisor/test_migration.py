@@ -118,6 +118,16 @@ class TestHeldDisk(base.TestCase):
         host_mod.release_held(gate)          # not paused: nothing to do
         host_mod.release_held(None)
 
+    def test_readopt_action(self):
+        self.assertEqual(host_mod.READOPT,
+                         host_mod.readopt_action(True, False))
+        self.assertEqual(host_mod.KILL_ORPHAN,
+                         host_mod.readopt_action(False, False))
+        self.assertEqual(host_mod.KILL_ORPHAN,
+                         host_mod.readopt_action(False, True))
+        self.assertEqual(host_mod.KILL_MIGRATING,
+                         host_mod.readopt_action(True, True))
+
     def test_uses_qemu_and_guest_spec(self):
         self.assertTrue(host_mod.uses_qemu('qemu'))
         self.assertFalse(host_mod.uses_qemu('model'))

@@ -479,18 +479,28 @@ class Host:
 
         A VM whose QEMU runs gets its disks served again on the same
         sockets (QEMU reconnects, its I/O waited meanwhile); a QEMU of no
-        VM of this host (a migration's incoming guest, say) is killed.
+        VM of this host (a migration's incoming guest, say) is killed, and
+        so is the QEMU of a VM an unfinished migration moves from here:
+        that VM comes back halted, as every VM of a restarted host did,
+        for the journal's recovery (doc/source/switch-over.rst) to roll
+        back or finish under no running guest.
         """
         found = self.qemu.recover()
+        migrating = {e.state.get('vm') for e in self.journal.unfinished()
+                     if e.role == 'source'}
         for name, state in sorted(found.items()):
             vm = self.vms.get(name)
             if state not in (RUNNING, PAUSED):
                 self.qemu.forget(name)
                 continue
-            if vm is None:
-                LOG.warning('host %s: QEMU of guest %s belongs to no VM '
-                            'here (an unfinished incoming migration?): '
-                            'killing it', self.name, name)
+            action = readopt_action(name in self.vms, name in migrating)
+            if action != READOPT:
+                LOG.warning('host %s: QEMU of guest %s %s: killing it',
+                            self.name, name,
+                            'belongs to no VM here (an unfinished incoming '
+                            'migration?)' if action == KILL_ORPHAN else
+                            'is the guest of an unfinished migration from '
+                            'here; the VM is halted')
                 self.qemu.destroy(name)
                 self.qemu.forget(name)
                 continue
@@ -731,6 +741,29 @@ def release_held(gate):
     """
     if gate is not None and gate.paused:
         gate.resume(Held(gate.size, gate.name)).close()
+
+
+# readopt_action(): what a restarted host does with a QEMU it finds
+READOPT = 'readopt'
+KILL_ORPHAN = 'kill-orphan'
+KILL_MIGRATING = 'kill-migrating'
+
+
+def readopt_action(known_vm, migrating):
+    """What a restarted host does with a running QEMU it found.
+
+    :param known_vm: the QEMU's guest is a VM of this host.
+    :param migrating: an unfinished migration (source side, in the
+        journal) moves that VM.
+
+    >>> readopt_action(True, False), readopt_action(False, False)
+    ('readopt', 'kill-orphan')
+    >>> readopt_action(True, True)
+    'kill-migrating'
+    """
+    if not known_vm:
+        return KILL_ORPHAN
+    return KILL_MIGRATING if migrating else READOPT
 
 
 def uses_qemu(driver_name):

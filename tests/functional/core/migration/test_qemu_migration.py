@@ -139,6 +139,25 @@ class TestQemuHost(QemuHostCase):
         self.assertTrue(verifier.verified(rep), rep.line)
         host2.stop_vm(vm.uuid)
 
+    def test_a_guest_an_unfinished_migration_moves_is_halted(self):
+        # the agent stopped in the middle of a migration from here: the
+        # journal's recovery runs on a halted VM, as it always did
+        host = self.make_host('host-a')
+        vm = self.make_vm(host)
+        host.start_vm(vm.uuid)
+        self.guest_report(host, vm, 'progress', lambda r: r['writes'] > 5,
+                          BOOT_TIMEOUT)
+        pid = host.qemu.pid(vm.uuid)
+        host.journal.record('m-1', 'source', 'copy', vm=vm.uuid, items=[])
+        host.close()
+        host2 = self.make_host('host-a')
+        self.assertTrue(qemu.wait_gone(pid, TIMEOUT))
+        vm2 = host2.vm(vm.uuid)
+        self.assertFalse(vm2.in_qemu)
+        self.assertEqual('halted', vm2.power_state)
+        self.assertEqual([], guest_tests.qemu_processes(
+            host2.qemu.state_dir))
+
 
 class TwoHostsCase(QemuHostCase):
     """host-a and host-b, each with its agent on ``fake://``."""
