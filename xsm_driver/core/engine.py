@@ -47,8 +47,10 @@ def native(conf, peer_factory=None, options=None):
     """The native engine: this host's ``[sr]repositories`` and VMs."""
     from xsm_driver.core.migration import host as host_mod
     from xsm_driver.core.migration import manager
-    host = host_mod.Host.from_config(conf.agent.host, conf.sr.repositories,
-                                     conf.agent.state_path)
+    # [hypervisor]driver chooses what runs the guests (model by default)
+    host = host_mod.Host.from_config(
+        conf.agent.host, conf.sr.repositories, conf.agent.state_path,
+        conf=conf if 'hypervisor' in conf else None)
     return manager.Manager(host, peer_factory=peer_factory, options=options)
 
 
