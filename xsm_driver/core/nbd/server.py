@@ -275,10 +275,6 @@ def eviction_order(progress, accepted):
     return (progress, accepted)
 
 
-class RequestTimeout(Exception):
-    """A request of a serving connection did not arrive whole in time."""
-
-
 class _Burst:
     """Connections closed over a limit, logged once per burst.
 
@@ -478,6 +474,7 @@ class Server:
         self._handlers = set()
         self._listener = None
         self._thread = None
+        self._watchdog = None
         self._stopping = threading.Event()
         self._max_connections = max_connections
         self._max_handshakes = max_handshakes
@@ -521,9 +518,17 @@ class Server:
                 (self._host, self._port), family=family, backlog=64)
         self._thread = threading.Thread(target=self._accept_loop,
                                         name='xsm-nbd-accept', daemon=True)
+        self._watchdog = threading.Thread(target=self._watch_loop,
+                                          name='xsm-nbd-deadlines',
+                                          daemon=True)
         try:
             self._thread.start()
+            self._watchdog.start()
         except BaseException:
+            self._stopping.set()
+            self._listener.shutdown(socket.SHUT_RDWR)
+            if self._thread.ident is not None:
+                self._thread.join()
             self._listener.close()
             self._unlink()
             raise
@@ -572,8 +577,9 @@ class Server:
         # Closed only once the accept thread has left accept(): an eventlet
         # green thread waits for the descriptor in the hub, which never
         # hears of a descriptor closed under it (the shutdown wakes it).
-        if self._thread is not None and self._thread.ident is not None:
-            self._thread.join()
+        for thread in (self._thread, self._watchdog):
+            if thread is not None and thread.ident is not None:
+                thread.join()
         if self._listener is not None:
             self._listener.close()
             self._unlink()
@@ -716,6 +722,25 @@ class Server:
             raise
         self._thread_error = False
 
+    def _watch_loop(self):
+        """Close serving connections past request_timeout.
+
+        A request that has begun to arrive must arrive whole, and a reply
+        be sent, within request_timeout; the serving sockets are blocking
+        (see _Handler._run), so this thread looks at them a few times per
+        timeout and shuts a late one down, which ends its blocked calls.
+        """
+        tick = min(1.0, self.request_timeout / 4.0)
+        while not self._stopping.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                handlers = list(self._handlers)
+            for handler in handlers:
+                why = handler.expired(now)
+                if why is not None and handler.timed_out is None:
+                    handler.timed_out = why
+                    handler.abort()
+
     def _forget(self, handler):
         with self._lock:
             self._handlers.discard(handler)
@@ -740,7 +765,9 @@ class _Handler:
         self._deadline = None              # end of the handshake
         self._request_timeout = server.request_timeout
         self._request_deadline = None      # end of the request arriving
-        self._payload_left = None          # of a payload cut by a timeout
+        self._send_deadline = None         # end of the reply being sent
+        #: why the watchdog closed the connection (a deadline passed)
+        self.timed_out = None
         #: the handshake is over: an export is served (TLS authenticated)
         self.serving = False
         #: closed to make room for a newer connection (max_handshakes)
@@ -791,24 +818,22 @@ class _Handler:
             dev = self._negotiate()
             if dev is not None:
                 self._deadline = None
-                # One timeout for the rest of the connection, set before
-                # the workers send: changing it later would switch the
-                # descriptor between blocking and not under their feet.
-                self.sock.settimeout(self._request_timeout)
+                # Blocking from now on, set before the workers send: the
+                # reader and the workers use the socket at once, which a
+                # TLS socket in timeout (non-blocking) mode does not bear
+                # (connections broke under load). The server's watchdog
+                # enforces request_timeout instead (Server._watch_loop).
+                self.sock.settimeout(None)
                 self.serving = True
                 self._transmit(dev)
-        except RequestTimeout as exc:
-            LOG.warning('NBD client %s closed: %s', self.peer, exc)
         except socket.timeout:
-            if self.serving:
-                LOG.warning('NBD client %s closed: a reply could not be '
-                            'sent within %.0f s', self.peer,
-                            self._request_timeout)
-            else:
-                LOG.warning('NBD client %s closed: no handshake within '
-                            '%.0f s', self.peer, handshake_timeout)
+            LOG.warning('NBD client %s closed: no handshake within %.0f s',
+                        self.peer, handshake_timeout)
         except (p.RemoteProtocolError, OSError, ssl.SSLError) as exc:
-            if self.server._stopping.is_set():
+            if self.timed_out is not None:
+                LOG.warning('NBD client %s closed: %s', self.peer,
+                            self.timed_out)
+            elif self.server._stopping.is_set():
                 LOG.info('NBD client %s closed: the server stopped',
                          self.peer)
             elif self.evicted:             # logged once for the burst
@@ -832,6 +857,14 @@ class _Handler:
     # -- wire helpers --------------------------------------------------------
 
     def _write(self, buffers):
+        if self.serving:
+            self._send_deadline = time.monotonic() + self._request_timeout
+        try:
+            self._send_all(buffers)
+        finally:
+            self._send_deadline = None
+
+    def _send_all(self, buffers):
         if isinstance(self.sock, ssl.SSLSocket):
             for buf in buffers:
                 self.sock.sendall(buf)
@@ -863,73 +896,65 @@ class _Handler:
             raise socket.timeout('handshake deadline passed')
         self.sock.settimeout(left)
 
-    def _request_time_left(self):
-        """Bound a request that has begun to arrive by request_timeout.
+    def _track_request(self):
+        """Start the clock of a request that has begun to arrive.
 
         Between requests (nothing of the next one received yet) the
-        connection may idle for ever.
+        connection may idle for ever; a request that has begun must
+        arrive whole within request_timeout (the watchdog, :meth:`expired`).
         """
-        if self._deadline is not None or not self.serving:
+        if not self.serving:
             return
         # ``_buf``: bytes of a request header the core holds, not yet whole
         with self._core:
-            started = (self._payload_left is not None or
-                       self.conn.expected_payload or self.conn._buf)
+            started = bool(self.conn.expected_payload or self.conn._buf)
         if not started:
             self._request_deadline = None
-            return
-        now = time.monotonic()
-        if self._request_deadline is None:
-            self._request_deadline = now + self._request_timeout
-        elif now >= self._request_deadline:
-            raise RequestTimeout('a request did not arrive whole within '
-                                 '%.0f s' % self._request_timeout)
+        elif self._request_deadline is None:
+            self._request_deadline = time.monotonic() + self._request_timeout
+
+    def expired(self, now):
+        """Why this connection is past a deadline, or None (watchdog)."""
+        if not self.serving:
+            return None
+        if self._request_deadline is not None and \
+                now >= self._request_deadline:
+            return ('a request did not arrive whole within %.0f s'
+                    % self._request_timeout)
+        if self._send_deadline is not None and now >= self._send_deadline:
+            return ('a reply could not be sent within %.0f s'
+                    % self._request_timeout)
+        return None
 
     def _feed(self):
         self._handshake_time_left()
-        self._request_time_left()
-        view = self._payload_left
-        if view is None:
+        self._track_request()
+        with self._core:
+            size = self.conn.expected_payload
+        if not size:
+            data = self.sock.recv(wire.RECV_SIZE)
+            if data and self.progress == SILENT:
+                self.progress = SPOKE
             with self._core:
-                size = self.conn.expected_payload
-            if not size:
-                data = self.sock.recv(wire.RECV_SIZE)
-                if data and self.progress == SILENT:
-                    self.progress = SPOKE
-                with self._core:
-                    self.conn.receive_data(data)
-                return
-            # A write payload: straight into a buffer, a reused one when it
-            # is large, and the core is told once, when it is all there
-            # (over TLS one recv_into returns one 16 KiB record).
-            buf = (self._buffers.get(size) if size >= POOLED_PAYLOAD
-                   else bytearray(size))
-            with self._core:
-                view = self.conn.payload_view(buf)
-        self._payload_left = None
+                self.conn.receive_data(data)
+            return
+        # A write payload: straight into a buffer, a reused one when it is
+        # large, and the core is told once, when it is all there (over TLS
+        # one recv_into returns one 16 KiB record).
+        buf = (self._buffers.get(size) if size >= POOLED_PAYLOAD
+               else bytearray(size))
+        with self._core:
+            view = self.conn.payload_view(buf)
         want, got = len(view), 0
         recv_into = self.sock.recv_into
-        try:
-            while got < want:
-                n = recv_into(view[got:])
-                if not n:
-                    with self._core:
-                        self.conn.payload_received(got)
-                        self.conn.receive_data(b'')
-                    return
-                got += n
-                if got < want and self._request_deadline is not None and (
-                        time.monotonic() >= self._request_deadline):
-                    raise RequestTimeout(
-                        'the data of a write did not arrive within %.0f s '
-                        '(%d of %d bytes)' % (self._request_timeout, got,
-                                              want))
-        except socket.timeout:
-            # Kept for the next _feed, which decides whether time is up.
-            with self._core:
-                self.conn.payload_received(got)
-            self._payload_left = view[got:]
-            raise
+        while got < want:
+            n = recv_into(view[got:])
+            if not n:
+                with self._core:
+                    self.conn.payload_received(got)
+                    self.conn.receive_data(b'')
+                return
+            got += n
         with self._core:
             self.conn.payload_received(got)
 
@@ -941,13 +966,7 @@ class _Handler:
             if event is not p.NEED_DATA:
                 self._request_deadline = None
                 return event
-            try:
-                self._feed()
-            except socket.timeout:
-                if not self.serving:
-                    raise
-                # Idle between requests, or within request_timeout: wait
-                # on (the next _feed raises RequestTimeout when time is up)
+            self._feed()
 
     # -- phases --------------------------------------------------------------
 
