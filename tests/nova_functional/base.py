@@ -328,6 +328,18 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         self.assertLessEqual(len(migrations), 1)
         return migrations[0] if migrations else None
 
+    def destination_check(self, server):
+        """The destination's pre-check event of ``server``'s migration.
+
+        Its ``result``, and its ``details`` when it failed.
+        """
+        actions = self.api.get_instance_actions(server['id'])
+        action = [a for a in actions if a['action'] == 'live-migration'][0]
+        events = self.api.get_instance_action_details(
+            server['id'], action['request_id'])['events']
+        return [e for e in events if e['event'] ==
+                'compute_check_can_live_migrate_destination'][0]
+
     def wait_for_copy(self, minimum=1):
         """Wait until the engine copies and has copied ``minimum`` bytes."""
         def copying():

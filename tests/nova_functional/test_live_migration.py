@@ -372,12 +372,7 @@ class TestLiveMigrationNoSpace(base.XSMLiveMigrationTestCase):
         self.wait_for_migration(server, ['error'])
         self.wait_for_server(server, SOURCE)
         # the reason names the SR, what it needs and what it has
-        actions = self.api.get_instance_actions(server['id'])
-        action = [a for a in actions if a['action'] == 'live-migration'][0]
-        events = self.api.get_instance_action_details(
-            server['id'], action['request_id'])['events']
-        check = [e for e in events if e['event'] ==
-                 'compute_check_can_live_migrate_destination'][0]
+        check = self.destination_check(server)
         self.assertEqual('Error', check['result'])
         self.assertRegex(check['details'],
                          r"^Migration pre-check error: SR 'local' on host "
@@ -419,12 +414,7 @@ class TestStartFailure(base.XSMLiveMigrationTestCase):
         self.live_migrate(server)
         self.wait_for_migration(server, ['error'])
         self.wait_for_server(server, SOURCE)
-        actions = self.api.get_instance_actions(server['id'])
-        action = [a for a in actions if a['action'] == 'live-migration'][0]
-        events = self.api.get_instance_action_details(
-            server['id'], action['request_id'])['events']
-        check = [e for e in events if e['event'] ==
-                 'compute_check_can_live_migrate_destination'][0]
+        check = self.destination_check(server)
         self.assertIn('is not running on host host1 (its xsm VM is halted)',
                       check['details'])
         self.assertIsNone(self.engine_migration())
