@@ -18,6 +18,7 @@ A driver runs the guests of one host: :meth:`Driver.start` boots a
 the guests that kept running without it.
 """
 
+import os
 import re
 
 from xsm_driver.core import exception
@@ -41,6 +42,68 @@ class GuestNotFound(HypervisorError):
 
 class GuestExists(HypervisorError):
     msg_fmt = 'hypervisor %(driver)s already runs a guest %(name)s'
+
+
+class InvalidGuestOptions(HypervisorError):
+    msg_fmt = 'invalid guest options: %(reason)s'
+
+
+# What a VM record's ``qemu`` options may hold: (type, minimum, maximum).
+_GUEST_OPTIONS = {
+    'memory_mib': (int, 16, 1 << 20), 'vcpus': (int, 1, 256),
+    'kernel': (str, None, None), 'initrd': (str, None, None),
+    'cmdline': (str, None, None), 'verifier': (dict, None, None),
+}
+# The in-guest verifier's options (tools/guest-kit/xsm-verifier.c).
+_VERIFIER_OPTIONS = {
+    'rate': (0, 1000000), 'reads': (0, 1000), 'report_ms': (10, 3600000),
+    'blocks': (1, 1 << 40), 'verify_at': (0, 1 << 62),
+}
+
+
+def guest_options(options):
+    """Check the ``qemu`` options of a VM record; a copy of them.
+
+    :raises InvalidGuestOptions: naming the first option that is wrong.
+    """
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise InvalidGuestOptions(reason='expected an object, not %.80r'
+                                  % (options,))
+    for key, value in options.items():
+        if key not in _GUEST_OPTIONS:
+            raise InvalidGuestOptions(reason='unknown option %.80r (known: '
+                                      '%s)' % (key, ', '.join(
+                                          sorted(_GUEST_OPTIONS))))
+        kind, low, high = _GUEST_OPTIONS[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                low is not None and not low <= value <= high):
+            raise InvalidGuestOptions(reason='%s must be %s%s, not %.80r' % (
+                key, kind.__name__, '' if low is None else ' in [%d, %d]'
+                % (low, high), value))
+    if any(c in options.get('cmdline', '') for c in '\n\r\0'):
+        raise InvalidGuestOptions(reason='cmdline must be one line')
+    for key in ('kernel', 'initrd'):
+        path = options.get(key)
+        if path is not None and not (os.path.isabs(path) and
+                                     os.path.isfile(path)):
+            raise InvalidGuestOptions(reason='%s %.200r is not an absolute '
+                                      'path of a file on this host'
+                                      % (key, path))
+    for key, value in options.get('verifier', {}).items():
+        if key not in _VERIFIER_OPTIONS:
+            raise InvalidGuestOptions(reason='unknown verifier option %.80r '
+                                      '(known: %s)' % (key, ', '.join(
+                                          sorted(_VERIFIER_OPTIONS))))
+        low, high = _VERIFIER_OPTIONS[key]
+        if (not isinstance(value, int) or isinstance(value, bool) or
+                not low <= value <= high):
+            raise InvalidGuestOptions(reason='verifier option %s must be an '
+                                      'integer in [%d, %d], not %.80r'
+                                      % (key, low, high, value))
+    return dict(options, verifier=dict(options['verifier'])) if (
+        'verifier' in options) else dict(options)
 
 
 class DiskSpec:

@@ -60,6 +60,7 @@ import time
 from xsm_driver.hypervisor import accel as accel_mod
 from xsm_driver.hypervisor import base
 from xsm_driver.hypervisor import qmp
+from xsm_driver.hypervisor import verifier
 
 LOG = logging.getLogger(__name__)
 
@@ -878,6 +879,38 @@ class QemuDriver(base.Driver):
                 pass
             except OSError:
                 pass
+
+    def guest_request(self, name, command, kind, timeout=60.0):
+        """Send a verifier command; the first ``kind`` report after it.
+
+        Only what the console got after the command was sent counts.
+
+        :raises QemuError: no such report within ``timeout`` seconds, or
+            the guest's QEMU exited meanwhile.
+        """
+        guest = self._get(name)
+        path = self.console_path(name)
+        try:
+            start = os.path.getsize(path)
+        except FileNotFoundError:
+            start = 0
+        self.guest_command(name, command)
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(path, 'rb') as f:
+                f.seek(start)
+                text = f.read().decode('utf-8', 'replace')
+            found = verifier.reports(text, kind)
+            if found:
+                return found[0]
+            if not guest.alive():
+                raise QemuError('guest %s stopped before its verifier '
+                                'answered %r' % (name, command))
+            if time.monotonic() > deadline:
+                raise QemuError('the verifier of guest %s gave no %s report '
+                                'within %s s of the command %r'
+                                % (name, kind, timeout, command))
+            time.sleep(0.05)
 
 
 def tls_ca_bundle(peer_ca_pem, own_ca_pem=None):

@@ -51,6 +51,7 @@ from xsm_driver.core import sr as sr_mod
 from xsm_driver.core.sr import base as sr_base
 from xsm_driver import hypervisor as hv_mod
 from xsm_driver.hypervisor import base as hv_base
+from xsm_driver.hypervisor import verifier
 
 LOG = logging.getLogger(__name__)
 
@@ -338,11 +339,14 @@ class Host:
 
     # -- VM life cycle -----------------------------------------------------
 
-    def create_vm(self, name, disks, vifs=()):
+    def create_vm(self, name, disks, vifs=(), qemu=None):
         """Create a halted VM with new, empty disks.
 
         :param disks: list of ``{'sr': name, 'size': bytes}``, one per disk.
+        :param qemu: the options of its QEMU guest (see :class:`VM`),
+            checked here (``InvalidGuestOptions`` names a wrong one).
         """
+        qemu = hv_base.guest_options(qemu)
         vm_uuid = str(uuidlib.uuid4())
         made = []
         try:
@@ -356,7 +360,7 @@ class Host:
             for d in made:
                 self.srs[d['sr']].destroy(d['vdi'])
             raise
-        vm = VM(vm_uuid, name, made, vifs)
+        vm = VM(vm_uuid, name, made, vifs, qemu=qemu)
         with self._lock:
             self.vms[vm_uuid] = vm
         self.save()
@@ -440,7 +444,11 @@ class Host:
         vm.in_qemu = False
 
     def vm_power_state(self, ref):
-        """The VM's power state, from its QEMU when it runs in one."""
+        """The VM's power state, from its QEMU when it runs in one.
+
+        A QEMU that is gone (the guest powered itself off, or its process
+        died) leaves the VM halted, its disks detached.
+        """
         vm = self.vm(ref)
         with vm.lock:
             if vm.in_qemu:
@@ -448,9 +456,44 @@ class Host:
                     state = self.qemu.power_state(vm.uuid)
                 except hv_base.GuestNotFound:
                     state = HALTED
-                if state in (RUNNING, PAUSED) and state != vm.power_state:
+                if state == HALTED:
+                    if self._migrating_from_here(vm.uuid):
+                        return HALTED      # the migration rolls it back
+                    LOG.warning('the QEMU of VM %s on host %s is gone: the '
+                                'VM is halted', vm.uuid, self.name)
+                    self.stop_vm(vm.uuid)
+                elif state in (RUNNING, PAUSED) and state != vm.power_state:
                     vm.power_state = state
             return vm.power_state
+
+    def _migrating_from_here(self, vm_uuid):
+        return any(e.role == 'source' and e.state.get('vm') == vm_uuid
+                   for e in self.journal.unfinished())
+
+    def reboot_vm(self, ref):
+        """Reset a running QEMU guest (as its reset button)."""
+        vm = self._qemu_vm(ref, 'rebooting')
+        self.qemu.reboot(vm.uuid)
+        return vm
+
+    def console_output(self, ref, limit=1 << 20):
+        """The last ``limit`` bytes of a QEMU guest's serial console."""
+        vm = self.vm(ref)
+        if self.qemu is None:
+            raise InvalidVMState(vm=vm.uuid, host=self.name,
+                                 state='without a console',
+                                 action='reading its console',
+                                 needed='a QEMU guest')
+        return self.qemu.console_output(vm.uuid, limit)
+
+    def _qemu_vm(self, ref, action):
+        vm = self.vm(ref)
+        if not vm.in_qemu or self.vm_power_state(vm.uuid) not in (RUNNING,
+                                                                  PAUSED):
+            raise InvalidVMState(vm=vm.uuid, host=self.name,
+                                 state=vm.power_state, action=action,
+                                 needed='running in QEMU')
+        return vm
 
     def pause_vm(self, ref):
         vm = self.vm(ref)
@@ -486,14 +529,13 @@ class Host:
         back or finish under no running guest.
         """
         found = self.qemu.recover()
-        migrating = {e.state.get('vm') for e in self.journal.unfinished()
-                     if e.role == 'source'}
         for name, state in sorted(found.items()):
             vm = self.vms.get(name)
             if state not in (RUNNING, PAUSED):
                 self.qemu.forget(name)
                 continue
-            action = readopt_action(name in self.vms, name in migrating)
+            action = readopt_action(name in self.vms,
+                                    self._migrating_from_here(name))
             if action != READOPT:
                 LOG.warning('host %s: QEMU of guest %s %s: killing it',
                             self.name, name,
@@ -683,8 +725,15 @@ class Host:
     # -- the guest (a verifying workload stands in for the VM's vCPUs) ----
 
     def guest_start(self, ref, rate=None, read_ratio=1.0, fill=0.0):
-        """Start the verifying guest; ``fill`` pre-writes that fraction."""
+        """Start the verifying guest; ``fill`` pre-writes that fraction.
+
+        A QEMU guest's verifier runs from its boot: it writes on (at
+        ``rate`` blocks per second per disk when given); ``read_ratio``
+        and ``fill`` are the model guest's only.
+        """
         vm = self.vm(ref)
+        if vm.in_qemu:
+            return self._qemu_guest_start(vm, rate, read_ratio, fill)
         with vm.lock:
             if vm.power_state != RUNNING:
                 raise InvalidVMState(vm=vm.uuid, host=self.name,
@@ -707,9 +756,48 @@ class Host:
                 vm.devices, models, rate=rate, read_ratio=read_ratio).start()
         return vm
 
+    def _qemu_guest_start(self, vm, rate, read_ratio, fill):
+        if fill or read_ratio != 1.0:
+            raise InvalidVMState(vm=vm.uuid, host=self.name,
+                                 state='running a QEMU guest',
+                                 action='starting a guest with fill or '
+                                 'read_ratio', needed='a model guest')
+        self._qemu_vm(vm.uuid, 'starting its guest')
+        if rate is not None:
+            self.qemu.guest_request(vm.uuid, 'rate %d' % rate, 'progress')
+        self.qemu.guest_request(vm.uuid, verifier.START, 'progress')
+        return vm
+
+    def _qemu_guest_verify(self, vm):
+        """The in-guest verifier stops writing and checks every disk.
+
+        ``verified``: the check found every block as the guest wrote it
+        and the guest saw no mismatch nor I/O error since it booted.
+        """
+        self._qemu_vm(vm.uuid, 'verifying its guest')
+        size = sum(d.counter.size for d in vm.disks if d.counter)
+        self.qemu.guest_request(vm.uuid, verifier.STOP, 'progress')
+        check = self.qemu.guest_request(vm.uuid, verifier.VERIFY, 'verify',
+                                        timeout=60.0 + size / (4 << 20))
+        status = self.qemu.guest_request(vm.uuid, verifier.STATUS,
+                                         'progress')
+        ok = (verifier.verified(check) and status['mismatches'] == 0 and
+              status['io_errors'] == 0)
+        return {'kind': 'qemu', 'verified': ok,
+                'writes': status['writes'], 'reads': status['reads'],
+                'mismatches': status['mismatches'],
+                'io_errors': status['io_errors'],
+                'blocks_checked': check.get('checked', 0),
+                'bytes_verified': check.get('checked', 0) * 4096,
+                'max_stall_ms': status.get('max_stall_ms'),
+                'max_wall_stall_ms': status.get('max_wall_stall_ms'),
+                'error': None if ok else check.line}
+
     def guest_verify(self, ref):
         """Stop the guest and check every disk against what it wrote."""
         vm = self.vm(ref)
+        if vm.in_qemu:
+            return self._qemu_guest_verify(vm)
         with vm.lock:
             if vm.workload is None:
                 raise InvalidVMState(vm=vm.uuid, host=self.name,

@@ -37,6 +37,9 @@ from xsm_driver.core.rpc import auth
 
 LOG = logging.getLogger(__name__)
 
+#: the most of a guest's console one vm_console call answers
+CONSOLE_LIMIT = 16 << 20
+
 
 def _expected_errors(cls):
     """Mark xsm-driver's own errors as answers, not agent failures.
@@ -154,14 +157,36 @@ class AgentEndpoint:
         srs = [self.host.sr(sr)] if sr else self.host.srs.values()
         return [v.to_dict() for s in srs for v in s.list()]
 
+    def _vm_dict(self, vm):
+        if getattr(vm, 'in_qemu', False):
+            # the power state its QEMU has now, not the one last recorded
+            self.host.vm_power_state(vm.uuid)
+        return vm.to_dict()
+
     def vm_list(self, context):
-        return [vm.to_dict() for vm in self.host.vms.values()]
+        return [self._vm_dict(vm) for vm in list(self.host.vms.values())]
 
     def vm_get(self, context, vm):
-        return self.host.vm(vm).to_dict()
+        return self._vm_dict(self.host.vm(vm))
 
-    def vm_create(self, context, name, disks, vifs=()):
-        return self.host.create_vm(name, disks, vifs).to_dict()
+    def vm_create(self, context, name, disks, vifs=(), qemu=None):
+        return self.host.create_vm(name, disks, vifs, qemu).to_dict()
+
+    def vm_pause(self, context, vm):
+        return self.host.pause_vm(vm).to_dict()
+
+    def vm_resume(self, context, vm):
+        return self.host.resume_vm(vm).to_dict()
+
+    def vm_reboot(self, context, vm):
+        return self.host.reboot_vm(vm).to_dict()
+
+    def vm_console(self, context, vm, limit=1 << 20):
+        if not 1 <= limit <= CONSOLE_LIMIT:
+            raise arguments.InvalidArgument(
+                method='vm_console', reason='limit must be in [1, %d], not '
+                '%d' % (CONSOLE_LIMIT, limit))
+        return self.host.console_output(vm, limit)
 
     def vm_start(self, context, vm):
         in_doubt = getattr(self.manager, 'in_doubt_vms', None)

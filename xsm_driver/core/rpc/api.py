@@ -29,6 +29,10 @@ API version history:
 * 1.3 - the switch-over's commit rule (doc/source/switch-over.rst):
   ``migration_resolve`` settles a migration in doubt;
   ``receive_status`` answers ``committed`` too.
+* 1.4 - QEMU guests: ``vm_create`` takes ``qemu`` (the guest's memory,
+  vCPUs, kernel and verifier options); ``vm_pause``, ``vm_resume``,
+  ``vm_reboot`` and ``vm_console`` (the guest's serial console).
+  ``vm_get`` and ``vm_list`` answer the power state the guest has now.
 """
 
 import importlib
@@ -39,7 +43,7 @@ import oslo_messaging as messaging
 from xsm_driver.core import rpc
 from xsm_driver.core.rpc import auth
 
-VERSION = '1.3'
+VERSION = '1.4'
 #: the version calls that exist since 1.0 are sent as, so that a 1.0 agent
 #: still answers them
 BASE_VERSION = '1.0'
@@ -226,9 +230,25 @@ class AgentAPI:
     def vm_get(self, vm):
         return self.call('vm_get', vm=vm)
 
-    def vm_create(self, name, disks, vifs=()):
-        return self.call('vm_create', name=name, disks=disks,
-                         vifs=list(vifs))
+    def vm_create(self, name, disks, vifs=(), qemu=None):
+        if qemu is None:
+            return self.call('vm_create', name=name, disks=disks,
+                             vifs=list(vifs))
+        return self.call('vm_create', version='1.4', name=name, disks=disks,
+                         vifs=list(vifs), qemu=qemu)
+
+    def vm_pause(self, vm):
+        return self.call('vm_pause', version='1.4', vm=vm)
+
+    def vm_resume(self, vm):
+        return self.call('vm_resume', version='1.4', vm=vm)
+
+    def vm_reboot(self, vm):
+        return self.call('vm_reboot', version='1.4', vm=vm)
+
+    def vm_console(self, vm, limit=1 << 20):
+        """The last ``limit`` bytes of a QEMU guest's serial console."""
+        return self.call('vm_console', version='1.4', vm=vm, limit=limit)
 
     def vm_start(self, vm):
         return self.call('vm_start', vm=vm)

@@ -42,7 +42,7 @@ _ARGUMENT_TYPES = {
     'spec': dict, 'options': dict, 'vdi_map': dict, 'vif_map': dict,
     'vm_state': dict, 'receive': dict, 'disks': list, 'vifs': list,
     'rate': numbers.Real, 'read_ratio': numbers.Real, 'fill': numbers.Real,
-    'timeout': numbers.Real,
+    'timeout': numbers.Real, 'qemu': dict, 'limit': int,
 }
 _JSON_NAMES = {str: 'Unicode string', dict: 'object', list: 'array',
                int: 'integer', bool: 'boolean',

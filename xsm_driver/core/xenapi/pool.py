@@ -211,4 +211,5 @@ class PoolHost:
             'Orchestra; the agent only migrates them')
 
     create_vm = start_vm = stop_vm = destroy_vm = snapshot_vm = \
-        guest_start = guest_verify = _refuse
+        guest_start = guest_verify = pause_vm = resume_vm = reboot_vm = \
+        console_output = _refuse

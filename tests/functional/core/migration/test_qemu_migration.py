@@ -39,8 +39,10 @@ from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
+from xsm_driver.core.rpc import arguments
 from xsm_driver.core import sr as sr_mod
 from xsm_driver import hypervisor
+from xsm_driver.hypervisor import base as hv_base
 from xsm_driver.hypervisor import qemu
 from xsm_driver.hypervisor import verifier
 
@@ -219,6 +221,68 @@ class TwoHostsCase(QemuHostCase):
         self.assertEqual(0, rep['mismatches'])
         check = self.verify(vm.uuid, drv=a.qemu)
         self.assertTrue(verifier.verified(check), check.line)
+
+
+class TestQemuGuestOverRPC(TwoHostsCase):
+    """A QEMU guest made and driven through the agent's RPC API (1.4)."""
+
+    def console_report(self, vm_uuid, kind, pred, timeout=BOOT_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            for rep in verifier.reports(self.a.vm_console(vm_uuid), kind):
+                if pred(rep):
+                    return rep
+            self.assertLess(time.monotonic(), deadline,
+                            'no %s report over vm_console' % kind)
+            time.sleep(0.1)
+
+    def test_create_start_pause_verify_and_a_dead_qemu(self):
+        exc = self.assertRaises(hv_base.InvalidGuestOptions,
+                                self.a.vm_create, 'bad',
+                                [{'sr': 'sr', 'size': DISK_MIB * MiB}],
+                                qemu={'memory_mib': 4})
+        self.assertIn('memory_mib must be int in [16,', str(exc))
+        self.assertEqual([], self.a.vm_list())
+        vm = self.a.vm_create(
+            'vm', [{'sr': 'sr', 'size': DISK_MIB * MiB}] * 2,
+            qemu={'memory_mib': 128,
+                  'verifier': {'rate': 40, 'report_ms': 250}})
+        self.assertEqual(128, vm['qemu']['memory_mib'])
+        self.a.vm_start(vm['uuid'])
+        self.console_report(vm['uuid'], 'progress',
+                            lambda r: r['writes'] > 10)
+        self.a.guest_start(vm['uuid'], rate=80)
+        self.console_report(vm['uuid'], 'start', lambda r: r['disks'] == 2)
+        self.assertEqual('paused', self.a.vm_pause(vm['uuid'])[
+            'power_state'])
+        self.assertEqual('paused', self.a.vm_get(vm['uuid'])['power_state'])
+        self.assertEqual('running', self.a.vm_resume(vm['uuid'])[
+            'power_state'])
+        check = self.a.guest_verify(vm['uuid'])
+        self.assertEqual('qemu', check['kind'])
+        self.assertTrue(check['verified'], check)
+        self.assertGreater(check['writes'], 10)
+        # (the blocks the guest wrote, each read back and compared)
+        self.assertEqual(check['blocks_checked'] * 4096,
+                         check['bytes_verified'])
+        self.assertGreater(check['blocks_checked'], 0)
+        exc = self.assertRaises(arguments.InvalidArgument,
+                                self.a.vm_console, vm['uuid'], limit=0)
+        self.assertIn('limit must be in [1,', str(exc))
+        # the guest's QEMU dies: the VM is halted, its disks let go of
+        host = self.hosts['host-a']
+        qemu.kill(host.qemu.pid(vm['uuid']))
+        self.assertEqual('halted', self.a.vm_get(vm['uuid'])['power_state'])
+        self.assertIsNone(host.vm(vm['uuid']).disks[0].counter)
+        self.assertEqual([], guest_tests.qemu_processes(host.qemu.state_dir))
+        # and it starts again
+        self.a.vm_start(vm['uuid'])
+        self.assertEqual('running', self.a.vm_get(vm['uuid'])['power_state'])
+        self.a.vm_reboot(vm['uuid'])
+        self.console_report(vm['uuid'], 'start', lambda r: True)
+        self.a.vm_stop(vm['uuid'])
+        self.a.vm_destroy(vm['uuid'])
+        self.assertEqual([], host.sr('sr').list())
 
 
 class TestQemuLiveMigration(TwoHostsCase):
