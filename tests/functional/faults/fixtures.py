@@ -51,20 +51,31 @@ class NamespacedAgent(fixtures.AgentProcess):
         to a second config file that overrides the first one's.
     :param hold_dir: when given, the agent is :mod:`hooked_agent` (with
         its test-only phase hook) talking to the test through this folder.
+    :param sections: more options of the second config file, by
+        section: ``{section: {option: value}}`` (``[hypervisor]``, or
+        ``[DEFAULT]`` ``rpc_response_timeout``, say).
     """
 
     #: the agent's module: the real command
     MODULE = 'xsm_driver.cmd.agent'
 
     def __init__(self, name, folder, srs, exchange, hosts, role,
-                 transport_url, options=None, hold_dir=None):
+                 transport_url, options=None, hold_dir=None, sections=None):
         super().__init__(name, folder, srs, exchange, options)
         self.hosts = hosts
         self.role = role
         self.hold_dir = hold_dir
         self.netns_config = os.path.join(folder, 'netns.conf')
+        sections = dict(sections or {})
+        default = dict(sections.pop('DEFAULT', {}),
+                       transport_url=transport_url)
         with open(self.netns_config, 'w') as f:
-            f.write('[DEFAULT]\ntransport_url = %s\n' % transport_url)
+            for section, values in [('DEFAULT', default)] + sorted(
+                    sections.items()):
+                f.write('[%s]\n' % section)
+                f.writelines('%s = %s\n' % kv for kv in sorted(
+                    values.items()))
+                f.write('\n')
 
     def start(self):
         assert self.proc is None or self.proc.poll() is not None
@@ -143,7 +154,8 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
                 os.makedirs(hold_dir)
             self.agents[role] = NamespacedAgent(
                 name, folder, self.sr_layout(role, folder), self.exchange,
-                self.net, role, proxy.url, options, hold_dir=hold_dir)
+                self.net, role, proxy.url, options, hold_dir=hold_dir,
+                sections=self.agent_sections(role))
         self.addCleanup(fixtures._delete_from_broker,
                         fixtures.queue_names(
                             self.exchange,
@@ -177,6 +189,14 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
         if left:
             self.fail('the test network was not fully removed: %s'
                       % ', '.join(left))
+
+    def agent_sections(self, role):
+        """More config sections of host ``role``'s agent (none here).
+
+        ``{section: {option: value}}``; ``[agent]`` options come from
+        ``agent_options``.
+        """
+        return {}
 
     # -- helpers -------------------------------------------------------------
 

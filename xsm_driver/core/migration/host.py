@@ -533,6 +533,8 @@ class Host:
             vm = self.vms.get(name)
             if state not in (RUNNING, PAUSED):
                 self.qemu.forget(name)
+                if vm is None:
+                    self._remove_orphan_folder(name)
                 continue
             action = readopt_action(name in self.vms,
                                     self._migrating_from_here(name))
@@ -545,6 +547,8 @@ class Host:
                             'here; the VM is halted')
                 self.qemu.destroy(name)
                 self.qemu.forget(name)
+                if action == KILL_ORPHAN:
+                    self._remove_orphan_folder(name)
                 continue
             try:
                 for disk in vm.disks:
@@ -563,6 +567,17 @@ class Host:
             LOG.info('host %s: VM %s (%s) runs on in its QEMU (%s)',
                      self.name, vm.uuid, vm.name, state)
         self.save()
+
+    def _remove_orphan_folder(self, name):
+        """Remove the folder of a guest of no VM of this host.
+
+        An incoming guest's folder (an unfinished migration to here) holds
+        its console, its spec and the migration's TLS credentials, its
+        server key included: nothing of this host uses them any more.
+        """
+        LOG.warning('host %s: removing the folder of guest %s, of no VM '
+                    'here', self.name, name)
+        shutil.rmtree(self.qemu.paths(name).folder, ignore_errors=True)
 
     # -- an incoming QEMU guest (live migration, destination side) --------
 
