@@ -282,17 +282,35 @@ def build_parser():
     p.set_defaults(func=cmd_resolve)
 
     p = sub.add_parser('demo', help='two hosts in a scratch folder, a VM '
-                       'with a verifying guest, a live migration')
+                       'with a verifying guest (a QEMU guest by default), '
+                       'a live migration')
+    p.add_argument('--guest', choices=('qemu', 'model'), default='qemu',
+                   help='qemu (default): a real QEMU guest booted from the '
+                   'guest kit, its in-guest verifier writing and checking '
+                   'every disk; model: the agent\'s verifying thread plays '
+                   'the guest (no QEMU needed)')
+    p.add_argument('--guest-kit', metavar='DIR',
+                   help='the guest kit (vmlinuz, initramfs.cpio.gz; built '
+                   'by tools/guest-kit/build.sh) the QEMU guest boots '
+                   '(default: [hypervisor]guest_kit when it holds a kit, '
+                   'else the checkout\'s .guest-kit)')
+    p.add_argument('--config-file', action='append',
+                   help='xsm-driver.conf whose [hypervisor] options '
+                   '(qemu_binary, accel, guest_kit, ...) the QEMU guest\'s '
+                   'hosts use (repeatable)')
     p.add_argument('--workdir', help='keep the hosts\' SRs in this folder')
-    p.add_argument('--size', type=_size, default=256 << 20,
-                   help='virtual size of each disk (default 256M)')
+    p.add_argument('--size', type=_size,
+                   help='virtual size of each disk (default 64M for the '
+                   'QEMU guest, 256M for the model guest)')
     p.add_argument('--disks', type=int, default=2, help='disks of the VM '
                    '(default 2)')
-    p.add_argument('--write-rate', type=int, default=200,
-                   help='guest writes (4 KiB) per second per disk; 0: as '
-                   'fast as it can (default 200)')
-    p.add_argument('--fill', type=float, default=0.5,
-                   help='fraction of each disk written before migrating')
+    p.add_argument('--write-rate', type=int,
+                   help='guest writes (4 KiB) per second per disk (default '
+                   '100 for the QEMU guest, 200 for the model guest); 0: as '
+                   'fast as it can (model guest only)')
+    p.add_argument('--fill', type=float,
+                   help='fraction of each disk written before migrating '
+                   '(model guest only; default 0.5)')
     p.add_argument('--json', action='store_true',
                    help='print one JSON object')
     p.set_defaults(func=cmd_demo)

@@ -20,13 +20,20 @@ demo needs no broker.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+from testtools import content
 
 from tests import base
 from tests.functional.core.migration import fixtures
+from tests.functional.hypervisor import test_qemu_guest as guest_tests
+from xsm_driver.cmd import demo
+from xsm_driver.hypervisor import qemu
 
 MiB = fixtures.MiB
 
@@ -401,7 +408,7 @@ class TestDemo(base.TestCase):
 
     def test_demo_json(self):
         tmp = self.make_tempdir()
-        proc = run_cli('demo', '--size', '16M', '--json',
+        proc = run_cli('demo', '--guest', 'model', '--size', '16M', '--json',
                        env={'TMPDIR': tmp})
         self.assertEqual(0, proc.returncode, proc.stdout + proc.stderr)
         self.assertNotIn('Traceback', proc.stderr)
@@ -419,15 +426,25 @@ class TestDemo(base.TestCase):
         self.assertGreater(result['downtime_ms'], 0)
         self.assertGreater(result['guest_writes_during_migration'], 0)
         self.assertEqual(0, result['source_leftovers'])
+        self.assertEqual([], result['source_vms'])
         self.assertEqual([], result['image_problems'])
         self.assertIsNone(result['workdir'])
+        # the model guest: its own verdict; no QEMU, no stall figure
+        self.assertEqual('model', result['guest_kind'])
+        self.assertIs(True, result['in_guest_verified'])
+        self.assertIs(True, result['guest']['verified'])
+        self.assertNotIn('kind', result['guest'])
+        self.assertEqual(2 * (16 << 20), result['guest']['bytes_verified'])
+        self.assertIsNone(result['qemu_downtime_ms'])
+        self.assertIsNone(result['guest_stall_ms'])
+        self.assertIsNone(result['accel'])
         # its scratch folder is gone
         self.assertEqual([], os.listdir(tmp))
 
     def test_demo_keeps_its_workdir(self):
         workdir = os.path.join(self.make_tempdir(), 'demo')
-        proc = run_cli('demo', '--size', '16M', '--disks', '1', '--json',
-                       '--workdir', workdir)
+        proc = run_cli('demo', '--guest', 'model', '--size', '16M',
+                       '--disks', '1', '--json', '--workdir', workdir)
         self.assertEqual(0, proc.returncode, proc.stdout + proc.stderr)
         result = json.loads(proc.stdout)
         self.assertTrue(result['verified'], result)
@@ -441,10 +458,232 @@ class TestDemo(base.TestCase):
                               if n.endswith(('.vhd', '.raw'))])
 
     def test_demo_text(self):
-        proc = run_cli('demo', '--size', '8M', '--disks', '1')
+        proc = run_cli('demo', '--guest', 'model', '--size', '8M',
+                       '--disks', '1')
         self.assertEqual(0, proc.returncode, proc.stdout + proc.stderr)
         lines = proc.stdout.splitlines()
         self.assertEqual('VERIFIED', lines[-1])
         self.assertTrue(any(ln.startswith('migration ') and
                             ln.endswith(': done') for ln in lines),
                         proc.stdout)
+        self.assertIn('  guest:            model (the agent\'s verifying '
+                      'thread)', lines)
+        self.assertIn('  guest verified:  VERIFIED', proc.stdout)
+        self.assertNotIn('QEMU downtime', proc.stdout)
+
+    def failing_demo(self, *argv, **kwargs):
+        """Run a demo that must refuse to start; its error line."""
+        tmp = self.make_tempdir()
+        env = dict(kwargs.pop('env', {}), TMPDIR=tmp)
+        start = time.monotonic()
+        proc = run_cli('demo', *argv, env=env, **kwargs)
+        self.assertLess(time.monotonic() - start, 30)
+        self.assertEqual(1, proc.returncode, proc.stdout + proc.stderr)
+        self.assertEqual('', proc.stdout)
+        self.assertIsNone(one_line_problem(proc))
+        # it left nothing behind
+        self.assertEqual([], os.listdir(tmp))
+        return error_line(proc, 'demo')
+
+    def test_demo_without_a_guest_kit_or_qemu(self):
+        missing = os.path.join(self.make_tempdir(), 'no-kit')
+        line = self.failing_demo('--guest-kit', missing)
+        self.assertIn('no guest kit (vmlinuz and initramfs.cpio.gz) in %s'
+                      % missing, line)
+        self.assertIn('tools/guest-kit/build.sh', line)
+        self.assertIn('--guest model', line)
+        # (a folder with only half a kit is no kit either)
+        half = self.make_tempdir()
+        open(os.path.join(half, 'vmlinuz'), 'w').close()
+        line = self.failing_demo('--guest-kit', half)
+        self.assertIn('no guest kit (vmlinuz and initramfs.cpio.gz) in %s'
+                      % half, line)
+        # no QEMU: named, with the package to install
+        conf = os.path.join(self.make_tempdir(), 'xsm-driver.conf')
+        with open(conf, 'w') as f:
+            f.write('[hypervisor]\nqemu_binary = no-such-qemu\n')
+        kit = self.make_tempdir()
+        for name in demo.KIT_FILES:
+            open(os.path.join(kit, name), 'w').close()
+        line = self.failing_demo('--config-file', conf, '--guest-kit', kit)
+        self.assertIn('QEMU binary no-such-qemu not found', line)
+        self.assertIn('apt-get install -y qemu-system-x86', line)
+        self.assertIn('--guest model', line)
+
+    def test_demo_refuses_what_a_qemu_guest_cannot_do(self):
+        line = self.failing_demo('--fill', '0.5')
+        self.assertIn('--fill is for --guest model', line)
+        line = self.failing_demo('--write-rate', '0')
+        self.assertIn('--write-rate 0 (as fast as it can) is for --guest '
+                      'model', line)
+        line = self.failing_demo('--disks', '0')
+        self.assertIn('--disks must be 1 to 16, not 0', line)
+        line = self.failing_demo('--guest', 'model', '--fill', '2')
+        self.assertIn('--fill must be in [0, 1], not 2.0', line)
+        # a workdir whose guest sockets would not fit in an AF_UNIX path
+        long_dir = os.path.join(self.make_tempdir(), 'x' * 40)
+        line = self.failing_demo('--workdir', long_dir)
+        self.assertIn('--workdir %s is %d bytes long' % (
+            long_dir, len(long_dir)), line)
+        self.assertIn('use a folder of at most 36 bytes', line)
+        self.assertFalse(os.path.exists(long_dir))
+
+
+class TestQemuDemo(guest_tests.GuestTestCase):
+    """``xsm-migrate demo`` with its default guest: a QEMU guest (TCG).
+
+    Each run is ~20 s here (the guest boots in ~4 s, verifies two disks
+    of 64 MiB). A QEMU left behind naming the test's folder fails it.
+    """
+
+    check_leaks = False                 # (it runs processes only)
+
+    def driver(self):
+        return None
+
+    def setUp(self):
+        super().setUp()
+        # short: the guest's unix sockets sit ~71 bytes under the demo's
+        # scratch folder, which sits under TMPDIR (see demo.check_workdir)
+        self.short = tempfile.mkdtemp(prefix='xd', dir='/tmp')
+        self.addCleanup(shutil.rmtree, self.short, ignore_errors=True)
+        self.addCleanup(self.assert_none_left, self.short)
+
+    def assert_none_left(self, folder):
+        left = guest_tests.qemu_processes(folder)
+        for pid in left:
+            qemu.kill(pid)
+        self.assertEqual([], left, 'QEMU processes left behind')
+
+    def kit_argv(self):
+        """--guest-kit, unless the demo finds the same kit by itself."""
+        if os.path.realpath(guest_tests.KIT_DIR) == os.path.realpath(
+                demo.CHECKOUT_KIT):
+            return []
+        return ['--guest-kit', guest_tests.KIT_DIR]
+
+    def test_demo_qemu_json(self):
+        proc = run_cli('demo', '--json', '--guest-kit', guest_tests.KIT_DIR,
+                       env={'TMPDIR': self.short}, timeout=300)
+        self.assertEqual(0, proc.returncode, proc.stdout + proc.stderr)
+        self.assertNotIn('Traceback', proc.stderr)
+        self.assertEqual(1, len(proc.stdout.splitlines()), proc.stdout)
+        result = json.loads(proc.stdout)
+        self.addDetail('result', content.text_content(
+            proc.stdout))
+        self.assertIs(True, result['verified'], result)
+        self.assertEqual('done', result['phase'])
+        self.assertIsNone(result['error'])
+        # today's keys
+        self.assertGreater(result['bytes_copied'], 0)
+        self.assertGreater(result['seconds'], 0)
+        self.assertGreater(result['throughput_bytes_per_s'], 0)
+        self.assertGreater(result['downtime_ms'], 0)
+        self.assertEqual(0, result['source_leftovers'])
+        self.assertEqual([], result['image_problems'])
+        self.assertIsNone(result['workdir'])
+        # the guest was a QEMU and verified every disk itself
+        self.assertEqual('qemu', result['guest_kind'])
+        self.assertIn(result['accel'], ('tcg', 'kvm'))
+        self.assertIs(True, result['in_guest_verified'])
+        guest = result['guest']
+        self.assertEqual('qemu', guest['kind'])
+        self.assertIs(True, guest['verified'])
+        self.assertEqual(0, guest['mismatches'])
+        self.assertEqual(0, guest['io_errors'])
+        self.assertGreater(guest['blocks_checked'], 0)
+        self.assertEqual(guest['blocks_checked'] * 4096,
+                         guest['bytes_verified'])
+        self.assertIsNone(guest['error'])
+        # its numbers: QEMU's own downtime, the guest's longest stall
+        # between two writes since just before the migration (the
+        # verifier writes at 100 blocks/s per disk: a gap of >= 10 ms),
+        # the writes it made meanwhile
+        self.assertIsInstance(result['qemu_downtime_ms'], int)
+        self.assertGreaterEqual(result['qemu_downtime_ms'], 0)
+        self.assertEqual('migration', result['guest_stall_since'])
+        self.assertIsInstance(result['guest_stall_ms'], int)
+        self.assertGreaterEqual(result['guest_stall_ms'], 5)
+        self.assertLessEqual(result['guest_stall_ms'],
+                             result['seconds'] * 1000)
+        self.assertGreaterEqual(result['guest_wall_stall_ms'], 0)
+        self.assertGreater(result['guest_writes_during_migration'], 0)
+        self.assertLess(result['guest_writes_during_migration'],
+                        guest['writes'])
+        steps = result.get('switch_over_steps_ms')
+        if steps is not None:          # (when the status has them)
+            self.assertIsInstance(steps, dict)
+            self.assertTrue(all(v >= 0 for v in steps.values()), steps)
+        # nothing of the VM on host-a, and no QEMU at all any more
+        self.assertEqual([], result['source_vms'])
+        self.assertEqual([], result['source_qemu_pids'])
+        self.assertEqual([], guest_tests.qemu_processes(self.short))
+        self.assertEqual([], os.listdir(self.short))
+
+    def test_demo_qemu_text_keeps_its_workdir(self):
+        workdir = os.path.join(self.short, 'demo')
+        proc = run_cli('demo', '--disks', '1', '--workdir', workdir,
+                       *self.kit_argv(), timeout=300)
+        self.assertEqual(0, proc.returncode, proc.stdout + proc.stderr)
+        self.assertNotIn('Traceback', proc.stderr)
+        lines = proc.stdout.splitlines()
+        self.assertEqual('VERIFIED', lines[-1])
+        # the progress shows the memory phase (a line per phase seen by
+        # its 0.2 s polls: the memory of 128 MiB moves in ~1 s here, the
+        # switch-over may pass unseen)
+        phases = [ln.split(': ', 1)[1] for ln in lines
+                  if ln[:8].isalnum() and ln[8:10] == ': ']
+        self.assertIn('memory', phases, proc.stdout)
+        self.assertEqual('done', phases[-1], proc.stdout)
+        self.assertEqual(1, phases.count('memory'), proc.stdout)
+        for start in ('  guest:            QEMU (',
+                      '  in-guest verdict: VERIFIED (',
+                      '  QEMU downtime:    ', '  guest stall:      ',
+                      '  left on host-a:   0 VDIs, 0 VMs, 0 QEMU processes',
+                      '  vhd-util rules:   every image passes',
+                      '  hosts kept in:    %s' % workdir):
+            self.assertTrue(any(ln.startswith(start) for ln in lines),
+                            '%r not in:\n%s' % (start, proc.stdout))
+        # leaf and 2 snapshots arrive as base + leaf; host-a has nothing
+        sr_b = os.path.join(workdir, 'host-b', 'sr-b')
+        sr_a = os.path.join(workdir, 'host-a', 'sr-a')
+        received = [n for n in os.listdir(sr_b) if n.endswith('.vhd')]
+        self.assertEqual(2, len(received), os.listdir(sr_b))
+        self.assertEqual([], [n for n in os.listdir(sr_a)
+                              if n.endswith(('.vhd', '.raw'))])
+        self.assertEqual([], guest_tests.qemu_processes(workdir))
+
+    def test_demo_qemu_aborted_migration_exits_non_zero(self):
+        # the operator aborts the migration as soon as it starts (the
+        # demo's follow loop is wrapped to do so): the demo says NOT
+        # VERIFIED, exits 1, and the guest, still on host-a, verifies
+        # there; no QEMU is left
+        code = (
+            'import sys\n'
+            'from xsm_driver.cmd import migrate, progress\n'
+            'follow = progress.follow\n'
+            'def aborting(get, mid, follower, interval=0.2):\n'
+            '    get.__self__.migration_abort(mid)\n'
+            '    return follow(get, mid, follower, interval)\n'
+            'progress.follow = aborting\n'
+            'sys.exit(migrate.main(sys.argv[1:]))\n')
+        env = dict(os.environ, TMPDIR=self.short, PYTHONPATH=base.REPO_TOP)
+        proc = subprocess.run(
+            [sys.executable, '-c', code, 'demo', '--json', '--disks', '1',
+             '--guest-kit', guest_tests.KIT_DIR],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=300, cwd=base.REPO_TOP, env=env)
+        self.assertEqual(1, proc.returncode, proc.stdout + proc.stderr)
+        self.assertNotIn('Traceback', proc.stderr)
+        result = json.loads(proc.stdout)
+        self.assertIs(False, result['verified'])
+        self.assertIs(False, result['in_guest_verified'])
+        self.assertEqual('aborted', result['phase'])
+        self.assertIn('cancelled', result['error'])
+        self.assertIsNone(result['qemu_downtime_ms'])
+        self.assertIsNone(result['guest_stall_ms'])
+        self.assertEqual('qemu', result['source_guest']['kind'])
+        self.assertIs(True, result['source_guest']['verified'],
+                      result['source_guest'])
+        self.assertEqual([], guest_tests.qemu_processes(self.short))
+        self.assertEqual([], os.listdir(self.short))

@@ -22,6 +22,8 @@ import time
 from unittest import mock
 
 from tests import base
+from xsm_driver.cmd import common
+from xsm_driver.cmd import demo
 from xsm_driver.cmd import migrate
 from xsm_driver.cmd import progress
 
@@ -90,9 +92,43 @@ class TestArguments(base.TestCase):
             args = parser.parse_args(['vdi', '--vdi', 'v', '--to-sr', 's',
                                       '--bandwidth', text])
             self.assertEqual(size, args.bandwidth, text)
-        self.assertEqual(256 * MiB, parser.parse_args(['demo']).size)
+        # the demo's defaults depend on its guest (a QEMU one by default)
+        args = parser.parse_args(['demo'])
+        self.assertEqual('qemu', args.guest)
+        self.assertIsNone(args.size)
+        for guest, size, rate in (('qemu', 64 * MiB, 100),
+                                  ('model', 256 * MiB, 200)):
+            args = parser.parse_args(['demo', '--guest', guest])
+            demo.check_args(args)
+            self.assertEqual((size, rate), (args.size, args.write_rate),
+                             guest)
         self.assertEqual(16 * MiB, parser.parse_args(
             ['demo', '--size', '16M']).size)
+
+    def test_demo_guest_kit(self):
+        given, configured, checkout = (self.make_tempdir() for _ in range(3))
+        for folder in (given, configured, checkout):
+            for name in demo.KIT_FILES:
+                open(os.path.join(folder, name), 'w').close()
+        # --guest-kit first, then [hypervisor]guest_kit, then the checkout's
+        self.assertEqual(given, demo.find_guest_kit(given, configured,
+                                                    checkout))
+        self.assertEqual(configured, demo.find_guest_kit(None, configured,
+                                                         checkout))
+        os.unlink(os.path.join(configured, 'initramfs.cpio.gz'))
+        self.assertEqual(checkout, demo.find_guest_kit(None, configured,
+                                                       checkout))
+        # a --guest-kit that is no kit is an error, whatever else exists
+        exc = self.assertRaises(common.CommandError, demo.find_guest_kit,
+                                configured, None, checkout)
+        self.assertIn('no guest kit (vmlinuz and initramfs.cpio.gz) in %s:'
+                      % configured, str(exc))
+        os.unlink(os.path.join(checkout, 'vmlinuz'))
+        exc = self.assertRaises(common.CommandError, demo.find_guest_kit,
+                                None, configured, checkout)
+        self.assertIn('in %s nor %s: build one with tools/guest-kit/build.sh'
+                      % (configured, checkout), str(exc))
+        self.assertIn('--guest model', str(exc))
 
     def test_bad_mappings_exit_2_naming_the_value(self):
         for bad in ('v1', 'v1=', '=sr-b', ''):
