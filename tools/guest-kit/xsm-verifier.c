@@ -18,7 +18,9 @@
  *   XSMV start disks=2 blocks=16384,16384 rate=50 reads=1 ...
  *   XSMV progress t_ms=.. writes=.. reads=.. mismatches=.. io_errors=..
  *        max_stall_ms=.. last_stall_ms=.. max_wall_stall_ms=..
- *        wall_synced=0|1 writing=0|1                            (one line)
+ *        wall_synced=0|1 writing=0|1 win_writes=..
+ *        win_max_stall_ms=.. win_max_wall_stall_ms=..
+ *        lat_p50_us=.. lat_p99_us=.. lat_max_us=..              (one line)
  *   XSMV mismatch disk=0 block=12 expected=gen:5 found=gen:4
  *   XSMV verify id=1 result=ok blocks=.. checked=.. unwritten=..
  *        mismatches=0 io_errors=0 ms=..                          (one line)
@@ -32,6 +34,15 @@
  * resolution of about one second. It counts only once that clock is
  * synced (wall_synced=1 in the progress lines), on the first second
  * edge of the RTC after the first write, within a second of the start.
+ *
+ * The window: the win_* and lat_* fields cover the writes since the
+ * start or the last "mark" command. win_max_stall_ms and
+ * win_max_wall_stall_ms are the two stalls above within the window;
+ * lat_p50_us, lat_p99_us and lat_max_us are the latency of one write
+ * (the pwrite call, CLOCK_MONOTONIC) in microseconds: the max exact, the
+ * percentiles from a histogram of 32 buckets per power of two (the
+ * middle of the bucket, within 1.6%; exact below 64 us); -1 when the
+ * window has no write.
  *
  * Options, on the kernel command line:
  *   xsmv.rate=N        writes per second per disk (default 50; 0: no
@@ -48,6 +59,8 @@
  *   status   print a progress line now
  *   stop     stop writing (reports go on);  start  write again
  *   rate N   change the write rate
+ *   mark     start a new window (win_* and lat_* fields), print a
+ *            progress line
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -100,6 +113,16 @@ static int wall_readings, wall_synced;   /* synced: on a second edge */
 static uint8_t *buf, *chunk;
 static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
 
+/* the window (since the start or the last "mark"): stalls and write
+ * latency; LAT_SUB buckets per power of two of microseconds */
+#define LAT_SUB_BITS 5
+#define LAT_SUB (1 << LAT_SUB_BITS)
+#define LAT_EXACT (2 * LAT_SUB)
+#define LAT_BUCKETS (LAT_EXACT + (64 - LAT_SUB_BITS - 1) * LAT_SUB)
+static uint64_t win_writes;
+static int64_t win_max_stall_ms, win_max_wall_stall_ms, win_lat_max_us;
+static uint32_t win_lat[LAT_BUCKETS];
+
 static void say(const char *fmt, ...)
 {
     char line[512];
@@ -125,6 +148,70 @@ static int64_t mono_ms(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Latency histogram: exact below LAT_EXACT us, then LAT_SUB buckets per
+ * power of two. */
+static int lat_bucket(uint64_t us)
+{
+    int e;
+
+    if (us < LAT_EXACT)
+        return (int)us;
+    e = 63 - __builtin_clzll(us);            /* us in [2^e, 2^(e+1)) */
+    return LAT_EXACT + (e - LAT_SUB_BITS - 1) * LAT_SUB +
+           (int)((us >> (e - LAT_SUB_BITS)) & (LAT_SUB - 1));
+}
+
+/* The middle of bucket i, in us. */
+static int64_t lat_value(int i)
+{
+    int e, sub;
+    int64_t low, width;
+
+    if (i < LAT_EXACT)
+        return i;
+    e = (i - LAT_EXACT) / LAT_SUB + LAT_SUB_BITS + 1;
+    sub = (i - LAT_EXACT) % LAT_SUB;
+    width = (int64_t)1 << (e - LAT_SUB_BITS);
+    low = ((int64_t)1 << e) + sub * width;
+    return low + width / 2;
+}
+
+/* The p-th percentile (nearest rank) of the window's latencies, or -1. */
+static int64_t lat_percentile(int p)
+{
+    uint64_t rank, cum = 0;
+    int i;
+
+    if (!win_writes)
+        return -1;
+    rank = (win_writes * p + 99) / 100;
+    if (!rank)
+        rank = 1;
+    for (i = 0; i < LAT_BUCKETS; i++) {
+        cum += win_lat[i];
+        if (cum >= rank)      /* (the middle of the max's bucket: above) */
+            return lat_value(i) < win_lat_max_us ? lat_value(i)
+                                                 : win_lat_max_us;
+    }
+    return win_lat_max_us;
+}
+
+static void window_reset(void)
+{
+    win_writes = 0;
+    win_max_stall_ms = win_max_wall_stall_ms = 0;
+    win_lat_max_us = -1;
+    memset(win_lat, 0, sizeof(win_lat));
 }
 
 /* A clock that runs with CLOCK_MONOTONIC but never falls more than a
@@ -230,12 +317,17 @@ static void progress(const char *what)
 {
     say("XSMV %s t_ms=%lld writes=%llu reads=%llu mismatches=%llu "
         "io_errors=%llu max_stall_ms=%lld last_stall_ms=%lld "
-        "max_wall_stall_ms=%lld wall_synced=%d writing=%d", what,
+        "max_wall_stall_ms=%lld wall_synced=%d writing=%d win_writes=%llu "
+        "win_max_stall_ms=%lld win_max_wall_stall_ms=%lld lat_p50_us=%lld "
+        "lat_p99_us=%lld lat_max_us=%lld", what,
         (long long)mono_ms(),
         (unsigned long long)writes, (unsigned long long)reads,
         (unsigned long long)mismatches, (unsigned long long)io_errors,
         (long long)max_stall_ms, (long long)last_stall_ms,
-        (long long)max_wall_stall_ms, wall_synced, writing && rate > 0);
+        (long long)max_wall_stall_ms, wall_synced, writing && rate > 0,
+        (unsigned long long)win_writes, (long long)win_max_stall_ms,
+        (long long)win_max_wall_stall_ms, (long long)lat_percentile(50),
+        (long long)lat_percentile(99), (long long)win_lat_max_us);
 }
 
 static void io_error(const char *op, int d, uint64_t block, ssize_t n)
@@ -252,12 +344,14 @@ static void write_one(int d)
     struct disk *k = &disks[d];
     uint64_t block = rnd(k->blocks);
     unsigned gen = k->gen[block] % 255 + 1;
-    int64_t now, wall;
+    int64_t now, wall, t0, lat;
     int was_synced = wall_synced;
     ssize_t n;
 
     pattern(buf, d, block, gen);
+    t0 = mono_us();
     n = pwrite(k->fd, buf, BLOCK, (off_t)(block * BLOCK));
+    lat = mono_us() - t0;
     if (n != BLOCK) {
         io_error("write", d, block, n);
         return;
@@ -266,14 +360,22 @@ static void write_one(int d)
         k->written++;
     k->gen[block] = gen;
     writes++;
+    win_writes++;
+    win_lat[lat_bucket(lat < 0 ? 0 : (uint64_t)lat)]++;
+    if (lat > win_lat_max_us)
+        win_lat_max_us = lat;
     now = mono_ms();
     wall = wall_ms();
     if (last_write_ms >= 0) {
         last_stall_ms = now - last_write_ms;
         if (last_stall_ms > max_stall_ms)
             max_stall_ms = last_stall_ms;
+        if (last_stall_ms > win_max_stall_ms)
+            win_max_stall_ms = last_stall_ms;
         if (was_synced && wall - last_write_wall_ms > max_wall_stall_ms)
             max_wall_stall_ms = wall - last_write_wall_ms;
+        if (was_synced && wall - last_write_wall_ms > win_max_wall_stall_ms)
+            win_max_wall_stall_ms = wall - last_write_wall_ms;
     }
     last_write_ms = now;
     last_write_wall_ms = wall;
@@ -485,6 +587,8 @@ static void command(char *line)
         writing = 1, last_write_ms = -1, progress("progress");
     else if (!strncmp(line, "rate ", 5))
         rate = atol(line + 5), last_write_ms = -1, progress("progress");
+    else if (!strcmp(line, "mark"))
+        window_reset(), progress("progress");
     else if (!strcmp(line, "poweroff"))
         power_off();
     else if (line[0])
@@ -500,6 +604,7 @@ int main(void)
     int64_t next_write, next_report, now;
 
     parse_cmdline();
+    window_reset();
     rtc_fd = open("/dev/rtc0", O_RDONLY);
     if (posix_memalign((void **)&buf, BLOCK, BLOCK) ||
         posix_memalign((void **)&chunk, BLOCK, CHUNK)) {

@@ -16,12 +16,20 @@ The guest kit's verifier (tools/guest-kit/xsm-verifier.c) prints one line
 per report, ``XSMV <kind> key=value ...``: ``start``, ``progress``,
 ``mismatch``, ``io_error``, ``verify``, ``shutdown``, ``init``. Kernel
 messages may sit between them on the console; they are skipped.
+
+A ``progress`` line's ``win_*`` and ``lat_*`` fields cover the window
+since the verifier started or since the last :data:`MARK` command: the
+longest stalls between two writes (``win_max_stall_ms``,
+``win_max_wall_stall_ms``) and the latency of one write in microseconds
+(``lat_p50_us``, ``lat_p99_us``, ``lat_max_us``; -1 without a write).
 """
 
 PREFIX = 'XSMV '
 
 #: the commands the verifier reads on its command channel
 VERIFY, STATUS, STOP, START = 'verify', 'status', 'stop', 'start'
+#: starts a new window of the ``win_*`` and ``lat_*`` fields
+MARK = 'mark'
 
 
 class Report(dict):
