@@ -423,9 +423,12 @@ class Host:
             if vm.workload is not None:
                 vm.workload.stop()
             if vm.in_qemu:
-                self._stop_qemu(vm, clean)
+                # First let go of what waits at a held gate (the switch-over
+                # committed elsewhere): a QEMU that waits for its last I/O
+                # ignores SIGTERM and dies only by SIGKILL, seconds later.
                 for disk in vm.disks:
                     release_held(disk.gate)
+                self._stop_qemu(vm, clean)
             for disk in vm.disks:
                 disk.detach()
             vm.power_state = HALTED
