@@ -27,14 +27,36 @@ the admin guide.)
 The JSON file holds:
 
 ``cloudstack.vm.details``
-    the VM: ``name`` (the instance name, ``i-2-100-VM``), ``cpus``,
-    ``minRam``, ``nics`` (``mac``, ``broadcastUri``, ``deviceId``),
-    ``details`` (what ``prepare`` answered);
+    the VM (CloudStack's ``VirtualMachineTO``): ``name`` (the instance
+    name, ``i-2-100-VM``), ``cpus``, ``minRam`` (bytes), ``nics``
+    (``mac``, ``broadcastUri``, ``deviceId``), ``details`` (the VM's
+    details, with what ``prepare`` answered merged in);
 ``externaldetails.extension`` / ``.host`` / ``.virtualmachine``
-    the key-values the operator gave ``createExtension``/
-    ``registerExtension``, ``addHost`` and ``deployVirtualMachine``;
+    the key-values the operator gave ``createExtension``, ``addHost``
+    (or ``updateHost``) and the template (``registerTemplate``
+    ``externaldetails``) or ``deployVirtualMachine``;
+    ``externaldetails.action`` a custom action's own details;
 ``parameters``
-    a custom action's parameters.
+    a custom action's parameters (typed as ``addCustomAction`` declared
+    them: a BOOLEAN is a JSON bool).
+
+(Checked against Apache CloudStack 4.21's sources: the management server
+writes ``cloudstack.vm.details`` from ``VirtualMachineTO``;
+``ExternalPathPayloadProvisioner`` runs ``prepare``'s answer through a
+JSON merge patch of that ``VirtualMachineTO``, so ``details`` lands in
+the VM's details; a custom action runs on the VM's current (or last)
+host, with ``externaldetails`` ``action``, ``host``, ``resourcemap``,
+``extension``, ``caller`` and ``virtualmachine``, the VM's external
+details, from ``ExtensionsManagerImpl.runCustomAction``; the Proxmox
+extension reads its template details (``template_id``, ``iso_path``)
+from ``externaldetails.virtualmachine`` and the memory as ``minRam //
+1024 // 1024`` MiB.)
+
+On a host whose agent runs ``[hypervisor]driver = qemu`` each VM is a
+QEMU guest of ``minRam`` MiB and ``cpus`` vCPUs; each NIC is a VIF that
+keeps the NIC's MAC (``MAC@NETWORK``, see
+:func:`xsm_driver.core.migration.host.vif_entry`), and a migration finds
+each NIC's VIF by its MAC, as XenServer does.
 
 What this extension reads from them (a host's value wins over the
 extension's):
@@ -79,12 +101,15 @@ import time
 import oslo_messaging as messaging
 
 from xsm_driver.core import exception
+from xsm_driver.core.migration import host as host_mod
+from xsm_driver.hypervisor import base as hv_base
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = '/etc/xsm-driver/xsm-driver.conf'
 DEFAULT_ROOT_SIZE = '1G'
 DEFAULT_TIMEOUT = 3600
+MiB = 1 << 20
 #: seconds kept from CloudStack's timeout to answer before it gives up
 ANSWER_MARGIN = 5
 
@@ -249,13 +274,130 @@ def network_of(nic, conf):
     return conf.get('xsm_network') or 'guest'
 
 
-def vifs_of(request, conf):
+def nics_of(request):
+    """CloudStack's NICs of the VM, in ``deviceId`` order."""
     nics = vm_details(request).get('nics') or []
     if not isinstance(nics, list):
         raise ExtensionError('cloudstack.vm.details.nics must be a list')
-    nics = sorted((_object(n, 'a NIC of cloudstack.vm.details')
-                   for n in nics), key=lambda n: n.get('deviceId') or 0)
-    return [network_of(n, conf) for n in nics]
+    nics = [_object(n, 'a NIC of cloudstack.vm.details') for n in nics]
+    for nic in nics:
+        device = nic.get('deviceId')
+        if device is not None and (not isinstance(device, int) or
+                                   isinstance(device, bool)):
+            raise ExtensionError('cloudstack.vm.details.nics: deviceId '
+                                 'must be a number, not %.80r' % (device,))
+    return sorted(nics, key=lambda n: n.get('deviceId') or 0)
+
+
+def mac_of(nic):
+    """The NIC's MAC, lower case; None when it has none.
+
+    >>> mac_of({'mac': '02:00:2A:00:00:01'})
+    '02:00:2a:00:00:01'
+    """
+    mac = nic.get('mac')
+    if mac in (None, ''):
+        return None
+    try:
+        entry = host_mod.vif_entry({'network': '-', 'mac': mac})
+    except ValueError:
+        raise ExtensionError('the NIC with deviceId %s has MAC %.80r, which '
+                             'is not a MAC address' % (nic.get('deviceId'),
+                                                       mac))
+    return host_mod.vif_parts(entry)[1]
+
+
+def vifs_of(request, conf):
+    """The VIFs of a new VM: each NIC's network and MAC, in device order.
+
+    >>> vifs_of({'cloudstack.vm.details': {'nics': [
+    ...     {'deviceId': 1, 'mac': '02:00:00:00:00:0B'},
+    ...     {'deviceId': 0, 'mac': '02:00:00:00:00:0a',
+    ...      'broadcastUri': 'vlan://7'}]}}, {})
+    ['02:00:00:00:00:0a@vlan-7', '02:00:00:00:00:0b@guest']
+    """
+    return [host_mod.vif_entry({'network': network_of(n, conf),
+                                'mac': mac_of(n)})
+            for n in nics_of(request)]
+
+
+def guest_of(request):
+    """The ``qemu`` options of a new VM: ``minRam`` (bytes) and ``cpus``.
+
+    >>> sorted(guest_of({'cloudstack.vm.details': {
+    ...     'minRam': 536870912, 'cpus': 2}}).items())
+    [('memory_mib', 512), ('vcpus', 2)]
+    >>> guest_of({}) is None
+    True
+    """
+    details = vm_details(request)
+    out = {}
+    for key, option, unit in (('minRam', 'memory_mib', MiB),
+                              ('cpus', 'vcpus', 1)):
+        value = details.get(key)
+        if value in (None, 0, ''):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or \
+                value < unit:
+            raise ExtensionError('cloudstack.vm.details.%s must be a '
+                                 'positive number%s, not %.80r' % (
+                                     key, ' of bytes' if unit > 1 else '',
+                                     value))
+        out[option] = value // unit
+    return out or None
+
+
+def vif_map_of(record, request, conf, host):
+    """Where each VIF of ``record`` goes: found by its MAC among the NICs.
+
+    As XenServer finds a NIC's VIF by its MAC: each VIF with a MAC must be
+    the VIF of one of CloudStack's NICs (``cloudstack.vm.details.nics``),
+    and each NIC the NIC of one VIF; the VIF keeps its MAC and goes to the
+    NIC's network (``vlan-N`` for ``vlan://N``, else the network it is
+    on). VIFs made without a MAC keep their network, as before.
+
+    >>> rec = {'name': 'v', 'vifs': ['02:00:00:00:00:0a@vlan-7', 'old']}
+    >>> sorted(vif_map_of(rec, {'cloudstack.vm.details': {'nics': [
+    ...     {'deviceId': 0, 'mac': '02:00:00:00:00:0A',
+    ...      'broadcastUri': 'vlan://9'}]}}, {}, 'a').items())
+    [('02:00:00:00:00:0a@vlan-7', '02:00:00:00:00:0a@vlan-9'), \
+('old', 'old')]
+    """
+    nics = nics_of(request)
+    by_mac = {}
+    for nic in nics:
+        mac = mac_of(nic)
+        if mac is not None:
+            by_mac[mac] = nic
+    vifs = list(record.get('vifs') or ())
+    out, matched = {}, set()
+    for vif in vifs:
+        network, mac = host_mod.vif_parts(vif)
+        if mac is None:
+            out[vif] = vif
+            continue
+        nic = by_mac.get(mac)
+        if nic is None:
+            raise ExtensionError(
+                'VM %s on host %s has a VIF with MAC %s (network %s) that '
+                'matches no NIC of cloudstack.vm.details.nics (their MACs: '
+                '%s): CloudStack and the host disagree about its NICs' % (
+                    record['name'], host, mac, network,
+                    ', '.join(sorted(by_mac)) or 'none'))
+        matched.add(mac)
+        out[vif] = host_mod.vif_entry({
+            'network': network_of(nic, {'xsm_network': network}),
+            'mac': mac})
+    if matched:
+        for nic in nics:
+            if mac_of(nic) not in matched:
+                raise ExtensionError(
+                    'the NIC with deviceId %s and MAC %s of '
+                    'cloudstack.vm.details.nics matches no VIF of VM %s on '
+                    'host %s (its VIFs: %s)' % (
+                        nic.get('deviceId'), nic.get('mac'), record['name'],
+                        host, ', '.join(vifs)))
+    return out
 
 
 def power_state(record):
@@ -517,8 +659,21 @@ class Extension:
         if found is not None:
             raise ExtensionError('host %s already has a VM named %s'
                                  % (host, name))
+        guest = guest_of(request)
         agent = self.client(host)
-        record = agent.vm_create(name, disks, vifs)
+        try:
+            record = agent.vm_create(name, disks, vifs, qemu=guest)
+        except Exception as exc:
+            # (over a real bus it comes as a RemoteError of that name)
+            if not (isinstance(exc, hv_base.InvalidGuestOptions) or
+                    getattr(exc, 'exc_type', None) ==
+                    hv_base.InvalidGuestOptions.__name__):
+                raise
+            raise ExtensionError(
+                'host %s refuses the memory or vCPUs of VM %s (minRam %s '
+                'bytes, cpus %s): %s' % (
+                    host, name, vm_details(request).get('minRam'),
+                    vm_details(request).get('cpus'), describe(exc)))
         try:
             agent.vm_start(record['uuid'])
         except Exception:
@@ -551,12 +706,21 @@ class Extension:
     def do_reboot(self, request, conf):
         host, record = self._require(request, conf)
         agent = self.client(host)
-        agent.vm_stop(record['uuid'])
-        agent.vm_start(record['uuid'])
+        try:
+            # a QEMU guest: reset, as its reset button
+            agent.vm_reboot(record['uuid'])
+        except host_mod.InvalidVMState:
+            # a model guest, or a VM that does not run: stop and start
+            LOG.info('VM %s on %s is no running QEMU guest: rebooted by '
+                     'stop and start', record['name'], host)
+            agent.vm_stop(record['uuid'])
+            agent.vm_start(record['uuid'])
         return success('Instance rebooted', power_state='poweron', host=host)
 
     def do_status(self, request, conf):
         host, record = self._require(request, conf)
+        # the power state its QEMU has now
+        record = self.client(host).vm_get(record['uuid'])
         return success(power_state=power_state(record), host=host)
 
     def do_delete(self, request, conf):
@@ -568,12 +732,16 @@ class Extension:
         return success('Instance deleted', host=host)
 
     def do_suspend(self, request, conf):
-        raise ExtensionError('suspend is not supported: xsm-driver agents '
-                             'cannot pause a VM; stop it instead')
+        host, record = self._require(request, conf)
+        record = self.client(host).vm_pause(record['uuid'])
+        return success('Instance suspended', power_state=power_state(record),
+                       host=host)
 
     def do_resume(self, request, conf):
-        raise ExtensionError('resume is not supported: xsm-driver agents '
-                             'cannot pause a VM; start it instead')
+        host, record = self._require(request, conf)
+        record = self.client(host).vm_resume(record['uuid'])
+        return success('Instance resumed', power_state=power_state(record),
+                       host=host)
 
     # -- custom actions -----------------------------------------------------
 
@@ -595,6 +763,7 @@ class Extension:
                 'running VM live' % (record['name'], record.get(
                     'power_state')))
         mapping = vdi_map(record, params)
+        vifs = vif_map_of(record, request, conf, source)
         have = {sr['name'] for sr in self._info(dest).get('srs', ())}
         missing = sorted(set(mapping.values()) - have)
         if missing:
@@ -607,9 +776,7 @@ class Extension:
                 raise ExtensionError(
                     'VM %s is already migrating (migration %s, phase %s)'
                     % (record['name'], status['id'], status['phase']))
-        vifs = record.get('vifs') or []
-        mid = agent.migrate_vm(record['uuid'], dest, mapping,
-                               {v: v for v in vifs})
+        mid = agent.migrate_vm(record['uuid'], dest, mapping, vifs)
         LOG.info('migration %s of VM %s from %s to %s started', mid,
                  record['name'], source, dest)
         if not wait:

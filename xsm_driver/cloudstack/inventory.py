@@ -33,6 +33,7 @@ import uuid as uuidlib
 from xsm_driver.cloudstack import commands as cmds
 from xsm_driver.cloudstack import gson
 from xsm_driver.cloudstack import resource
+from xsm_driver.core.migration import host as host_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -70,6 +71,21 @@ OFFERING = {'serviceofferingid': _id('serviceoffering', 'xsm'),
 def cluster(host):
     """The cluster fields of a host's things (one cluster per host)."""
     return {'clusterid': _id('cluster', host), 'clustername': host}
+
+
+def nic_response(index, vif):
+    """A NIC of a VM response: its network, and its MAC when it has one.
+
+    >>> sorted(nic_response(1, '02:00:00:00:00:0a@vlan-7').items())
+    [('deviceid', '1'), ('isdefault', False), ('macaddress', \
+'02:00:00:00:00:0a'), ('networkname', 'vlan-7')]
+    """
+    network, mac = host_mod.vif_parts(vif)
+    out = {'deviceid': str(index), 'networkname': network,
+           'isdefault': index == 0}
+    if mac:
+        out['macaddress'] = mac
+    return out
 
 
 def placement(host):
@@ -211,16 +227,16 @@ class Snapshot:
                 for sr in (info or {}).get('srs', ())]
 
     def vm_response(self, host, vm):
+        guest = vm.get('qemu') or {}
         return {'id': vm['uuid'], 'name': vm['name'],
                 'displayname': vm['name'], 'instancename': vm['name'],
                 'state': POWER_STATES.get(vm['power_state'],
                                           vm['power_state']),
                 'hostid': host_id(host), 'hostname': host,
                 'hypervisor': 'XenServer',
-                'cpunumber': vm.get('cpus') or 1,
-                'memory': vm.get('memory') or 0,
-                'nic': [{'deviceid': str(i), 'networkname': vif,
-                         'isdefault': i == 0}
+                'cpunumber': guest.get('vcpus') or vm.get('cpus') or 1,
+                'memory': guest.get('memory_mib') or vm.get('memory') or 0,
+                'nic': [nic_response(i, vif)
                         for i, vif in enumerate(vm.get('vifs') or ())],
                 **placement(host), **TEMPLATE, **OFFERING, **OWNER}
 
@@ -277,13 +293,19 @@ def vm_to(host, vm, vdis):
         disks.append({'data': gson.wrap(cmds.VOLUME_OBJECT_TO, volume),
                       'diskSeq': index, 'path': disk['vdi'],
                       'type': 'ROOT' if index == 0 else 'DATADISK'})
-    nics = [{'deviceId': i, 'name': vif, 'defaultNic': i == 0,
-             'pxeDisable': True, 'dpdkDisabled': False, 'mtu': 0,
-             'isSecurityGroupEnabled': False, 'type': 'Guest'}
-            for i, vif in enumerate(vm.get('vifs') or ())]
+    nics = []
+    for i, vif in enumerate(vm.get('vifs') or ()):
+        network, mac = host_mod.vif_parts(vif)
+        nics.append(dict({'deviceId': i, 'name': network, 'defaultNic': i == 0,
+                          'pxeDisable': True, 'dpdkDisabled': False,
+                          'mtu': 0, 'isSecurityGroupEnabled': False,
+                          'type': 'Guest'}, **({'mac': mac} if mac else {})))
+    guest = vm.get('qemu') or {}
+    ram = (guest.get('memory_mib') or 0) * (1 << 20)
     return {'id': 0, 'name': vm['name'], 'uuid': vm['uuid'],
             'type': 'User', 'state': POWER_STATES.get(vm['power_state']),
-            'cpus': 1, 'minRam': 0, 'maxRam': 0, 'enableHA': False,
+            'cpus': guest.get('vcpus') or 1, 'minRam': ram, 'maxRam': ram,
+            'enableHA': False,
             'limitCpuUse': False, 'enableDynamicallyScaleVm': False,
             'disks': disks, 'nics': nics, 'guestOsDetails': {},
             'extraConfig': {}}

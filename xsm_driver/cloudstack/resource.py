@@ -49,6 +49,7 @@ from xsm_driver.cloudstack import commands as cmds
 from xsm_driver.cloudstack import gson
 from xsm_driver.cloudstack import jobs
 from xsm_driver.core import exception
+from xsm_driver.core.migration import host as host_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -91,13 +92,18 @@ def nic_vif(vifs, nic):
     """The VIF of a VM a CloudStack ``NicTO`` names, or None.
 
     XenServer's resource finds a NIC's VIF by its MAC address. An xsm VM's
-    VIFs are names: one equal to the NIC's ``mac`` (case aside) is taken
-    first, then one equal to its ``name`` (the network), and only then the
+    VIF keeps its MAC (``MAC@NETWORK``, see
+    :func:`xsm_driver.core.migration.host.vif_entry`) or is a name: the
+    VIF with the NIC's ``mac`` (case aside; or named by it) is taken
+    first, then the one on its ``name`` (the network), and only then the
     VIF at the NIC's ``deviceId``, as before.
 
     >>> nic_vif(['net0', '02:00:00:00:00:0a'],
     ...         cmds.Nic({'deviceId': 0, 'mac': '02:00:00:00:00:0A'}, 'c'))
     '02:00:00:00:00:0a'
+    >>> nic_vif(['02:00:00:00:00:01@a', '02:00:00:00:00:0a@b'],
+    ...         cmds.Nic({'deviceId': 0, 'mac': '02:00:00:00:00:0A'}, 'c'))
+    '02:00:00:00:00:0a@b'
     >>> nic_vif(['a', 'b'], cmds.Nic({'deviceId': 0, 'name': 'b'}, 'c'))
     'b'
     >>> nic_vif(['a', 'b'], cmds.Nic({'deviceId': 1}, 'c'))
@@ -107,10 +113,14 @@ def nic_vif(vifs, nic):
     """
     if isinstance(nic.mac, str) and nic.mac:
         for vif in vifs:
-            if isinstance(vif, str) and vif.lower() == nic.mac.lower():
+            if isinstance(vif, str) and nic.mac.lower() in (
+                    vif.lower(), host_mod.vif_parts(vif)[1]):
                 return vif
-    if isinstance(nic.name, str) and vifs.count(nic.name) == 1:
-        return nic.name
+    if isinstance(nic.name, str):
+        named = [v for v in vifs if isinstance(v, str) and
+                 host_mod.vif_parts(v)[0] == nic.name]
+        if len(named) == 1:
+            return named[0]
     if nic.device is not None and 0 <= nic.device < len(vifs):
         return vifs[nic.device]
     return None
@@ -302,6 +312,11 @@ class Resource:
                     command=cmds.short_name(command),
                     reason='NIC with deviceId %s: the network must be a '
                     'string, not %s' % (nic.device, gson.short(network)))
+            mac = host_mod.vif_parts(vif)[1]
+            if network and mac:
+                # the VIF keeps its MAC on the new network
+                network = host_mod.vif_entry({'network': network,
+                                              'mac': mac})
             out[vif] = network or vif
         return out
 

@@ -21,6 +21,7 @@ in test_processes.py); the API service's WSGI application serves on
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -30,6 +31,7 @@ from oslo_config import cfg
 import requests
 
 from tests import base
+from tests.functional.hypervisor import test_qemu_guest as guest_tests
 from tests.unit.cloudstack import fixtures
 from xsm_driver.cloudstack import api as api_mod
 from xsm_driver.cloudstack import inventory
@@ -40,6 +42,10 @@ from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
+from xsm_driver.core import sr as sr_mod
+from xsm_driver import hypervisor
+from xsm_driver.hypervisor import qemu
+from xsm_driver.hypervisor import verifier
 
 MiB = 1 << 20
 KEY = 'xsm-test-api-key'
@@ -80,7 +86,7 @@ class CloudStackFixture(base.TestCase):
         self.hosts, self.agents, self.clients = {}, {}, {}
         for name, srs in self.sr_layout(self.root).items():
             specs = ['%s:vhd:%s' % (sr, path) for sr, path in srs.items()]
-            self.hosts[name] = host_mod.Host.from_config(
+            self.hosts[name] = self.make_host(
                 name, specs, os.path.join(self.root, name, 'state'))
             agent = agent_mod.Agent(
                 self.transport, self.hosts[name],
@@ -108,11 +114,16 @@ class CloudStackFixture(base.TestCase):
         self.endpoint = self.base_url + '/client/api'
         self.cs = self.client()
 
+    def make_host(self, name, specs, state_path):
+        """Host ``name``: its guests are the model guest."""
+        return host_mod.Host.from_config(name, specs, state_path)
+
     def client(self, **kwargs):
         kwargs.setdefault('key', KEY)
         kwargs.setdefault('secret', SECRET)
+        kwargs.setdefault('timeout', 30)
         return cs.CloudStack(endpoint=self.endpoint, fetch_result=True,
-                             poll_interval=0.05, timeout=30, **kwargs)
+                             poll_interval=0.05, **kwargs)
 
     def make_vm(self, sizes=(8 * MiB, 12 * MiB), rate=300, fill=0.5,
                 snapshots=1):
@@ -224,6 +235,107 @@ class TestMigrateWithTheCsClient(CloudStackFixture):
         self.assertIn('not on the destination host host-b',
                       exc.error['errortext'])
         self.assertEqual('running', self.a.vm_get(vm['uuid'])['power_state'])
+
+
+class TestQemuGuestWithTheCsClient(CloudStackFixture):
+    """The API on hosts whose VMs are QEMU guests (``qemu`` driver, TCG).
+
+    The VM the agent made (two disks, a NIC with its MAC, 128 MiB) is
+    listed with its memory and MAC, and migrateVirtualMachineWithVolume
+    moves it running: memory with QEMU's migration, disks with ours; the
+    in-guest verifier checks every block it wrote on the destination.
+    """
+
+    MAC = '02:00:2a:00:00:07'
+
+    def setUp(self):
+        if shutil.which(guest_tests.QEMU) is None:
+            self.missing('command %s not found: install it with "apt-get '
+                         'install -y qemu-system-x86"' % guest_tests.QEMU)
+        if not os.path.isdir(guest_tests.KIT_DIR) or not os.listdir(
+                guest_tests.KIT_DIR):
+            self.missing('no guest kit in %s: build it with %s %s' % (
+                guest_tests.KIT_DIR, guest_tests.KIT_SCRIPT,
+                guest_tests.KIT_DIR))
+        super().setUp()
+        # a migration of a guest under TCG takes longer than 30 s at times
+        self.cs = self.client(timeout=300)
+        self.a = api.AgentAPI(self.transport, 'host-a', timeout=120)
+        self.b = api.AgentAPI(self.transport, 'host-b', timeout=120)
+
+    def make_host(self, name, specs, state_path):
+        srs = {}
+        for spec in specs:
+            sr, driver, path = host_mod.parse_sr_spec(spec)
+            srs[sr] = sr_mod.load_driver(driver, sr, path)
+        drv = hypervisor.load('qemu', os.path.join(state_path, 'guests'),
+                              accel='tcg', guest_kit=guest_tests.KIT_DIR,
+                              memory_mib=128, shutdown_timeout=15)
+        host = host_mod.Host(name, srs, state_path, drv)
+        # last: nothing may be left of a QEMU of this host
+        self.addCleanup(self.assert_no_qemu_left, drv)
+        self.addCleanup(host.close)
+        return host
+
+    def assert_no_qemu_left(self, drv):
+        left = guest_tests.qemu_processes(drv.state_dir)
+        for pid in left:
+            qemu.kill(pid)
+        self.assertEqual([], left, 'QEMU processes left in %s'
+                         % drv.state_dir)
+
+    def test_a_running_qemu_guest_moves_with_its_volumes(self):
+        vm = self.a.vm_create(
+            'i-2-43-VM', [{'sr': 'sr-a', 'size': 16 * MiB},
+                          {'sr': 'sr-a', 'size': 8 * MiB}],
+            vifs=[{'network': 'net0', 'mac': self.MAC.upper()}],
+            qemu={'memory_mib': 128, 'vcpus': 1,
+                  'verifier': {'rate': 40, 'report_ms': 250}})
+        self.assertEqual([self.MAC + '@net0'], vm['vifs'])
+        self.a.vm_start(vm['uuid'])
+        deadline = time.monotonic() + 120
+        while True:
+            rep = verifier.last(self.a.vm_console(vm['uuid']), 'progress')
+            if rep is not None and rep['writes'] > 20:
+                break
+            self.assertLess(time.monotonic(), deadline, 'the guest did not '
+                            'write on host-a')
+            time.sleep(0.2)
+        [listed] = self.cs.listVirtualMachines(id=vm['uuid'],
+                                               fetch_list=True)
+        self.assertEqual(('Running', 128, 1), (
+            listed['state'], listed['memory'], listed['cpunumber']))
+        self.assertEqual([('net0', self.MAC)], [
+            (n['networkname'], n['macaddress']) for n in listed['nic']])
+        volumes = self.cs.listVolumes(virtualmachineid=vm['uuid'],
+                                      fetch_list=True)
+        host_b = inventory.host_id('host-b')
+        result = self.cs.migrateVirtualMachineWithVolume(
+            virtualmachineid=vm['uuid'], hostid=host_b,
+            migrateto=[{'volume': volumes[0]['id'],
+                        'pool': inventory.pool_id('host-b', 'sr-b')},
+                       {'volume': volumes[1]['id'],
+                        'pool': inventory.pool_id('host-b', 'sr-b2')}])
+        self.assertEqual(('Running', host_b), (
+            result['virtualmachine']['state'],
+            result['virtualmachine']['hostid']))
+        [migration] = self.a.migration_list()
+        self.assertEqual(('done', 'qemu'), (migration['phase'],
+                                            migration['guest_kind']))
+        self.assertEqual([], self.a.vm_list())
+        self.assertEqual([], guest_tests.qemu_processes(
+            self.hosts['host-a'].qemu.state_dir))
+        moved = self.b.vm_get(vm['uuid'])
+        self.assertEqual([self.MAC + '@net0'], moved['vifs'])
+        self.assertEqual(['sr-b', 'sr-b2'], [d['sr'] for d in moved['disks']])
+        check = self.b.guest_verify(vm['uuid'])
+        self.assertEqual('qemu', check['kind'])
+        self.assertTrue(check['verified'], check)
+        self.assertGreater(check['blocks_checked'], 0)
+        self.b.vm_stop(vm['uuid'])
+        self.assertEqual([], guest_tests.qemu_processes(
+            self.hosts['host-b'].qemu.state_dir))
+        self.b.vm_destroy(vm['uuid'])
 
 
 class TestSignature(CloudStackFixture):

@@ -27,13 +27,19 @@ import subprocess
 import sys
 import uuid as uuidlib
 
+import oslo_messaging as messaging
+
 from tests import base
 from tests.functional.core.migration import fixtures
 
 MiB = fixtures.MiB
 
 
-class TestExtensionProcesses(fixtures.RabbitAgentsFixture):
+MAC = '02:00:2a:00:00:01'
+
+
+class ExtensionCase(fixtures.RabbitAgentsFixture):
+    """Two agents, and the extension run as CloudStack runs it."""
 
     def setUp(self):
         super().setUp()
@@ -51,8 +57,12 @@ class TestExtensionProcesses(fixtures.RabbitAgentsFixture):
         self.vm_uuid = str(uuidlib.uuid4())
         self.calls = 0
 
-    def payload(self, host, parameters=None, vm_details=None):
+    def payload(self, host, parameters=None, vm_details=None, nics=None,
+                min_ram=512 * MiB):
         """A JSON file's content, as CloudStack writes it."""
+        if nics is None:
+            nics = [{'deviceId': 0, 'mac': MAC, 'broadcastUri': 'vlan://120',
+                     'defaultNic': True, 'ip': '10.1.1.42'}]
         data = {
             'externaldetails': {
                 'extension': {'xsm_config_file': self.config,
@@ -67,11 +77,8 @@ class TestExtensionProcesses(fixtures.RabbitAgentsFixture):
             'virtualmachinename': 'i-2-42-VM',
             'cloudstack.vm.details': {
                 'id': 42, 'name': 'i-2-42-VM', 'uuid': self.vm_uuid,
-                'type': 'User', 'cpus': 1, 'minRam': 512 * MiB,
-                'maxRam': 512 * MiB, 'arch': 'x86_64',
-                'nics': [{'deviceId': 0, 'mac': '02:00:2a:00:00:01',
-                          'broadcastUri': 'vlan://120',
-                          'defaultNic': True, 'ip': '10.1.1.42'}],
+                'type': 'User', 'cpus': 1, 'minRam': min_ram,
+                'maxRam': min_ram, 'arch': 'x86_64', 'nics': nics,
                 'details': {}},
             'caller': {'name': 'admin', 'roletype': 'Admin',
                        'type': 'ADMIN', 'rolename': 'Root Admin'},
@@ -120,6 +127,10 @@ class TestExtensionProcesses(fixtures.RabbitAgentsFixture):
         self.assertNotIn('Traceback', answer['error'])
         return answer['error']
 
+
+class TestExtensionProcesses(ExtensionCase):
+    """Agents whose guests are the model guest (no QEMU)."""
+
     def test_lifecycle_and_live_migration_with_volumes(self):
         on_a = self.payload(self.host_a)
         answer = self.ok('prepare', on_a)
@@ -128,7 +139,9 @@ class TestExtensionProcesses(fixtures.RabbitAgentsFixture):
         [vm] = self.a.vm_list()
         self.assertEqual('i-2-42-VM', vm['name'])
         self.assertEqual('running', vm['power_state'])
-        self.assertEqual(['vlan-120'], vm['vifs'])
+        # the NIC's VIF keeps its MAC
+        self.assertEqual([MAC + '@vlan-120'], vm['vifs'])
+        self.assertEqual({'memory_mib': 512, 'vcpus': 1}, vm['qemu'])
         self.assertEqual([('sr-a', 8 * MiB), ('sr-a', 4 * MiB)], [
             (d['sr'], v['size']) for d in vm['disks']
             for v in self.a.vdi_list() if v['uuid'] == d['vdi']])
@@ -136,10 +149,13 @@ class TestExtensionProcesses(fixtures.RabbitAgentsFixture):
         self.assertEqual('poweroff', self.ok('stop', on_a)['power_state'])
         self.assertEqual('poweroff', self.ok('status', on_a)['power_state'])
         self.ok('start', on_a)
+        # a model guest is rebooted by stop and start
         self.ok('reboot', on_a)
         self.assertEqual('poweron', self.ok('status', on_a)['power_state'])
-        self.assertIn('not supported', self.refused('suspend', on_a))
-        self.assertIn('not supported', self.refused('resume', on_a))
+        self.ok('suspend', on_a)
+        self.assertEqual('paused', self.a.vm_get(vm['uuid'])['power_state'])
+        self.ok('resume', on_a)
+        self.assertEqual('running', self.a.vm_get(vm['uuid'])['power_state'])
         self.a.guest_start(vm['uuid'], rate=200, fill=0.5)
 
         answer = self.ok('migratevmwithvolume', self.payload(
@@ -152,6 +168,8 @@ class TestExtensionProcesses(fixtures.RabbitAgentsFixture):
         moved = self.b.vm_get(vm['uuid'])
         self.assertEqual(['sr-b', 'raw-b'], [d['sr'] for d in moved['disks']])
         self.assertEqual('running', moved['power_state'])
+        # the VIF moved with its MAC (found by it among CloudStack's NICs)
+        self.assertEqual([MAC + '@vlan-120'], moved['vifs'])
         check = self.b.guest_verify(vm['uuid'])
         self.assertTrue(check['verified'], check)
 
@@ -205,6 +223,14 @@ class TestExtensionProcesses(fixtures.RabbitAgentsFixture):
              'externaldetails': {'host': {}}})))
         status, answer = self.run_action('status', '{}')
         self.assertNotEqual(0, status)
+        # the agent itself refuses a VIF with a wrong MAC, naming it (an
+        # error of the agent's argument checks comes as a RemoteError)
+        exc = self.assertRaises(messaging.RemoteError, self.a.vm_create,
+                                'i-2-43-VM', [], [{'network': 'guest',
+                                                   'mac': '02:00:zz'}])
+        self.assertEqual('InvalidArgument', exc.exc_type)
+        self.assertIn("vifs[0]: mac must be a MAC address", exc.value)
+        self.assertIn("'02:00:zz'", exc.value)
         # the VM is where it was, untouched
         [vm] = self.a.vm_list()
         self.assertEqual('running', vm['power_state'])

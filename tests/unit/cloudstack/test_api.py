@@ -32,7 +32,7 @@ from xsm_driver.core.migration import errors
 
 
 def load_tests(loader, tests, ignore):
-    for module in (api_mod, jobs_mod, resource_mod):
+    for module in (api_mod, inventory, jobs_mod, resource_mod):
         tests.addTests(doctest.DocTestSuite(module))
     return tests
 

@@ -22,10 +22,16 @@ import oslo_messaging as messaging
 from tests import base
 from xsm_driver.cloudstack import extension
 from xsm_driver.core import exception
+from xsm_driver.core.migration import host as host_mod
+
+MAC0 = '02:00:00:00:00:0a'
+MAC1 = '02:00:00:00:00:0b'
 
 
 def load_tests(loader, tests, ignore):
     tests.addTests(doctest.DocTestSuite(extension))
+    # the VIF entries (MAC@NETWORK) the extension makes and matches
+    tests.addTests(doctest.DocTestSuite(host_mod))
     return tests
 
 
@@ -38,6 +44,7 @@ class FakeAgent:
         self.migrations = []
         self.calls = []
         self.fail = {}
+        self.qemu = True
 
     def _call(self, method, *args):
         self.calls.append((method,) + args)
@@ -52,14 +59,35 @@ class FakeAgent:
         self._call('vm_list')
         return [dict(v) for v in self.vms.values()]
 
-    def vm_create(self, name, disks, vifs=()):
-        self._call('vm_create', name, disks, list(vifs))
+    def vm_create(self, name, disks, vifs=(), qemu=None):
+        self._call('vm_create', name, disks, list(vifs), qemu)
         uuid = 'uuid-%s' % name
         self.vms[uuid] = {'uuid': uuid, 'name': name, 'vifs': list(vifs),
                           'power_state': 'halted', 'disks': [
                               {'name': 'xvd' + 'ab'[i], 'vdi': 'vdi-%d' % i,
                                'sr': d['sr']} for i, d in enumerate(disks)]}
         return dict(self.vms[uuid])
+
+    def vm_get(self, vm):
+        self._call('vm_get', vm)
+        return dict(self.vms[vm])
+
+    def vm_reboot(self, vm):
+        self._call('vm_reboot', vm)
+        if not self.qemu:
+            raise host_mod.InvalidVMState(vm=vm, host=self.name,
+                                          state='running', action='reboot',
+                                          needed='running in QEMU')
+
+    def vm_pause(self, vm):
+        self._call('vm_pause', vm)
+        self.vms[vm]['power_state'] = 'paused'
+        return dict(self.vms[vm])
+
+    def vm_resume(self, vm):
+        self._call('vm_resume', vm)
+        self.vms[vm]['power_state'] = 'running'
+        return dict(self.vms[vm])
 
     def vm_start(self, vm):
         self._call('vm_start', vm)
@@ -95,9 +123,9 @@ def request(host='a', name='i-2-7-VM', parameters=None, **vm):
         'host': {'xsm_host': host}, 'virtualmachine': vm},
         'cloudstack.vm.details': {'name': name, 'cpus': 1,
                                   'minRam': 1 << 29, 'nics': [
-                                      {'deviceId': 1, 'mac': 'm1',
+                                      {'deviceId': 1, 'mac': MAC1.upper(),
                                        'broadcastUri': 'vlan://7'},
-                                      {'deviceId': 0, 'mac': 'm0',
+                                      {'deviceId': 0, 'mac': MAC0,
                                        'broadcastUri': 'vlan://untagged'}]}}
     if parameters is not None:
         data['parameters'] = parameters
@@ -135,8 +163,26 @@ class TestExtension(base.TestCase):
         self.assertEqual('success', answer['status'])
         vm = self.agents['a'].vms['uuid-i-2-7-VM']
         self.assertEqual('running', vm['power_state'])
-        self.assertEqual(['guest', 'vlan-7'], vm['vifs'])
-        self.assertEqual(1 << 30, self.agents['a'].calls[1][2][0]['size'])
+        self.assertEqual([MAC0 + '@guest', MAC1 + '@vlan-7'], vm['vifs'])
+        call = self.agents['a'].calls[1]
+        self.assertEqual(1 << 30, call[2][0]['size'])
+        # the offering's memory (bytes) and vCPUs: the QEMU guest's
+        self.assertEqual({'memory_mib': 512, 'vcpus': 1}, call[4])
+
+    def test_wrong_memory_cpus_or_mac_are_refused_before_any_call(self):
+        for key, value, text in (
+                ('minRam', 'lots', 'minRam must be a positive number of '
+                 'bytes'),
+                ('cpus', True, 'cpus must be a positive number'),
+                ('nics', [{'deviceId': 0, 'mac': 'zz'}],
+                 "MAC 'zz', which is not a MAC address")):
+            req = request()
+            req['cloudstack.vm.details'][key] = value
+            exc = self.assertRaises(extension.ExtensionError,
+                                    self.run_action, 'create', req)
+            self.assertIn(text, exc.message)
+        self.assertEqual([], [c for c in self.agents['a'].calls
+                              if c[0] == 'vm_create'])
 
     def test_disks_from_the_vms_own_details(self):
         req = request()
@@ -188,12 +234,30 @@ class TestExtension(base.TestCase):
         self.assertEqual(('b', 'poweron'), (answer['host'],
                                             answer['power_state']))
 
-    def test_unknown_action_and_suspend(self):
-        for action in ('hibernate', 'suspend', 'resume'):
-            status, answer = extension.answer(
-                action, json.dumps(request()), lambda conf: self.client)
-            self.assertEqual(1, status)
-            self.assertEqual(['error'], list(answer))
+    def test_unknown_action(self):
+        status, answer = extension.answer(
+            'hibernate', json.dumps(request()), lambda conf: self.client)
+        self.assertEqual(1, status)
+        self.assertEqual(['error'], list(answer))
+
+    def test_suspend_resume_and_reboot(self):
+        vm = self.created()
+        self.run_action('suspend', request())
+        self.assertEqual('paused', vm['power_state'])
+        self.run_action('resume', request())
+        self.assertEqual('running', vm['power_state'])
+        self.run_action('reboot', request())
+        self.assertEqual(['vm_pause', 'vm_resume', 'vm_reboot'], [
+            c[0] for c in self.agents['a'].calls
+            if c[0] in ('vm_pause', 'vm_resume', 'vm_reboot', 'vm_stop')])
+        # a model guest (no QEMU): stop and start
+        self.agents['a'].qemu = False
+        self.agents['a'].calls = []
+        self.run_action('reboot', request())
+        self.assertEqual(['vm_reboot', 'vm_stop', 'vm_start'],
+                         [c[0] for c in self.agents['a'].calls
+                          if c[0].startswith('vm_') and c[0] not in (
+                              'vm_list', 'vm_get')])
 
     def test_a_remote_traceback_never_reaches_the_answer(self):
         # as oslo.messaging rebuilds a remote error: the remote traceback
@@ -226,7 +290,8 @@ class TestExtension(base.TestCase):
             parameters={'Host': 'b', 'pools': 'xvda=raw-b', 'sr': 'sr-b'}))
         call = [c for c in self.agents['a'].calls if c[0] == 'migrate_vm'][0]
         self.assertEqual((vm['uuid'], 'b', {'vdi-0': 'raw-b'},
-                          {'vlan-7': 'vlan-7', 'guest': 'guest'}), call[1:])
+                          {MAC1 + '@vlan-7': MAC1 + '@vlan-7',
+                           MAC0 + '@guest': MAC0 + '@guest'}), call[1:])
         self.assertEqual('done', answer['message']['phase'])
         self.assertEqual({'vdi-0': 'new-0'}, answer['message']['volumes'])
 
@@ -288,3 +353,68 @@ class TestExtension(base.TestCase):
         answer = self.run_action('abortmigration', request())
         self.assertIn(('migration_abort', 'm0'), self.agents['a'].calls)
         self.assertEqual('aborted', answer['message']['phase'])
+
+    def test_migrate_matches_nics_by_mac(self):
+        vm = self.created()
+        self.agents['a'].statuses = [
+            {'id': 'mig-1', 'phase': 'done', 'finished': 5.0}]
+        # CloudStack lists the NICs the other way round, the first now on
+        # VLAN 9: each VIF follows the NIC of its MAC, not its position
+        req = request(parameters={'host': 'b', 'pool': 'sr-b'})
+        req['cloudstack.vm.details']['nics'] = [
+            {'deviceId': 0, 'mac': MAC1, 'broadcastUri': 'vlan://7'},
+            {'deviceId': 1, 'mac': MAC0, 'broadcastUri': 'vlan://9'}]
+        self.run_action('migratevmwithvolume', req)
+        call = [c for c in self.agents['a'].calls if c[0] == 'migrate_vm'][0]
+        self.assertEqual({MAC0 + '@guest': MAC0 + '@vlan-9',
+                          MAC1 + '@vlan-7': MAC1 + '@vlan-7'}, call[4])
+        self.assertEqual(vm['uuid'], call[1])
+
+    def test_migrate_refuses_macs_that_match_nothing(self):
+        self.created()
+        for nics, text in (
+                ([{'deviceId': 0, 'mac': MAC0},
+                  {'deviceId': 1, 'mac': '02:00:00:00:00:ff'}],
+                 'VIF with MAC %s (network vlan-7) that matches no NIC'
+                 % MAC1),
+                ([{'deviceId': 0, 'mac': MAC0}, {'deviceId': 1, 'mac': MAC1},
+                  {'deviceId': 2, 'mac': '02:00:00:00:00:ff'}],
+                 'deviceId 2 and MAC 02:00:00:00:00:ff of '
+                 'cloudstack.vm.details.nics matches no VIF')):
+            req = request(parameters={'host': 'b', 'pool': 'sr-b'})
+            req['cloudstack.vm.details']['nics'] = nics
+            exc = self.assertRaises(extension.ExtensionError,
+                                    self.run_action, 'migratevmwithvolume',
+                                    req)
+            self.assertIn(text, exc.message)
+        self.assertEqual([], [c for c in self.agents['a'].calls
+                              if c[0] == 'migrate_vm'])
+
+    def test_vifs_without_macs_keep_their_network(self):
+        vm = self.created()
+        vm['vifs'] = ['guest', 'vlan-7']        # made before MACs were kept
+        self.agents['a'].statuses = [
+            {'id': 'mig-1', 'phase': 'done', 'finished': 5.0}]
+        self.run_action('migratevmwithvolume', request(
+            parameters={'host': 'b', 'pool': 'sr-b'}))
+        call = [c for c in self.agents['a'].calls if c[0] == 'migrate_vm'][0]
+        self.assertEqual({'guest': 'guest', 'vlan-7': 'vlan-7'}, call[4])
+
+    def test_memory_the_host_refuses_is_named(self):
+        # as the agent's refusal comes over a real bus
+        self.agents['a'].fail['vm_create'] = messaging.RemoteError(
+            'InvalidGuestOptions', 'invalid guest options: memory_mib must '
+            'be int in [16, 1048576], not 4', 'Traceback ...')
+        status, answer = extension.answer(
+            'create', json.dumps(request()), lambda conf: self.client)
+        self.assertEqual(1, status)
+        self.assertEqual(
+            'host a refuses the memory or vCPUs of VM i-2-7-VM (minRam '
+            '536870912 bytes, cpus 1): InvalidGuestOptions: invalid guest '
+            'options: memory_mib must be int in [16, 1048576], not 4',
+            answer['error'])
+        # any other error is not about memory
+        self.agents['a'].fail['vm_create'] = exception.XSMError('no space')
+        status, answer = extension.answer(
+            'create', json.dumps(request()), lambda conf: self.client)
+        self.assertEqual({'error': 'no space'}, answer)

@@ -37,6 +37,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid as uuidlib
@@ -66,6 +67,65 @@ class VMNotFound(exception.XSMError):
 
 class SRNotFound(exception.XSMError):
     msg_fmt = 'host %(host)s has no SR %(sr)s (it has: %(have)s)'
+
+
+class InvalidVIF(exception.XSMError):
+    msg_fmt = 'VIF %(index)s of VM %(vm)s: %(reason)s'
+
+
+#: a MAC address as a VIF entry carries it (lower case)
+_MAC = re.compile(r'[0-9a-f]{2}(:[0-9a-f]{2}){5}')
+
+
+def vif_entry(vif):
+    """The record's form of a VIF: a network name, or ``MAC@NETWORK``.
+
+    A VIF is given as a network name (as always) or as ``{'network': ..,
+    'mac': ..}``; the record keeps one string either way, so that every
+    agent -- one older than VIFs with MACs among them -- carries, maps
+    (``vif_map`` keys are entries) and migrates it as the opaque name it
+    always was.
+
+    >>> vif_entry('guest')
+    'guest'
+    >>> vif_entry({'network': 'vlan-120', 'mac': '02:00:2A:00:00:01'})
+    '02:00:2a:00:00:01@vlan-120'
+
+    :raises ValueError: saying what is wrong with a dict.
+    """
+    if isinstance(vif, str):
+        return vif
+    if not isinstance(vif, dict):
+        raise ValueError('a VIF is a network name or {"network", "mac"}, '
+                         'not %.80r' % (vif,))
+    unknown = sorted(set(vif) - {'network', 'mac'})
+    if unknown:
+        raise ValueError('unknown key %.80r (a VIF has network and mac)'
+                         % unknown[0])
+    network, mac = vif.get('network'), vif.get('mac')
+    if not isinstance(network, str) or not network:
+        raise ValueError('network must be a network name, not %.80r'
+                         % (network,))
+    if mac is None:
+        return network
+    if not isinstance(mac, str) or not _MAC.fullmatch(mac.lower()):
+        raise ValueError('mac must be a MAC address such as '
+                         '02:00:00:00:00:01, not %.80r' % (mac,))
+    return '%s@%s' % (mac.lower(), network)
+
+
+def vif_parts(entry):
+    """``(network, mac or None)`` of a VIF entry of a record.
+
+    >>> vif_parts('02:00:2a:00:00:01@vlan-120')
+    ('vlan-120', '02:00:2a:00:00:01')
+    >>> vif_parts('guest')
+    ('guest', None)
+    """
+    mac, sep, network = str(entry).partition('@')
+    if sep and network and _MAC.fullmatch(mac):
+        return network, mac
+    return entry, None
 
 
 class InvalidVMState(exception.XSMError):
@@ -343,10 +403,18 @@ class Host:
         """Create a halted VM with new, empty disks.
 
         :param disks: list of ``{'sr': name, 'size': bytes}``, one per disk.
+        :param vifs: each a network name or ``{'network', 'mac'}`` (kept
+            as :func:`vif_entry` makes it).
         :param qemu: the options of its QEMU guest (see :class:`VM`),
             checked here (``InvalidGuestOptions`` names a wrong one).
         """
         qemu = hv_base.guest_options(qemu)
+        entries = []
+        for i, vif in enumerate(vifs):
+            try:
+                entries.append(vif_entry(vif))
+            except ValueError as exc:
+                raise InvalidVIF(index=i, vm=name, reason=exc)
         vm_uuid = str(uuidlib.uuid4())
         made = []
         try:
@@ -360,7 +428,7 @@ class Host:
             for d in made:
                 self.srs[d['sr']].destroy(d['vdi'])
             raise
-        vm = VM(vm_uuid, name, made, vifs, qemu=qemu)
+        vm = VM(vm_uuid, name, made, entries, qemu=qemu)
         with self._lock:
             self.vms[vm_uuid] = vm
         self.save()

@@ -26,6 +26,7 @@ import re
 import ssl
 
 from xsm_driver.core import exception
+from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 
 
@@ -171,5 +172,12 @@ def check_arguments(method, signature, args, kwargs):
                 _check_value(method, 'disks[%d].sr' % i, disk.get('sr'), str)
                 _check_value(method, 'disks[%d].size' % i, disk.get('size'),
                              int)
+        elif name == 'vifs':
+            for i, vif in enumerate(value):
+                try:
+                    host_mod.vif_entry(vif)
+                except ValueError as exc:
+                    raise InvalidArgument(method=method, reason='vifs[%d]: %s'
+                                          % (i, exc))
         elif name == 'spec':
             _check_spec(method, value)
