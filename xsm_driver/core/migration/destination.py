@@ -55,10 +55,12 @@ source stayed silent for the lease (:meth:`Receive.expire`), but never
 once the destination was told to complete.
 """
 
+import concurrent.futures
 import logging
 import os
 import shutil
 import threading
+import time
 
 from xsm_driver.core.migration import credentials
 from xsm_driver.core.migration import errors
@@ -136,6 +138,9 @@ class Receive:
         #: ``{'silent': s, 'lease': s}`` once rolled back for want of a
         #: lease renewal
         self.expired = None
+        #: the commit's steps here, ``{step: ms}`` (see :meth:`complete`)
+        self.steps_ms = None
+        self._timing = None         # (the commit under way's _Steps)
 
     @property
     def _cred_dir(self):
@@ -242,9 +247,10 @@ class Receive:
         """
         with self._lock:
             if self.phase == 'done':
-                return self.result
+                return self._answer()
             if self.phase == ABORTED or self.aborting:
                 raise aborted_error(self.id, self.host.name, self.expired)
+            steps = _Steps()
             if not self.committed:
                 # The commit point: durable before anything else changes.
                 # The guest's state stays out of the journal (it is what a
@@ -254,7 +260,25 @@ class Receive:
                              vm_state=without_guest(vm_state))
                 self.committed = True
                 self._vm_state = vm_state
-            return self._finish()
+                steps.mark('commit_record')
+            self._timing = steps
+            try:
+                self._finish()
+            finally:
+                self._timing = None
+            self.steps_ms = steps.ms
+            return self._answer()
+
+    def _answer(self):
+        """The commit's answer: the result, and how long its steps took.
+
+        The timings (``steps_ms``, see :data:`plan.DESTINATION_STEPS`)
+        are not part of the result: they are not journaled, and a source
+        that does not know them ignores the key.
+        """
+        if self.steps_ms is None or self.result is None:
+            return self.result
+        return dict(self.result, steps_ms=self.steps_ms)
 
     def _receiver_records(self):
         """What a restart needs to compose each VDI (see :func:`recover`).
@@ -266,14 +290,15 @@ class Receive:
 
     def _finish(self):
         """Go forward from the commit point; can be run again."""
+        steps = self._timing or _Steps()
         self._stop_server()
-        new = {}
-        for src, (sr_name, rec) in self._receivers.items():
-            new[src] = rec.compose().uuid
+        steps.mark('server_stop')
+        new = _compose_all(self._receivers)
+        steps.mark('compose')
         vm_uuid = None
         if self._vm_state is not None:
             vm_uuid = adopt(self.host, self.spec, self._vm_state, new,
-                            start=self._incoming is None)
+                            start=self._incoming is None, steps=steps)
             if self._incoming is not None and \
                     self.host.take_incoming(vm_uuid):
                 # The guest runs once its QEMU has the rest of its state,
@@ -282,8 +307,10 @@ class Receive:
                                  args=(vm_uuid,), daemon=True,
                                  name='xsm-incoming-%s' % self.id[:8]
                                  ).start()
+                steps.mark('guest_start')
         self.result = {'vdis': new, 'vm': vm_uuid}
         self._record('done', result=self.result)
+        steps.mark('done_record')
         self._forget_credentials()
         self._receivers = {}        # composed: nothing more to hold
         return self.result
@@ -361,6 +388,24 @@ class Receive:
             self._on_done(self)
 
 
+def _compose_all(receivers):
+    """Compose every received VDI, all at once; the first error raises.
+
+    Each one's flushes and header writes overlap the others'.
+
+    :param receivers: source VDI uuid -> (SR name, Receiver).
+    :returns: source VDI uuid -> the composed VDI's uuid.
+    """
+    items = list(receivers.items())
+    if len(items) < 2:
+        return {src: rec.compose().uuid for src, (_sr, rec) in items}
+    with concurrent.futures.ThreadPoolExecutor(
+            len(items), thread_name_prefix='xsm-compose') as pool:
+        futures = [(src, pool.submit(rec.compose))
+                   for src, (_sr, rec) in items]
+        return {src: fut.result().uuid for src, fut in futures}
+
+
 def aborted_error(mid, host_name, expired):
     """The error of a call on a receive that was rolled back.
 
@@ -382,7 +427,7 @@ def without_guest(vm_state):
     return {k: v for k, v in vm_state.items() if k != 'workload'}
 
 
-def adopt(host, spec, vm_state, new, start):
+def adopt(host, spec, vm_state, new, start, steps=None):
     """Register the VM of a committed migration here; can be run again.
 
     :param new: source VDI uuid -> the composed VDI here.
@@ -402,9 +447,30 @@ def adopt(host, spec, vm_state, new, start):
                           for v in record.get('vifs', [])]
         # The receivers made the VDIs with this VM's uuid already.
         vm = host.adopt_vm(record, 'halted')
+    if steps is not None:
+        steps.mark('vm_register')
     if start and vm_state.get('power_state') == 'running':
         host.start_vm(vm.uuid, workload=vm_state.get('workload'))
+        if steps is not None:
+            steps.mark('guest_start')
     return vm.uuid
+
+
+class _Steps:
+    """The steps of a commit here, timed, in milliseconds.
+
+    See :data:`plan.DESTINATION_STEPS`.
+    """
+
+    def __init__(self):
+        self._last = time.monotonic()
+        self.ms = {}
+
+    def mark(self, step):
+        now = time.monotonic()
+        self.ms[step] = round(self.ms.get(step, 0.0) +
+                              (now - self._last) * 1000.0, 3)
+        self._last = now
 
 
 def _finish_after_restart(host, entry):

@@ -373,6 +373,8 @@ class Manager:
                 'error': entry.state.get('error') if entry.phase ==
                 plan.IN_DOUBT else None,
                 'result': entry.state.get('result'),
+                'switch_over_steps_ms': entry.state.get(
+                    'switch_over_steps_ms'),
                 'finished': entry.updated if entry.finished or
                 entry.phase == plan.IN_DOUBT else None}
 

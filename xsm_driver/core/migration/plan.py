@@ -19,6 +19,7 @@ rule is tested without disks, sockets or sleeps.
 """
 
 import logging
+import math
 
 from xsm_driver.core.block import device
 from xsm_driver.core.migration import errors
@@ -438,3 +439,68 @@ def recovery_action(role, phase, committed=False):
     if can_abort(phase) or phase == ABORTED:
         return ROLL_BACK
     return ASK_AGAIN
+
+
+# -- the switch-over's pause, step by step ------------------------------------
+
+#: the source's steps of the pause, in order (seconds each, measured with
+#: the source's monotonic clock); ``commit`` is the whole round trip of
+#: the commit request, the destination's work included
+SOURCE_STEPS = ('vcpus_pause', 'disks_drain', 'state_export',
+                'mirrors_detach', 'commit', 'hand_over')
+#: the destination's steps of its commit (see ``Receive.complete``)
+DESTINATION_STEPS = ('commit_record', 'server_stop', 'compose',
+                     'vm_register', 'guest_start', 'done_record')
+#: what the prefix of a destination's step is in the breakdown
+DESTINATION_PREFIX = 'dest_'
+
+
+def switch_over_steps(source, destination=None):
+    """The pause's breakdown in milliseconds: ``{step: ms}``.
+
+    The commit's round trip is split into the destination's own steps
+    (prefixed ``dest_``) and ``commit_transport``: what is left of the
+    round trip (the request and its answer on the bus, and whatever the
+    destination did that it did not time). So the steps add up to the
+    pause, less what no step covers.
+
+    :param source: ``{step: seconds}`` measured by the source, steps of
+        :data:`SOURCE_STEPS` (missing ones did not happen).
+    :param destination: ``{step: ms}`` the destination answered with its
+        commit, or None (a destination that does not time its commit, or
+        a commit learnt from another answer).
+    :returns: a dict of floats, each rounded *down* to the microsecond
+        (so that they never add up to more than the pause); JSON-simple.
+
+    >>> switch_over_steps({'disks_drain': 0.001, 'commit': 0.010},
+    ...                   {'commit_record': 4.0, 'compose': 2.5})
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'disks_drain': 1.0, 'dest_commit_record': 4.0, 'dest_compose': 2.5,
+     'commit_transport': 3.5}
+    """
+    out = {}
+    dest = {DESTINATION_PREFIX + k: max(0.0, float(v))
+            for k, v in (destination or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for step in SOURCE_STEPS:
+        if step not in source:
+            continue
+        ms = max(0.0, source[step] * 1000.0)
+        if step == 'commit' and dest:
+            # The destination's steps cannot take longer than the round
+            # trip they are part of (its clock may run a little
+            # differently): scale them down if they do.
+            total = sum(dest.values())
+            if total > ms > 0 or (total and not ms):
+                dest = {k: v * ms / total for k, v in dest.items()}
+                total = ms
+            for k, v in dest.items():
+                out[k] = _floor_us(v)
+            out['commit_transport'] = _floor_us(ms - total)
+        else:
+            out[step] = _floor_us(ms)
+    return out
+
+
+def _floor_us(ms):
+    return math.floor(max(0.0, ms) * 1000.0 + 1e-6) / 1000.0

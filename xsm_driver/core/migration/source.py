@@ -150,6 +150,8 @@ class Migration:
         self.phase = 'preflight'
         self.error = None
         self.downtime = None
+        #: the pause, step by step (:func:`plan.switch_over_steps`)
+        self.switch_over_steps = None
         self.result = None
         self.started = time.time()
         self.finished = None
@@ -224,6 +226,7 @@ class Migration:
                             else round(self.downtime * 1000, 3)),
             'guest_kind': 'qemu' if self.qemu_guest else 'model',
             'qemu_downtime_ms': self.qemu_downtime,
+            'switch_over_steps_ms': self.switch_over_steps,
             'guest_writes_during_migration': self._guest_writes(),
             'error': str(self.error) if self.error else None,
             'started': self.started, 'finished': finished,
@@ -345,7 +348,8 @@ class Migration:
                 self._check()
             committed = self._switch_over()
             self._clean_up()
-            self._set_phase('done', result=self.result)
+            self._set_phase('done', result=self.result,
+                            switch_over_steps_ms=self.switch_over_steps)
         except errors.InDoubt as exc:
             # Neither resumed nor retired: the guest stays paused here.
             self._stop_renewing()
@@ -764,14 +768,18 @@ class Migration:
         # the guest's memory, as it were: most of it before the pause
         ahead = guest.export_ahead() if guest is not None and moving_vm \
             else None
-        start = time.monotonic()
+        steps = Steps()
+        start = steps.start
         if guest is not None and moving_vm:
             guest.suspend(self.options.pause_timeout)
+            steps.mark('vcpus_pause')
         paused, remotes = [], []
+        committed = False
         try:
             for item in live:
                 item.disk.gate.pause(self.options.pause_timeout)
                 paused.append(item)
+            steps.mark('disks_drain')
             self._check()
             vm_state = None
             if self.kind == 'vm':
@@ -781,11 +789,20 @@ class Migration:
                             'workload': (guest.export(ahead)
                                          if guest is not None
                                          and moving_vm else None)}
+                steps.mark('state_export')
             for item in live:
                 remotes.append(item.mirror.detach())
                 item.remote_leaf = None
-            self.result = self._commit(vm_state)
+            steps.mark('mirrors_detach')
+            result = self._commit(vm_state)
+            steps.mark('commit')
+            dest_steps = None
+            if isinstance(result, dict):
+                result = dict(result)
+                dest_steps = result.pop(STEPS_KEY, None)
+            self.result = result
             self._commit_known = True
+            committed = True
         except errors.InDoubt:
             # The destination may have committed: the guest stays paused
             # (a copy's guest never moves: it may go on).
@@ -799,14 +816,28 @@ class Migration:
             self._unpause(paused, guest if moving_vm else None)
             raise
         finally:
-            self._close_later(remotes)
-            if ahead is not None:
-                guest.end_ahead()
-        self._committed(paused)
-        self.downtime = time.monotonic() - start
-        LOG.info('migration %s: switched over with %.1f ms of downtime',
-                 self.id, self.downtime * 1000)
+            if not committed:
+                self._after_pause(remotes, guest, ahead)
+        try:
+            self._committed(paused)
+            end = steps.mark('hand_over')
+        finally:
+            # (no part of the pause: after its end is taken)
+            self._after_pause(remotes, guest, ahead)
+        self.downtime = end - start
+        self.switch_over_steps = plan.switch_over_steps(
+            steps.seconds, dest_steps if isinstance(dest_steps, dict)
+            else None)
+        LOG.info('migration %s: switched over with %.1f ms of downtime '
+                 '(%s)', self.id, self.downtime * 1000,
+                 ', '.join('%s %.1f' % kv
+                           for kv in self.switch_over_steps.items()))
         return True
+
+    def _after_pause(self, remotes, guest, ahead):
+        self._close_later(remotes)
+        if ahead is not None:
+            guest.end_ahead()
 
     def _mark_paused(self, held):
         """The held VM shows as paused while in doubt (not running)."""
@@ -1081,6 +1112,30 @@ class Migration:
         if item.remote_leaf is not None:
             self._disconnect(item.remote_leaf)
             item.remote_leaf = None
+
+
+#: the key of the destination's timings in its answer to the commit
+STEPS_KEY = 'steps_ms'
+
+
+class Steps:
+    """Named steps of a pause, timed with a monotonic clock.
+
+    Each :meth:`mark` ends the step under way: it took the time since
+    the previous mark (or the start).
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self.start = self._last = clock()
+        #: step -> seconds, in the order they ended
+        self.seconds = {}
+
+    def mark(self, step):
+        now = self._clock()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._last
+        self._last = now
+        return now
 
 
 #: the lease a source assumes until the destination names its own

@@ -70,18 +70,20 @@ def describe(data, disk):
     return 'block %d generation %d' % (b, g)
 
 
-def pace(next_at, interval):
+def pace(next_at, interval, wait=time.sleep):
     """Sleep until ``next_at + interval``: a steady rate of I/Os.
 
     A writer that fell behind does not burst to catch up: it starts
     again from now.
 
+    :param wait: ``wait(seconds)`` sleeps; it may return early (a guest
+        being paused wakes its threads: see :meth:`Workload.suspend`).
     :returns: the new ``next_at``.
     """
     next_at += interval
     delay = next_at - time.monotonic()
     if delay > 0:
-        time.sleep(delay)
+        wait(delay)
         return next_at
     return time.monotonic()
 
@@ -224,6 +226,7 @@ class Workload:
         """Park every guest thread between two I/Os (pause the vCPUs)."""
         with self._lock:
             self._suspend = True
+            self._lock.notify_all()     # (threads waiting to pace)
             if not self._lock.wait_for(
                     lambda: self._stop or
                     self._parked == len(self._threads), timeout):
@@ -303,6 +306,17 @@ class Workload:
             self._parked -= 1
             return not self._stop
 
+    def _idle(self, seconds):
+        """Wait between two I/Os; a pause (or a stop) ends it at once.
+
+        A vCPU that waits for its next I/O is as good as parked: the
+        switch-over's pause does not wait for the pacing (at 200 I/Os per
+        second, up to 5 ms) before it can begin.
+        """
+        with self._lock:
+            self._lock.wait_for(lambda: self._suspend or self._stop,
+                                seconds)
+
     def _loop(self, dev, model):
         rng = random.Random(self._rng.random())
         interval = 1.0 / self.rate if self.rate else 0
@@ -321,7 +335,7 @@ class Workload:
                     self.writes += 1
                     self.reads += reads
                 if interval:
-                    next_at = pace(next_at, interval)
+                    next_at = pace(next_at, interval, self._idle)
         except Exception as exc:
             LOG.error('guest workload on disk %d failed: %s', model.index,
                       exc)
