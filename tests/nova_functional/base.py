@@ -98,7 +98,9 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         self.flags(api_paste_config=os.path.join(
             sys.prefix, 'etc', 'nova', 'api-paste.ini'), group='wsgi')
         super().setUp()
-        self.root = tempfile.mkdtemp(prefix='xsm-nova-')
+        # short: a QEMU guest's NBD sockets are unix sockets under it
+        # (108 bytes at most), nova's fixtures nest TMPDIR deep
+        self.root = tempfile.mkdtemp(prefix='xsm-nova-', dir='/tmp')
         self.addCleanup(subprocess.call, ['rm', '-rf', self.root])
         self.flags(group='xsm', **self.xsm_flags())
         self.flags(group='xsm', **self.auth_flags())

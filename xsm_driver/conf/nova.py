@@ -12,6 +12,15 @@
 
 """The ``[xsm]`` group of nova.conf, read by ``compute_driver=xsm.XSMDriver``.
 
+nova.conf also has the ``[hypervisor]`` group of xsm-agent
+(:mod:`xsm_driver.conf.hypervisor`), the same options under the same
+name: what runs the host's guests (``driver = qemu``: real QEMU guests),
+given to the agent nova-compute runs or starts. One definition, one
+meaning in both files, and the sample documents it once; nova has no
+group of that name. (With ``[xsm]agent = external`` the agent's own
+configuration decides; keep nova.conf's ``[hypervisor]driver`` the same,
+the driver reads it to know whether its guests are QEMU guests.)
+
 This module must not import nova: the option list is also what
 oslo-config-generator documents in xsm-driver's sample configuration.
 """
@@ -20,6 +29,7 @@ from oslo_config import cfg
 
 from xsm_driver.conf import _util
 from xsm_driver.conf import agent as agent_conf
+from xsm_driver.conf import hypervisor as hypervisor_conf
 
 xsm_group = cfg.OptGroup(
     'xsm',
@@ -43,7 +53,8 @@ xsm_opts = [
         default='auto',
         choices=[
             ('auto', 'on a real message bus, xsm-agent as a process of its '
-                     'own, configured from this group: started when no '
+                     'own, configured from this group and [hypervisor]: '
+                     'started when no '
                      'agent of this host answers, adopted when one does, '
                      'never stopped by nova-compute, so guests outlive '
                      'restarts of nova-compute (under systemd, give '
@@ -51,9 +62,11 @@ xsm_opts = [
                      '(tests only), thread.'),
             ('thread', 'nova-compute is the xsm agent of its host: it serves '
                        'the host\'s SRs, VMs and migrations in its own '
-                       'threads, and its guests stop with it.'),
+                       'threads (its guests run as [hypervisor] says), '
+                       'and its guests stop with it.'),
             ('process', 'nova-compute starts xsm-agent as a child process '
-                        'configured from this group, and stops it with the '
+                        'configured from this group and [hypervisor], and '
+                        'stops it with the '
                         'service; needs a real message bus (not fake://).'),
             ('external', 'a separate xsm-agent service with the same host '
                          'name serves this host on the same transport; the '
@@ -83,8 +96,14 @@ xsm_opts = [
         default='/var/lib/xsm-driver/state',
         help='Directory for the migration journal, the VM records and '
              'per-migration TLS credentials of the agent, and the '
-             'configuration and log of a child agent. Keep it on local '
-             'storage that survives a reboot.'),
+             'configuration and log of a child agent; with '
+             '[hypervisor]driver = qemu also the QEMU guests\' folders and '
+             'the kernel and ramdisk of each instance whose image has '
+             'kernel_id / ramdisk_id properties (instances/UUID/). Keep it '
+             'on local storage that survives a reboot, at the same path on '
+             'every compute host: a live-migrated guest\'s QEMU is started '
+             'on the destination with the source\'s kernel and ramdisk '
+             'paths.'),
     cfg.StrOpt(
         'migration_address',
         default='127.0.0.1',
@@ -159,7 +178,17 @@ xsm_opts = [
 xsm_opts.extend(agent_conf.auth_opts)
 
 
-register_opts = _util.registrar(xsm_group, xsm_opts)
+_register_xsm = _util.registrar(xsm_group, xsm_opts)
+
+
+def register_opts(conf):
+    """Register ``[xsm]`` and xsm-agent's ``[hypervisor]`` on ``conf``.
+
+    (``[hypervisor]`` is documented with xsm-agent's options: its
+    :func:`list_opts` is :mod:`xsm_driver.conf.hypervisor`'s.)
+    """
+    _register_xsm(conf)
+    hypervisor_conf.register_opts(conf)
 
 
 def list_opts():

@@ -91,12 +91,36 @@ def auth_lines(group):
     return lines
 
 
+def hypervisor_lines(group):
+    """The child's ``[hypervisor]`` lines: nova.conf's ``[hypervisor]``.
+
+    >>> import types
+    >>> print('\\n'.join(hypervisor_lines(types.SimpleNamespace(
+    ...     driver='qemu', qemu_binary='qemu-system-x86_64', accel='tcg',
+    ...     default_memory_mib=256, shutdown_timeout=30,
+    ...     guest_kit='/kit'))))
+    driver = qemu
+    qemu_binary = qemu-system-x86_64
+    accel = tcg
+    default_memory_mib = 256
+    shutdown_timeout = 30
+    guest_kit = /kit
+    """
+    return ['%s = %s' % (name, getattr(group, name))
+            for name in ('driver', 'qemu_binary', 'accel',
+                         'default_memory_mib', 'shutdown_timeout',
+                         'guest_kit')]
+
+
 def config_text(host, repositories, state_path, transport_url,
                 control_exchange, migration_address,
-                max_concurrent_migrations, leaf_headroom_mb, auth=()):
+                max_concurrent_migrations, leaf_headroom_mb, auth=(),
+                hypervisor=()):
     """The child's configuration file.
 
     :param auth: more ``[agent]`` lines (see :func:`auth_lines`).
+    :param hypervisor: its ``[hypervisor]`` lines (see
+        :func:`hypervisor_lines`); none: the agent's defaults.
 
     >>> print(config_text('h1', ['local:vhd:/sr'], '/st', 'rabbit://x/',
     ...                   'nova', '10.0.0.1', 3, 64), end='')
@@ -122,6 +146,8 @@ def config_text(host, repositories, state_path, transport_url,
              'leaf_headroom_mb = %d' % leaf_headroom_mb]
     lines += list(auth) + ['', '[sr]']
     lines += ['repositories = %s' % spec for spec in repositories]
+    if hypervisor:
+        lines += ['', '[hypervisor]'] + list(hypervisor)
     return '\n'.join(lines) + '\n'
 
 

@@ -33,6 +33,16 @@ swap sizes; the root disk holds the instance's Glance image (``raw`` or
 ``vhd``), downloaded to ``[xsm]state_path``/images and written into the
 VDI by the host's agent (``vdi_import``).
 
+With ``[hypervisor]driver = qemu`` (nova.conf has xsm-agent's
+``[hypervisor]`` group) the VM is a real QEMU guest of the flavor's
+memory and vCPUs: it boots the kernel and ramdisk of the image's
+``kernel_id`` / ``ramdisk_id`` properties (Glance images downloaded to
+``[xsm]state_path``/instances/UUID/), or the host's guest kit. Its power
+operations act on the QEMU process, ``get_info`` answers the power state
+QMP reports, ``get_console_output`` the serial console, and a live
+migration moves the running guest: its memory by QEMU's migration, its
+disks by the engine, one switch-over.
+
 ``nova live-migration --block-migrate`` maps onto the engine so:
 
 =========================================== ==============================
@@ -92,12 +102,14 @@ thread and a green sleep when nova-compute runs monkey-patched).
 
 import json
 import os
+import shutil
 import sys
 import threading
 import time
 import uuid as uuidlib
 
 from oslo_log import log as logging
+import oslo_messaging as messaging
 from oslo_utils import versionutils
 
 from nova.compute import power_state
@@ -120,6 +132,7 @@ from xsm_driver.core.migration import plan
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api as rpc_api
 from xsm_driver.core.rpc import keys as rpc_keys
+from xsm_driver.hypervisor import base as hv_base
 from xsm_driver.nova import agent_process
 from xsm_driver.nova import decisions
 from xsm_driver.nova import migrate_data as xsm_migrate_data
@@ -135,7 +148,16 @@ _POWER_STATES = {
     host_mod.RUNNING: power_state.RUNNING,
     host_mod.HALTED: power_state.SHUTDOWN,
     host_mod.PAUSED: power_state.PAUSED,
+    # a QEMU guest's QMP status guest-panicked or internal-error
+    'crashed': power_state.CRASHED,
 }
+
+#: the bytes of a guest's console get_console_output answers at most (as
+#: nova's libvirt driver)
+MAX_CONSOLE_BYTES = 100 * 1024
+
+#: where an instance's kernel and ramdisk go, in [xsm]state_path
+INSTANCE_FOLDER = 'instances'
 
 # One transport per URL in a process: two computes of one process (Nova's
 # functional tests) must share it to reach each other on ``fake://``.
@@ -201,6 +223,20 @@ def agent_mode(option, url=None):
     return 'detached' if url and not url.startswith('fake:') else 'thread'
 
 
+def _guest_options_refused(exc):
+    """What the agent said when it refused a VM's ``qemu`` options.
+
+    None for any other error. (An agent whose RPC layer does not rebuild
+    the hypervisor's exceptions answers a RemoteError of that class.)
+    """
+    if isinstance(exc, hv_base.InvalidGuestOptions):
+        return str(exc)
+    if isinstance(exc, messaging.RemoteError) and \
+            exc.exc_type == hv_base.InvalidGuestOptions.__name__:
+        return exc.value
+    return None
+
+
 def _precheck_error(exc):
     return exception.MigrationPreCheckError(reason=str(exc))
 
@@ -236,6 +272,7 @@ class XSMDriver(driver.ComputeDriver):
         self._api = None
         self._sr = None
         self._state_path = None
+        self._qemu = False
         self._migrations = {}
         self._lock = threading.Lock()
 
@@ -244,7 +281,10 @@ class XSMDriver(driver.ComputeDriver):
     def init_host(self, host):
         self._host = host
         self._node_uuid = nova.virt.node.get_local_node_uuid()
-        self._state_path = CONF.xsm.state_path
+        self._state_path = os.path.abspath(CONF.xsm.state_path)
+        # the host's guests are QEMU guests (the agent this driver runs
+        # or starts has this [hypervisor]; an external one must match)
+        self._qemu = host_mod.uses_qemu(CONF.hypervisor.driver)
         self._transport = _transport(CONF)
         # the operator key of [xsm]operator_key_file signs every call of
         # this driver; answers are checked against [xsm]trusted_hosts
@@ -253,6 +293,18 @@ class XSMDriver(driver.ComputeDriver):
         self._api = self._agent_api(host)
         mode = agent_mode(CONF.xsm.agent,
                           CONF.xsm.transport_url or CONF.transport_url)
+        if mode == 'thread' and self._qemu and eventlet_patched():
+            # the agent serves a QEMU guest's disks on unix sockets, whose
+            # green accept() a stop does not wake under eventlet: the
+            # guest's stop, or the clean-up of its live migration, would
+            # hang nova-compute
+            raise exception.NovaException(
+                'xsm host %s: [xsm]agent = %s runs the xsm agent in '
+                'nova-compute\'s green threads, which cannot run QEMU '
+                'guests ([hypervisor]driver = qemu) under eventlet; use '
+                '[xsm]agent = process, external, or auto on a real message '
+                'bus, or run nova-compute on native threads' % (
+                    host, CONF.xsm.agent))
         if mode == 'thread':
             self._agent = self._thread_agent(host)
         elif mode in ('process', 'detached'):
@@ -265,13 +317,15 @@ class XSMDriver(driver.ComputeDriver):
                 'xsm host %s has no SR %s for instance disks (it has: %s); '
                 'check [xsm]instance_sr and [xsm]sr_repositories'
                 % (host, self._sr, ', '.join(srs) or 'none'))
-        LOG.info('xsm host %s: instance disks in SR %s, agent: %s%s', host,
-                 self._sr, mode, ' (green threads: eventlet)'
-                 if mode == 'thread' and eventlet_patched() else '')
+        LOG.info('xsm host %s: instance disks in SR %s, agent: %s%s, '
+                 'guests: %s', host, self._sr, mode,
+                 ' (green threads: eventlet)'
+                 if mode == 'thread' and eventlet_patched() else '',
+                 CONF.hypervisor.driver)
 
     def _thread_agent(self, host):
         xsm_host = host_mod.Host.from_config(
-            host, CONF.xsm.sr_repositories, CONF.xsm.state_path)
+            host, CONF.xsm.sr_repositories, CONF.xsm.state_path, conf=CONF)
         options = manager_mod.Options(
             address=CONF.xsm.migration_address,
             max_concurrent=CONF.xsm.max_concurrent_migrations,
@@ -294,7 +348,8 @@ class XSMDriver(driver.ComputeDriver):
             host, CONF.xsm.sr_repositories, CONF.xsm.state_path, url,
             CONF.control_exchange, CONF.xsm.migration_address,
             CONF.xsm.max_concurrent_migrations, CONF.xsm.leaf_headroom_mb,
-            agent_process.auth_lines(CONF.xsm))
+            agent_process.auth_lines(CONF.xsm),
+            agent_process.hypervisor_lines(CONF.hypervisor))
         ping = rpc_api.AgentAPI(self._transport, host, timeout=2,
                                 credential=self._credential,
                                 trust=self._trust).host_info
@@ -402,6 +457,7 @@ class XSMDriver(driver.ComputeDriver):
             return False
 
     def get_info(self, instance, use_cache=True):
+        """The power state the agent sees now (a QEMU guest's: QMP's)."""
         vm = self._vm(instance)
         return hardware.InstanceInfo(
             state=_POWER_STATES.get(vm['power_state'], power_state.NOSTATE))
@@ -409,7 +465,23 @@ class XSMDriver(driver.ComputeDriver):
     def spawn(self, context, instance, image_meta, injected_files,
               admin_password, allocations, network_info=None,
               block_device_info=None, power_on=True, accel_info=None):
+        try:
+            vm, qemu = self._spawn(context, instance, image_meta,
+                                   network_info, power_on)
+        except Exception:
+            self._remove_boot_files(instance)
+            raise
+        LOG.info('xsm VM %s made with disks %s in SR %s%s', vm['uuid'],
+                 ', '.join(d['vdi'] for d in vm['disks']), self._sr,
+                 '; a QEMU guest (%s)' % ', '.join(
+                     '%s=%s' % item for item in sorted(qemu.items()))
+                 if qemu else '', instance=instance)
+
+    def _spawn(self, context, instance, image_meta, network_info, power_on):
         flavor = instance.flavor
+        qemu = None
+        if self._qemu:
+            qemu = self._guest_options(context, instance, image_meta)
         image = self._fetch_image(context, instance, image_meta)
         try:
             image_size = (image['size'] if image is not None else
@@ -419,9 +491,19 @@ class XSMDriver(driver.ComputeDriver):
                 flavor.root_gb, flavor.ephemeral_gb, flavor.swap,
                 image_size)
             vifs = [vif['id'] for vif in network_info or []]
-            vm = self._api.vm_create(
-                decisions.vm_name(instance.uuid),
-                [{'sr': self._sr, 'size': s} for s in sizes], vifs)
+            try:
+                vm = self._api.vm_create(
+                    decisions.vm_name(instance.uuid),
+                    [{'sr': self._sr, 'size': s} for s in sizes], vifs,
+                    qemu=qemu)
+            except Exception as exc:
+                refused = _guest_options_refused(exc)
+                if refused is None:
+                    raise
+                # the flavor's or image's value the agent refused, named
+                raise exception.InvalidInput(
+                    reason='host %s cannot run instance %s: %s'
+                           % (self._host, instance.uuid, refused))
             try:
                 if image is not None:
                     self._write_image(instance, image, vm['disks'][0]['vdi'])
@@ -433,9 +515,85 @@ class XSMDriver(driver.ComputeDriver):
         finally:
             if image is not None:
                 self._remove_image_file(image['path'])
-        LOG.info('xsm VM %s made with disks %s in SR %s', vm['uuid'],
-                 ', '.join(d['vdi'] for d in vm['disks']), self._sr,
-                 instance=instance)
+        return vm, qemu
+
+    # -- QEMU guests ---------------------------------------------------------
+
+    def _instance_folder(self, instance):
+        return os.path.join(self._state_path, INSTANCE_FOLDER,
+                            instance.uuid)
+
+    def _guest_options(self, context, instance, image_meta):
+        """The ``qemu`` options of the instance's VM (see vm_create).
+
+        The flavor's memory and vCPUs; the kernel and ramdisk of the
+        image's ``kernel_id`` / ``ramdisk_id`` (fetched here), else none:
+        the agent boots its guest kit; the image's ``os_command_line``.
+        """
+        flavor = instance.flavor
+        options = {'memory_mib': flavor.memory_mb, 'vcpus': flavor.vcpus}
+        options.update(self._fetch_boot_files(context, instance))
+        props = image_meta.properties if (
+            image_meta is not None and
+            image_meta.obj_attr_is_set('properties')) else None
+        cmdline = props.get('os_command_line') if props is not None else None
+        if cmdline:
+            options['cmdline'] = cmdline
+        return options
+
+    def _fetch_boot_files(self, context, instance):
+        """Download the instance's kernel and ramdisk images, if it has.
+
+        To ``[xsm]state_path``/instances/UUID/ (``kernel``, ``ramdisk``);
+        a file already there is kept (pre_live_migration on a host that
+        shares the folder, a second spawn after a failure).
+
+        :returns: ``{'kernel': path, 'initrd': path}``, each when the
+            instance has the image.
+        """
+        wanted = [(key, name, image_id) for key, name, image_id in (
+            ('kernel', 'kernel', instance.kernel_id),
+            ('initrd', 'ramdisk', instance.ramdisk_id)) if image_id]
+        if not wanted:
+            return {}
+        folder = self._instance_folder(instance)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        found = {}
+        for key, name, image_id in wanted:
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                part = path + '.part'
+                try:
+                    images.fetch(context, image_id, part,
+                                 trusted_certs=instance.trusted_certs)
+                    if os.path.getsize(part) == 0:
+                        raise exception.ImageUnacceptable(
+                            image_id=image_id,
+                            reason='the %s image of instance %s has no '
+                                   'data' % (name, instance.uuid))
+                    os.rename(part, path)
+                except Exception:
+                    self._remove_image_file(part)
+                    raise
+                LOG.info('%s image %s downloaded to %s (%d bytes)', name,
+                         image_id, path, os.path.getsize(path),
+                         instance=instance)
+            found[key] = path
+        return found
+
+    def _remove_boot_files(self, instance):
+        shutil.rmtree(self._instance_folder(instance), ignore_errors=True)
+
+    def get_console_output(self, context, instance):
+        """The last 100 KiB of the guest's serial console, as bytes."""
+        vm = self._vm(instance)
+        try:
+            text = self._api.vm_console(vm['uuid'], limit=MAX_CONSOLE_BYTES)
+        except host_mod.InvalidVMState as exc:
+            # a host whose guests are not QEMU guests has no console
+            LOG.debug('no console: %s', exc, instance=instance)
+            raise exception.ConsoleNotAvailable()
+        return text.encode('utf-8', 'replace')
 
     def _fetch_image(self, context, instance, image_meta):
         """Download the instance's image next to the agent; None: none.
@@ -524,6 +682,7 @@ class XSMDriver(driver.ComputeDriver):
             return
         if destroy_disks:
             self._api.vm_destroy(vm['uuid'])
+            self._remove_boot_files(instance)
         else:
             self._api.vm_stop(vm['uuid'])
 
@@ -534,6 +693,12 @@ class XSMDriver(driver.ComputeDriver):
             self.destroy(context, instance, network_info, block_device_info)
 
     def power_off(self, instance, timeout=0, retry_interval=0):
+        """Stop the guest (a QEMU guest's process ends).
+
+        (The agent's API has no clean shutdown: the QEMU is ended at
+        once whatever ``timeout`` nova gives; the disks keep every write
+        the guest completed.)
+        """
         self._api.vm_stop(self._vm(instance)['uuid'])
 
     def power_on(self, context, instance, network_info,
@@ -543,9 +708,24 @@ class XSMDriver(driver.ComputeDriver):
     def reboot(self, context, instance, network_info, reboot_type,
                block_device_info=None, bad_volumes_callback=None,
                accel_info=None, share_info=None):
+        """HARD: a running QEMU guest is reset (its process stays).
+
+        SOFT, and a guest that is not running in QEMU: stopped and
+        started again (a new QEMU). Either way it runs afterwards.
+        """
         vm = self._vm(instance)
+        if (reboot_type == 'HARD' and self._qemu and
+                vm['power_state'] == host_mod.RUNNING):
+            self._api.vm_reboot(vm['uuid'])
+            return
         self._api.vm_stop(vm['uuid'])
         self._api.vm_start(vm['uuid'])
+
+    def pause(self, instance):
+        self._api.vm_pause(self._vm(instance)['uuid'])
+
+    def unpause(self, instance):
+        self._api.vm_resume(self._vm(instance)['uuid'])
 
     def plug_vifs(self, instance, network_info):
         """Nothing to plug: xsm VIFs are names the VM record carries."""
@@ -627,6 +807,13 @@ class XSMDriver(driver.ComputeDriver):
             raise exception.MigrationPreCheckError(
                 reason='host %s has no xsm VM for instance %s'
                        % (instance.host, instance.uuid))
+        if vm.get('qemu') and vm['power_state'] == host_mod.RUNNING and \
+                not self._qemu:
+            raise exception.MigrationPreCheckError(
+                reason='instance %s runs in QEMU on host %s; host %s runs '
+                       'no QEMU guests ([hypervisor]driver = %s)'
+                       % (instance.uuid, instance.host, self._host,
+                          CONF.hypervisor.driver))
         vif_map = {v: v for v in vm['vifs']}
         spec = self._receive_spec(instance, vm, disks, vif_map)
         self._preflight_here(spec)
@@ -715,6 +902,11 @@ class XSMDriver(driver.ComputeDriver):
             raise exception.MigrationError(
                 reason='host %s cannot receive instance %s: %s'
                        % (self._host, instance.uuid, exc))
+        if vm.get('qemu') and self._qemu:
+            # the QEMU that receives the guest starts with the kernel
+            # and ramdisk it booted (the record's paths, the same
+            # [xsm]state_path on every host)
+            self._fetch_boot_files(context, instance)
         return migrate_data
 
     # -- live migration: the run ---------------------------------------------
@@ -922,12 +1114,17 @@ class XSMDriver(driver.ComputeDriver):
 
     def post_live_migration(self, context, instance, block_device_info,
                             migrate_data=None):
-        """The engine's clean-up already removed the VM and its VDIs."""
+        """The engine's clean-up already removed the VM and its VDIs.
+
+        What is left here: the instance's kernel and ramdisk files.
+        """
         if self.instance_exists(instance):
             LOG.warning('the xsm VM is still on the source after its live '
                         'migration (the engine\'s clean-up failed; the '
                         'agent finishes it at its next start)',
                         instance=instance)
+            return
+        self._remove_boot_files(instance)
 
     def post_live_migration_at_source(self, context, instance, network_info):
         """Nothing to unplug (see :meth:`unplug_vifs`)."""
@@ -1018,6 +1215,11 @@ class XSMDriver(driver.ComputeDriver):
             else:
                 self._roll_back_receive(self._api, mig['id'], self._host,
                                         instance)
+            if destroy_disks and (mig is None or
+                                  mig['phase'] != plan.IN_DOUBT) and \
+                    not self.instance_exists(instance):
+                # what pre_live_migration fetched
+                self._remove_boot_files(instance)
         except Exception as exc:
             LOG.error('xsm: could not roll back the receive of this '
                       'instance from host %s: %s (this agent rolls back a '
