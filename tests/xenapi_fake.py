@@ -69,11 +69,54 @@ details); each check names the function that sets the rule:
 * at most 3 storage migrations per host (``TOO_MANY_STORAGE_MIGRATES``);
   :attr:`FakePool.peak_storage` records the most that ever ran at once.
 
-``VM.migrate_send`` and ``VDI.pool_migrate`` run as tasks; called
+VM lifecycle (what the agent does for Nova), each call checked in xapi's
+order (xapi_vm_lifecycle.ml ``check_operation_error``): the power state
+first, ``VM_BAD_POWER_STATE [vm; expected; actual]`` with the states of
+``allowed_power_states`` (start/start_on, clone, provision, memory and
+vCPU limits: halted; pause, clean_shutdown, clean_reboot, pool_migrate:
+running; unpause: paused; hard_reboot: paused, running; hard_shutdown:
+paused, suspended, running; destroy: halted, suspended); then
+``OTHER_OPERATION_IN_PROGRESS ["VM"; vm; op; task]`` (a hard_shutdown
+may interrupt a clean one); then ``VM_IS_TEMPLATE [vm; op]`` for a
+template (``check_template``: a default template is never destroyed);
+``HANDLE_INVALID [class; ref]`` for an unknown reference:
+
+* ``VM.clone`` (the clone of a template is a template),
+  ``VM.set_is_a_template``, ``VM.provision`` (templates only:
+  ``ONLY_PROVISION_TEMPLATE``), ``VM.set_memory_limits``
+  (``MEMORY_CONSTRAINT_VIOLATION_ORDER``, vm_memory_constraints.ml),
+  ``VM.set_VCPUs_max`` / ``set_VCPUs_at_startup`` (``INVALID_VALUE``
+  unless 0 < at_startup <= max, xapi_vm.ml);
+* ``VDI.create`` (``SR_OPERATION_NOT_SUPPORTED`` without the SM's
+  VDI_CREATE), ``VDI.destroy`` (``VDI_IN_USE [vdi; "destroy"]`` while
+  attached), ``VBD.create`` / ``VIF.create`` (``DEVICE_ALREADY_EXISTS
+  [device]``, ``MAC_INVALID [mac]``, xapi_vbd.ml, xapi_vif_helpers.ml);
+* ``VM.start`` / ``VM.start_on`` / ``VM.pool_migrate``: the host must
+  pass ``assert_can_boot_here`` (xapi_vm_helpers.ml): enabled
+  (``HOST_DISABLED``), sees the VM's SRs (``VM_REQUIRES_SR [vm; sr]``)
+  and networks (``VM_REQUIRES_NET``), has the memory
+  (``HOST_NOT_ENOUGH_FREE_MEMORY [needed; available]``, dynamic_max
+  against ``host_metrics``); ``VM.start`` tries the affinity host first
+  (``NO_HOSTS_AVAILABLE`` when none will do);
+* ``VM.clean_shutdown`` / ``VM.clean_reboot`` run as tasks; a guest in
+  :attr:`FakePool.unresponsive` never obeys and the task runs until it is
+  cancelled;
+* ``PUT /import_raw_vdi`` (import_raw_vdi.ml ``localhost_handler``): 403
+  without a session, 404 for an unknown format, for ``chunked`` with a
+  VHD and for a ``Transfer-Encoding``; otherwise 200 at once and the
+  outcome in the task (``task_id``): ``VDI_IO_ERROR`` for data past the
+  VDI's end or a VHD vhd-tool would not read (parsed with xsm's reader),
+  ``VDI_IN_USE`` for an attached VDI; :attr:`FakePool.contents` and
+  :attr:`FakePool.imports` keep what was written.
+
+``VM.migrate_send``, ``VDI.pool_migrate``, ``VM.pool_migrate``,
+``VM.clean_shutdown`` and ``VM.clean_reboot`` run as tasks; called
 without ``Async.`` they answer when the task ends, as xapi does.
 
 Not modelled: licences, CBT and encrypted VDIs, ``on_boot=reset`` VDIs,
-vGPUs, CPU features, memory, HA, image formats.
+vGPUs, CPU features, ballooning, HA, ``VM.provision`` of a template's
+``other_config:disks``, the tar and qcow2 imports and xapi's
+``chunked`` import protocol.
 
 Failure injection: :meth:`FakePool.fail` (the next call of a method is
 refused with an error), :meth:`FakePool.fail_task` (the next task of a
@@ -94,6 +137,7 @@ import socketserver
 import struct
 import threading
 import time
+import urllib.parse
 import uuid as uuidlib
 import xmlrpc.client
 
@@ -114,6 +158,29 @@ NULL = 'OpaqueRef:NULL'
 #: xapi_vm_lifecycle.ml allowed_power_states `migrate_send
 MIGRATE_SEND_STATES = ('Halted', 'Suspended', 'Running')
 VM_OPS = ['migrate_send', 'pool_migrate', 'clean_shutdown', 'snapshot']
+#: memory and vCPUs of a VM made by add_vm or add_template
+VM_RESOURCES = {'memory_static_min': 128 * (1 << 20),
+                'memory_dynamic_min': 256 * (1 << 20),
+                'memory_dynamic_max': 256 * (1 << 20),
+                'memory_static_max': 256 * (1 << 20),
+                'VCPUs_max': 1, 'VCPUs_at_startup': 1}
+#: xapi_vm_lifecycle.ml allowed_power_states, for the calls modelled
+POWER_STATES = {
+    'start': ('Halted',), 'start_on': ('Halted',),
+    'clone': ('Halted',), 'copy': ('Halted',), 'provision': ('Halted',),
+    'changing_memory_limits': ('Halted',), 'changing_VCPUs': ('Halted',),
+    'unpause': ('Paused',),
+    'clean_reboot': ('Running',), 'clean_shutdown': ('Running',),
+    'pause': ('Running',), 'pool_migrate': ('Running',),
+    'destroy': ('Halted', 'Suspended'),
+    'hard_reboot': ('Paused', 'Running'),
+    'hard_shutdown': ('Paused', 'Suspended', 'Running'),
+}
+#: xapi_vm_lifecycle.ml check_template: what a template allows
+TEMPLATE_OPS = ('changing_dynamic_range', 'changing_static_range',
+                'changing_memory_limits', 'changing_shadow_memory',
+                'changing_VCPUs', 'changing_NVRAM', 'clone', 'copy',
+                'export', 'metadata_export', 'provision')
 
 
 class Failure(Exception):
@@ -145,9 +212,10 @@ class FakePool:
     """One pool's objects and the calls on them."""
 
     CLASSES = ('pool', 'host', 'SR', 'PBD', 'VDI', 'VBD', 'VM', 'VIF',
-               'network', 'PIF', 'task', 'SM')
+               'network', 'PIF', 'task', 'SM', 'host_metrics', 'host_cpu')
     #: calls that run as a task, also when called without ``Async.``
-    TASKED = ('VM.migrate_send', 'VDI.pool_migrate')
+    TASKED = ('VM.migrate_send', 'VDI.pool_migrate', 'VM.pool_migrate',
+              'VM.clean_shutdown', 'VM.clean_reboot')
 
     def __init__(self, name, username='root', password='secret',
                  version='3.4.0', task_seconds=0.3, steps=10):
@@ -184,6 +252,16 @@ class FakePool:
                                         'with eth0')
         self.master = self.add_host('%s-master' % name, version=version)
         self.db['pool'][self.pool]['master'] = self.master
+        #: VMs whose guest ignores a clean shutdown or reboot request (the
+        #: task runs until it is cancelled)
+        self.unresponsive = set()
+        #: boots of each VM ref (VM.start, start_on, reboots)
+        self.boots = collections.Counter()
+        #: ``(vdi ref, format, bytes of disk written)`` of each import
+        self.imports = []
+        #: ``{vdi ref: {offset: bytes}}`` written by imports
+        self.contents = {}
+        self.template = self.add_template('Other install media')
 
     # -- building the pool -------------------------------------------------
 
@@ -200,13 +278,23 @@ class FakePool:
         return self._add('network', name_label=name, PIFs=[], VIFs=[])
 
     def add_host(self, name, enabled=True, version=None,
-                 xapi_build='25.33.1', xen='4.17.5-20'):
+                 xapi_build='25.33.1', xen='4.17.5-20', memory=16 * GiB,
+                 cpus=8):
+        metrics = self._add('host_metrics', memory_total=memory,
+                            memory_free=memory, live=True)
         host = self._add('host', name_label=name, enabled=enabled,
-                         address='127.0.0.1', PIFs=[],
+                         address='127.0.0.1', PIFs=[], metrics=metrics,
+                         host_CPUs=[], cpu_info={
+                             'cpu_count': str(cpus), 'socket_count': '1',
+                             'vendor': 'GenuineIntel'},
                          suspend_image_sr=NULL, software_version={
                              'platform_version': version or self.version,
                              'product_version': '8.2.1',
                              'xapi_build': xapi_build, 'xen': xen})
+        for number in range(cpus):
+            cpu = self._add('host_cpu', host=host, number=number,
+                            vendor='GenuineIntel', speed=2400)
+            self.db['host'][host]['host_CPUs'].append(cpu)
         self.add_pif(host, self.network, management=True, device='eth0')
         return host
 
@@ -287,6 +375,8 @@ class FakePool:
                        snapshot_of='OpaqueRef:NULL', VBDs=[], VIFs=[],
                        resident_on=host if running else 'OpaqueRef:NULL',
                        suspend_VDI=NULL, allowed_operations=list(VM_OPS),
+                       is_default_template=False, affinity=NULL,
+                       **dict(VM_RESOURCES),
                        **({'uuid': uuid} if uuid else {}))
         for i, vdi in enumerate(disks):
             self._add_vbd(vm, vdi, i, running)
@@ -301,6 +391,7 @@ class FakePool:
                             MAC='02:00:00:00:%02x:%02x' % (len(self.db['VIF'])
                                                            % 256, i))
             self.db['VM'][vm]['VIFs'].append(vif)
+        self._refresh_metrics()
         return vm
 
     def insert_cd(self, vm, iso_vdi, device=3):
@@ -329,6 +420,27 @@ class FakePool:
                              device=rec['device'], MAC=rec['MAC'])
             self.db['VM'][snap]['VIFs'].append(copy)
         return snap
+
+    def add_template(self, name):
+        """A default template like xapi's "Other install media" (HVM).
+
+        Its ``other_config:disks`` asks ``VM.provision`` for a disk, as
+        xapi's own templates do; it has no VBD.
+        """
+        return self._add('VM', name_label=name, power_state='Halted',
+                         is_a_template=True, is_default_template=True,
+                         is_a_snapshot=False, is_control_domain=False,
+                         snapshots=[], snapshot_of=NULL, VBDs=[], VIFs=[],
+                         resident_on=NULL, suspend_VDI=NULL, affinity=NULL,
+                         allowed_operations=['clone', 'copy', 'provision'],
+                         HVM_boot_params={'order': 'dc'},
+                         other_config={
+                             'default_template': 'true',
+                             'disks': '<provision><disk device="0" '
+                                      'size="34359738368" sr="" '
+                                      'bootable="true" type="system"/>'
+                                      '</provision>'},
+                         **dict(VM_RESOURCES))
 
     def args_of(self, method):
         """The arguments of every call of ``method``, oldest first."""
@@ -955,6 +1067,543 @@ class FakePool:
             self._record('VDI', vdi)
             return list(self.nbd_info.get(vdi, []))
 
+    # -- VM lifecycle (Nova's calls) -----------------------------------------
+
+    def _assert_op(self, vm, op):
+        """xapi_vm_lifecycle.ml check_operation_error, in its order.
+
+        The power state first (``VM_BAD_POWER_STATE [vm; expected;
+        actual]``, report_power_state_error), then other operations in
+        progress (``OTHER_OPERATION_IN_PROGRESS ["VM"; vm; op; task]``,
+        report_concurrent_operations_error), then a template's
+        (``VM_IS_TEMPLATE [vm; op]``, check_template).
+        """
+        rec = self._record('VM', vm)
+        allowed = POWER_STATES[op]
+        if rec['power_state'] not in allowed:
+            raise Failure('VM_BAD_POWER_STATE', vm,
+                          ', '.join(p.lower() for p in allowed),
+                          rec['power_state'].lower())
+        current = rec['current_operations']
+        if current and not (op == 'hard_shutdown' and 'hard_shutdown'
+                            not in current.values()):
+            task, cop = sorted(current.items())[0]
+            raise Failure('OTHER_OPERATION_IN_PROGRESS', 'VM', vm, cop, task)
+        if rec.get('is_a_template') and not rec.get('is_a_snapshot'):
+            default = rec.get('is_default_template') or \
+                rec.get('other_config', {}).get('default_template') == 'true'
+            if op not in TEMPLATE_OPS and not (op == 'destroy' and
+                                               not default):
+                raise Failure('VM_IS_TEMPLATE', vm, op)
+        return rec
+
+    @staticmethod
+    def _int(value, name):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise Failure('FIELD_TYPE_ERROR', name)
+
+    def _VM_clone(self, vm, new_name):
+        # xapi_vm.ml clone (Xapi_vm_clone.clone Disk_op_clone): the VDIs
+        # of the VM's disks are cloned, its VIFs copied with new MACs; the
+        # clone of a template is a template (not a default one)
+        with self.lock:
+            rec = self._assert_op(vm, 'clone')
+            new = self._add('VM', **{
+                k: (dict(v) if isinstance(v, dict) else v)
+                for k, v in rec.items()
+                if k not in ('uuid', 'VBDs', 'VIFs', 'snapshots',
+                             'current_operations', 'name_label')})
+            nrec = self.db['VM'][new]
+            nrec.update(name_label=new_name, VBDs=[], VIFs=[], snapshots=[],
+                        is_default_template=False, resident_on=NULL)
+            nrec['other_config'].pop('default_template', None)
+            for vbd in rec['VBDs']:
+                vrec = self.db['VBD'][vbd]
+                vdi = vrec['VDI']
+                if vdi in self.db['VDI']:
+                    old = self.db['VDI'][vdi]
+                    vdi = self.add_vdi(old['SR'], old['name_label'],
+                                       old['virtual_size'], 0)
+                self._add_vbd(new, vdi, int(vrec['userdevice']), False,
+                              type=vrec['type'])
+            return new
+
+    def _VM_set_is_a_template(self, vm, value):
+        # xapi_vm.ml set_is_a_template (Db): a running VM cannot become one
+        # (xapi_vm_lifecycle.ml: make_into_template needs Halted)
+        with self.lock:
+            rec = self._record('VM', vm)
+            if value and rec['power_state'] != 'Halted':
+                raise Failure('VM_BAD_POWER_STATE', vm, 'halted',
+                              rec['power_state'].lower())
+            rec['is_a_template'] = bool(value)
+            # xapi_vm_lifecycle.ml update_allowed_operations
+            rec['allowed_operations'] = [] if value else list(VM_OPS)
+            return ''
+
+    def _map_field(self, cls, ref, field):
+        rec = self._record(cls, ref)
+        if not isinstance(rec.get(field), dict):
+            raise Failure('MESSAGE_METHOD_UNKNOWN', '%s.%s' % (cls, field))
+        return rec[field]
+
+    def _VM_add_to_other_config(self, vm, key, value):
+        # db_actions: a key already there is MAP_DUPLICATE_KEY
+        with self.lock:
+            other = self._map_field('VM', vm, 'other_config')
+            if key in other:
+                raise Failure('MAP_DUPLICATE_KEY', 'VM', 'other_config', vm,
+                              key)
+            other[key] = value
+            return ''
+
+    def _VM_remove_from_other_config(self, vm, key):
+        with self.lock:
+            self._map_field('VM', vm, 'other_config').pop(key, None)
+            return ''
+
+    def _VM_set_affinity(self, vm, host):
+        with self.lock:
+            rec = self._record('VM', vm)
+            if host != NULL:
+                self._record('host', host)
+            rec['affinity'] = host
+            return ''
+
+    def _VM_provision(self, vm):
+        # xapi_vm.ml provision: only a template (ONLY_PROVISION_TEMPLATE);
+        # the disks of other_config:disks are made (not modelled: the
+        # engine removes that key and makes its disks itself)
+        with self.lock:
+            rec = self._assert_op(vm, 'provision')
+            if not rec['is_a_template']:
+                raise Failure('ONLY_PROVISION_TEMPLATE')
+            if rec['other_config'].get('disks'):
+                raise Failure('INTERNAL_ERROR', 'the fake pool does not '
+                              'provision other_config:disks')
+            return ''
+
+    def _VM_set_memory_limits(self, vm, static_min, static_max, dynamic_min,
+                              dynamic_max):
+        # xapi_vm.ml set_memory_limits: Halted (changing_memory_limits);
+        # vm_memory_constraints.ml: static_min <= dynamic_min <=
+        # dynamic_max <= static_max, else MEMORY_CONSTRAINT_VIOLATION_ORDER
+        with self.lock:
+            rec = self._assert_op(vm, 'changing_memory_limits')
+            values = [self._int(v, n) for v, n in (
+                (static_min, 'static_min'), (dynamic_min, 'dynamic_min'),
+                (dynamic_max, 'dynamic_max'), (static_max, 'static_max'))]
+            if values != sorted(values) or values[0] < 0:
+                raise Failure('MEMORY_CONSTRAINT_VIOLATION_ORDER')
+            rec.update(memory_static_min=values[0],
+                       memory_dynamic_min=values[1],
+                       memory_dynamic_max=values[2],
+                       memory_static_max=values[3])
+            return ''
+
+    def _VM_set_VCPUs_max(self, vm, value):
+        # xapi_vm.ml set_VCPUs_max: Halted; 0 < VCPUs_at_startup <= max
+        with self.lock:
+            rec = self._assert_op(vm, 'changing_VCPUs')
+            value = self._int(value, 'value')
+            if value < 1 or value < rec['VCPUs_at_startup']:
+                raise Failure('INVALID_VALUE', 'VCPU values must satisfy: '
+                              '0 < VCPUs_at_startup \u2264 VCPUs_max',
+                              str(value))
+            rec['VCPUs_max'] = value
+            return ''
+
+    def _VM_set_VCPUs_at_startup(self, vm, value):
+        # xapi_vm.ml set_VCPUs_at_startup
+        with self.lock:
+            rec = self._assert_op(vm, 'changing_VCPUs')
+            value = self._int(value, 'value')
+            if value < 1 or value > rec['VCPUs_max']:
+                raise Failure('INVALID_VALUE', 'VCPU values must satisfy: '
+                              '0 < VCPUs_at_startup \u2264 VCPUs_max',
+                              str(value))
+            rec['VCPUs_at_startup'] = value
+            return ''
+
+    def _VDI_create(self, record):
+        # xapi_vdi.ml create: the SR must be valid and its SM able to
+        # create (SR_OPERATION_NOT_SUPPORTED [sr])
+        with self.lock:
+            sr = record.get('SR')
+            srec = self._record('SR', sr)
+            if 'VDI_CREATE' not in self._sm(srec['type'])['features']:
+                raise Failure('SR_OPERATION_NOT_SUPPORTED', sr)
+            size = self._int(record.get('virtual_size'), 'virtual_size')
+            if size < 0:
+                raise Failure('INVALID_VALUE', 'virtual_size', str(size))
+            vdi = self.add_vdi(sr, record.get('name_label', ''), size, 0)
+            rec = self.db['VDI'][vdi]
+            rec.update(type=record.get('type', 'user'),
+                       read_only=bool(record.get('read_only')),
+                       sharable=bool(record.get('sharable')),
+                       other_config=dict(record.get('other_config') or {}))
+            return vdi
+
+    def _VDI_destroy(self, vdi):
+        # xapi_vdi.ml destroy: a VDI with an attached VBD is VDI_IN_USE
+        # [vdi; "destroy"]; its other VBDs go with it
+        with self.lock:
+            rec = self._record('VDI', vdi)
+            for vbd in rec['VBDs']:
+                if self.db['VBD'][vbd].get('currently_attached'):
+                    raise Failure('VDI_IN_USE', vdi, 'destroy')
+            for vbd in list(rec['VBDs']):
+                vrec = self.db['VBD'].pop(vbd)
+                self.db['VM'][vrec['VM']]['VBDs'].remove(vbd)
+            self._destroy_vdi(vdi)
+            return ''
+
+    def _VBD_create(self, record):
+        # xapi_vbd.ml create: a valid VM and (unless empty) VDI; a
+        # userdevice already used: DEVICE_ALREADY_EXISTS [userdevice]
+        with self.lock:
+            vm = record.get('VM')
+            vmrec = self._record('VM', vm)
+            empty = bool(record.get('empty'))
+            vdi = record.get('VDI', NULL)
+            if not empty:
+                self._record('VDI', vdi)
+            device = str(record.get('userdevice'))
+            if not device.isdigit():
+                raise Failure('INVALID_DEVICE', device)
+            used = {self.db['VBD'][b]['userdevice'] for b in vmrec['VBDs']}
+            if device in used:
+                raise Failure('DEVICE_ALREADY_EXISTS', device)
+            vbd = self._add_vbd(vm, vdi if not empty else NULL, int(device),
+                                False, type=record.get('type', 'Disk'))
+            self.db['VBD'][vbd].update(
+                mode=record.get('mode', 'RW'),
+                bootable=bool(record.get('bootable')))
+            return vbd
+
+    def _VIF_create(self, record):
+        # xapi_vif_helpers.ml create: a valid network and VM, an integer
+        # device not used yet (DEVICE_ALREADY_EXISTS [device]), a valid
+        # MAC or '' for one xapi makes (MAC_INVALID [mac])
+        with self.lock:
+            vm = record.get('VM')
+            vmrec = self._record('VM', vm)
+            net = record.get('network')
+            self._record('network', net)
+            device = str(record.get('device'))
+            if not device.isdigit():
+                raise Failure('INVALID_DEVICE', device)
+            if device in {self.db['VIF'][v]['device']
+                          for v in vmrec['VIFs']}:
+                raise Failure('DEVICE_ALREADY_EXISTS', device)
+            mac = record.get('MAC', '')
+            if not mac:
+                mac = '02:%02x:%02x:%02x:%02x:%02x' % tuple(
+                    uuidlib.uuid4().bytes[:5])
+            parts = mac.split(':')
+            if len(parts) != 6 or not all(
+                    len(p) == 2 and all(c in '0123456789abcdefABCDEF'
+                                        for c in p) for p in parts):
+                raise Failure('MAC_INVALID', mac)
+            vif = self._add('VIF', VM=vm, network=net, device=device,
+                            MAC=mac.lower(), currently_attached=False,
+                            other_config=dict(record.get('other_config')
+                                              or {}))
+            vmrec['VIFs'].append(vif)
+            self.db['network'][net]['VIFs'].append(vif)
+            return vif
+
+    # hosts: what a VM may run on
+
+    def _memory_needed(self, rec):
+        # memory_check.ml vm_compute_start_memory: dynamic_max (no
+        # ballooning modelled)
+        return rec['memory_dynamic_max']
+
+    def _memory_free(self, host):
+        used = sum(self._memory_needed(r) for r in self.db['VM'].values()
+                   if r.get('resident_on') == host and
+                   r['power_state'] in ('Running', 'Paused'))
+        metrics = self.db['host_metrics'][self.db['host'][host]['metrics']]
+        return metrics['memory_total'] - used
+
+    def _refresh_metrics(self):
+        for host, rec in self.db['host'].items():
+            self.db['host_metrics'][rec['metrics']]['memory_free'] = \
+                self._memory_free(host)
+
+    def _assert_can_boot_here(self, vm, host):
+        # xapi_vm_helpers.ml assert_can_boot_here: an enabled host (but a
+        # running VM staying on its host), that sees every SR of the VM's
+        # disks (VM_REQUIRES_SR [vm; sr]) and network of its VIFs
+        # (VM_REQUIRES_NET [vm; network]), with the memory the VM needs
+        # (HOST_NOT_ENOUGH_FREE_MEMORY [needed; available])
+        rec = self.db['VM'][vm]
+        hrec = self._record('host', host)
+        local = rec['power_state'] == 'Running' and \
+            rec['resident_on'] == host
+        if not hrec['enabled'] and not local:
+            raise Failure('HOST_DISABLED', host)
+        seen = {self.db['PBD'][p]['SR'] for p in self.db['PBD']
+                if self.db['PBD'][p]['host'] == host}
+        for vbd in rec['VBDs']:
+            vrec = self.db['VBD'][vbd]
+            if vrec['empty'] or vrec['VDI'] not in self.db['VDI']:
+                continue
+            sr = self.db['VDI'][vrec['VDI']]['SR']
+            if sr not in seen:
+                raise Failure('VM_REQUIRES_SR', vm, sr)
+        nets = {self.db['PIF'][p]['network'] for p in hrec['PIFs']}
+        for vif in rec['VIFs']:
+            net = self.db['VIF'][vif]['network']
+            if net not in nets:
+                raise Failure('VM_REQUIRES_NET', vm, net)
+        if not local:
+            needed, free = self._memory_needed(rec), self._memory_free(host)
+            if free < needed:
+                raise Failure('HOST_NOT_ENOUGH_FREE_MEMORY', str(needed),
+                              str(free))
+
+    def _boot(self, vm, host, paused):
+        rec = self.db['VM'][vm]
+        rec.update(power_state='Paused' if paused else 'Running',
+                   resident_on=host)
+        for vbd in rec['VBDs']:
+            self.db['VBD'][vbd]['currently_attached'] = True
+        for vif in rec['VIFs']:
+            self.db['VIF'][vif]['currently_attached'] = True
+        self.boots[vm] += 1
+        self._refresh_metrics()
+
+    def _halt(self, vm):
+        rec = self.db['VM'][vm]
+        rec.update(power_state='Halted', resident_on=NULL)
+        for vbd in rec['VBDs']:
+            self.db['VBD'][vbd]['currently_attached'] = False
+        for vif in rec['VIFs']:
+            self.db['VIF'][vif]['currently_attached'] = False
+        self._refresh_metrics()
+
+    def _VM_start(self, vm, start_paused, force):
+        # xapi_vm.ml start; message_forwarding.ml VM.start: the VM's
+        # affinity host if it can boot there, else a host that can
+        # (Xapi_vm_helpers.choose_host_for_vm); none: the error of the
+        # affinity host, or NO_HOSTS_AVAILABLE
+        with self.lock:
+            rec = self._assert_op(vm, 'start')
+            hosts = list(self.db['host'])
+            if rec.get('affinity') in self.db['host']:
+                hosts.remove(rec['affinity'])
+                hosts.insert(0, rec['affinity'])
+            first = None
+            for host in hosts:
+                try:
+                    self._assert_can_boot_here(vm, host)
+                except Failure as exc:
+                    first = first or exc
+                    continue
+                self._boot(vm, host, bool(start_paused))
+                return ''
+            if rec.get('affinity') in self.db['host'] and first:
+                raise first
+            raise Failure('NO_HOSTS_AVAILABLE')
+
+    def _VM_start_on(self, vm, host, start_paused, force):
+        # message_forwarding.ml VM.start_on: assert_can_boot_here on host
+        with self.lock:
+            self._assert_op(vm, 'start_on')
+            self._assert_can_boot_here(vm, host)
+            self._boot(vm, host, bool(start_paused))
+            return ''
+
+    def _wait_guest(self, task, vm, fail_plan):
+        """A guest asked to shut down or reboot: it does, or never does.
+
+        A VM in :attr:`unresponsive` keeps the task running until it is
+        cancelled (xapi's clean operations wait for the guest;
+        ``task.cancel`` ends them with ``TASK_CANCELLED``).
+        """
+        rec = self.db['task'][task]
+        if vm in self.unresponsive:
+            # until cancelled, or the domain is gone (a hard shutdown)
+            while rec['status'] != 'cancelling' and self.db['VM'].get(
+                    vm, {}).get('power_state') in ('Running', 'Paused'):
+                time.sleep(0.02)
+            raise Failure('TASK_CANCELLED', task)
+        self._progress(task, fail_plan)
+
+    def _with_vm_op(self, task, vm, op):
+        with self.lock:
+            rec = self._assert_op(vm, op)
+            rec['current_operations'][task] = op
+        return rec
+
+    def _end_vm_op(self, task, vm):
+        with self.lock:
+            if vm in self.db['VM']:
+                self.db['VM'][vm]['current_operations'].pop(task, None)
+
+    def _VM_clean_shutdown(self, task, vm, fail_plan=None):
+        # xapi_vm.ml clean_shutdown (Running): the guest shuts down
+        self._with_vm_op(task, vm, 'clean_shutdown')
+        try:
+            self._wait_guest(task, vm, fail_plan)
+            with self.lock:
+                self._halt(vm)
+            return ''
+        finally:
+            self._end_vm_op(task, vm)
+
+    def _VM_clean_reboot(self, task, vm, fail_plan=None):
+        # xapi_vm.ml clean_reboot (Running)
+        self._with_vm_op(task, vm, 'clean_reboot')
+        try:
+            self._wait_guest(task, vm, fail_plan)
+            with self.lock:
+                self.boots[vm] += 1
+            return ''
+        finally:
+            self._end_vm_op(task, vm)
+
+    def _VM_hard_shutdown(self, vm):
+        # xapi_vm.ml hard_shutdown (Paused, Suspended, Running); allowed
+        # while a clean shutdown runs (is_allowed_concurrently)
+        with self.lock:
+            rec = self._assert_op(vm, 'hard_shutdown')
+            if rec['power_state'] == 'Suspended':
+                self._destroy_vdi(rec.get('suspend_VDI', NULL))
+                rec['suspend_VDI'] = NULL
+            for task in list(rec['current_operations']):
+                if task in self.db['task'] and \
+                        self.db['task'][task]['status'] == 'pending':
+                    self.db['task'][task]['status'] = 'cancelling'
+            self._halt(vm)
+            return ''
+
+    def _VM_hard_reboot(self, vm):
+        # xapi_vm.ml hard_reboot (Paused, Running): it runs afterwards
+        with self.lock:
+            rec = self._assert_op(vm, 'hard_reboot')
+            rec['power_state'] = 'Running'
+            self.boots[vm] += 1
+            return ''
+
+    def _VM_pause(self, vm):
+        with self.lock:
+            self._assert_op(vm, 'pause')['power_state'] = 'Paused'
+            return ''
+
+    def _VM_unpause(self, vm):
+        with self.lock:
+            self._assert_op(vm, 'unpause')['power_state'] = 'Running'
+            return ''
+
+    def _VM_destroy(self, vm):
+        # xapi_vm.ml destroy (Halted, Suspended; a default template
+        # never): the VM, its VBDs and VIFs go, its VDIs stay
+        with self.lock:
+            rec = self._assert_op(vm, 'destroy')
+            for vbd in rec['VBDs']:
+                vrec = self.db['VBD'].pop(vbd)
+                if vrec['VDI'] in self.db['VDI']:
+                    self.db['VDI'][vrec['VDI']]['VBDs'].remove(vbd)
+            for vif in rec['VIFs']:
+                vrec = self.db['VIF'].pop(vif)
+                self.db['network'][vrec['network']]['VIFs'].remove(vif)
+            self.db['VM'].pop(vm)
+            return ''
+
+    def _VM_pool_migrate(self, task, vm, host, options, fail_plan=None):
+        # message_forwarding.ml VM.pool_migrate: the VM operation
+        # pool_migrate (Running), then reserve_memory_for_vm
+        # (assert_can_boot_here on host); xapi_vm_migrate.ml pool_migrate
+        with self.lock:
+            rec = self._assert_op(vm, 'pool_migrate')
+            self._record('host', host)
+            self._assert_can_boot_here(vm, host)
+            rec['current_operations'][task] = 'pool_migrate'
+        try:
+            self._progress(task, fail_plan)
+            with self.lock:
+                rec['resident_on'] = host
+                self._refresh_metrics()
+            return ''
+        finally:
+            self._end_vm_op(task, vm)
+
+    def _task_create(self, label, description):
+        # a task a client makes for an HTTP handler (import_raw_vdi)
+        return self._add('task', name_label=label, status='pending',
+                         progress=0.0, result='', error_info=[],
+                         created=time.time(), name_description=description)
+
+    def import_raw_vdi(self, session, vdi, task, fmt, data):
+        """import_raw_vdi.ml localhost_handler, once the body is read.
+
+        Raises :class:`Failure` as the task's error (the HTTP answer
+        was already 200).
+        """
+        with self.lock:
+            rec = self._record('VDI', vdi)
+            for vbd in rec['VBDs']:
+                if self.db['VBD'][vbd].get('currently_attached'):
+                    # Sm_fs_ops.with_block_attached_device: RW elsewhere
+                    raise Failure('VDI_IN_USE', vdi, 'import')
+            size = rec['virtual_size']
+        if fmt == 'raw':
+            if len(data) > size:
+                # vhd-tool writes past the end: vhd_tool_wrapper.ml
+                raise Failure('VDI_IO_ERROR', 'Device I/O errors')
+            extents = [(0, data)]
+        else:
+            extents = _vhd_extents(data, size)
+        written = sum(len(d) for _o, d in extents if d.strip(b'\0'))
+        with self.lock:
+            rec['physical_utilisation'] = max(rec['physical_utilisation'],
+                                              written)
+            self.contents[vdi] = self.contents.get(vdi, {})
+            for offset, chunk in extents:
+                if chunk.strip(b'\0'):
+                    self.contents[vdi][offset] = chunk
+            self.imports.append((vdi, fmt, written))
+        return vdi
+
+
+def _vhd_extents(data, vdi_size):
+    """``[(offset, bytes)]`` of a VHD stream, as vhd-tool reads one.
+
+    The stream is parsed with xsm's VHD reader; anything it refuses, a
+    differencing VHD (vhd-tool's import needs no parent) or a virtual
+    size larger than the VDI fails as vhd-tool fails: ``VDI_IO_ERROR``
+    (vhd_tool_wrapper.ml run_vhd_tool).
+    """
+    import os
+    import tempfile
+
+    from xsm_driver.core.block import backends
+    fd, path = tempfile.mkstemp(suffix='.vhd')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        try:
+            dev = backends.VHDDevice(path)
+        except Exception:
+            raise Failure('VDI_IO_ERROR', 'Device I/O errors')
+        try:
+            if dev.size > vdi_size:
+                raise Failure('VDI_IO_ERROR', 'Device I/O errors')
+            out = []
+            for offset, length, flags in dev.extents(0, dev.size):
+                if length and not flags:
+                    out.append((offset, bytes(dev.pread(offset, length))))
+            return out
+        finally:
+            dev.close()
+    finally:
+        os.unlink(path)
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
@@ -985,6 +1634,78 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def do_PUT(self):
+        """The master's ``/import_raw_vdi`` (import_raw_vdi.ml).
+
+        The session is checked first (xapi_http.ml ``with_context``: 403
+        without a valid one); an unknown ``format`` is a 404, and so is
+        ``chunked`` with a VHD or a body with ``Transfer-Encoding``
+        ("Cannot handle encoding"), each failing the task; the body
+        needs a Content-Length. Otherwise xapi answers 200 at once and
+        the task (``task_id``, or one of its own) gets the outcome:
+        success with the VDI, or the failure :meth:`FakePool.
+        import_raw_vdi` raises.
+        """
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        pool = self.server.pool
+        pool.calls.append('PUT ' + url.path)
+        pool.call_args.append(('PUT ' + url.path, query))
+        if url.path != '/import_raw_vdi':
+            return self._status(404)
+        with pool.lock:
+            if query.get('session_id') not in pool.sessions:
+                return self._status(403)
+            task = query.get('task_id')
+            if task not in pool.db['task']:
+                task = pool._task_create('import_raw_vdi', '')
+
+        def fail(*details):
+            with pool.lock:
+                pool.db['task'][task].update(status='failure',
+                                             error_info=list(details))
+
+        fmt = query.get('format', 'raw').lower()
+        if fmt not in ('raw', 'vhd', 'tar', 'qcow2'):
+            fail('INTERNAL_ERROR', 'Unknown format ' + fmt)
+            return self._status(404)
+        if fmt != 'raw' and 'chunked' in query:
+            fail('INTERNAL_ERROR', 'Cannot handle chunked VHD')
+            return self._status(404)
+        if self.headers.get('Transfer-Encoding'):
+            fail('INTERNAL_ERROR', 'Cannot handle encoding: '
+                 + self.headers['Transfer-Encoding'])
+            return self._status(404)
+        if fmt not in ('raw', 'vhd') or 'chunked' in query:
+            fail('INTERNAL_ERROR', 'not modelled by the fake pool')
+            return self._status(400)
+        if self.headers.get('Content-Length') is None:
+            fail('INTERNAL_ERROR', 'Not enough info supplied to import')
+            return self._status(400)
+        data = self.rfile.read(int(self.headers['Content-Length']))
+        try:
+            vdi = pool.import_raw_vdi(query['session_id'],
+                                      query.get('vdi', NULL), task, fmt,
+                                      data)
+        except Failure as exc:
+            fail(*exc.details)
+        else:
+            with pool.lock:
+                pool.db['task'][task].update(
+                    status='success', progress=1.0,
+                    result='<value>%s</value>' % vdi)
+        self.send_response(200)
+        self.send_header('task-id', task)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+        self.close_connection = True
+
+    def _status(self, code):
+        self.send_response(code)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+        self.close_connection = True
 
     def _hang_up(self):
         self.close_connection = True

@@ -113,6 +113,32 @@ xenapi_opts = [
         help='Seconds to wait before trying again when xapi refuses a '
              'migration because other clients already run its maximum '
              '(TOO_MANY_STORAGE_MIGRATES).'),
+    cfg.StrOpt(
+        'host',
+        help='The host of the pool (its name_label or uuid) this agent '
+             'stands for, as a Nova compute node does for one XenServer '
+             'host: the agent lists the VMs that run there (or, halted, '
+             'have it as affinity), starts VMs there, and another host of '
+             'the pool is a migration destination by its name. Default: '
+             'the agent stands for the whole pool.'),
+    cfg.StrOpt(
+        'vm_template',
+        default='Other install media',
+        help='Template (name_label or uuid) new VMs are cloned from '
+             '(VM.clone); the VM gets the memory, vCPUs, disks and VIFs '
+             'asked for, not the template\'s disks.'),
+    cfg.StrOpt(
+        'vm_network',
+        help='Network (uuid or unique name_label) of the pool that a new '
+             'VIF goes on when the name it is given is not a network of '
+             'the pool (Nova gives Neutron port ids). Default: such a VIF '
+             'is refused.'),
+    cfg.FloatOpt(
+        'shutdown_timeout',
+        default=60.0, min=0.0,
+        help='Seconds a guest may take to shut down or reboot cleanly '
+             '(VM.clean_shutdown, VM.clean_reboot) before it is forced '
+             '(VM.hard_shutdown, VM.hard_reboot).'),
 ]
 
 

@@ -273,6 +273,7 @@ class XSMDriver(driver.ComputeDriver):
         self._sr = None
         self._state_path = None
         self._qemu = False
+        self._resources = False
         self._migrations = {}
         self._lock = threading.Lock()
 
@@ -310,7 +311,11 @@ class XSMDriver(driver.ComputeDriver):
         elif mode in ('process', 'detached'):
             self._agent = self._process_agent(host,
                                               detached=mode == 'detached')
-        srs = [s['name'] for s in self._api.host_info()['srs']]
+        info = self._api.host_info()
+        # an agent that answers 'resources' (the xenapi engine) runs VMs
+        # that take the flavor's memory and vCPUs, on hosts it measures
+        self._resources = 'resources' in info
+        srs = [s['name'] for s in info['srs']]
         self._sr = CONF.xsm.instance_sr or (srs[0] if srs else None)
         if self._sr not in srs:
             raise exception.NovaException(
@@ -395,11 +400,13 @@ class XSMDriver(driver.ComputeDriver):
         return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // MiB
 
     def get_available_resource(self, nodename):
+        info = self._api.host_info()
         sr = self._sr_info()
         local_gb = sr['size'] // GiB
+        pool = info.get('resources') or {}
         return {
-            'vcpus': os.cpu_count() or 1,
-            'memory_mb': self._memory_mb(),
+            'vcpus': pool.get('vcpus') or os.cpu_count() or 1,
+            'memory_mb': pool.get('memory_mib') or self._memory_mb(),
             'local_gb': local_gb,
             'vcpus_used': 0,
             'memory_mb_used': 0,
@@ -482,6 +489,8 @@ class XSMDriver(driver.ComputeDriver):
         qemu = None
         if self._qemu:
             qemu = self._guest_options(context, instance, image_meta)
+        elif self._resources:
+            qemu = {'memory_mib': flavor.memory_mb, 'vcpus': flavor.vcpus}
         image = self._fetch_image(context, instance, image_meta)
         try:
             image_size = (image['size'] if image is not None else

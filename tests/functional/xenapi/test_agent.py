@@ -20,6 +20,7 @@ and CloudStack adapters use. The pools are fake xapi servers on loopback.
 """
 
 import functools
+import os
 import time
 
 from oslo_config import cfg
@@ -29,6 +30,7 @@ from xsm_driver.cmd import common
 from xsm_driver import conf as xsm_conf
 from xsm_driver.core import engine as engine_mod
 from xsm_driver.core.migration import errors as mig_errors
+from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
@@ -110,9 +112,52 @@ class TestAgentOnXenAPI(xfix.PoolsTestCase):
         exc = self.assertRaises(mig_errors.VDINotInMap, client.migrate_vm,
                                 vm['uuid'], 'pool-b', {}, {'0': xfix.NET})
         self.assertIn(vm['disks'][0]['vdi'], str(exc))
-        exc = self.assertRaises(errors.NotSupported, client.vm_create,
-                                'x', [])
+        exc = self.assertRaises(errors.NotSupported, client.vm_snapshot,
+                                vm['uuid'])
         self.assertIn('xe', str(exc))
+        # a pool's VM has no serial console: the class Nova's driver
+        # turns into "console not available"
+        exc = self.assertRaises(errors.ConsoleNotSupported,
+                                client.vm_console, vm['uuid'])
+        self.assertIsInstance(exc, host_mod.InvalidVMState)
+        self.assertIn('VNC', str(exc))
+
+    def test_vm_lifecycle_through_the_agent_api(self):
+        conf = self.make_conf(vm_network=xfix.NET, host='pool-a-master',
+                              shutdown_timeout=5.0)
+        client = self.start_agent(conf)
+        vm = client.vm_create('i-1', [{'sr': 'NFS-A', 'size': 8 << 20}],
+                              ['port-1'], qemu={'memory_mib': 300,
+                                                'vcpus': 3})
+        self.assertEqual(('halted', ['port-1'], 300, 3), (
+            vm['power_state'], vm['vifs'], vm['memory_mib'], vm['vcpus']))
+        folder = manager.image_folder(self.make_conf_host(conf))
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, 'i-1.raw')
+        with open(path, 'wb') as f:
+            f.write(b'\x01' * 4096)
+        self.assertEqual({'size': 4096, 'written': 4096}, client.vdi_import(
+            vm['disks'][0]['vdi'], path, 'raw'))
+        self.assertEqual('running', client.vm_start(vm['uuid'])[
+            'power_state'])
+        self.assertEqual('paused', client.vm_pause(vm['uuid'])[
+            'power_state'])
+        exc = self.assertRaises(host_mod.InvalidVMState, client.vm_pause,
+                                vm['uuid'])
+        self.assertIn('needs it running', str(exc))
+        self.assertEqual('running', client.vm_resume(vm['uuid'])[
+            'power_state'])
+        self.assertEqual('halted', client.vm_stop(vm['uuid'])[
+            'power_state'])
+        client.vm_destroy(vm['uuid'])
+        self.assertRaises(host_mod.VMNotFound, client.vm_get, vm['uuid'])
+        self.assertEqual(['web-1'], [v['name'] for v in client.vm_list()])
+
+    def make_conf_host(self, conf):
+        """What the agent's host answers image_folder with."""
+        class Host:
+            state_path = conf.agent.state_path
+        return Host
 
     def test_operator_mistakes_cross_the_rpc_boundary_as_themselves(self):
         # wrong password: a clear error on the client, not a RemoteError

@@ -149,9 +149,16 @@ class AgentEndpoint:
         for sr in self.host.srs.values():
             srs.append(dict(sr.capacity(), name=sr.name, type=sr.type,
                             path=sr.path))
-        return {'name': self.host.name, 'srs': srs,
+        info = {'name': self.host.name, 'srs': srs,
                 'vms': len(self.host.vms),
                 'active_migrations': self.manager.active()}
+        # a host that knows its guests' memory and CPUs (a pool host of
+        # the xenapi engine): {'memory_mib', 'memory_free_mib', 'vcpus',
+        # 'hosts'}, and that its VMs take the flavor's memory and vCPUs
+        resources = getattr(self.host, 'resources', None)
+        if resources is not None:
+            info['resources'] = resources()
+        return info
 
     def vdi_list(self, context, sr=None):
         srs = [self.host.sr(sr)] if sr else self.host.srs.values()

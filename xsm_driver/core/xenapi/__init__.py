@@ -27,8 +27,11 @@ and the Nova and CloudStack adapters work unchanged on either:
   VDI, SR or host and what to do;
 * :mod:`.engine` -- the engine: ``Host.migrate_receive``,
   ``VM.assert_can_migrate``, ``Async.VM.migrate_send``,
-  ``Async.VDI.pool_migrate``, task polling, ``task.cancel``, queueing;
-* :mod:`.pool` -- the pool's SRs, VDIs and VMs as the agent lists them;
+  ``Async.VDI.pool_migrate``, ``Async.VM.pool_migrate``, task polling,
+  ``task.cancel``, queueing;
+* :mod:`.pool` -- the pool's SRs, VDIs and VMs as the agent lists them,
+  and their lifecycle through xapi (create from a template, image
+  import, start, stop, pause, reboot, destroy) for Nova;
 * :mod:`.coldcopy` -- a VDI copied out of a pool through xapi's NBD
   export into a local SR, allocated data only.
 """

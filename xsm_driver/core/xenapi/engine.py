@@ -31,7 +31,10 @@ xapi_vm_migrate.ml, xapi_vm_lifecycle.ml, xapi_host.ml,
 message_forwarding.ml, helpers.ml; see :mod:`.preflight`), so that what
 xapi would refuse is refused first, in words, and nothing xapi allows.
 Abort cancels the task (``task.cancel``); xapi then rolls back: the VM
-goes on on the source. A VDI moves within the pool with
+goes on on the source. A running VM whose disks all stay where they are
+moves to another host of its pool with ``Async.VM.pool_migrate`` (live;
+a host of the pool is a destination by its name too, as Nova names its
+computes). A VDI moves within the pool with
 ``Async.VDI.pool_migrate``; a VDI copied to a *local* SR of the agent
 (``[xenapi]local_repositories``) goes through xapi's NBD export
 (:mod:`.coldcopy`).
@@ -454,6 +457,9 @@ class VMMigration(_Migration):
             if plan[key]:
                 xapi_options[key] = 'true'
 
+        if plan.get('pool_migrate'):
+            return self._run_pool_migrate()
+
         def attempt():
             self._check()
             self._set_phase('prepare-receive', dest=plan['destination'],
@@ -482,7 +488,33 @@ class VMMigration(_Migration):
         new_vm = self._busy_retry(attempt)
         self.result = self.engine.describe_result(plan, new_vm)
 
+    def _run_pool_migrate(self):
+        """A running VM to another host of the pool, its disks staying.
+
+        ``Async.VM.pool_migrate`` with ``live`` (message_forwarding.ml
+        ``VM.pool_migrate``: xapi copies the memory, the VM's disks are on
+        SRs both hosts see); its phase is ``copy`` (of the memory), its
+        progress the memory's.
+        """
+        src, plan = self.engine.source, self.plan
+
+        def attempt():
+            self._check()
+            self._set_phase('copy', vm=plan['vm_uuid'],
+                            dest=plan['destination'])
+            self.task = self._start_task(
+                src, 'VM.pool_migrate',
+                (plan['vm'], plan['dest_host'], {'live': 'true'}),
+                'VM', plan['vm'], 'pool_migrate')
+            return self._follow(src)
+
+        self._busy_retry(attempt)
+        self.result = {'vm': plan['vm_uuid'], 'vdis': {},
+                       'host': plan.get('dest_host_name')}
+
     def _after_failure(self):
+        if self.plan.get('pool_migrate'):
+            return                      # nothing was made anywhere
         try:
             self.leftovers = self.engine.leftovers(self.plan)
         except Exception as exc:
@@ -571,7 +603,9 @@ class XenAPIEngine:
     def __init__(self, name, source, destinations=None, options=None,
                  state_path=None, local_srs=None, migration_network=None,
                  compress=False, poll_interval=1.0, lost_timeout=300.0,
-                 busy_wait=10.0, allow_insecure_nbd=False):
+                 busy_wait=10.0, allow_insecure_nbd=False, pool_host=None,
+                 vm_template='Other install media', vm_network=None,
+                 shutdown_timeout=60.0):
         self.name = name
         self.source = source
         self.destinations = dict(destinations or {})
@@ -592,12 +626,15 @@ class XenAPIEngine:
         self.slots = SlotQueue(limit)
         self.stopping = threading.Event()
         state_path = state_path or '.'
+        self.state_path = state_path
         self.journal = journal_mod.Journal(
             os.path.join(state_path, 'xenapi-journal.sqlite'))
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._migrations = {}
-        self.host = pool_mod.PoolHost(self)
+        self.host = pool_mod.PoolHost(
+            self, host=pool_host, vm_template=vm_template,
+            vm_network=vm_network, shutdown_timeout=shutdown_timeout)
 
     # -- pools and names -------------------------------------------------
 
@@ -702,14 +739,18 @@ class XenAPIEngine:
         """Move (``copy=True``: copy) a VM and its disks with xapi.
 
         :param vm: the VM's uuid or unique name.
-        :param dest_host: ``POOL`` or ``POOL/HOST``.
+        :param dest_host: ``POOL`` or ``POOL/HOST``, or ``HOST`` of this
+            pool (by its name_label) when no pool has that name.
         :param vdi_map: ``{VDI uuid: SR uuid or unique name}`` of every
             disk; the other VDIs are placed as xapi places them: a
             snapshot's VDI follows its disk, one whose disk is gone goes
             to the destination's default SR, a suspend image to its
             suspend-image SR (see :func:`preflight.full_vdi_map`).
-        :param vif_map: ``{VIF uuid, device or MAC: network uuid or
-            name}``; across pools required for every VIF (a snapshot's
+        :param vif_map: ``{VIF uuid, device, MAC or the name the agent
+            made it with: network uuid or name}`` (a VIF mapped to its own
+            name keeps a network of the same name, see
+            :func:`preflight.named_vif_map`); across pools required for
+            every VIF (a snapshot's
             VIF with the MAC of a mapped one follows it); within the pool
             xapi takes none (a VIF kept on its network is dropped).
         :param options: ``copy`` (across pools; of a VM that is not
@@ -796,8 +837,50 @@ class XenAPIEngine:
             'XCP-ng pool receives VMs through xapi (Host.migrate_receive), '
             'not from a native xsm-agent')
 
-    receive_preflight = receive_prepare = receive_compose = \
-        receive_complete = receive_abort = receive_status = _not_destination
+    receive_prepare = receive_compose = receive_complete = \
+        receive_status = _not_destination
+
+    def receive_preflight(self, spec):
+        """Whether this pool could take the disks of ``spec`` (Nova's check).
+
+        A pool receives through xapi (``Host.migrate_receive``), so the
+        only honest check here is the one a destination can make before
+        it is asked: each SR named exists in this pool, and holds the
+        allocated bytes of the disks that are not on it already (a VM of
+        this pool moving to another of its hosts needs no room).
+        """
+        need = collections.Counter()
+        srs = {}
+        for vdi in spec.get('vdis', ()):
+            sr = self.host.sr(vdi['sr'])
+            if not isinstance(sr, pool_mod.PoolSR):
+                raise errors.NotSupported(
+                    what='receiving into local SR %s' % sr.name,
+                    reason='a VM of the pool has its disks in SRs of the '
+                    'pool')
+            srs[sr.name] = sr
+            try:
+                here = self.source.call('VDI.get_SR', self.source.call(
+                    'VDI.get_by_uuid', vdi['uuid']))
+            except XenAPI.Failure:
+                here = None
+            if here != sr.ref:
+                need[sr.name] += int(vdi.get('allocated') or
+                                     vdi.get('size') or 0)
+        for name, nbytes in need.items():
+            free = srs[name].capacity()['free']
+            if nbytes > free:
+                raise errors.XenAPIError(
+                    code='SR_FULL', detail='SR %s of pool %s has %d bytes '
+                    'free; the disks need %d' % (name, self.name, free,
+                                                 nbytes))
+
+    def receive_abort(self, mid):
+        """Nothing is held here: xapi rolls back its own receives."""
+        return 'aborted'
+
+    def receive_renew(self, mid):
+        return {'lease_timeout': None}
 
     # -- recovery and shutdown ---------------------------------------------
 
@@ -923,6 +1006,14 @@ class XenAPIEngine:
         """Check everything from XenAPI records; what the run needs."""
         src = self.source
         pool_name, host_name = preflight.parse_destination(dest)
+        if host_name is None and pool_name != self.name and \
+                pool_name not in self.destinations:
+            # a host of this pool by its name (a Nova compute node named
+            # like its XenServer host): a move within the pool
+            names = [r.get('name_label') for r in self._call(
+                src, 'host.get_all_records').values()]
+            if pool_name in names:
+                pool_name, host_name = self.name, pool_name
         dpool = self.pool(pool_name)
         cross = dpool is not src
         vm_ref = self.find_vm(vm)
@@ -1016,8 +1107,10 @@ class XenAPIEngine:
         for ref, recs in moving.items():
             grow = headroom * sum(1 for r in recs if r['uuid'] in disk_uuids)
             total += preflight.check_space(dsrs[ref], recs, extra=grow)
-        # source SRs of the running disks: room for xapi's snapshots
-        if live:
+        # source SRs of the running disks: room for xapi's snapshots (a
+        # VM whose disks all stay moves with VM.pool_migrate: none)
+        pool_migrate = not cross and live and not moving and not opts.copy
+        if live and not pool_migrate:
             by_sr = collections.defaultdict(list)
             for rec in disks.values():
                 by_sr[rec['SR']].append(rec)
@@ -1040,6 +1133,10 @@ class XenAPIEngine:
                                snapshot="'%s'" % name)
                     snap_vifs[rec['uuid']] = rec
                     vif_refs[rec['uuid']] = r
+        vif_map = preflight.named_vif_map(
+            vif_map, vifs, {r: self._call(src, 'network.get_name_label',
+                                          r)
+                            for r in {v['network'] for v in vifs.values()}})
         vifmap = preflight.resolve_vifs(vifs, vif_map, cross, snap_vifs)
         nets = self._call(dpool, 'network.get_all_records')
         xapi_vif_map = {vif_refs[u]: preflight.resolve(
@@ -1067,7 +1164,27 @@ class XenAPIEngine:
         preflight.check_migration_network(
             hosts[dhost], nets[net_ref],
             [p for p in pifs if p.get('host') == dhost])
+        memory = 0
+        if pool_migrate:
+            if dhost == shost:
+                raise errors.XenAPIError(
+                    code='NOTHING_TO_MIGRATE', detail='VM %s already runs '
+                    'on host %s and its disks stay on their SRs'
+                    % (vmr['uuid'], hosts[dhost].get('name_label')))
+            # xapi_vm_helpers.ml assert_can_see_SRs (VM_REQUIRES_SR)
+            for rec in disks.values():
+                if not self._host_sees(src, dhost, rec['SR']):
+                    raise errors.XenAPIError(
+                        code='VM_REQUIRES_SR', detail='host %s does not see '
+                        'SR %s of disk %s: the VM can move there only with '
+                        'its disks (map them to an SR that host sees)'
+                        % (hosts[dhost].get('name_label'),
+                           self._call(src, 'SR.get_name_label', rec['SR']),
+                           rec['uuid']))
+            memory = preflight.as_int(vmr.get('memory_dynamic_max'))
         return {
+            'pool_migrate': pool_migrate,
+            'dest_host_name': hosts[dhost].get('name_label'),
             'vm': vm_ref, 'vm_uuid': vmr['uuid'],
             'vm_name': vmr.get('name_label'), 'live': live,
             'destination': dest, 'dest_pool': dpool, 'dest_host': dhost,
@@ -1082,7 +1199,7 @@ class XenAPIEngine:
             'dest_srs': {ref: sorted(self._call(dpool, 'SR.get_VDIs', ref))
                          for ref in set(sr_ref.values())},
             'copy': bool(opts.copy), 'compress': compress, 'force': force,
-            'bytes': total, 'slot': shost,
+            'bytes': memory if pool_migrate else total, 'slot': shost,
         }
 
     def _userdevices(self, pool, vm_ref):
@@ -1292,4 +1409,6 @@ def from_config(conf, peer_factory=None, options=None):
         local_srs=local, migration_network=x.migration_network,
         compress=x.compress, poll_interval=x.poll_interval,
         lost_timeout=x.lost_timeout, busy_wait=x.busy_wait,
-        allow_insecure_nbd=x.allow_insecure_nbd)
+        allow_insecure_nbd=x.allow_insecure_nbd, pool_host=x.host,
+        vm_template=x.vm_template, vm_network=x.vm_network,
+        shutdown_timeout=x.shutdown_timeout)

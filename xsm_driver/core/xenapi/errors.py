@@ -24,6 +24,7 @@ same way.
 """
 
 from xsm_driver.core.migration import errors
+from xsm_driver.core.migration import host as host_mod
 
 
 class XenAPIError(errors.MigrationError):
@@ -56,6 +57,12 @@ class NotSupported(XenAPIError):
     """What the native engine does but xapi does not let us do."""
 
     msg_fmt = "%(what)s is not possible on the xenapi engine: %(reason)s"
+
+
+class ConsoleNotSupported(NotSupported, host_mod.InvalidVMState):
+    """No serial console to read (a Nova driver answers "not available")."""
+
+    msg_fmt = NotSupported.msg_fmt
 
 
 class VDINotInMap(errors.VDINotInMap, XenAPIError):
@@ -91,6 +98,13 @@ def _first(params, describe, kind):
 
 def _p(params, i, default=''):
     return params[i] if len(params) > i else default
+
+
+def _mib(value):
+    try:
+        return str(int(value) >> 20)
+    except (TypeError, ValueError):
+        return '?'
 
 
 def translate(details, describe=None, context=''):
@@ -227,6 +241,35 @@ host (xapi: HOST_DISABLED)'
     elif code == 'HANDLE_INVALID':
         detail = ('the %s %s no longer exists (it was removed while we '
                   'worked)' % (_p(params, 0), _p(params, 1)))
+    elif code == 'VM_IS_TEMPLATE':
+        # [vm; op] (xapi_vm_lifecycle.ml check_template)
+        detail = ('%s is a template: xapi does not %s a template%s; '
+                  'check [xenapi]vm_template' % (
+                      describe(_p(params, 0), 'VM'),
+                      _p(params, 1).replace('_', ' ') or 'do that', where))
+    elif code == 'HOST_NOT_ENOUGH_FREE_MEMORY':
+        # [needed; available] (xapi_vm_helpers.ml
+        # assert_enough_memory_available)
+        detail = ('the host has %s MiB of memory free, the VM needs %s '
+                  'MiB%s; choose another host or a smaller flavor'
+                  % (_mib(_p(params, 1)), _mib(_p(params, 0)), where))
+    elif code == 'VM_REQUIRES_SR':
+        # [vm; sr] (xapi_vm_helpers.ml assert_can_see_SRs)
+        detail = ('%s needs %s, which the host does not see%s; move its '
+                  'disks with the VM (block migration) or plug the SR '
+                  'there' % (describe(_p(params, 0), 'VM'),
+                             describe(_p(params, 1), 'SR'), where))
+    elif code == 'NO_HOSTS_AVAILABLE':
+        detail = ('no host of the pool can run the VM now (memory, SRs, '
+                  'networks or disabled hosts)%s' % where)
+    elif code == 'VDI_IN_USE':
+        # [vdi; operation] (xapi_vdi.ml)
+        detail = ('%s is in use by a running VM%s; stop the VM first'
+                  % (describe(_p(params, 0), 'VDI'), where))
+    elif code == 'VDI_IO_ERROR':
+        detail = ('xapi could not write the image into the disk%s (%s): '
+                  'an image larger than the disk, or not a VHD it reads'
+                  % (where, _p(params, 0) or 'I/O error'))
     elif code == 'TASK_CANCELLED':
         return MigrationAborted(id=context or '?', reason='the xapi task '
                                 'was cancelled', code=code)

@@ -275,6 +275,41 @@ def resolve_vifs(vifs, vif_map, cross_pool, snapshot_vifs=None):
     return out
 
 
+def named_vif_map(vif_map, vifs, net_names):
+    """A VIF map given with the VIFs' own names, as xapi VIF keys.
+
+    A VIF the agent made keeps the name it was made with
+    (``other_config:xsm-vif``, e.g. a Neutron port id, what the agent's
+    VM lists); such a key becomes the VIF's uuid. An entry that maps a
+    VIF to its own name (Nova's "the same network") keeps the VIF on the
+    network of the same name (name_label) in the destination pool.
+
+    :param vif_map: ``{key: network}`` as asked for.
+    :param vifs: ``{uuid: VIF record}`` of the VM.
+    :param net_names: ``{network ref: name_label}`` of those VIFs.
+
+    >>> named_vif_map({'port-1': 'port-1', '1': 'n2'},
+    ...               {'u1': {'other_config': {'xsm-vif': 'port-1'},
+    ...                       'network': 'N1'}}, {'N1': 'guests'})
+    {'u1': 'guests', '1': 'n2'}
+    """
+    by_name = {}
+    for uuid, vif in vifs.items():
+        name = (vif.get('other_config') or {}).get('xsm-vif')
+        if name:
+            by_name[name] = uuid
+    out = {}
+    for key, network in vif_map.items():
+        uuid = by_name.get(key)
+        if uuid is None:
+            out[key] = network
+            continue
+        if network == key:
+            network = net_names.get(vifs[uuid].get('network'), network)
+        out[uuid] = network
+    return out
+
+
 def intra_pool_vif_map(vif_map, vifs):
     """The VIF map to send within a pool: always empty.
 

@@ -26,6 +26,7 @@ shown by ``repr``.
 
 import http.client
 import logging
+import os
 import ssl
 import threading
 import time
@@ -285,6 +286,57 @@ class Pool:
         finally:
             if transport is not None:
                 transport.close()
+
+    # -- HTTP handlers -------------------------------------------------------
+
+    def put(self, path, query, filename, chunk=1 << 20):
+        """PUT a file to an HTTP handler of the master (``/import_raw_vdi``).
+
+        With this pool's session (``session_id``), TLS settings and
+        timeout; the body has a Content-Length (xapi's import handlers
+        refuse ``Transfer-Encoding``, import_raw_vdi.ml).
+
+        :returns: the HTTP status.
+        :raises errors.PoolUnreachable: the master cannot be reached.
+        """
+        with self._lock:
+            if self._session is None:
+                self._session = self._login()
+            session = self._session._session
+        parts = urllib.parse.urlsplit(self.url)
+        query = dict(query, session_id=session)
+        target = '%s?%s' % (path, urllib.parse.urlencode(sorted(
+            query.items())))
+        if parts.scheme == 'https':
+            ctx = (ssl._create_unverified_context() if self._insecure else
+                   ssl.create_default_context(cafile=self._ca_file))
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port,
+                                               timeout=self.timeout,
+                                               context=ctx)
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port,
+                                              timeout=self.timeout)
+        length = os.path.getsize(filename)
+        try:
+            conn.putrequest('PUT', target)
+            conn.putheader('Content-Length', str(length))
+            conn.putheader('Content-Type', 'application/octet-stream')
+            conn.endheaders()
+            with open(filename, 'rb') as f:
+                while True:
+                    data = f.read(chunk)
+                    if not data:
+                        break
+                    conn.send(data)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        except (OSError, http.client.HTTPException) as exc:
+            raise errors.PoolUnreachable(
+                pool=self.name, url=self.url, reason='PUT %s failed: %s: %s'
+                % (path, type(exc).__name__, exc))
+        finally:
+            conn.close()
 
     # -- calls ---------------------------------------------------------------
 
