@@ -1,10 +1,11 @@
 #!/bin/bash
 # Set everything up (tools/setup.sh) and run the whole test suite with stestr,
 # then (without a filter) the Nova driver's tests in Nova's own harness
-# (tools/run-nova-tests.sh).  Extra arguments are passed to "stestr run" as a
-# test filter.  The last line is always "N passed, N failed, N skipped",
-# counted from the subunit streams of this run; the exit status is non-zero
-# if a test failed or none ran.
+# (tools/run-nova-tests.sh) and in a multi-process Nova deployment
+# (tools/run-nova-deployment-tests.sh).  Extra arguments are passed to
+# "stestr run" as a test filter.  The last line is always "N passed, N
+# failed, N skipped", counted from the subunit streams of this run; the exit
+# status is non-zero if a test failed or none ran.
 
 source "$(dirname "$0")/setup.sh"
 set +e
@@ -38,10 +39,16 @@ if [ $# = 0 ]; then
     bash tools/run-nova-tests.sh 2>&1 | tee "$nova_out"
     nova_rc=${PIPESTATUS[0]}
     nova_line="$(tail -n 1 "$nova_out")"
+    # and a real multi-process Nova deployment (tests/nova_deployment)
+    echo "==> Nova deployment tests (tools/run-nova-deployment-tests.sh)"
+    bash tools/run-nova-deployment-tests.sh 2>&1 | tee "$nova_out"
+    deploy_rc=${PIPESTATUS[0]}
+    deploy_line="$(tail -n 1 "$nova_out")"
     rm -f "$nova_out"
     echo "main suite: $main_line"
     echo "Nova suite: $nova_line"
-    python3 - "$main_line" "$nova_line" <<'PY'
+    echo "Nova deployment: $deploy_line"
+    python3 - "$main_line" "$nova_line" "$deploy_line" <<'PY'
 import re, sys
 total = [0, 0, 0]
 for line in sys.argv[1:]:
@@ -56,7 +63,7 @@ for line in sys.argv[1:]:
         total[i] += int(n or 0)
 print('%d passed, %d failed, %d skipped' % tuple(total))
 PY
-    [ "$main_rc" = 0 ] && [ "$nova_rc" = 0 ]
+    [ "$main_rc" = 0 ] && [ "$nova_rc" = 0 ] && [ "$deploy_rc" = 0 ]
 else
     echo "$main_line"
     [ "$main_rc" = 0 ]

@@ -1,0 +1,415 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Nova as an operator runs it, with two xsm computes, driven by ``openstack``.
+
+One deployment (:mod:`tests.nova_deployment.deployment`: separate
+placement-api, nova-api, nova-conductor, nova-scheduler and two
+nova-compute processes, MariaDB, RabbitMQ) serves every test of the
+class; each test boots its own server with python-openstackclient and
+checks what happened on the hosts through their xsm agents. While a
+migration runs, ``GET /servers/{id}/migrations`` and ``GET
+/os-migrations`` are polled at the newest microversion; nova-api runs
+with ``[api]response_validation = error``, so a migration record field
+nova's schema refuses fails the test (a 400/500 answer).
+
+The computes' ``[xsm]bandwidth_limit`` slows the copy so that a test
+catches a migration running (abort, force-complete).
+"""
+
+import os
+import signal
+import threading
+import unittest
+
+import requests
+import testtools
+from testtools import content
+
+from tests.nova_deployment import deployment as dep_mod
+
+ALPHA, BETA = dep_mod.HOSTS
+MiB = 1 << 20
+GiB = 1 << 30
+#: nova's power_state.RUNNING, as "openstack server show -f json" gives it
+RUNNING = 1
+
+#: [xsm]bandwidth_limit of the computes, MiB/s
+BANDWIDTH_MIB = 8
+#: guest writes per second per disk
+GUEST_RATE = 20
+#: the fraction of the 1 GiB root disk the guest writes before a
+#: migration: small for the round trip, big enough for abort and
+#: force-complete to catch the copy running (~32 s at the limit)
+SMALL_FILL, BIG_FILL = 0.01, 0.25
+#: the log lines kept with a failure, per log
+LOG_TAIL = 150
+#: seconds the services' slowest steps may take on a busy 2-core machine
+TIMEOUT = 240
+
+
+def _in_ci():
+    return os.environ.get('CI') == 'true'
+
+
+class NovaDeploymentTest(testtools.TestCase):
+    """The operator's scenarios on one deployment.
+
+    Boot, live block migration there and back, abort, force-complete,
+    restart of nova-compute under a running guest.
+    """
+
+    dep = None
+    failures = 0
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        missing = dep_mod.problems()
+        if missing:
+            message = 'no deployment possible here: %s' % '; '.join(missing)
+            if _in_ci():            # CI never hides a missing peer
+                raise AssertionError(message)
+            raise unittest.SkipTest(message)
+        cls.dep = dep_mod.Deployment(bandwidth_limit=BANDWIDTH_MIB,
+                                     log=lambda line: None)
+        try:
+            cls.dep.start()
+        except BaseException:
+            cls.dep.stop(remove=False)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        dep, cls.dep = cls.dep, None
+        if dep is not None:
+            problems = dep.stop(remove=cls.failures == 0)
+            if problems:
+                raise AssertionError('the deployment did not end cleanly '
+                                     '(%s kept): %s' % (dep.root,
+                                                        '; '.join(problems)))
+        super().tearDownClass()
+
+    def setUp(self):
+        super().setUp()
+        self.addOnException(self._attach_logs)
+
+    def _attach_logs(self, exc_info):
+        type(self).failures += 1
+        dep = self.dep
+        paths = [os.path.join(dep.logs, '%s.log' % n) for n in (
+            ALPHA, BETA, 'nova-conductor', 'nova-api', 'nova-scheduler')]
+        paths += [os.path.join(dep.xsm_state(h), 'xsm-agent.log')
+                  for h in dep_mod.HOSTS]
+        for path in paths:
+            try:
+                with open(path, errors='replace') as f:
+                    lines = f.readlines()[-LOG_TAIL:]
+            except OSError:
+                continue
+            lines = [ln for ln in lines if ' DEBUG ' not in ln] or lines
+            self.addDetail(os.path.relpath(path, dep.root),
+                           content.text_content(''.join(lines)))
+
+    # -- helpers -----------------------------------------------------------
+
+    def openstack(self, *args, **kwargs):
+        return self.dep.openstack(*args, **kwargs)
+
+    def wait_for(self, what, predicate, timeout=TIMEOUT, interval=1.0):
+        return self.dep.wait_for(what, predicate, timeout, interval)
+
+    def show(self, server_id):
+        return self.openstack('server', 'show', server_id)
+
+    def boot(self, host=ALPHA, image=dep_mod.ZERO_IMAGE_NAME):
+        name = 'vm-%s' % self.id().rsplit('.', 1)[-1]
+        server = self.openstack(
+            'server', 'create', '--flavor', dep_mod.FLAVOR, '--image',
+            image, '--nic', 'none', '--availability-zone',
+            'nova:%s' % host, '--wait', name, timeout=TIMEOUT)
+        self.addCleanup(self.delete, server['id'])
+        server = self.show(server['id'])
+        self.assertEqual('ACTIVE', server['status'], server)
+        self.assertEqual(host, server['OS-EXT-SRV-ATTR:host'])
+        self.assertEqual(RUNNING, server['OS-EXT-STS:power_state'])
+        vm = self.dep.agent_api(host).vm_get(server['id'])
+        self.assertEqual('running', vm['power_state'])
+        return server
+
+    def delete(self, server_id):
+        self.openstack('server', 'delete', '--wait', server_id, parse=False,
+                       timeout=TIMEOUT)
+        for host in dep_mod.HOSTS:
+            api = self.dep.agent_api(host)
+            self.assertNotIn(server_id, [v['name'] for v in api.vm_list()])
+            self.assertEqual([], api.vdi_list())
+
+    def root_disk(self, host, vm):
+        """The first bytes of ``vm``'s root disk, read from the SR."""
+        from xsm_driver.core.block import backends
+        vdi = vm['disks'][0]['vdi']
+        dev = backends.VHDDevice(os.path.join(self.dep.sr_path(host),
+                                              '%s.vhd' % vdi))
+        try:
+            return bytes(dev.pread(0, len(dep_mod.IMAGE_DATA)))
+        finally:
+            dev.close()
+
+    def guest(self, server, host, fill=SMALL_FILL):
+        return self.dep.agent_api(host).guest_start(
+            server['id'], rate=GUEST_RATE, fill=fill)
+
+    def guest_writes(self, server, host):
+        """The VM's power state and its guest's writes so far."""
+        vm = self.dep.agent_api(host).vm_get(server['id'])
+        self.assertIsNone(vm['guest']['error'], vm)
+        return vm['power_state'], vm['guest']['writes']
+
+    def assert_guest_verified(self, server, host):
+        result = self.dep.agent_api(host, timeout=TIMEOUT).guest_verify(
+            server['id'])
+        self.assertTrue(result['verified'], result)
+        self.assertEqual(GiB, result['bytes_verified'])
+        self.assertGreater(result['writes'], 0)
+        return result
+
+    def strict_get(self, path):
+        """GET on nova-api at the newest microversion (no client)."""
+        return requests.get(self.dep.url('nova-api') + path, headers={
+            'OpenStack-API-Version': 'compute latest',
+            'X-OpenStack-Nova-API-Version': 'latest'}, timeout=60)
+
+    def poll_migrations(self, server, interval=0.2):
+        """Poll the migration APIs until the test ends; fail on 4xx/5xx.
+
+        :returns: the list the records of ``GET /servers/{id}/
+            migrations`` are added to.
+        """
+        urls = ['/servers/%s/migrations' % server['id'], '/os-migrations']
+        problems, seen = [], []
+        stop = threading.Event()
+
+        def poll_once():
+            for url in urls:
+                resp = self.strict_get(url)
+                if resp.status_code != 200:
+                    problems.append('GET %s: %s %s' % (
+                        url, resp.status_code, resp.text[:500]))
+                elif url.startswith('/servers/'):
+                    seen.extend(resp.json()['migrations'])
+
+        def poll():
+            while not stop.is_set():
+                try:
+                    poll_once()
+                except Exception as exc:    # keep polling; report it
+                    problems.append('GET: %r' % exc)
+                stop.wait(interval)
+
+        thread = threading.Thread(target=poll, daemon=True)
+
+        def finish():
+            stop.set()
+            thread.join(60)
+            poll_once()
+            self.assertEqual([], problems[:5])
+        self.addCleanup(finish)
+        thread.start()
+        return seen
+
+    def live_migrate(self, server, host=None, wait=True):
+        args = ['server', 'migrate', '--live-migration', '--block-migration']
+        if host:
+            args += ['--host', host]
+        if wait:
+            args.append('--wait')
+        self.openstack(*(['--os-compute-api-version', '2.30'] + args +
+                         [server['id']]), parse=False, timeout=TIMEOUT)
+
+    def migration(self, server, statuses=None):
+        """The newest live migration record of ``server`` (os-migrations)."""
+        resp = self.strict_get('/os-migrations?instance_uuid=%s'
+                               '&migration_type=live-migration'
+                               % server['id'])
+        self.assertEqual(200, resp.status_code, resp.text)
+        records = sorted(resp.json()['migrations'], key=lambda m: m['id'])
+        if not records:
+            return None
+        if statuses is not None and records[-1]['status'] not in statuses:
+            return None
+        return records[-1]
+
+    def wait_for_server(self, server, host, status='ACTIVE'):
+        def check():
+            s = self.show(server['id'])
+            if s['OS-EXT-SRV-ATTR:host'] == host and \
+                    s['status'] == status and \
+                    s['OS-EXT-STS:task_state'] is None:
+                return s
+            return None
+        return self.wait_for('server %s %s on %s' % (server['id'], status,
+                                                     host), check)
+
+    def wait_for_copy(self, host=ALPHA, minimum=MiB):
+        """The engine's migration on ``host``, once it copies data."""
+        def copying():
+            for m in self.dep.agent_api(host).migration_list():
+                if m['phase'] == 'copy' and \
+                        m['progress']['done'] >= minimum:
+                    return m
+            return None
+        return self.wait_for('the copy to be under way on %s' % host,
+                             copying, interval=0.2)
+
+    def running_migration(self, server):
+        """The in-progress migration of GET /servers/{id}/migrations."""
+        def running():
+            resp = self.strict_get('/servers/%s/migrations' % server['id'])
+            self.assertEqual(200, resp.status_code, resp.text)
+            return (resp.json()['migrations'] or [None])[0]
+        return self.wait_for('a running migration of %s' % server['id'],
+                             running, interval=0.2)
+
+    def ensure_compute(self, host):
+        """Start nova-compute ``host`` unless it runs; wait until up."""
+        if host not in self.dep.procs:
+            self.dep.start_compute(host)
+
+        def compute_up():
+            services = self.openstack('compute', 'service', 'list',
+                                      '--service', 'nova-compute',
+                                      '--host', host)
+            return services and services[0]['State'] == 'up'
+        self.wait_for('nova-compute %s up' % host, compute_up)
+
+    # -- the scenarios (run in this order, on one deployment) ---------------
+
+    def test_0_boot_from_an_image(self):
+        server = self.boot(BETA, image=dep_mod.IMAGE_NAME)
+        vm = self.dep.agent_api(BETA).vm_get(server['id'])
+        # nova-compute fetched the image from the image service with
+        # nova's Glance client, and the agent wrote it into the root disk
+        self.assertEqual(dep_mod.IMAGE_DATA, self.root_disk(BETA, vm))
+
+    def test_1_boot_and_live_block_migration_there_and_back(self):
+        server = self.boot(ALPHA)
+        self.guest(server, ALPHA)
+        seen = self.poll_migrations(server)
+
+        self.live_migrate(server, BETA)
+        self.wait_for_server(server, BETA)
+        self.assertEqual('completed', self.migration(server)['status'])
+        vm = self.dep.agent_api(BETA).vm_get(server['id'])
+        self.assertEqual('running', vm['power_state'])
+        self.assertNotIn(server['id'], [
+            v['name'] for v in self.dep.agent_api(ALPHA).vm_list()])
+        # the running migration, as GET /servers/{id}/migrations showed
+        # it while it ran, with the disk progress the driver saved
+        self.assertNotEqual([], seen)
+        self.assertEqual(BETA, seen[-1]['dest_compute'])
+        self.assertGreater(seen[-1]['disk_total_bytes'] or 0, 0)
+
+        # back, the scheduler choosing the host (the only other one)
+        self.live_migrate(server)
+        self.wait_for_server(server, ALPHA)
+        self.assertEqual('completed', self.migration(server)['status'])
+        self.assertEqual(RUNNING, self.show(server['id'])[
+            'OS-EXT-STS:power_state'])
+        self.assert_guest_verified(server, ALPHA)
+
+    def test_2_abort(self):
+        server = self.boot(ALPHA)
+        self.guest(server, ALPHA, fill=BIG_FILL)
+        before = sorted(v['uuid'] for v in
+                        self.dep.agent_api(BETA).vdi_list())
+        self.poll_migrations(server)
+        self.live_migrate(server, BETA, wait=False)
+        self.wait_for_copy()
+        record = self.running_migration(server)
+        self.openstack('--os-compute-api-version', '2.24', 'server',
+                       'migration', 'abort', server['id'],
+                       str(record['id']), parse=False)
+        self.wait_for('the migration cancelled',
+                      lambda: self.migration(server, ('cancelled',)))
+        server = self.wait_for_server(server, ALPHA)
+        self.assertEqual(RUNNING, server['OS-EXT-STS:power_state'])
+        # the destination is left as it was
+        self.wait_for('the destination SR as before the migration',
+                      lambda: sorted(v['uuid'] for v in self.dep.agent_api(
+                          BETA).vdi_list()) == before)
+        self.assertNotIn(server['id'], [
+            v['name'] for v in self.dep.agent_api(BETA).vm_list()])
+        self.assert_guest_verified(server, ALPHA)
+
+    def test_3_force_complete(self):
+        server = self.boot(ALPHA)
+        self.guest(server, ALPHA, fill=BIG_FILL)
+        self.poll_migrations(server)
+        self.live_migrate(server, BETA, wait=False)
+        copying = self.wait_for_copy()
+        record = self.running_migration(server)
+        total = copying['progress']['total']
+        self.openstack('--os-compute-api-version', '2.22', 'server',
+                       'migration', 'force', 'complete', server['id'],
+                       str(record['id']), parse=False)
+        self.wait_for_server(server, BETA)
+        self.assertEqual('completed', self.migration(server)['status'])
+        self.assertGreater(total, 100 * MiB)
+        self.assert_guest_verified(server, BETA)
+
+    def test_4_restart_nova_compute_under_a_running_guest(self):
+        server = self.boot(ALPHA)
+        self.guest(server, ALPHA)
+        agent_pid = self.dep.agent_pid(ALPHA)
+        self.assertIsNotNone(agent_pid)
+
+        took = self.dep.stop_compute(ALPHA, signal.SIGTERM)
+        self.addCleanup(self.ensure_compute, ALPHA)
+        # nova-compute stopped on its own, no task left hanging it
+        self.assertLess(took, 30)
+        with open(os.path.join(self.dep.logs, '%s.log' % ALPHA)) as f:
+            self.assertNotIn('Graceful shutdown timed out', f.read())
+        # the guest runs on, and writes, with nova-compute gone
+        state, writes = self.guest_writes(server, ALPHA)
+        self.assertEqual('running', state)
+        self.wait_for('the guest to write on without nova-compute',
+                      lambda: self.guest_writes(server, ALPHA)[1] >
+                      writes + GUEST_RATE, interval=0.5)
+
+        self.ensure_compute(ALPHA)
+        # the restarted nova-compute adopted the agent it left
+        self.wait_for('the restarted nova-compute to adopt the agent',
+                      lambda: 'adopted' in open(os.path.join(
+                          self.dep.logs, '%s.log' % ALPHA)).read())
+        self.assertEqual(agent_pid, self.dep.agent_pid(ALPHA))
+        server = self.show(server['id'])
+        self.assertEqual('ACTIVE', server['status'])
+        self.assertEqual(RUNNING, server['OS-EXT-STS:power_state'])
+        state, writes = self.guest_writes(server, ALPHA)
+        self.assertEqual('running', state)
+
+        # and it migrates a running guest as before
+        self.poll_migrations(server)
+        self.live_migrate(server, BETA)
+        self.wait_for_server(server, BETA)
+        self.assertEqual('completed', self.migration(server)['status'])
+        self.assert_guest_verified(server, BETA)
+
+    def test_5_computes_stop_without_a_leaked_task(self):
+        """Every migration so far ended its destination task."""
+        for host in dep_mod.HOSTS:
+            took = self.dep.stop_compute(host, signal.SIGTERM)
+            self.assertLess(took, 30, host)
+            with open(os.path.join(self.dep.logs, '%s.log' % host)) as f:
+                text = f.read()
+            self.assertNotIn('Graceful shutdown timed out', text)
