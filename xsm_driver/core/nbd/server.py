@@ -570,6 +570,15 @@ class Server:
         """
         self._stopping.set()
         if self._listener is not None:
+            if self._path is not None:
+                # (an eventlet green thread in accept() on a unix socket
+                # does not wake on the shutdown below; a connection does)
+                try:
+                    with socket.socket(socket.AF_UNIX) as wake:
+                        wake.settimeout(1.0)
+                        wake.connect(self._path)
+                except OSError:
+                    pass
             try:
                 self._listener.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -662,6 +671,9 @@ class Server:
                 LOG.warning('NBD server: accept failed: %s', exc)
                 self._stopping.wait(ACCEPT_PAUSE)
                 continue
+            if self._stopping.is_set():         # (stop()'s wake-up call)
+                self._drop(sock)
+                return
             try:
                 self._admit(sock, peer)
             except Exception as exc:       # the loop must never die

@@ -44,6 +44,7 @@ if MODE == 'eventlet':
 import errno
 import gc
 import shutil
+import socket
 import threading
 import time
 import traceback
@@ -200,6 +201,23 @@ try:
             nbd_server._Handler._transmit = transmit
         print('ok %s send deadline on a server that stopped reading'
               % what, flush=True)
+    # a unix-socket server (a QEMU guest's disk) stops, with a client
+    # and without: its accept() wakes up
+    path = os.path.join(top, 'nbd.sock')
+    for with_client in (True, False):
+        server = nbd_server.Server({'disk': dev}, path=path).start()
+        if with_client:              # (in the handshake: it said nothing)
+            peer = socket.socket(socket.AF_UNIX)
+            peer.settimeout(10)
+            peer.connect(path)
+            assert peer.recv(8) == b'NBDMAGIC'
+        server.stop()
+        assert not os.path.exists(path)
+        if with_client:
+            while peer.recv(4096):       # the server hung up
+                pass
+            peer.close()
+    print('ok unix server stop', flush=True)
     dev.close()
 finally:
     shutil.rmtree(top, ignore_errors=True)
@@ -211,7 +229,8 @@ SCENARIOS = ['%s %s' % (what, step) for what in ('tls', 'plain')
                           'close with requests in flight',
                           'abort and close',
                           'server stop with a client',
-                          'send deadline on a server that stopped reading')]
+                          'send deadline on a server that stopped reading')
+             ] + ['unix server stop']
 
 
 class EventletTest(base.TestCase):
