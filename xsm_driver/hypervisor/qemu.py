@@ -90,6 +90,10 @@ GONE = 'gone'            # no process: the guest is halted
 FOREIGN = 'foreign'      # the pid is another process now: halted, no kill
 
 
+#: seconds a completed migration's source may take to work its downtime out
+DOWNTIME_WAIT = 0.5
+
+
 class QemuError(base.HypervisorError):
     """QEMU did not start, or did not do what it was asked."""
 
@@ -810,7 +814,14 @@ class QemuDriver(base.Driver):
         if info.get('status') == 'pre-switchover':
             self.qmp_execute(name, 'migrate-continue',
                              {'state': 'pre-switchover'})
-        return self._wait_migration(name, 'completed', timeout)
+        info = self._wait_migration(name, 'completed', timeout)
+        # QEMU (7.2, migration.c) says "completed" before it works out
+        # the downtime: a query in between answers 0
+        deadline = time.monotonic() + DOWNTIME_WAIT
+        while not info.get('downtime') and time.monotonic() < deadline:
+            time.sleep(0.01)
+            info = self.qmp_execute(name, 'query-migrate')
+        return info
 
     def migrate_cancel(self, name, resume=True, timeout=30.0):
         """Cancel an outgoing migration; the guest runs on here.

@@ -52,6 +52,7 @@ from xsm_driver.core import sr as sr_mod
 from xsm_driver.core.sr import base as sr_base
 from xsm_driver import hypervisor as hv_mod
 from xsm_driver.hypervisor import base as hv_base
+from xsm_driver.hypervisor import qemu as hv_qemu
 from xsm_driver.hypervisor import verifier
 
 LOG = logging.getLogger(__name__)
@@ -290,8 +291,14 @@ class Host:
         return None
 
     def _disk_socket(self, vm_uuid, disk_name):
-        return os.path.join(self.qemu.paths(vm_uuid).folder,
+        path = os.path.join(self.qemu.paths(vm_uuid).folder,
                             'nbd-%s.sock' % disk_name)
+        if len(os.fsencode(path)) > hv_qemu.MAX_SOCKET_PATH:
+            raise hv_qemu.QemuError(
+                'socket path %s of VM %s is longer than %d bytes, the most a '
+                'unix socket address holds: give host %s a shorter state '
+                'path' % (path, vm_uuid, hv_qemu.MAX_SOCKET_PATH, self.name))
+        return path
 
     def close(self):
         """Release what the host holds: the agent is stopping.
@@ -533,6 +540,8 @@ class Host:
                     LOG.warning('the QEMU of VM %s on host %s is gone: the '
                                 'VM is halted', vm.uuid, self.name)
                     self.stop_vm(vm.uuid)
+                elif state == hv_base.CRASHED:
+                    return state            # (until it is stopped)
                 elif state in (RUNNING, PAUSED) and state != vm.power_state:
                     vm.power_state = state
             return vm.power_state

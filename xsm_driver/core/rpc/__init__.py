@@ -33,4 +33,7 @@ ALLOWED_EXMODS = [
     'xsm_driver.core.block.device',
     'xsm_driver.core.vhd.errors',
     'xsm_driver.core.xenapi.errors',
+    'xsm_driver.hypervisor',
+    'xsm_driver.hypervisor.base',
+    'xsm_driver.hypervisor.qemu',
 ]

@@ -165,10 +165,11 @@ class AgentEndpoint:
         return [v.to_dict() for s in srs for v in s.list()]
 
     def _vm_dict(self, vm):
-        if getattr(vm, 'in_qemu', False):
-            # the power state its QEMU has now, not the one last recorded
-            self.host.vm_power_state(vm.uuid)
-        return vm.to_dict()
+        if not getattr(vm, 'in_qemu', False):
+            return vm.to_dict()
+        # the power state its QEMU has now, not the one last recorded
+        state = self.host.vm_power_state(vm.uuid)
+        return dict(vm.to_dict(), power_state=state)
 
     def vm_list(self, context):
         return [self._vm_dict(vm) for vm in list(self.host.vms.values())]

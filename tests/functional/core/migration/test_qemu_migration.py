@@ -118,6 +118,16 @@ class TestQemuHost(QemuHostCase):
         host.destroy_vm(vm.uuid)
         self.assertEqual([], host.sr('sr').list())
 
+    def test_a_state_path_too_long_for_the_disk_sockets_is_named(self):
+        self.tmp = os.path.join(self.tmp, 'x' * 60)
+        host = self.make_host('host-a')
+        vm = self.make_vm(host)
+        exc = self.assertRaises(qemu.QemuError, host.start_vm, vm.uuid)
+        self.assertIn('longer than 107 bytes', str(exc))
+        self.assertIn('give host host-a a shorter state path', str(exc))
+        self.assertEqual('halted', vm.power_state)
+        self.assertIsNone(vm.disks[0].counter)
+
     def test_a_restarted_agent_finds_its_qemu_again(self):
         host = self.make_host('host-a')
         vm = self.make_vm(host)
