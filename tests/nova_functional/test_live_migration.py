@@ -423,6 +423,21 @@ class TestStartFailure(base.XSMLiveMigrationTestCase):
                          self.xsm[SOURCE].vm_get(server['id'])['power_state'])
 
 
+class TestHypervisorUptime(base.XSMLiveMigrationTestCase):
+    """``GET /os-hypervisors/{id}`` at 2.88+ asks the driver's uptime."""
+
+    def test_uptime_is_what_uptime_prints(self):
+        self.admin_api.microversion = '2.88'
+        found = self.admin_api.api_get(
+            '/os-hypervisors?hypervisor_hostname_pattern=%s' % SOURCE
+        ).body['hypervisors']
+        self.assertEqual(1, len(found), found)
+        hyp = self.admin_api.api_get(
+            '/os-hypervisors/%s' % found[0]['id']).body['hypervisor']
+        self.assertIn(' up ', hyp['uptime'])
+        self.assertIn('load average', hyp['uptime'])
+
+
 class TestSpawnFromImage(base.XSMLiveMigrationTestCase):
     """The root disk holds the Glance image's data, and it migrates."""
 

@@ -108,6 +108,7 @@ import threading
 import time
 import uuid as uuidlib
 
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 import oslo_messaging as messaging
 from oslo_utils import versionutils
@@ -380,6 +381,11 @@ class XSMDriver(driver.ComputeDriver):
 
     def get_host_ip_addr(self):
         return CONF.my_ip
+
+    def get_host_uptime(self):
+        """What ``uptime`` prints, as libvirt's driver answers it."""
+        out, _err = processutils.execute('env', 'LANG=C', 'uptime')
+        return out
 
     def _sr_info(self):
         for sr in self._api.host_info()['srs']:
