@@ -314,15 +314,7 @@ def fill_chunks(size, seed, chunk=2 * MiB):
 def our_qemus(root):
     """Pids of the QEMUs whose command line names a path under root."""
     from xsm_driver.hypervisor import qemu
-    found = []
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
-        argv = qemu.process_argv(int(name))
-        if argv and os.path.basename(argv[0]).startswith('qemu-system') \
-                and any(root + os.sep in a for a in argv):
-            found.append(int(name))
-    return found
+    return qemu.processes_naming(root + os.sep)
 
 
 class Ours:

@@ -58,19 +58,6 @@ BOOT_TIMEOUT = 120
 IMAGE_MIB = 16
 
 
-def qemu_processes(folder):
-    """pids of live QEMU processes whose command line names ``folder``."""
-    found = []
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
-        argv = qemu.process_argv(int(name))
-        if argv and os.path.basename(argv[0]).startswith('qemu-system') \
-                and any(folder in arg for arg in argv):
-            found.append(int(name))
-    return found
-
-
 class QemuGuestTestCase(base.XSMLiveMigrationTestCase):
     """Two xsm computes whose guests are QEMU guests (TCG)."""
 
@@ -117,7 +104,7 @@ class QemuGuestTestCase(base.XSMLiveMigrationTestCase):
         return os.path.join(self.root, host, 'state', 'guests')
 
     def assert_no_qemu_left(self):
-        left = qemu_processes(self.root)
+        left = qemu.processes_naming(self.root)
         for pid in left:
             qemu.kill(pid)
         self.assertEqual([], left, 'QEMU processes left behind')
@@ -211,7 +198,7 @@ class QemuGuestTestCase(base.XSMLiveMigrationTestCase):
         return verifier.last(text, 'progress')
 
     def qemu_pid(self, host):
-        pids = qemu_processes(self.guests_folder(host))
+        pids = qemu.processes_naming(self.guests_folder(host))
         self.assertEqual(1, len(pids), pids)
         return pids[0]
 
@@ -233,7 +220,7 @@ class QemuGuestTestCase(base.XSMLiveMigrationTestCase):
         self._delete_server(server)
         self.assertEqual([], self.xsm[host].vm_list())
         self.assertEqual([], self.xsm[host].vdi_list())
-        self.assertEqual([], qemu_processes(self.root))
+        self.assertEqual([], qemu.processes_naming(self.root))
 
 
 class TestQemuGuest(QemuGuestTestCase):
@@ -285,7 +272,7 @@ class TestQemuGuest(QemuGuestTestCase):
         # stop: the QEMU process ends; start: a new one boots
         self.action(server, {'os-stop': None}, 'SHUTOFF')
         self.assertIsNone(qemu.process_argv(pid))
-        self.assertEqual([], qemu_processes(self.root))
+        self.assertEqual([], qemu.processes_naming(self.root))
         self.assertEqual('halted',
                          self.xsm[SOURCE].vm_get(server['id'])['power_state'])
         self.assertEqual(power_state.SHUTDOWN,
@@ -329,7 +316,7 @@ class TestQemuGuest(QemuGuestTestCase):
         for host in (SOURCE, DEST):
             self.assertEqual([], self.xsm[host].vm_list())
             self.assertEqual([], self.xsm[host].vdi_list())
-        self.assertEqual([], qemu_processes(self.root))
+        self.assertEqual([], qemu.processes_naming(self.root))
         self._delete_server(server)
 
 
@@ -370,7 +357,7 @@ class TestQemuLiveMigration(QemuGuestTestCase):
 
         # the source's QEMU is gone, the destination's runs the guest
         self.assertIsNone(qemu.process_argv(src_pid))
-        self.assertEqual([], qemu_processes(self.guests_folder(SOURCE)))
+        self.assertEqual([], qemu.processes_naming(self.guests_folder(SOURCE)))
         self.qemu_pid(DEST)
         self.assertEqual([], self.xsm[SOURCE].vm_list())
         self.assertEqual([], self.xsm[SOURCE].vdi_list())
@@ -420,7 +407,7 @@ class TestQemuLiveMigration(QemuGuestTestCase):
                       % SOURCE, check['details'])
         server = self.wait_for_server(server, SOURCE, status='PAUSED')
         self.assertEqual(pid, self.qemu_pid(SOURCE))
-        self.assertEqual([], qemu_processes(self.guests_folder(DEST)))
+        self.assertEqual([], qemu.processes_naming(self.guests_folder(DEST)))
         self.assertEqual([], self.xsm[DEST].vm_list())
         self.assertEqual([], self.xsm[DEST].vdi_list())
         self.action(server, {'unpause': None}, 'ACTIVE')

@@ -210,18 +210,6 @@ def _host(workdir, name, conf):
         os.path.join(workdir, name, 'state'), conf)
 
 
-def qemu_processes(folder):
-    """pids of live QEMU processes whose command line names ``folder``."""
-    found = []
-    for name in os.listdir('/proc'):
-        if name.isdigit():
-            argv = qemu.process_argv(int(name))
-            if argv and os.path.basename(argv[0]).startswith(
-                    'qemu-system') and any(folder in a for a in argv):
-                found.append(int(name))
-    return found
-
-
 def run(args):
     check_args(args)
     conf = None
@@ -257,7 +245,7 @@ def run(args):
             agent.stop()
         for host in hosts.values():
             host.close()                # (again: nothing) or without agent
-        for pid in qemu_processes(workdir):     # nothing may outlive us
+        for pid in qemu.processes_naming(workdir):     # nothing may outlive us
             qemu.kill(pid)
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -351,7 +339,7 @@ def _demo(args, transport, workdir, hosts):
     if in_qemu:
         # the QEMU that must be gone from host-a afterwards
         source_pid = hosts['host-a'].qemu.pid(uuid)
-        if source_pid not in qemu_processes(guests_a):
+        if source_pid not in qemu.processes_naming(guests_a):
             raise common.CommandError('the QEMU of the guest (pid %s) is not '
                                       'running on host-a' % source_pid)
         # a new window of the verifier's stall figures: from here to the
@@ -398,7 +386,7 @@ def _demo(args, transport, workdir, hosts):
         if source_pid is not None and not qemu.wait_gone(source_pid,
                                                          SETTLE_TIMEOUT):
             left_qemu.append(source_pid)
-        left_qemu += [p for p in qemu_processes(guests_a)
+        left_qemu += [p for p in qemu.processes_naming(guests_a)
                       if p not in left_qemu]
         problems = _check_images(os.path.join(workdir, 'host-b', 'sr-b'))
         verified = (result['in_guest_verified'] and not leftovers and

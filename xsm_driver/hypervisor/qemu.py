@@ -314,6 +314,23 @@ def process_argv(pid):
             .split(b'\0')]
 
 
+def processes_naming(folder):
+    """pids of the live QEMU processes whose command line names ``folder``.
+
+    (What a test, the demo or a benchmark checks it left nothing behind
+    with.)
+    """
+    found = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        argv = process_argv(int(name))
+        if argv and os.path.basename(argv[0]).startswith('qemu-system') \
+                and any(folder in arg for arg in argv):
+            found.append(int(name))
+    return found
+
+
 def wait_gone(pid, timeout):
     """Wait until ``pid`` is gone (or a zombie); True when it is."""
     deadline = time.monotonic() + timeout

@@ -50,17 +50,7 @@ DISK_MIB = 16
 _kit_built = []
 
 
-def qemu_processes(folder):
-    """pids of live QEMU processes whose command line names ``folder``."""
-    found = []
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
-        argv = qemu.process_argv(int(name))
-        if argv and os.path.basename(argv[0]).startswith('qemu-system') \
-                and any(folder in arg for arg in argv):
-            found.append(int(name))
-    return found
+qemu_processes = qemu.processes_naming
 
 
 class GuestTestCase(base.TestCase):
