@@ -628,14 +628,13 @@ class TestQemuDemo(guest_tests.GuestTestCase):
         self.assertNotIn('Traceback', proc.stderr)
         lines = proc.stdout.splitlines()
         self.assertEqual('VERIFIED', lines[-1])
-        # the progress shows the memory phase (a line per phase seen by
-        # its 0.2 s polls: the memory of 128 MiB moves in ~1 s here, the
-        # switch-over may pass unseen)
+        # a line per phase its 0.2 s polls saw (the memory of 128 MiB
+        # moves in about a second, or less: a poll may miss it; the
+        # demo's follower shows it when seen, tests.unit.cmd.test_migrate)
         phases = [ln.split(': ', 1)[1] for ln in lines
                   if ln[:8].isalnum() and ln[8:10] == ': ']
-        self.assertIn('memory', phases, proc.stdout)
         self.assertEqual('done', phases[-1], proc.stdout)
-        self.assertEqual(1, phases.count('memory'), proc.stdout)
+        self.assertLessEqual(phases.count('memory'), 1, proc.stdout)
         for start in ('  guest:            QEMU (',
                       '  in-guest verdict: VERIFIED (',
                       '  QEMU downtime:    ', '  guest stall:      ',

@@ -229,6 +229,19 @@ class TestFollower(base.TestCase):
                           '01234567: switch-over', '01234567: done'],
                          out.getvalue().splitlines())
 
+    def test_the_demo_shows_the_memory_phase_of_a_qemu_guest(self):
+        out = io.StringIO()
+        follower = demo._Follower(out)
+        for phase, sub in (('compose', None), ('compose', 'memory'),
+                           ('compose', 'memory'), ('switch-over', None),
+                           ('done', 'memory')):
+            status = _status(phase=phase)
+            status['progress']['phase'] = sub
+            follower.update(status)
+        self.assertEqual(['01234567: compose', '01234567: memory',
+                          '01234567: switch-over', '01234567: done'],
+                         out.getvalue().splitlines())
+
     def test_a_redrawn_bar_on_a_terminal(self):
         out = TtyStream()
         follower = progress.Follower(out)
