@@ -482,7 +482,11 @@ class Deployment:
             os.path.join(self.bindir, 'gunicorn'), '--bind',
             '127.0.0.1:%d' % self.ports[name], '--workers', '1',
             '--worker-class', 'gthread', '--threads', '8', '--timeout',
-            '300', '--graceful-timeout', '10', '--access-logfile', '-',
+            '300', '--graceful-timeout', '10',
+            # (gunicorn's 2 s keep-alive is the poll interval of
+            # "openstack ... --wait": the server closed the idle
+            # connection as the client sent on it, RemoteDisconnected)
+            '--keep-alive', '75', '--access-logfile', '-',
             '--no-control-socket', '--name', '%s-%s' % (name, self.name),
             app], **env)
 

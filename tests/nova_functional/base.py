@@ -98,6 +98,14 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         self.flags(api_paste_config=os.path.join(
             sys.prefix, 'etc', 'nova', 'api-paste.ini'), group='wsgi')
         super().setUp()
+        # nova's test configuration gives the managers 0 s to shut down:
+        # a stopped compute then runs its driver's cleanup_host (which
+        # stops the host's agent) in a thread of its own, which may end
+        # after the test's fixtures stopped faking the thread pools'
+        # shutdown, and shuts them down for every later test of the
+        # process ("Cannot create the default thread pool executor").
+        # 20 s: all of them for cleanup_host, none for waiting on tasks.
+        self.flags(manager_shutdown_timeout=20)
         # short: a QEMU guest's NBD sockets are unix sockets under it
         # (108 bytes at most), nova's fixtures nest TMPDIR deep
         self.root = tempfile.mkdtemp(prefix='xsm-nova-', dir='/tmp')
