@@ -64,12 +64,15 @@ class Follower:
 
 
 def follow(get, mid, follower, interval=0.2):
-    """Poll ``get(mid)`` until the migration ends; return its status."""
+    """Poll ``get(mid)`` until the migration's run ends; its status.
+
+    The end is ``finished``: a source says ``done`` or ``aborted`` a few
+    milliseconds before, while it still lets go of what it held.
+    """
     while True:
         status = get(mid)
         follower.update(status)
-        if status.get('finished') is not None or \
-                status['phase'] in ('done', 'aborted'):
+        if status.get('finished') is not None:
             follower.end()
             return status
         time.sleep(interval)

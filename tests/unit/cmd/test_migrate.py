@@ -279,6 +279,16 @@ class TestFollower(base.TestCase):
         self.assertEqual(['mid'] * len(self.PHASES), calls)
         self.assertEqual(6, len(out.getvalue().splitlines()))
 
+    def test_follow_waits_for_the_end_of_the_run(self):
+        # (done is said a few ms before the source lets go of everything)
+        statuses = [_status(phase='done'), _status(phase='done'),
+                    _status(phase='done', finished=3.0)]
+        result = progress.follow(lambda mid: statuses.pop(0), 'mid',
+                                 progress.Follower(io.StringIO()),
+                                 interval=0)
+        self.assertEqual(3.0, result['finished'])
+        self.assertEqual([], statuses)
+
     def test_follow_stops_on_a_finished_failure(self):
         statuses = [_status(phase='copy'),
                     _status(phase='aborted', finished=2.0, error='boom')]
