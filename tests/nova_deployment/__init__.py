@@ -18,16 +18,7 @@ These tests run only from ``tools/run-nova-deployment-tests.sh``, in
 :func:`load_tests` then returns nothing.
 """
 
-import os
+import tests
 
 ENABLE = 'XSM_NOVA_DEPLOYMENT'
-
-
-def load_tests(loader, standard_tests, pattern):
-    if os.environ.get(ENABLE) != '1':
-        return standard_tests
-    here = os.path.dirname(os.path.abspath(__file__))
-    top = os.path.dirname(os.path.dirname(here))
-    standard_tests.addTests(loader.discover(start_dir=here, pattern=pattern,
-                                            top_level_dir=top))
-    return standard_tests
+load_tests = tests.gated_load_tests(__file__, ENABLE)

@@ -21,6 +21,8 @@ never imported there.
 
 import os
 
+import tests
+
 ENABLE = 'XSM_NOVA_TESTS'
 
 if os.environ.get(ENABLE) == '1':
@@ -30,11 +32,4 @@ if os.environ.get(ENABLE) == '1':
     import nova.tests.functional  # noqa: F401
 
 
-def load_tests(loader, standard_tests, pattern):
-    if os.environ.get(ENABLE) != '1':
-        return standard_tests
-    here = os.path.dirname(os.path.abspath(__file__))
-    top = os.path.dirname(os.path.dirname(here))
-    standard_tests.addTests(loader.discover(start_dir=here, pattern=pattern,
-                                            top_level_dir=top))
-    return standard_tests
+load_tests = tests.gated_load_tests(__file__, ENABLE)
