@@ -12,8 +12,13 @@
 
 """The qemu driver's live-migration decisions and files, without QEMU."""
 
+import fractions
+import math
 import os
 import stat
+import warnings
+
+from cryptography.hazmat.primitives import serialization
 
 from tests import base
 from xsm_driver.core.block import device
@@ -96,6 +101,25 @@ class TestTLSFiles(base.TestCase):
             os.path.join(folder, 'client-key.pem')).st_mode))
         with open(os.path.join(folder, 'client-key.pem'), 'rb') as f:
             self.assertEqual(b'KEY', f.read())
+        server = qemu.write_tls_dir(os.path.join(tmp, 'srv'), 'server',
+                                    'CA', cert, key)
+        self.assertEqual(['ca-cert.pem', 'dh-params.pem', 'server-cert.pem',
+                          'server-key.pem'], sorted(os.listdir(server)))
+        with open(os.path.join(server, 'dh-params.pem'), 'rb') as f:
+            self.assertEqual(qemu.FFDHE2048_PEM, f.read())
+
+    def test_dh_params_are_rfc7919_ffdhe2048(self):
+        with warnings.catch_warnings():     # cryptography: FFDH deprecated
+            warnings.simplefilter('ignore')
+            numbers = serialization.load_pem_parameters(
+                qemu.FFDHE2048_PEM).parameter_numbers()
+        # RFC 7919 appendix A.1: g = 2 and p = 2^2048 - 2^1984 +
+        # (floor(2^1918 * e) + 560316) * 2^64 - 1 (e from its series)
+        e = sum(fractions.Fraction(1, math.factorial(k)) for k in range(400))
+        middle = math.floor(2 ** 1918 * e) + 560316
+        self.assertEqual(2, numbers.g)
+        self.assertEqual(2 ** 2048 - 2 ** 1984 + middle * 2 ** 64 - 1,
+                         numbers.p)
 
 
 class TestHeldDisk(base.TestCase):

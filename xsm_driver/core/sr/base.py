@@ -703,11 +703,14 @@ class SR(abc.ABC):
                                    % ', '.join(children))
                 try:
                     os.unlink(path)
+                    remove(self._record_path(uuid))
+                    # one fsync makes both unlinks durable (same folder)
                     fsync_dir(self.path)
                 except OSError as exc:
                     raise self._error('destroy', uuid, exc)
                 LOG.info('SR %s: destroyed VDI %s', self.name, uuid)
-            self._drop_record(uuid)
+            else:
+                self._drop_record(uuid)
 
     def update(self, uuid, name=None, vm=UNSET, hidden=None):
         """Change what the record says about a VDI.
