@@ -113,6 +113,11 @@ def preflight(host, spec, active, limit, leaf_headroom):
                          host=host.name)
 
 
+#: the source asks for the incoming QEMU's address with compose's answer
+#: (the destination starts it during the copy) instead of prepare's
+INCOMING_AT_COMPOSE = 'compose'
+
+
 class Receive:
     """One migration this host receives."""
 
@@ -135,6 +140,9 @@ class Receive:
         self._vm_state = None
         #: a QEMU guest moves: its incoming QEMU waits here (VM uuid)
         self._incoming = None
+        #: its start, when the source asked for it in the background
+        #: (a Future of ``{'host': .., 'port': ..}``; see :meth:`compose`)
+        self._incoming_start = None
         #: ``{'silent': s, 'lease': s}`` once rolled back for want of a
         #: lease renewal
         self.expired = None
@@ -203,8 +211,36 @@ class Receive:
                   'fingerprint': self._creds.fingerprint,
                   'exports': exports}
         if self.spec.get('guest') == 'qemu' and vm:
-            answer['incoming'] = self._prepare_incoming(vm)
+            if self.spec.get('incoming_at') == INCOMING_AT_COMPOSE:
+                # off the copy's critical path: the source needs it only
+                # once the copy is done (the answer of compose)
+                self._incoming_start = self._start_incoming(vm)
+                answer['incoming_at'] = INCOMING_AT_COMPOSE
+            else:
+                answer['incoming'] = self._prepare_incoming(vm)
         return answer
+
+    def _start_incoming(self, vm):
+        """:meth:`_prepare_incoming` in a thread; its Future."""
+        self._check_runs_qemu(vm)
+        self._incoming = vm['uuid']
+        future = concurrent.futures.Future()
+
+        def start():
+            try:
+                future.set_result(self._prepare_incoming(vm))
+            except BaseException as exc:
+                future.set_exception(exc)
+        threading.Thread(target=start, daemon=True,
+                         name='xsm-incoming-start-%s' % self.id[:8]).start()
+        return future
+
+    def _check_runs_qemu(self, vm):
+        if self.host.qemu is None:
+            raise errors.MigrationError(
+                'host %s runs no QEMU guests ([hypervisor]driver is not '
+                'qemu): VM %s cannot move here live' % (self.host.name,
+                                                        vm.get('uuid')))
 
     def _prepare_incoming(self, vm):
         """Start the paused ``-incoming`` QEMU the guest moves into.
@@ -212,11 +248,7 @@ class Receive:
         Its disks wait behind paused gates until the commit
         (:meth:`Host.prepare_incoming`); before it, an abort kills it.
         """
-        if self.host.qemu is None:
-            raise errors.MigrationError(
-                'host %s runs no QEMU guests ([hypervisor]driver is not '
-                'qemu): VM %s cannot move here live' % (self.host.name,
-                                                        vm.get('uuid')))
+        self._check_runs_qemu(vm)
         sizes = {v['uuid']: v['size'] for v in self.spec['vdis']}
         by_name = {d['name']: sizes[d['vdi']] for d in vm['disks']}
         self._incoming = vm['uuid']
@@ -228,15 +260,30 @@ class Receive:
         return self.host.prepare_incoming(vm, by_name, self.address, tls)
 
     def compose(self):
-        """The copy is complete: make the copied bases durable."""
+        """The copy is complete: make the copied bases durable.
+
+        :returns: ``{'incoming': {'host': .., 'port': ..}}`` when the
+            incoming QEMU was started in the background (the source asked
+            for ``incoming_at: compose``); else None.
+        """
         with self._lock:
             if self.phase == ABORTED or self.aborting:
                 raise aborted_error(self.id, self.host.name, self.expired)
             if self.committed:
-                return
+                return None
             for _sr, rec in self._receivers.values():
                 rec.base.flush()
+            answer = None
+            if self._incoming_start is not None:
+                try:
+                    answer = {'incoming': self._incoming_start.result()}
+                except Exception as exc:
+                    raise errors.MigrationError(
+                        'migration %s: the QEMU that receives VM %s on host '
+                        '%s did not start: %s' % (self.id, self._incoming,
+                                                  self.host.name, exc))
             self._record('compose')
+            return answer
 
     def complete(self, vm_state=None):
         """Commit: compose every VDI and, for a VM, register and resume it.
@@ -341,6 +388,9 @@ class Receive:
                 self._record(self.phase, aborting=True, **state)
                 self.aborting = True
             self._stop_server()
+            if self._incoming_start is not None:
+                # a QEMU still starting is discarded once it has started
+                concurrent.futures.wait([self._incoming_start])
             if self._incoming is not None:
                 self.host.discard_incoming(self._incoming)
             for _sr, rec in self._receivers.values():

@@ -696,7 +696,7 @@ class Manager:
         return rcv
 
     def receive_compose(self, mid):
-        self._receive(mid).compose()
+        return self._receive(mid).compose()
 
     def receive_complete(self, mid, vm_state):
         """Commit the switch-over of ``mid`` (see :mod:`destination`).

@@ -80,6 +80,7 @@ from xsm_driver.core.block import filters
 from xsm_driver.core.block import nbd as nbd_device
 from xsm_driver.core.migration import copy as copy_mod
 from xsm_driver.core.migration import credentials
+from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import plan
@@ -340,8 +341,7 @@ class Migration:
             self._check()
             self._copy()
             self._check()
-            self._set_phase('compose')
-            self.peer.compose(self.id)
+            self._compose()
             self._check()
             if self.qemu_guest:
                 self._memory()
@@ -440,8 +440,10 @@ class Migration:
                 'renews': True,
                 'vdis': [self._describe(i) for i in self._items]}
         if self.qemu_guest:
-            # the destination starts a QEMU that receives the guest
+            # the destination starts a QEMU that receives the guest,
+            # during the copy, its address in compose's answer
             spec['guest'] = 'qemu'
+            spec['incoming_at'] = destination.INCOMING_AT_COMPOSE
         return spec
 
     def _copy_connections(self):
@@ -472,7 +474,10 @@ class Migration:
             spec = dict(self.spec, client_ca_pem=self._creds.ca_pem)
             self._remote = self.peer.prepare(spec)
         self._start_renewing()
-        if self.qemu_guest and not self._remote.get('incoming'):
+        if self.qemu_guest and not (
+                self._remote.get('incoming') or
+                self._remote.get('incoming_at') ==
+                destination.INCOMING_AT_COMPOSE):
             raise errors.MigrationError(
                 'host %s runs no QEMU guests ([hypervisor]driver): VM %s, '
                 'a QEMU guest, cannot move there live'
@@ -628,6 +633,21 @@ class Migration:
             old.close()
 
     # -- copy --------------------------------------------------------------
+
+    def _compose(self):
+        """The copy is done: the destination makes it durable.
+
+        A QEMU guest's incoming QEMU started there during the copy: its
+        address comes with the answer (unless prepare's had it).
+        """
+        self._set_phase('compose')
+        answer = self.peer.compose(self.id) or {}
+        if self.qemu_guest and not self._remote.get('incoming'):
+            if not answer.get('incoming'):
+                raise errors.MigrationError(
+                    'host %s did not say where its QEMU listens for VM %s'
+                    % (self.dest_host, self.vm_ref[0]))
+            self._remote['incoming'] = answer['incoming']
 
     def _copy(self):
         self._set_phase('copy')

@@ -280,7 +280,7 @@ class AgentEndpoint:
         return renew(migration)
 
     def receive_compose(self, context, migration):
-        self.manager.receive_compose(migration)
+        return self.manager.receive_compose(migration)
 
     def receive_complete(self, context, migration, vm_state=None):
         return self.manager.receive_complete(migration, vm_state)

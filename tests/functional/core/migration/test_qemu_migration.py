@@ -364,9 +364,15 @@ class TestQemuLiveMigration(TwoHostsCase):
                                 bandwidth=64 * 1024)
         status = self.wait(mid, until=lambda s: s['phase'] == 'copy')
         self.assertEqual('copy', status['phase'])
-        # the incoming QEMU waits on host-b, paused
-        self.assertEqual(1, len(guest_tests.qemu_processes(
-            b.qemu.state_dir)))
+        # the incoming QEMU starts on host-b during the copy, and waits
+        # there, paused (while QEMU daemonizes, two processes name it)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not (vm.uuid in b.qemu.list() and len(
+                guest_tests.qemu_processes(b.qemu.state_dir)) == 1):
+            self.assertLess(time.monotonic(), deadline,
+                            'no incoming QEMU on host-b')
+            time.sleep(0.05)
+        self.assertEqual('copy', self.a.migration_get(mid)['phase'])
         self.a.migration_abort(mid)
         status = self.wait(mid)
         self.assertEqual('aborted', status['phase'])
