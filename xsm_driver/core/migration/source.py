@@ -1062,8 +1062,10 @@ class Migration:
                 self._finish_memory()
                 self.host.stop_vm(self.vm.uuid)
                 self.host.forget_vm(self.vm.uuid)
-            for item in self._items:
-                host_mod.destroy_chain(item.sr, item.vdi)
+            # each chain's destroys share the file system's commits
+            self._each(lambda item: host_mod.destroy_chain(item.sr,
+                                                           item.vdi),
+                       self._items)
         self._forget_credentials()
 
     def _unsnapshot(self, item):

@@ -694,23 +694,28 @@ class SR(abc.ABC):
         with self._locked():
             self._check_idle(uuid, 'destroy')
             path = self.vdi_path(uuid)
-            if os.path.lexists(path):
-                children = self._children(uuid)
-                if children:
-                    raise VDIInUse(sr=self.name, uuid=uuid,
-                                   reason='VDIs %s have it as parent; '
-                                   'destroy or coalesce them first'
-                                   % ', '.join(children))
-                try:
-                    os.unlink(path)
-                    remove(self._record_path(uuid))
-                    # one fsync makes both unlinks durable (same folder)
-                    fsync_dir(self.path)
-                except OSError as exc:
-                    raise self._error('destroy', uuid, exc)
-                LOG.info('SR %s: destroyed VDI %s', self.name, uuid)
-            else:
+            if not os.path.lexists(path):
                 self._drop_record(uuid)
+                return
+            children = self._children(uuid)
+            if children:
+                raise VDIInUse(sr=self.name, uuid=uuid,
+                               reason='VDIs %s have it as parent; '
+                               'destroy or coalesce them first'
+                               % ', '.join(children))
+            try:
+                os.unlink(path)
+                remove(self._record_path(uuid))
+            except OSError as exc:
+                raise self._error('destroy', uuid, exc)
+        # One fsync makes both unlinks durable (same folder); out of the
+        # lock, so that destroys of several VDIs share the file system's
+        # journal commits.
+        try:
+            fsync_dir(self.path)
+        except OSError as exc:
+            raise self._error('destroy', uuid, exc)
+        LOG.info('SR %s: destroyed VDI %s', self.name, uuid)
 
     def update(self, uuid, name=None, vm=UNSET, hidden=None):
         """Change what the record says about a VDI.
