@@ -24,7 +24,28 @@
  *   XSMV mismatch disk=0 block=12 expected=gen:5 found=gen:4
  *   XSMV verify id=1 result=ok blocks=.. checked=.. unwritten=..
  *        mismatches=0 io_errors=0 ms=..                          (one line)
- *   XSMV shutdown ...   (on the ACPI power button, then power off)
+ *   XSMV adopt result=ok blocks=.. written=.. mismatches=0 io_errors=0
+ *        model=.. ms=..                     (xsmv.adopt=1, one line)
+ *   XSMV shutdown writes=.. mismatches=.. io_errors=.. flush_errors=0
+ *        written=.. model=..  (the last line: ACPI power button or the
+ *                              poweroff command; then the guest powers off)
+ *
+ * Power-off: the kernel's ACPI "button" driver (a module of Debian's cloud
+ * kernel, loaded by /init with "evdev") turns QEMU's system_powerdown into
+ * a KEY_POWER event on /dev/input/event*, which the main loop polls. The
+ * verifier then flushes every disk (each write already completed, O_DIRECT
+ * and synchronous; fsync sends the device a FLUSH), prints the shutdown
+ * line, waits for the console to send it, and calls reboot(RB_POWER_OFF):
+ * QEMU exits. model= is a digest (FNV-1a 64) of the model, every block's
+ * generation on every disk; written= counts the blocks written.
+ *
+ * Adoption (xsmv.adopt=1): before the first write the verifier reads every
+ * disk and takes what it finds as its model: a block of zeros is
+ * unwritten, a block that is exactly the stamp of (disk, block, gen) has
+ * generation gen, anything else is a mismatch. Its adopt line's model= and
+ * written= then equal the shutdown line's of the boot before when the
+ * disks hold every write that boot made, and nothing else; later verifies
+ * check the adopted blocks too.
  *
  * Stalls: max_stall_ms is the longest gap between two completed writes in
  * the guest's own clock (CLOCK_MONOTONIC), which stands still while QEMU
@@ -52,6 +73,7 @@
  *   xsmv.blocks=N      use only the first N blocks of each disk
  *   xsmv.verify_at=N   verify every disk once when N writes are done
  *   xsmv.ctl=PATH      command channel (default /dev/ttyS1)
+ *   xsmv.adopt=1       take what the disks hold as the model at the start
  *
  * Commands, one per line on the command channel (the second serial port,
  * which the qemu driver connects to a unix socket ctl.sock):
@@ -61,6 +83,7 @@
  *   rate N   change the write rate
  *   mark     start a new window (win_* and lat_* fields), print a
  *            progress line
+ *   poweroff as the ACPI power button: flush, shutdown line, power off
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -108,6 +131,7 @@ static int64_t max_stall_ms, last_stall_ms, max_wall_stall_ms;
 static int64_t last_write_ms = -1, last_write_wall_ms = -1;
 static unsigned long mismatch_lines;
 static int rtc_fd = -1;
+static int adopt;
 static int64_t wall_offset_ms;
 static int wall_readings, wall_synced;   /* synced: on a second edge */
 static uint8_t *buf, *chunk;
@@ -469,6 +493,8 @@ static void parse_cmdline(void)
             limit_blocks = strtoull(tok + 12, NULL, 10);
         else if (!strncmp(tok, "xsmv.verify_at=", 15))
             verify_at = strtoull(tok + 15, NULL, 10);
+        else if (!strncmp(tok, "xsmv.adopt=", 11))
+            adopt = atoi(tok + 11);
         else if (!strncmp(tok, "xsmv.ctl=", 9))
             snprintf(ctl_path, sizeof(ctl_path), "%s", tok + 9);
     }
@@ -534,18 +560,130 @@ static void find_disks(void)
     }
 }
 
+/* FNV-1a 64 of every disk's block count and model. */
+static uint64_t model_digest(void)
+{
+    uint64_t h = 0xcbf29ce484222325ULL, b;
+    int d, i;
+
+    for (d = 0; d < ndisks; d++) {
+        for (i = 0; i < 8; i++) {
+            h ^= (disks[d].blocks >> (8 * i)) & 0xff;
+            h *= 0x100000001b3ULL;
+        }
+        for (b = 0; b < disks[d].blocks; b++) {
+            h ^= disks[d].gen[b];
+            h *= 0x100000001b3ULL;
+        }
+    }
+    return h;
+}
+
+static uint64_t written_blocks(void)
+{
+    uint64_t n = 0;
+    int d;
+
+    for (d = 0; d < ndisks; d++)
+        n += disks[d].written;
+    return n;
+}
+
+/* The generation of block b of disk d as data holds it, or -1 when data
+ * is neither zeros nor exactly a stamp of (d, b, gen). */
+static int stamp_gen(int d, uint64_t b, const uint8_t *data)
+{
+    static uint8_t expected[BLOCK] __attribute__((aligned(64)));
+    const uint64_t *w = (const uint64_t *)data;
+    unsigned gen;
+    int i;
+
+    if (memcmp(data, "XSMVBLK1", 8)) {
+        for (i = 0; i < BLOCK && !data[i]; i++)
+            ;
+        return i == BLOCK ? 0 : -1;
+    }
+    gen = (unsigned)(w[1] >> 32);
+    if ((int)(w[1] & 0xffffffff) != d || w[2] != b || gen < 1 || gen > 255)
+        return -1;
+    pattern(expected, d, b, gen);
+    return memcmp(expected, data, BLOCK) ? -1 : (int)gen;
+}
+
+/* xsmv.adopt=1: the model is what the disks hold. */
+static void adopt_all(void)
+{
+    uint64_t before_mm = mismatches, before_io = io_errors, total = 0;
+    uint64_t at, b, nb;
+    int64_t t0 = mono_ms();
+    char found[96];
+    int d, gen;
+
+    for (d = 0; d < ndisks; d++) {
+        struct disk *k = &disks[d];
+
+        for (at = 0; at < k->blocks; at += nb) {
+            ssize_t n;
+
+            nb = k->blocks - at < CHUNK / BLOCK ? k->blocks - at
+                                                : CHUNK / BLOCK;
+            n = pread(k->fd, chunk, nb * BLOCK, (off_t)(at * BLOCK));
+            if (n != (ssize_t)(nb * BLOCK)) {
+                io_error("adopt", d, at, n);
+                continue;
+            }
+            for (b = 0; b < nb; b++) {
+                gen = stamp_gen(d, at + b, chunk + b * BLOCK);
+                if (gen < 0) {
+                    mismatches++;
+                    if (mismatch_lines++ < MAX_MISMATCH_LINES) {
+                        describe(found, sizeof(found), chunk + b * BLOCK, d);
+                        say("XSMV mismatch disk=%d dev=%s block=%llu "
+                            "expected=stamp found=%s", d, k->name,
+                            (unsigned long long)(at + b), found);
+                    }
+                    continue;
+                }
+                k->gen[at + b] = (uint8_t)gen;
+                if (gen)
+                    k->written++;
+            }
+        }
+        total += k->blocks;
+    }
+    say("XSMV adopt result=%s disks=%d blocks=%llu written=%llu "
+        "mismatches=%llu io_errors=%llu model=%016llx ms=%lld",
+        mismatches == before_mm && io_errors == before_io ? "ok" : "FAIL",
+        ndisks, (unsigned long long)total,
+        (unsigned long long)written_blocks(),
+        (unsigned long long)(mismatches - before_mm),
+        (unsigned long long)(io_errors - before_io),
+        (unsigned long long)model_digest(), (long long)(mono_ms() - t0));
+}
+
+/* The ACPI power button (or the poweroff command): every write of the
+ * verifier has completed (they are synchronous); flush the disks, say so
+ * in one last line, let the console send it, power off. */
 static void power_off(void)
 {
+    uint64_t flush_errors = 0;
     int d;
 
     progress("progress");
-    say("XSMV shutdown writes=%llu mismatches=%llu io_errors=%llu",
-        (unsigned long long)writes, (unsigned long long)mismatches,
-        (unsigned long long)io_errors);
     for (d = 0; d < ndisks; d++)
-        if (disks[d].fd >= 0)
-            fsync(disks[d].fd);
+        if (disks[d].fd >= 0 && fsync(disks[d].fd) < 0) {
+            flush_errors++;
+            say("XSMV io_error op=flush disk=%d dev=%s errno=%d", d,
+                disks[d].name, errno);
+        }
     sync();
+    say("XSMV shutdown writes=%llu mismatches=%llu io_errors=%llu "
+        "flush_errors=%llu written=%llu model=%016llx",
+        (unsigned long long)writes, (unsigned long long)mismatches,
+        (unsigned long long)io_errors, (unsigned long long)flush_errors,
+        (unsigned long long)written_blocks(),
+        (unsigned long long)model_digest());
+    tcdrain(1);
     reboot(RB_POWER_OFF);
     for (;;)
         pause();
@@ -640,6 +778,8 @@ int main(void)
             reads_per_write, report_ms, (unsigned long long)verify_at,
             ctl >= 0 ? ctl_path : "none", ninputs);
     }
+    if (adopt)
+        adopt_all();               /* before the first write */
     now = mono_ms();
     next_write = now;
     next_report = now + report_ms;

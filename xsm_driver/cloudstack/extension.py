@@ -76,6 +76,11 @@ extension's):
                             disks as ``SR:SIZE,...`` instead of one root
                             disk on ``xsm_sr``
 ``xsm_network``             the network of a NIC without a VLAN
+``xsm_stop_timeout``        (also the virtual machine's) seconds a stop
+                            leaves the guest to power off after the ACPI
+                            power button before its QEMU is killed
+                            (default 30; 0: killed at once; at most 600,
+                            and what CloudStack's timeout leaves)
 ==========================  ============================================
 
 Custom actions (``addCustomAction`` with resourcetype VirtualMachine):
@@ -112,6 +117,11 @@ DEFAULT_TIMEOUT = 3600
 MiB = 1 << 20
 #: seconds kept from CloudStack's timeout to answer before it gives up
 ANSWER_MARGIN = 5
+#: xsm_stop_timeout when no detail says
+DEFAULT_STOP_TIMEOUT = 30
+#: seconds a clean stop keeps from CloudStack's timeout for the kill after
+#: its own timeout (SIGTERM, then SIGKILL) and the disks' detach
+STOP_KILL_MARGIN = 20
 
 LIFECYCLE = ('prepare', 'create', 'deploy', 'start', 'stop', 'reboot',
              'status', 'delete', 'suspend', 'resume')
@@ -226,6 +236,38 @@ def _size(text, what):
         return fmt.parse_size(str(text).strip())
     except ValueError as exc:
         raise ExtensionError('%s: %s' % (what, exc))
+
+
+def stop_timeout(request, conf, timeout=DEFAULT_TIMEOUT):
+    """Seconds a stop leaves the guest to power off (0: kill at once).
+
+    CloudStack gives an extension's stop no "forced" flag (its
+    ``StopCommand.isForced`` is not in the JSON file): every stop is a
+    clean one of ``xsm_stop_timeout`` seconds, the virtual machine's detail
+    winning over the host's and the extension's, cut to what CloudStack's
+    ``timeout`` leaves for the answer.
+
+    >>> stop_timeout({}, {})
+    30
+    >>> stop_timeout({}, {'xsm_stop_timeout': '120'}, timeout=60)
+    35
+    >>> stop_timeout({}, {'xsm_stop_timeout': 0})
+    0
+    """
+    from xsm_driver.core.rpc import api as rpc_api
+    value = vm_settings(request).get(
+        'xsm_stop_timeout', conf.get('xsm_stop_timeout',
+                                     DEFAULT_STOP_TIMEOUT))
+    try:
+        seconds = int(str(value).strip())
+    except ValueError:
+        seconds = -1
+    if isinstance(value, bool) or not 0 <= seconds <= rpc_api.\
+            MAX_STOP_TIMEOUT:
+        raise ExtensionError('xsm_stop_timeout must be a whole number of '
+                             'seconds in [0, %d], not %.80r'
+                             % (rpc_api.MAX_STOP_TIMEOUT, value))
+    return max(0, min(seconds, timeout - ANSWER_MARGIN - STOP_KILL_MARGIN))
 
 
 def disks_of(request, conf):
@@ -700,8 +742,22 @@ class Extension:
         if record is None:
             return success('Instance stopped (it is on no host)',
                            power_state='poweroff')
-        self.client(host).vm_stop(record['uuid'])
-        return success('Instance stopped', power_state='poweroff', host=host)
+        seconds = stop_timeout(request, conf, self.timeout)
+        if not seconds:
+            self.client(host).vm_stop(record['uuid'], clean=False)
+            return success('Instance stopped (its guest killed at once: '
+                           'xsm_stop_timeout 0)', power_state='poweroff',
+                           host=host)
+        result = self.client(host).vm_stop(record['uuid'], clean=True,
+                                           timeout=seconds)
+        if result.get('clean') is False:
+            LOG.warning('VM %s on %s did not power off within %d s: killed',
+                        name, host, seconds)
+            how = 'killed: no power-off within %d s' % seconds
+        else:
+            how = 'powered off'
+        return success('Instance stopped (%s)' % how,
+                       power_state='poweroff', host=host)
 
     def do_reboot(self, request, conf):
         host, record = self._require(request, conf)

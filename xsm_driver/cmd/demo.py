@@ -395,7 +395,7 @@ def _demo(args, transport, workdir, hosts):
                       source_vms=left_vms, source_qemu_pids=left_qemu,
                       image_problems=problems)
         if in_qemu and b.vm_get(uuid)['power_state'] != 'halted':
-            b.vm_stop(uuid)            # its QEMU powers off
+            b.vm_stop(uuid)            # its QEMU is killed
     else:
         # the guest stayed on host-a: it must still verify there
         try:

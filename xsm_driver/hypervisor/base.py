@@ -57,7 +57,7 @@ _GUEST_OPTIONS = {
 # The in-guest verifier's options (tools/guest-kit/xsm-verifier.c).
 _VERIFIER_OPTIONS = {
     'rate': (0, 1000000), 'reads': (0, 1000), 'report_ms': (10, 3600000),
-    'blocks': (1, 1 << 40), 'verify_at': (0, 1 << 62),
+    'blocks': (1, 1 << 40), 'verify_at': (0, 1 << 62), 'adopt': (0, 1),
 }
 
 

@@ -14,8 +14,16 @@
 
 The guest kit's verifier (tools/guest-kit/xsm-verifier.c) prints one line
 per report, ``XSMV <kind> key=value ...``: ``start``, ``progress``,
-``mismatch``, ``io_error``, ``verify``, ``shutdown``, ``init``. Kernel
-messages may sit between them on the console; they are skipped.
+``mismatch``, ``io_error``, ``verify``, ``adopt``, ``shutdown``, ``init``.
+Kernel messages may sit between them on the console; they are skipped.
+
+``shutdown`` is the verifier's last line, once it has flushed every disk
+on the ACPI power button (then it powers off): ``flush_errors``,
+``written`` (blocks it wrote) and ``model`` (a digest of what it wrote).
+With the verifier option ``adopt`` (``xsmv.adopt=1``) a boot's verifier
+first reads every disk and takes what they hold as its model; its
+``adopt`` line's ``written`` and ``model`` equal the ``shutdown`` line's
+of the boot before when the disks hold every write of that boot.
 
 A ``progress`` line's ``win_*`` and ``lat_*`` fields cover the window
 since the verifier started or since the last :data:`MARK` command: the

@@ -708,13 +708,36 @@ class XSMDriver(driver.ComputeDriver):
             self.destroy(context, instance, network_info, block_device_info)
 
     def power_off(self, instance, timeout=0, retry_interval=0):
-        """Stop the guest (a QEMU guest's process ends).
+        """Stop the guest, as nova's contract (and libvirt's driver) says.
 
-        (The agent's API has no clean shutdown: the QEMU is ended at
-        once whatever ``timeout`` nova gives; the disks keep every write
-        the guest completed.)
+        ``timeout`` > 0 (nova's ``shutdown_timeout``, or the image's
+        ``os_shutdown_timeout``): a clean shutdown. The guest is asked to
+        power off (the ACPI power button; agent RPC 1.5, ``vm_stop`` with
+        ``clean``) and its QEMU is killed only when it has not powered
+        off within ``timeout`` seconds (at most
+        :data:`~xsm_driver.core.rpc.api.MAX_STOP_TIMEOUT`: a longer one
+        is cut to that). The button is pressed once: ``retry_interval``
+        is not used. ``timeout`` 0: a hard stop, the QEMU is killed at
+        once. Either way the disks keep every write the guest completed.
+        (A xenapi engine's pool: VM.clean_shutdown within its own
+        ``[xenapi]shutdown_timeout``, or VM.hard_shutdown.)
         """
-        self._api.vm_stop(self._vm(instance)['uuid'])
+        vm = self._vm(instance)['uuid']
+        if not timeout or timeout <= 0:
+            self._api.vm_stop(vm, clean=False)
+            return
+        if timeout > rpc_api.MAX_STOP_TIMEOUT:
+            LOG.warning('shutdown timeout %s s cut to %d s, the most the '
+                        'xsm agent waits', timeout, rpc_api.MAX_STOP_TIMEOUT,
+                        instance=instance)
+            timeout = rpc_api.MAX_STOP_TIMEOUT
+        result = self._api.vm_stop(vm, clean=True, timeout=timeout)
+        if result.get('clean') is False:
+            LOG.warning('the guest did not power off within %s s: its '
+                        'process was killed', timeout, instance=instance)
+        else:
+            LOG.info('the guest powered off (clean shutdown)',
+                     instance=instance)
 
     def power_on(self, context, instance, network_info,
                  block_device_info=None, accel_info=None, share_info=None):

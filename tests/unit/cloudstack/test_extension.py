@@ -93,9 +93,11 @@ class FakeAgent:
         self._call('vm_start', vm)
         self.vms[vm]['power_state'] = 'running'
 
-    def vm_stop(self, vm):
-        self._call('vm_stop', vm)
+    def vm_stop(self, vm, clean=None, timeout=None):
+        self._call('vm_stop', vm, clean, timeout)
         self.vms[vm]['power_state'] = 'halted'
+        # (a guest that powers off by itself within any timeout)
+        return dict(self.vms[vm], clean=clean is not False)
 
     def vm_destroy(self, vm):
         self._call('vm_destroy', vm)
@@ -225,6 +227,48 @@ class TestExtension(base.TestCase):
         self.assertEqual({}, self.agents['a'].vms)
         self.assertEqual('success', self.run_action(
             'delete', request())['status'])
+
+    def test_stop_is_clean_within_xsm_stop_timeout(self):
+        vm = self.created()
+
+        def stops():
+            return [c[2:] for c in self.agents['a'].calls
+                    if c[0] == 'vm_stop']
+        answer = self.run_action('stop', request())
+        self.assertEqual('Instance stopped (powered off)', answer['message'])
+        self.assertEqual([(True, extension.DEFAULT_STOP_TIMEOUT)], stops())
+        # the VM's detail wins over the extension's; 0: killed at once
+        self.agents['a'].calls = []
+        req = request(xsm_stop_timeout='0')
+        req['externaldetails']['extension']['xsm_stop_timeout'] = '90'
+        self.run_action('stop', req)
+        self.assertEqual([(False, None)], stops())
+        # the host's; cut to what CloudStack's timeout leaves (60 - 5 -
+        # 20 s)
+        self.agents['a'].calls = []
+        req = request()
+        req['externaldetails']['host']['xsm_stop_timeout'] = 600
+        self.ext(timeout=60).run('stop', req)
+        self.assertEqual([(True, 35)], stops())
+        # a guest that was killed after the timeout: said so
+        self.agents['a'].calls = []
+        self.agents['a'].vm_stop = lambda uuid, clean=None, timeout=None: \
+            dict(vm, clean=False)
+        answer = self.run_action('stop', request(xsm_stop_timeout='7'))
+        self.assertEqual('Instance stopped (killed: no power-off within '
+                         '7 s)', answer['message'])
+
+    def test_a_wrong_xsm_stop_timeout_is_refused_by_name(self):
+        self.created()
+        for value in ('-1', '601', 'soon', '1.5', True):
+            exc = self.assertRaises(extension.ExtensionError,
+                                    self.run_action, 'stop',
+                                    request(xsm_stop_timeout=value))
+            self.assertIn('xsm_stop_timeout must be a whole number of '
+                          'seconds in [0, 600], not %r' % (value,),
+                          exc.message)
+        self.assertEqual([], [c for c in self.agents['a'].calls
+                              if c[0] == 'vm_stop'])
 
     def test_a_vm_that_moved_is_found_on_another_host(self):
         vm = self.created()

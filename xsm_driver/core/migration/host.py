@@ -487,14 +487,21 @@ class Host:
                  for d in vm.disks]
         return guest_spec(vm.uuid, disks, vm.qemu)
 
-    def stop_vm(self, ref, clean=False):
+    def stop_vm(self, ref, clean=False, timeout=None):
         """Stop the guest and detach the disks.
 
-        :param clean: a QEMU guest is asked to power off (ACPI) first;
+        :param clean: a QEMU guest is asked to power off (ACPI) first and
+            killed only when it has not powered off within ``timeout``
+            seconds (None: the driver's ``[hypervisor]shutdown_timeout``);
             otherwise its process is killed at once.
+        :returns: the VM. Its ``stopped_clean`` says how this stop went:
+            False when a QEMU process was killed (not asked to power off,
+            or it did not in time), True when nothing was (the guest
+            powered itself off, or no QEMU ran).
         """
         vm = self.vm(ref)
         with vm.lock:
+            stopped_clean = True
             if vm.workload is not None:
                 vm.workload.stop()
             if vm.in_qemu:
@@ -503,23 +510,31 @@ class Host:
                 # ignores SIGTERM and dies only by SIGKILL, seconds later.
                 for disk in vm.disks:
                     release_held(disk.gate)
-                self._stop_qemu(vm, clean)
+                stopped_clean = self._stop_qemu(vm, clean, timeout)
             for disk in vm.disks:
                 disk.detach()
             vm.power_state = HALTED
+            vm.stopped_clean = stopped_clean
         self.save()
         return vm
 
-    def _stop_qemu(self, vm, clean=False):
+    def _stop_qemu(self, vm, clean=False, timeout=None):
+        """End the VM's QEMU; True when it powered off by itself."""
+        powered_off = True
         try:
             if clean:
-                self.qemu.shutdown(vm.uuid)
+                powered_off = self.qemu.shutdown(vm.uuid, timeout)
+                if powered_off:
+                    LOG.info('host %s: VM %s powered off (ACPI)', self.name,
+                             vm.uuid)
             else:
                 self.qemu.destroy(vm.uuid)
+                powered_off = False
         except hv_base.GuestNotFound:
             pass
         self.qemu.forget(vm.uuid)
         vm.in_qemu = False
+        return powered_off
 
     def vm_power_state(self, ref):
         """The VM's power state, from its QEMU when it runs in one.

@@ -205,8 +205,46 @@ class AgentEndpoint:
                 'starting it here' % vm)
         return self.host.start_vm(vm).to_dict()
 
-    def vm_stop(self, context, vm):
-        return self.host.stop_vm(vm).to_dict()
+    def vm_stop(self, context, vm, clean=None, timeout=None):
+        """Stop the VM (``clean`` and ``timeout``: new in 1.5).
+
+        :param clean: True: ask the guest to power off (ACPI) and kill it
+            only when it has not within ``timeout`` seconds (None: the
+            host's ``[hypervisor]shutdown_timeout``); False: kill it at
+            once; None: the host's own way (a native host kills a QEMU
+            guest at once, a xenapi pool host shuts down cleanly).
+        :returns: the VM's record, with ``clean``: False when a guest's
+            process was killed, True when it powered off by itself or
+            none ran, None when the host cannot tell (xenapi).
+        """
+        if clean is not None and not isinstance(clean, bool):
+            raise arguments.InvalidArgument(
+                method='vm_stop', reason='clean must be a JSON boolean, not '
+                '%.80r' % (clean,))
+        if timeout is not None:
+            if not clean:
+                raise arguments.InvalidArgument(
+                    method='vm_stop', reason='timeout is the time a clean '
+                    'stop leaves the guest to power off: give it with '
+                    'clean=true only')
+            if not 0 < timeout <= api.MAX_STOP_TIMEOUT:
+                raise arguments.InvalidArgument(
+                    method='vm_stop', reason='timeout must be in (0, %d] '
+                    'seconds, not %r' % (api.MAX_STOP_TIMEOUT, timeout))
+        kwargs = {}
+        if clean is not None:
+            kwargs['clean'] = clean
+        if timeout is not None:
+            if 'timeout' in inspect.signature(
+                    self.host.stop_vm).parameters:
+                kwargs['timeout'] = timeout
+            else:
+                # (a xenapi pool host: its [xenapi]shutdown_timeout)
+                LOG.info('vm_stop of %s: this host\'s engine has its own '
+                         'shutdown timeout; %s s is not used', vm, timeout)
+        stopped = self.host.stop_vm(vm, **kwargs)
+        return dict(stopped.to_dict(),
+                    clean=getattr(stopped, 'stopped_clean', None))
 
     def vm_destroy(self, context, vm):
         self.host.destroy_vm(vm)

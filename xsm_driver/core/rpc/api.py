@@ -33,6 +33,10 @@ API version history:
   vCPUs, kernel and verifier options); ``vm_pause``, ``vm_resume``,
   ``vm_reboot`` and ``vm_console`` (the guest's serial console).
   ``vm_get`` and ``vm_list`` answer the power state the guest has now.
+* 1.5 - clean stops: ``vm_stop`` takes ``clean`` (ask the guest to power
+  off by ACPI, kill it only after ``timeout`` seconds, at most
+  :data:`MAX_STOP_TIMEOUT`) and answers ``clean``, whether the guest
+  powered off by itself. A call without them is sent as 1.0, as before.
 """
 
 import importlib
@@ -43,10 +47,15 @@ import oslo_messaging as messaging
 from xsm_driver.core import rpc
 from xsm_driver.core.rpc import auth
 
-VERSION = '1.4'
+VERSION = '1.5'
 #: the version calls that exist since 1.0 are sent as, so that a 1.0 agent
 #: still answers them
 BASE_VERSION = '1.0'
+#: the longest a clean vm_stop may leave a guest to power off, in seconds
+MAX_STOP_TIMEOUT = 600
+#: seconds a clean vm_stop's caller waits for the answer beyond its timeout
+#: (the kill, SIGTERM then SIGKILL, and the disks' detach)
+STOP_ANSWER_MARGIN = 60
 
 
 def _register_messaging_opts(conf):
@@ -186,6 +195,11 @@ class AgentAPI:
                                                 timeout=timeout)
 
     def call(self, method, timeout=None, version=None, **kwargs):
+        """Call ``method`` with ``kwargs``; wait ``timeout`` seconds."""
+        return self.call_with(method, kwargs, timeout, version)
+
+    def call_with(self, method, kwargs, timeout=None, version=None):
+        """:meth:`call`, the arguments in a dict (one may be "timeout")."""
         client = self._client
         if timeout is not None or version is not None:
             client = client.prepare(**{k: v for k, v in (
@@ -253,8 +267,38 @@ class AgentAPI:
     def vm_start(self, vm):
         return self.call('vm_start', vm=vm)
 
-    def vm_stop(self, vm):
-        return self.call('vm_stop', vm=vm)
+    def vm_stop(self, vm, clean=None, timeout=None):
+        """Stop the VM; see :meth:`agent.AgentEndpoint.vm_stop`.
+
+        :param clean: True: ask the guest to power off (ACPI), kill it
+            after ``timeout`` seconds (in (0, :data:`MAX_STOP_TIMEOUT`];
+            None: the agent's ``[hypervisor]shutdown_timeout``); False:
+            kill it at once; None: the agent's own way (as before 1.5).
+            ``clean`` or ``timeout`` need an agent of 1.5 or later.
+        :returns: the VM's record; from a 1.5 agent with ``clean``, True
+            when the guest powered off by itself.
+        :raises ValueError: a bad ``clean`` or ``timeout``.
+        """
+        if clean is None and timeout is None:
+            return self.call('vm_stop', vm=vm)
+        if timeout is not None and clean is not True:
+            raise ValueError('a timeout is for a clean stop only '
+                             '(clean=True)')
+        if not isinstance(clean, bool):
+            raise ValueError('clean must be True or False, not %r'
+                             % (clean,))
+        if timeout is not None:
+            if (isinstance(timeout, bool) or
+                    not isinstance(timeout, (int, float)) or
+                    not 0 < timeout <= MAX_STOP_TIMEOUT):
+                raise ValueError('timeout must be a number of seconds in '
+                                 '(0, %d], not %r' % (MAX_STOP_TIMEOUT,
+                                                      timeout))
+            wait = timeout + STOP_ANSWER_MARGIN
+            return self.call_with('vm_stop', {'vm': vm, 'clean': clean,
+                                              'timeout': timeout},
+                                  timeout=wait, version='1.5')
+        return self.call('vm_stop', version='1.5', vm=vm, clean=clean)
 
     def vm_destroy(self, vm):
         return self.call('vm_destroy', vm=vm)
