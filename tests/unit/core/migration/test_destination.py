@@ -54,7 +54,7 @@ class TestCopyConnections(base.TestCase):
                                                      'leaf': 'l'}, 4, 9))
 
 
-class TestReceiveExports(base.TestCase):
+class ReceiveCase(base.TestCase):
 
     check_leaks = True
 
@@ -68,6 +68,9 @@ class TestReceiveExports(base.TestCase):
         self.client = credentials.Credentials.make(
             os.path.join(self.top, 'client'), 'client')
         self.logs = self.useFixture(fixtures.FakeLogger(level=logging.DEBUG))
+
+
+class TestReceiveExports(ReceiveCase):
 
     def receive(self, connections, vdis=1):
         spec = {'id': str(uuidlib.uuid4()), 'source_host': 'src', 'vm': None,
@@ -140,3 +143,86 @@ class TestReceiveExports(base.TestCase):
         self.assertEqual([], [t.name for t in threading.enumerate()
                               if t.name.startswith('xsm-nbd-') and
                               t.name != 'xsm-nbd-client'])
+
+
+class TestIncomingStart(ReceiveCase):
+    """A QEMU guest's incoming QEMU: started during the copy when asked.
+
+    (The host's QEMU part is replaced here: this is the order of the
+    receive's steps; tests/functional/core/migration/test_qemu_migration.py
+    runs it with real QEMU.)
+    """
+
+    def setUp(self):
+        super().setUp()
+        # this host runs QEMU guests
+        self.useFixture(fixtures.MockPatchObject(host_mod.Host, 'qemu',
+                                                 object()))
+        self.release = threading.Event()
+        self.events = []
+        self.start_error = None
+
+        def prepare_incoming(record, sizes, address, tls=None):
+            self.events.append('start')
+            self.assertTrue(self.release.wait(10))
+            if self.start_error is not None:
+                raise self.start_error
+            self.events.append('started')
+            return {'host': address, 'port': 4444}
+
+        def discard_incoming(uuid):
+            self.events.append('discard')
+        self.host.prepare_incoming = prepare_incoming
+        self.host.discard_incoming = discard_incoming
+
+    def receive_vm(self, incoming_at):
+        vdi = str(uuidlib.uuid4())
+        spec = {'id': str(uuidlib.uuid4()), 'source_host': 'src',
+                'vif_map': {}, 'cross_pool': False, 'network': None,
+                'client_ca_pem': self.client.ca_pem, 'guest': 'qemu',
+                'vm': {'uuid': str(uuidlib.uuid4()), 'vifs': [],
+                       'disks': [{'name': 'xvda', 'vdi': vdi}]},
+                'vdis': [{'uuid': vdi, 'size': 4 * MiB, 'allocated': 0,
+                          'name': 'xvda', 'sr': 'sr-b', 'mirror': True}]}
+        if incoming_at:
+            spec['incoming_at'] = incoming_at
+        rec = destination.Receive(self.host, spec, '127.0.0.1')
+        self.addCleanup(rec.abort)
+        self.addCleanup(self.release.set)
+        return rec
+
+    def test_started_during_the_copy_its_address_in_composes_answer(self):
+        rec = self.receive_vm(destination.INCOMING_AT_COMPOSE)
+        answer = rec.prepare()          # returns while QEMU still starts
+        self.assertEqual(destination.INCOMING_AT_COMPOSE,
+                         answer['incoming_at'])
+        self.assertNotIn('incoming', answer)
+        self.assertEqual(['start'], self.events)
+        self.release.set()
+        self.assertEqual({'incoming': {'host': '127.0.0.1', 'port': 4444}},
+                         rec.compose())
+
+    def test_a_source_that_does_not_ask_gets_it_from_prepare(self):
+        rec = self.receive_vm(None)
+        self.release.set()
+        answer = rec.prepare()
+        self.assertEqual({'host': '127.0.0.1', 'port': 4444},
+                         answer['incoming'])
+        self.assertIsNone(rec.compose())
+
+    def test_an_abort_discards_a_qemu_still_starting_once_started(self):
+        rec = self.receive_vm(destination.INCOMING_AT_COMPOSE)
+        rec.prepare()
+        threading.Timer(0.3, self.release.set).start()
+        self.assertEqual('aborted', rec.abort())
+        self.assertEqual(['start', 'started', 'discard'], self.events)
+
+    def test_a_start_that_failed_fails_compose_naming_it(self):
+        self.start_error = RuntimeError('qemu: no such machine q99')
+        rec = self.receive_vm(destination.INCOMING_AT_COMPOSE)
+        rec.prepare()
+        self.release.set()
+        exc = self.assertRaises(destination.errors.MigrationError,
+                                rec.compose)
+        self.assertIn('did not start: qemu: no such machine q99', str(exc))
+        self.assertIn('host dest', str(exc))
