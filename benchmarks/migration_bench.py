@@ -12,7 +12,7 @@
 
 """Live migrations between two agents: throughput, latency, downtime, memory.
 
-Four measurements, each case repeated ``--runs`` times and reported as
+Five measurements, each case repeated ``--runs`` times and reported as
 medians with every run beside them:
 
 ``copy``
@@ -37,7 +37,18 @@ medians with every run beside them:
    serving the same VHD to ``qemu-nbd -f raw`` serving a new empty file of
    the same size, both with TLS and client certificates.  ``ratio`` = ours
    / peer (target >= 1.5).  CPU (user, system) of both agents, of both
-   qemu-nbd and of nbdcopy is read from ``/proc`` and ``wait4``.
+   qemu-nbd and of nbdcopy is read from ``/proc`` and ``wait4``; CPU
+   seconds per GiB: both agents over the whole migration per
+   ``bytes_copied``, nbdcopy + both qemu-nbd per allocated byte.  Before
+   and after the copies, ``fio`` writes as many bytes as the dense disk
+   with O_DIRECT, sequentially, into a new file in agent b's SR folder:
+   the disk's own ceiling (``--no-fio``: not measured).
+
+``multidisk``
+   A VM with ``--multi-disks`` (default 8) dense disks of ``--dense`` / N
+   each, and a VM with one dense disk of ``--dense`` (the same bytes),
+   both idle, migrate back and forth, interleaved; the aggregate rate
+   (``bytes_copied`` / copy phase) of the N disks over the one disk's.
 
 ``memory``
    ``VmHWM`` of each agent process after each group of migrations; the
@@ -118,7 +129,7 @@ RABBIT_URL = 'rabbit://guest:guest@127.0.0.1:5672/'
 KOMBU_URL = 'amqp://guest:guest@127.0.0.1:5672//'
 PHASES = ('preflight', 'prepare-receive', 'mirror', 'snapshot', 'copy',
           'compose', 'switch-over', 'clean-up', 'done')
-CASES = ('copy', 'downtime', 'latency')
+CASES = ('copy', 'multidisk', 'downtime', 'latency')
 START_TIMEOUT = 60
 MIGRATION_TIMEOUT = 1800
 READY_TIMEOUT = 30.0
@@ -180,6 +191,73 @@ def cpu_times(pid):
 
 def cpu_delta(before, after):
     return (round(after[0] - before[0], 2), round(after[1] - before[1], 2))
+
+
+def cpu_per_gib(cpus, nbytes):
+    """CPU seconds (user + system, summed over ``cpus``) per GiB (pure).
+
+    :param cpus: ``(user, system)`` pairs, one per process.
+    :param nbytes: the bytes those processes moved.
+    :returns: seconds per GiB, or None without bytes.
+    """
+    if not nbytes:
+        return None
+    return round(sum(u + s for u, s in cpus) / (nbytes / GiB), 3)
+
+
+def filesystem_of(path):
+    """``(mount point, type, device)`` of the file system holding path."""
+    path = os.path.realpath(path)
+    best = None
+    try:
+        with open('/proc/mounts') as f:
+            for line in f:
+                dev, mnt, fstype = line.split()[:3]
+                mnt = mnt.replace('\\040', ' ')
+                if (path == mnt or path.startswith(mnt.rstrip('/') + '/')) \
+                        and (best is None or len(mnt) >= len(best[0])):
+                    best = (mnt, fstype, dev)
+    except OSError:
+        pass
+    return best
+
+
+# -- the disk's own ceiling: fio ----------------------------------------------
+
+FIO_BS = '2M'
+FIO_IODEPTH = 8
+
+
+def fio_argv(path, size):
+    """fio: O_DIRECT sequential writes of ``size`` bytes into a new file.
+
+    No preallocation (``--fallocate=none``): the blocks are allocated as
+    they are written, as a migration's destination image allocates them;
+    ``--end_fsync=1`` counts the final flush, as our copy's does.
+    """
+    return ['fio', '--name=ceiling', '--filename=%s' % path, '--rw=write',
+            '--bs=%s' % FIO_BS, '--size=%d' % size, '--direct=1',
+            '--ioengine=libaio', '--iodepth=%d' % FIO_IODEPTH,
+            '--fallocate=none', '--end_fsync=1', '--output-format=json']
+
+
+def parse_fio(text):
+    """Bytes written, seconds and bytes/s of fio's JSON (pure).
+
+    fio may print warnings before its JSON object; they are skipped.
+    """
+    start = text.find('{')
+    if start < 0:
+        raise ValueError('no JSON in fio\'s output: %r' % text[-500:])
+    job = json.loads(text[start:])['jobs'][0]
+    if job.get('error'):
+        raise ValueError('fio job error %s' % job['error'])
+    write = job['write']
+    if not write.get('io_bytes') or not write.get('runtime'):
+        raise ValueError('fio wrote nothing: %r' % write)
+    return {'bytes': write['io_bytes'],
+            'seconds': write['runtime'] / 1000.0,
+            'bytes_per_s': write['bw_bytes']}
 
 
 # -- latency histograms ---------------------------------------------------
@@ -286,6 +364,9 @@ class AgentProcess:
         env['PYTHONPATH'] = os.pathsep.join(
             [TOP] + [p for p in [env.get('PYTHONPATH')] if p])
         with open(self.stdout, 'ab') as out, open(self.stderr, 'ab') as err:
+            # a restarted agent appends to the same file: only what this
+            # run writes says that it is ready
+            self.stdout_from = out.tell()
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=err, cwd=TOP,
                                          env=env)
@@ -294,8 +375,9 @@ class AgentProcess:
     def wait_ready(self, deadline):
         wanted = 'xsm-agent: host %s ready' % self.name
         while True:
-            with open(self.stdout, errors='replace') as f:
-                if wanted in f.read():
+            with open(self.stdout, 'rb') as f:
+                f.seek(self.stdout_from)
+                if wanted in f.read().decode('utf-8', 'replace'):
                     return
             if self.proc.poll() is not None:
                 raise RuntimeError('agent %s exited %s before it was ready:'
@@ -471,6 +553,8 @@ class Bench:
         self.memory = []
         self.downtime = None
         self.latency = None
+        self.fio = None             # the disk's ceiling (disk_ceiling)
+        self.multidisk = None       # case_multidisk
         self.images = {}
         self.notes = []
         self.profile_text = None
@@ -625,12 +709,15 @@ class Bench:
                'cpu_source': cpu_delta(cpu0[role], cpu1[role]),
                'cpu_destination': cpu_delta(cpu0[dst], cpu1[dst]),
                'rss_after_kib': rss}
+        # both agents, the whole migration (the polls above included)
+        res['cpu_s_per_GiB'] = cpu_per_gib(
+            [res['cpu_source'], res['cpu_destination']], st['bytes_copied'])
         self.rss_trace.append((self.rss_label, rss))
         return res
 
-    def vm_disk_path(self, role, vm):
+    def vm_disk_path(self, role, vm, index=0):
         info = self.clients[role].vm_get(vm)
-        vdi = info['disks'][0]['vdi']
+        vdi = info['disks'][index]['vdi']
         return os.path.join(self.agents[role].sr_path, vdi + '.vhd')
 
     # -- case 1: copy throughput ---------------------------------------
@@ -692,6 +779,9 @@ class Bench:
                    'cpu_qemu_nbd_destination': cpu_delta(
                        c_dst, cpu_times(dst.proc.pid)),
                    'multi_conn': [src.multi_conn, dst.multi_conn]}
+            res['cpu_s_per_GiB'] = cpu_per_gib(
+                [res['cpu_nbdcopy'], res['cpu_qemu_nbd_source'],
+                 res['cpu_qemu_nbd_destination']], info['allocated'])
             if not self.images[name].get('peer_checked'):
                 out_txt = run_cmd(['qemu-img', 'compare', '-f', 'vpc', '-F',
                                    'raw', info['golden'], out])
@@ -756,7 +846,44 @@ class Bench:
             self.verify_moved(name, vm, res['to'])
         return res
 
+    def disk_ceiling(self, when):
+        """fio's O_DIRECT sequential write rate where the SRs are.
+
+        Into agent b's SR folder (the first migration's destination; both
+        SRs are in the same scratch folder, on one file system), as many
+        bytes as the dense disk; the file is removed after.
+        """
+        path = os.path.join(self.agents['b'].sr_path, 'fio-ceiling.dat')
+        size = self.args.dense
+        self.check_space(size + GiB, 'before fio')
+        argv = fio_argv(path, size)
+        os.sync()
+        try:
+            out = run_cmd(argv, timeout=600)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        res = dict(parse_fio(out), when=when)
+        if self.fio is None:
+            self.fio = {'argv': argv, 'directory': os.path.dirname(path),
+                        'filesystem': filesystem_of(path), 'runs': []}
+        self.fio['runs'].append(res)
+        self.fio['median_bytes_per_s'] = median(
+            r['bytes_per_s'] for r in self.fio['runs'])
+        self.log('fio %s: O_DIRECT sequential write %.1f MB/s (%s in '
+                 '%.2f s)' % (when, res['bytes_per_s'] / 1e6,
+                              human(res['bytes']), res['seconds']))
+        return res
+
     def case_copy(self):
+        a = self.args
+        if a.fio:
+            self.disk_ceiling('before the copies')
+        self._case_copy()
+        if a.fio:
+            self.disk_ceiling('after the copies')
+
+    def _case_copy(self):
         a = self.args
         for name, size, runs, seed in self.disk_layouts():
             data = sum(n for _o, n in runs)
@@ -896,6 +1023,8 @@ class Bench:
         out = {'disk': disk, 'load': load, 'side': side, 'runs': runs}
         tps = [r['throughput_bytes_per_s'] for r in runs]
         out['median_throughput_bytes_per_s'] = median(tps)
+        out['median_cpu_s_per_GiB'] = median(r.get('cpu_s_per_GiB')
+                                             for r in runs)
         if side == 'ours':
             out['median_copy_seconds'] = median(r['copy_seconds']
                                                 for r in runs)
@@ -923,6 +1052,86 @@ class Bench:
                     median(r[key][0] for r in runs),
                     median(r[key][1] for r in runs)) if runs else None
         return out
+
+    # -- case 1b: the disks of one VM ---------------------------------------
+
+    def make_multi_vm(self, name, count, size, seed):
+        """A running VM on host a with ``count`` dense disks of ``size``."""
+        a = self.clients['a']
+        vm = a.vm_create(name, [{'sr': 'sr-a', 'size': size}] * count,
+                         vifs=['net0'])['uuid']
+        t = time.perf_counter()
+        allocated = 0
+        for i in range(count):
+            allocated += write_runs(self.vm_disk_path('a', vm, i),
+                                    [(0, size)], seed + i)
+        self.log('%s: %d disk(s) of %s, %s written (%.1f s)'
+                 % (name, count, human(size), human(allocated),
+                    time.perf_counter() - t))
+        a.vm_start(vm)
+        return vm, allocated
+
+    def case_multidisk(self):
+        """One VM with ``--multi-disks`` disks beside one with one disk.
+
+        The same bytes in both: the one disk is as big as the dense disk
+        (``--dense``), each of the N disks an N-th of it. Both VMs idle,
+        their migrations interleaved (order swapped every run); rate =
+        ``bytes_copied`` / copy phase (all disks), as in the copy case.
+        """
+        a = self.args
+        n = a.multi_disks
+        per = round_block(a.dense // n)
+        self.check_space(4 * per * n + 2 * GiB, 'before the %d-disk VM' % n)
+        self.restart_agents('before the %d-disk VM' % n)
+        shapes = (('1 disk', 1, per * n), ('%d disks' % n, n, per))
+        vms, where, runs, allocated = {}, {}, {}, {}
+        for i, (label, count, size) in enumerate(shapes):
+            vms[label], allocated[label] = self.make_multi_vm(
+                'bench-multi-%d' % count, count, size, a.seed + 100 * (i + 1))
+            where[label] = 'a'
+            runs[label] = []
+        reset_ok = self.reset_hwms()
+        self.rss_label = 'multidisk'
+        for rep in range(a.warmup + a.runs):
+            order = shapes if rep % 2 == 0 else shapes[::-1]
+            for label, _count, _size in order:
+                try:
+                    res = self.migrate(where[label], vms[label])
+                except MigrationFailed as exc:
+                    self.notes.append('multidisk %s run failed: %s'
+                                      % (label, exc))
+                    self.log(self.notes[-1])
+                    continue
+                res['side'] = 'ours'
+                where[label] = res['to']
+                if res['bytes_copied'] != allocated[label]:
+                    self.notes.append(
+                        'multidisk %s: %d bytes copied, %d allocated'
+                        % (label, res['bytes_copied'], allocated[label]))
+                if rep >= a.warmup:
+                    runs[label].append(res)
+                self.log('multidisk %s%s: %s' % (
+                    label, '' if rep >= a.warmup else ' (warm-up)',
+                    self.describe(res)))
+        group = '%d-disk and 1-disk VMs' % n
+        self.record_memory(group, reset_ok)
+        for label, _count, _size in shapes:
+            self.clients[where[label]].vm_destroy(vms[label])
+        one = self.summarise('1 disk', 'idle', 'ours', runs['1 disk'])
+        many = self.summarise('%d disks' % n, 'idle', 'ours',
+                              runs['%d disks' % n])
+        self.multidisk = {
+            'disks': n, 'disk_size': per, 'one_disk_size': per * n,
+            'one_disk': one, 'many_disks': many, 'memory_group': group,
+            'ratio': _common.ratio(many['median_throughput_bytes_per_s'],
+                                   one['median_throughput_bytes_per_s'])}
+        self.log('multidisk: %d disks %s MB/s, 1 disk %s MB/s: %sx' % (
+            n, *['%.1f' % (x / 1e6) if x else '-' for x in (
+                many['median_throughput_bytes_per_s'],
+                one['median_throughput_bytes_per_s'])],
+            '%.2f' % self.multidisk['ratio']
+            if self.multidisk['ratio'] else '-'))
 
     # -- case 3: downtime -------------------------------------------------
 
@@ -1317,6 +1526,8 @@ class Bench:
                                 'reset_before': False})
             if 'copy' in cases:
                 self.case_copy()
+            if 'multidisk' in cases:
+                self.case_multidisk()
             if 'downtime' in cases:
                 self.case_downtime()
         if 'latency' in cases:
@@ -1405,6 +1616,53 @@ class Bench:
                          + tuple(r['median_cpu_qemu_nbd_destination']) +
                          ('/'.join(str(x) for x in
                                    r['runs'][0]['multi_conn']),)))
+            p('')
+            p('   CPU seconds (user+sys) per GiB copied; ours: both agents, '
+              'the whole migration; peer: nbdcopy + both qemu-nbd; median '
+              '[runs]')
+            for r in self.copy_results:
+                if r['runs']:
+                    p('   %-7s %-7s %-5s %7s  [%s]' % (
+                        r['disk'], r['load'], r['side'],
+                        '%.2f' % r['median_cpu_s_per_GiB']
+                        if r.get('median_cpu_s_per_GiB') is not None
+                        else '-', ' '.join(
+                            '%.2f' % x['cpu_s_per_GiB']
+                            if x.get('cpu_s_per_GiB') is not None else '-'
+                            for x in r['runs'])))
+        if self.fio:
+            p('')
+            p('   the disk\'s ceiling: %s' % ' '.join(
+                x for x in self.fio['argv'] if not x.startswith(
+                    '--filename')))
+            p('   in %s (%s): %s MB/s median; runs: %s' % (
+                self.fio['directory'], ', '.join(
+                    self.fio['filesystem'] or ()),
+                '%.1f' % (self.fio['median_bytes_per_s'] / 1e6),
+                ', '.join('%s %.1f MB/s' % (x['when'],
+                                            x['bytes_per_s'] / 1e6)
+                          for x in self.fio['runs'])))
+        if self.multidisk:
+            md = self.multidisk
+            p('')
+            p('1b. %d disks of %s in one VM beside one disk of %s, idle, '
+              'same bytes; rate = bytes_copied / copy phase'
+              % (md['disks'], human(md['disk_size']),
+                 human(md['one_disk_size'])))
+            for r in (md['one_disk'], md['many_disks']):
+                tp = r['median_throughput_bytes_per_s']
+                p('   %-9s %9s MB/s  copy %6.2f s  CPU %s s/GiB  downtime '
+                  '%s ms  runs MB/s %s' % (
+                      r['disk'], '%.1f' % (tp / 1e6) if tp else '-',
+                      r.get('median_copy_seconds') or 0,
+                      '%.2f' % r['median_cpu_s_per_GiB']
+                      if r.get('median_cpu_s_per_GiB') is not None else '-',
+                      ' '.join('%g' % x['downtime_ms'] for x in r['runs']),
+                      ' '.join('%.1f' % (x['throughput_bytes_per_s'] / 1e6)
+                               if x['throughput_bytes_per_s'] else '?'
+                               for x in r['runs'])))
+            p('   aggregate rate, %d disks / 1 disk: %s' % (
+                md['disks'], '%.2f' % md['ratio'] if md['ratio'] else '-'))
         for label, lat in (self.latency or {}).items():
             p('')
             p('2. guest write latency, %s: %s dense disk, guest %d writes/s '
@@ -1508,7 +1766,7 @@ class Bench:
                 'scale', 'dense', 'sparse', 'alloc', 'run', 'runs', 'warmup',
                 'load_rate', 'poll', 'small', 'small_fill', 'switchovers',
                 'latency_window', 'throttle', 'min_free', 'restart_agents',
-                'seed', 'cases', 'workdir')},
+                'seed', 'cases', 'workdir', 'multi_disks', 'fio')},
             'code': code_version(),
             'rss_after_each_migration_kib': self.rss_trace,
             'machine': {'python': sys.version.split()[0],
@@ -1519,6 +1777,7 @@ class Bench:
             'images': self.images,
             'copy': self.copy_results, 'memory': self.memory,
             'downtime': self.downtime, 'latency': self.latency,
+            'disk_ceiling': self.fio, 'multidisk': self.multidisk,
             'agent_argv': getattr(self, 'agent_argv', None),
             'peer_argv': getattr(self, 'peer_argv', None),
             'notes': self.notes, 'profile': self.profile_text}
@@ -1567,6 +1826,13 @@ def main(argv=None):
     p.add_argument('--run', type=parse_size, default=FULL['run'],
                    help='length of each allocated run of the sparse disk '
                    '(default %(default)s)')
+    p.add_argument('--multi-disks', type=int, default=8,
+                   help='disks of the multidisk case\'s VM; each is '
+                   '--dense / N, beside a VM with one disk of --dense '
+                   '(default 8)')
+    p.add_argument('--no-fio', dest='fio', action='store_false',
+                   help='do not measure the disk\'s O_DIRECT sequential '
+                   'write rate with fio before and after the copy case')
     p.add_argument('--load-rate', type=int, default=500,
                    help='guest writes (4 KiB) per second in the loaded cases '
                    '(default 500; 0: no loaded cases)')
@@ -1635,7 +1901,12 @@ def main(argv=None):
             if not shutil.which(tool):
                 p.error('%s not found (apt-get install qemu-utils '
                         'libnbd-bin)' % tool)
-    args.rabbit_needed = bool({'copy', 'downtime', 'latency'} &
+    if args.multi_disks < 2:
+        p.error('--multi-disks must be >= 2, not %d' % args.multi_disks)
+    if 'copy' in args.cases and args.fio and not shutil.which('fio'):
+        p.error('fio not found: the copy case measures the disk\'s own '
+                'write rate with it (apt-get install fio), or give --no-fio')
+    args.rabbit_needed = bool({'copy', 'multidisk', 'downtime', 'latency'} &
                               set(args.cases))
     if args.rabbit_needed:
         host, port = args.rabbit.rsplit('@', 1)[-1].split('/')[0] \
