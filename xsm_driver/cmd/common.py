@@ -99,6 +99,7 @@ def migration_options(conf):
         mirror_timeout=conf.agent.mirror_timeout,
         chunk=conf.agent.copy_chunk_mb * mib,
         depth=conf.agent.copy_depth,
+        copy_buffer=conf.agent.copy_buffer_mb * mib,
         connections=conf.agent.copy_connections,
         receive_lease_timeout=conf.agent.receive_lease_timeout,
         commit_timeout=conf.agent.commit_timeout)

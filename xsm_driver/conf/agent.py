@@ -85,7 +85,14 @@ agent_opts = [
     cfg.IntOpt(
         'copy_depth',
         default=8, min=1, max=64,
-        help='Copy requests in flight per disk.'),
+        help='Copy requests in flight per disk (see also copy_buffer_mb).'),
+    cfg.IntOpt(
+        'copy_buffer_mb',
+        default=32, min=4, max=4096,
+        help='Copy data one migration holds in memory at a time, all its '
+             'disks together, in MiB (at least one request of '
+             'copy_chunk_mb), so that the agents\' memory does not grow '
+             'with the number of disks a VM has.'),
     cfg.IntOpt(
         'copy_connections',
         default=4, min=1, max=8,

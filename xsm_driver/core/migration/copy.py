@@ -213,7 +213,7 @@ def assign(workers, devices):
 
 def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
                    limiter=None, progress=None, cancel=None,
-                   migration_id=None):
+                   migration_id=None, budget=None):
     """Copy the allocated data of ``src`` into ``dst``; flush ``dst``.
 
     :param src: a :class:`~xsm_driver.core.block.device.BlockDevice`.
@@ -234,6 +234,10 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
         chunk is written.
     :param cancel: a :class:`threading.Event`, checked between chunks.
     :param migration_id: named in :class:`errors.MigrationAborted`.
+    :param budget: a semaphore shared by the copies of one migration: a
+        worker holds one of its units from the read of a chunk until the
+        chunk is written, so all of them together hold at most as many
+        chunks as it has units (its memory bound); None: ``depth``.
     :returns: bytes copied.
     :raises errors.MigrationAborted: ``cancel`` was set; every worker has
         stopped.
@@ -264,20 +268,33 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
             state['next'] = i + 1
             return ranges[i]
 
+    def held():
+        """Wait for a unit of ``budget``; False once stopped."""
+        while not budget.acquire(timeout=0.1):
+            if stop.is_set() or cancel.is_set():
+                return False
+        return True
+
     def work(out):
         try:
             while not stop.is_set() and not cancel.is_set():
-                item = take()
-                if item is None:
+                if budget is not None and not held():
                     return
-                offset, length = item
-                if limiter is not None:
-                    limiter.consume(length, cancel)
-                data = src.pread(offset, length)
-                if stop.is_set() or cancel.is_set():
-                    return
-                out.pwrite(data, offset)
-                del data
+                try:
+                    item = take()
+                    if item is None:
+                        return
+                    offset, length = item
+                    if limiter is not None:
+                        limiter.consume(length, cancel)
+                    data = src.pread(offset, length)
+                    if stop.is_set() or cancel.is_set():
+                        return
+                    out.pwrite(data, offset)
+                    del data
+                finally:
+                    if budget is not None:
+                        budget.release()
                 with lock:
                     state['copied'] += length
                 if progress is not None:

@@ -92,6 +92,9 @@ class Options:
     #: copy request size and requests in flight per VDI
     chunk: int = 4 * MiB
     depth: int = 8
+    #: copy data one migration holds at a time, all its VDIs together
+    #: (at least one chunk)
+    copy_buffer: int = 32 * MiB
     #: TLS connections the copy of one VDI uses (the destination may offer
     #: fewer): each is a stream one thread encrypts and one decrypts, so 4,
     #: like nbdcopy's default, keeps both cores of both hosts busy

@@ -663,6 +663,9 @@ class Migration:
             self.progress.total = sum(n for r in ranges.values()
                                       for _o, n in r)
             self.progress.start()
+            # all disks together hold at most copy_buffer bytes of data
+            self._budget = threading.BoundedSemaphore(
+                max(1, self.options.copy_buffer // self.options.chunk))
             with concurrent.futures.ThreadPoolExecutor(
                     max_workers=len(sources) or 1,
                     thread_name_prefix='xsm-copy') as pool:
@@ -691,7 +694,7 @@ class Migration:
                 src, dsts, ranges=ranges, chunk=self.options.chunk,
                 depth=max(self.options.depth, len(dsts)),
                 limiter=self._limiter, progress=self.progress,
-                cancel=self._cancel)
+                cancel=self._cancel, budget=self._budget)
         finally:
             for dst in dsts:
                 self._disconnect(dst)

@@ -313,6 +313,61 @@ class CopyTest(CopyTestCase):
         self.assertSameContent(src, dst)
         self.assertNoThreadsLeft()
 
+    def test_copies_sharing_a_budget_hold_at_most_its_chunks(self):
+        held = {'now': 0, 'max': 0}
+        lock = threading.Lock()
+
+        def read(n):
+            with lock:
+                held['now'] += 1
+                held['max'] = max(held['max'], held['now'])
+
+        class Written(Slow):
+            def pwrite(self, data, offset, fua=False):
+                super().pwrite(data, offset, fua)
+                with lock:
+                    held['now'] -= 1
+
+        budget = threading.BoundedSemaphore(3)
+        pairs = []
+        for i in range(3):
+            src = Slow(self.make_src(12, 64 * KiB, 'src%d.raw' % i),
+                       on_read=read)
+            pairs.append((src, Written(self.make_raw(src.size,
+                                                     'dst%d.raw' % i),
+                                       write=0.01)))
+        threads = [threading.Thread(target=copy.copy_allocated,
+                                    args=(src, dst),
+                                    kwargs={'chunk': 64 * KiB, 'depth': 4,
+                                            'budget': budget})
+                   for src, dst in pairs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        # 3 copies of depth 4 would hold 12 chunks at once without it
+        self.assertEqual(3, held['max'])
+        self.assertEqual(0, held['now'])
+        for src, dst in pairs:
+            self.assertSameContent(src, dst)
+        self.assertNoThreadsLeft()
+
+    def test_a_copy_waiting_for_the_budget_can_be_cancelled(self):
+        budget = threading.BoundedSemaphore(1)
+        budget.acquire()                # another copy holds it all
+        cancel = threading.Event()
+        threading.Timer(0.2, cancel.set).start()
+        src = self.make_src(4, 64 * KiB)
+        dst = filters.Counter(self.make_raw(src.size))
+        start = time.monotonic()
+        self.assertRaises(errors.MigrationAborted, copy.copy_allocated,
+                          src, dst, chunk=64 * KiB, depth=2, cancel=cancel,
+                          budget=budget)
+        self.assertLess(time.monotonic() - start, 2.0)
+        self.assertEqual(0, dst.stats()['bytes_written'])
+        budget.release()
+        self.assertNoThreadsLeft(wait=1.0)
+
     def test_cancel_stops_promptly(self):
         cancel = threading.Event()
 
