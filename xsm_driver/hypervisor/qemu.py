@@ -90,6 +90,10 @@ GONE = 'gone'            # no process: the guest is halted
 FOREIGN = 'foreign'      # the pid is another process now: halted, no kill
 
 
+#: KiB a TCG guest's RAM gets above its size (see :func:`memory_option`):
+#: QEMU rounds RAM up to 8 KiB
+TCG_RAM_PAD_KIB = 8
+
 #: seconds a completed migration's source may take to work its downtime out
 DOWNTIME_WAIT = 0.5
 #: longest wait for QEMU's next ``MIGRATION`` event between two
@@ -179,7 +183,7 @@ def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
     if accel_mod.CPU.get(accel):
         argv += ['-cpu', accel_mod.CPU[accel]]
     argv += [
-        '-m', str(spec.memory_mib or memory_mib),
+        '-m', memory_option(spec.memory_mib or memory_mib, accel),
         '-smp', str(spec.vcpus),
         '-nodefaults', '-no-user-config', '-display', 'none',
         # the in-guest verifier's wall clock follows the RTC
@@ -217,6 +221,30 @@ def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
         argv += ['-incoming', 'defer']
     argv += ['-pidfile', paths.pid, '-daemonize']
     return argv
+
+
+def memory_option(memory_mib, accel):
+    """QEMU's ``-m`` for a guest of ``memory_mib`` MiB.
+
+    Under TCG, :data:`TCG_RAM_PAD_KIB` more. QEMU before 9.0 loses guest
+    writes while it migrates the RAM of a TCG guest when that RAM is a
+    multiple of 256 KiB: its dirty bitmap's word-at-a-time sync clears
+    the bits without resetting TCG's TLB, so a page the guest writes
+    again through a TLB entry it already had is not sent again (QEMU
+    commit 03bfc2188f06, "physmem: Fix migration dirty bitmap coherency
+    with TCG memory access"; Debian 12's QEMU 7.2 does not have it). The
+    migrated guest wakes up with stale pages: kernel oopses and panics
+    on the destination. A RAM size that is no such multiple makes QEMU
+    sync page by page, which resets the TLB.
+
+    >>> memory_option(128, 'kvm')
+    '128'
+    >>> memory_option(128, 'tcg')
+    '131080K'
+    """
+    if accel == accel_mod.TCG:
+        return '%dK' % (int(memory_mib) * 1024 + TCG_RAM_PAD_KIB)
+    return str(memory_mib)
 
 
 def chs(size):

@@ -66,10 +66,21 @@ class TestCommandLine(base.TestCase):
             self.assertTrue(opt.endswith(',reconnect-delay=15'), opt)
 
     def test_memory_vcpus_and_default_memory(self):
-        argv = self.argv(memory_mib=512, vcpus=2)
+        argv = self.argv('kvm', memory_mib=512, vcpus=2)
         self.assertEqual(['512'], option(argv, '-m'))
         self.assertEqual(['2'], option(argv, '-smp'))
-        self.assertEqual(['256'], option(self.argv(), '-m'))
+        self.assertEqual(['256'], option(self.argv('kvm'), '-m'))
+
+    def test_tcg_memory_is_no_multiple_of_256_kib(self):
+        # QEMU < 9.0 under TCG loses guest writes in a live migration of
+        # RAM that is a multiple of 256 KiB (see memory_option)
+        self.assertEqual(['524296K'], option(self.argv(memory_mib=512),
+                                             '-m'))
+        self.assertEqual(['262152K'], option(self.argv(), '-m'))
+        for mib in (64, 128, 256, 1024):
+            kib = int(qemu.memory_option(mib, 'tcg').rstrip('K'))
+            self.assertNotEqual(0, kib % 256, mib)
+            self.assertEqual(0, kib % 8, mib)      # QEMU's own rounding
 
     def test_accel_and_cpu(self):
         argv = self.argv('kvm')
