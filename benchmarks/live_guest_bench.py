@@ -90,6 +90,15 @@ the guest runs on the destination):
    mismatches + I/O errors of the verifier's full-disk ``verify`` on the
    destination (and of its progress lines): must be 0.
 
+Every run also watches both consoles for the guest kernel in trouble
+(:func:`kernel_trouble`: a panic, oops, BUG or warning; a stall of a
+starved vCPU is told apart) and keeps the guest running ``--watch`` s
+after its verify; a run that panics is counted (``counts`` per side in
+the JSON, with the console excerpt in ``errors``) and the bench goes on.
+``--ram-kib``, ``--memory-bandwidth`` and ``--ready-writes`` are for
+experiments (see ``tcg_pingpong.py``: QEMU 7.2 under TCG loses guest
+writes in a live migration of RAM that is a multiple of 256 KiB).
+
 ``python benchmarks/live_guest_bench.py --runs 3 --json OUT``; see
 ``benchmarks/README.rst``.  It asserts nothing; it exits 1 if a
 verification failed on either side (a lost write) or a run failed.
@@ -146,6 +155,50 @@ class BenchError(Exception):
     pass
 
 
+class GuestPanic(BenchError):
+    """The guest's kernel panicked, oopsed or warned on a console."""
+
+
+#: seconds the consoles are read on after a kernel's panic or oops was seen
+PANIC_TAIL = 2.0
+#: console lines of a guest kernel in trouble (not the verifier's XSMV)
+KERNEL_TROUBLE = ('Kernel panic', 'Oops', 'BUG:', 'kernel BUG',
+                  'stack-protector', 'general protection fault',
+                  'WARNING:', 'Call Trace', 'segfault at', 'soft lockup',
+                  'hard LOCKUP', 'rcu_sched self-detected', 'detected stall',
+                  'invalid opcode', 'double fault', 'Corrupted',
+                  'corrupted', 'Bad page')
+
+
+#: of those, the ones a starved vCPU shows (host load), not a broken kernel
+KERNEL_STALLS = ('soft lockup', 'hard LOCKUP', 'rcu_sched self-detected',
+                 'detected stall')
+
+
+def trouble_kind(line):
+    """``stall`` (the vCPU starved: host load) or ``crash``.
+
+    >>> trouble_kind('rcu: INFO: rcu_preempt self-detected stall on CPU')
+    'stall'
+    >>> trouble_kind('BUG: scheduling while atomic: swapper/0/0/0x00010001')
+    'crash'
+    """
+    return 'stall' if any(m in line for m in KERNEL_STALLS) else 'crash'
+
+
+def kernel_trouble(line):
+    """True when a console line says the guest's kernel is in trouble.
+
+    >>> kernel_trouble('Kernel panic - not syncing: stack-protector: '
+    ...                'Kernel stack is corrupted in: do_sys_poll+0x4b6/0x520')
+    True
+    >>> kernel_trouble('XSMV progress writes=1 mismatches=0')
+    False
+    """
+    return not line.startswith('XSMV') and any(
+        mark in line for mark in KERNEL_TROUBLE)
+
+
 # -- the guest's console ----------------------------------------------------
 
 class Console(threading.Thread):
@@ -165,12 +218,17 @@ class Console(threading.Thread):
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self.lines = []
-        #: console lines of a guest kernel's panic or oops
+        #: ``(file index, line)`` of each console line of a guest
+        #: kernel's panic, oops, BUG or warning (see :func:`kernel_trouble`)
         self.panics = []
+        #: every non-XSMV line of each file, as read (a source's folder
+        #: may be gone by the time a run ends)
+        self.text = []
 
     def add(self, path):
         with self._lock:
             self._files.append([path, 0, b''])
+            self.text.append([])
             return len(self._files) - 1
 
     def run(self):
@@ -197,11 +255,15 @@ class Console(threading.Thread):
             *whole, entry[2] = data.split(b'\n')
             found = []
             for raw in whole:
-                if b'Kernel panic' in raw or b'Oops' in raw:
-                    self.panics.append(raw.decode('utf-8', 'replace'))
-                rep = self._parse(raw.decode('utf-8', 'replace'))
+                line = raw.decode('utf-8', 'replace')
+                rep = self._parse(line)
                 if rep is not None:
                     found.append((now, index, rep))
+                    continue
+                with self._lock:
+                    self.text[index].append(line)
+                    if kernel_trouble(line):
+                        self.panics.append((index, line.strip()))
             if found:
                 with self._lock:
                     self.lines.extend(found)
@@ -227,13 +289,21 @@ class Console(threading.Thread):
                         and pred(rep):
                     return rep
             if self.panics:
-                raise BenchError('the guest\'s kernel: %s' % self.panics[0]
-                                 .strip())
+                index, line = self.panics[0]
+                raise GuestPanic('the guest\'s kernel (console %d): %s'
+                                 % (index, line))
             if time.monotonic() > deadline:
                 raise BenchError('no "XSMV %s" line as expected within '
                                  '%.0f s (see the console files)'
                                  % (kind, timeout))
             time.sleep(0.02)
+
+    def excerpt(self, index, line, before=15, after=45):
+        """The kernel's lines of file ``index`` around ``line``."""
+        with self._lock:
+            text = list(self.text[index])
+        at = next((i for i, x in enumerate(text) if x.strip() == line), 0)
+        return text[max(at - before, 0):at + after]
 
     def first(self, index, kind='progress'):
         """Host time of the first ``kind`` line of file ``index``."""
@@ -343,7 +413,8 @@ class Ours:
         host = host_mod.Host(name, srs, os.path.join(root, 'state'), drv)
         self.hosts[name] = host
         agent = agent_mod.Agent(self.b.transport, host,
-                                manager_mod.Options(),
+                                manager_mod.Options(
+                                    memory_bandwidth=a.memory_bandwidth),
                                 rpc_timeout=60).start()
         self.agents.append(agent)
         return host
@@ -373,7 +444,7 @@ class Ours:
         src.start_vm(vm.uuid)
         con = self.b.console
         src_console = con.add(src.qemu.console_path(vm.uuid))
-        con.wait('progress', guest_ready, index=src_console,
+        con.wait('progress', self.b.ready, index=src_console,
                  timeout=BOOT_TIMEOUT)
         time.sleep(a.settle)
         vdi_map = {d.vdi: 'sr' for d in vm.disks}
@@ -580,7 +651,7 @@ class Peer:
         src = self.start('src', src_disks)
         con = self.b.console
         src_console = con.add(src.paths.console)
-        con.wait('progress', guest_ready, index=src_console,
+        con.wait('progress', self.b.ready, index=src_console,
                  timeout=BOOT_TIMEOUT)
         time.sleep(a.settle)
         os.sync()
@@ -643,7 +714,7 @@ class Peer:
         src.qmp.execute('migrate-set-capabilities', capabilities=[
             {'capability': 'events', 'state': True}])
         src.qmp.execute('migrate-set-parameters', **{
-            'tls-creds': TLS_ID, 'max-bandwidth': MEMORY_BANDWIDTH})
+            'tls-creds': TLS_ID, 'max-bandwidth': a.memory_bandwidth})
         src.qmp.execute('migrate', uri='tcp:127.0.0.1:%d' % mig_port)
         ev = src.qmp.wait_for(lambda e: e['event'] == 'MIGRATION' and e[
             'data']['status'] in ('completed', 'failed', 'cancelled'),
@@ -721,65 +792,150 @@ class Bench:
     def path(self, name):
         return os.path.join(self.root, name)
 
+    def ready(self, rep):
+        """The guest is ready to migrate (see ``--ready-writes``)."""
+        if self.args.ready_writes is None:
+            return guest_ready(rep)
+        return rep['writes'] >= self.args.ready_writes
+
     def setup(self):
         from oslo_config import cfg
         from xsm_driver.core.nbd import tls
         from xsm_driver.core.rpc import api
+        if self.args.ram_kib:
+            ram_kib_command_lines(self.args.ram_kib)
         self.pki = self.path('pki')
         tls.make_credentials(self.pki)
         self.transport = api.get_transport(cfg.ConfigOpts(), url='fake://')
 
     def verify(self, send):
-        """Full-disk verify on the destination: the lost-writes figures."""
+        """Full-disk verify on the destination: the lost-writes figures.
+
+        Then the guest runs on for ``--watch`` s, its console watched,
+        and must still report (a late panic fails the run).
+        """
         at = self.console.count()
         send('verify')
         rep = self.console.wait('verify', after=at, timeout=120)
         lost = rep['mismatches'] + rep['io_errors']
-        return {'verify': rep.line, 'verify_ok': rep['result'] == 'ok'
-                and lost == 0, 'lost': lost, 'checked': rep['checked']}
+        out = {'verify': rep.line, 'verify_ok': rep['result'] == 'ok'
+               and lost == 0, 'lost': lost, 'checked': rep['checked']}
+        if self.args.watch:
+            time.sleep(self.args.watch)
+            at = self.console.count()
+            send('status')
+            late = self.console.wait('progress', after=at)
+            # (the verifier's counts since its boot)
+            out['watch_mismatches'] = late['mismatches']
+            out['watch_io_errors'] = late['io_errors']
+        return out
+
+    def trouble(self, side, n):
+        """The guest kernel's trouble lines of this run, by console."""
+        con = self.console
+        out = []
+        seen = set()
+        for index, line in con.panics:
+            if index in seen:
+                continue
+            seen.add(index)
+            lines = [x for i, x in con.panics if i == index]
+            out.append({'console': CONSOLES.get(index, str(index)),
+                        'kind': trouble_kind(line),
+                        'lines': lines[:20], 'count': len(lines),
+                        'excerpt': con.excerpt(index, line)})
+        if out and self.args.keep_consoles:
+            os.makedirs(self.args.keep_consoles, exist_ok=True)
+            for index, text in enumerate(con.text):
+                name = os.path.join(self.args.keep_consoles, '%d-%s-%d-%s.log'
+                                    % (os.getpid(), side, n,
+                                       CONSOLES.get(index, index)))
+                with open(name, 'w') as f:
+                    f.write('\n'.join(text) + '\n')
+        return out
 
     def one(self, side, n):
+        """One migration of ``side``: (result or None, error, trouble)."""
         self.console = Console()
         self.console.start()
         case = (Ours if side == 'ours' else Peer)(self, n)
+        result = error = None
+        t0 = time.monotonic()
         try:
             result = case.run()
-            result['lost'] += (result['progress_mismatches'] +
-                               result['progress_io_errors'])
+            # (progress counts are the verifier's since its boot)
+            result['lost'] += (
+                max(result['progress_mismatches'],
+                    result.get('watch_mismatches', 0)) +
+                max(result['progress_io_errors'],
+                    result.get('watch_io_errors', 0)))
             result['verify_ok'] = result['verify_ok'] and \
                 result['lost'] == 0
+        except Exception as exc:
+            error = exc
+            if isinstance(exc, GuestPanic):
+                time.sleep(PANIC_TAIL)       # the rest of the oops
         finally:
-            case.cleanup()
-            self.console.stop()
+            try:
+                case.cleanup()
+            finally:
+                self.console.stop()
+                self.console.poll()          # the last lines
+        trouble = self.trouble(side, n)
+        for t in trouble:
+            self.log('%-4s run %d: GUEST KERNEL TROUBLE (%s) on the %s '
+                     'console (%d line(s)):\n       %s' % (
+                         side, n, t['kind'], t['console'], t['count'],
+                         '\n       '.join(t['excerpt'])))
+        if result is None:
+            return None, error, trouble
         result['run'] = n
         result['loadavg'] = os.getloadavg()
+        result['run_s'] = round(time.monotonic() - t0, 1)
+        result['trouble'] = trouble
+        if trouble:
+            result['verify_ok'] = False
         self.log('%-4s run %d: total %.2f s, pause %s ms, qemu downtime %s '
                  'ms, frozen %s ms, stall %s ms (RTC %s), write p50 %s us '
-                 'p99 %s us max %s us, lost %d (%s)' % (
+                 'p99 %s us max %s us, lost %d (%s), load %.1f' % (
                      side, n, result['total_s'],
                      result['storage_pause_ms'], result['qemu_downtime_ms'],
                      result['frozen_ms'], result['stall_ms'],
                      result['wall_stall_ms'], result['lat_p50_us'],
                      result['lat_p99_us'], result['lat_max_us'],
-                     result['lost'], result['verify']))
+                     result['lost'], result['verify'],
+                     result['loadavg'][0]))
         self.log('     phases (s from the start): %s' % ', '.join(
             '%s %.2f' % (what, t) for t, what in result['phases']))
-        return result
+        return result, None, trouble
 
     def run(self):
         runs = {'ours': [], 'qemu': []}
         errors = []
+        counts = {side: new_counts() for side in runs}
         for n in range(self.args.runs):
             order = ('ours', 'qemu') if n % 2 == 0 else ('qemu', 'ours')
+            if self.args.side != 'both':
+                order = (self.args.side,)
             for side in order:
                 try:
-                    runs[side].append(self.one(side, n))
-                except Exception as exc:        # reported, run on
-                    self.log('%s run %d FAILED: %s: %s' % (
-                        side, n, type(exc).__name__, exc))
+                    result, error, trouble = self.one(side, n)
+                except Exception as exc:        # (not the run's own)
+                    result, error, trouble = None, exc, []
+                count(counts[side], result, error, trouble)
+                if result is not None:
+                    runs[side].append(result)
+                else:                           # reported, run on
+                    self.log('%s run %d FAILED: %s: %s (load %.1f)' % (
+                        side, n, type(error).__name__, error,
+                        os.getloadavg()[0]))
                     errors.append({'side': side, 'run': n,
-                                   'error': str(exc)})
-        return runs, errors
+                                   'error': str(error),
+                                   'panic': isinstance(error, GuestPanic),
+                                   'trouble': trouble,
+                                   'loadavg': os.getloadavg()})
+            self.log('after run %d: %s' % (n, format_counts(counts)))
+        return runs, errors, counts
 
     def cleanup(self):
         from xsm_driver.hypervisor import qemu
@@ -794,6 +950,65 @@ class Bench:
                 self.transport.cleanup()
             except Exception:
                 pass
+
+
+def ram_kib_command_lines(kib):
+    """Every QEMU of this process gets ``kib`` KiB of RAM (``-m NK``).
+
+    An experiment (``--ram-kib``), for both sides alike: the QEMUs of ours
+    are started in this process by the ``qemu`` driver, the peer's with
+    the same :func:`qemu.command_line`.
+    """
+    from xsm_driver.hypervisor import qemu
+    plain = qemu.command_line
+
+    def command_line(*args, **kwargs):
+        argv = plain(*args, **kwargs)
+        argv[argv.index('-m') + 1] = '%dK' % kib
+        return argv
+
+    qemu.command_line = command_line
+
+
+#: the console files of a run, by their index in its Console
+CONSOLES = {0: 'source', 1: 'destination'}
+
+
+def new_counts():
+    return {'runs': 0, 'ok': 0, 'failed': 0, 'panicked': 0, 'stalled': 0,
+            'trouble_source': 0, 'trouble_destination': 0, 'lost': 0,
+            'verify_failed': 0, 'run_errors': []}
+
+
+def count(c, result, error, trouble):
+    """Add one run's outcome to its side's counts ``c`` (pure)."""
+    c['runs'] += 1
+    if any(t.get('kind') != 'stall' for t in trouble):
+        c['panicked'] += 1
+    elif trouble:
+        c['stalled'] += 1
+    for t in trouble:
+        key = 'trouble_%s' % t['console']
+        c[key] = c.get(key, 0) + 1
+    if result is None:
+        c['failed'] += 1
+        c['run_errors'].append(str(error)[:200])
+        return
+    c['lost'] += result['lost']
+    if result['verify_ok']:
+        c['ok'] += 1
+    else:
+        c['verify_failed'] += 1
+
+
+def format_counts(counts):
+    return '; '.join(
+        '%s: %d run(s), %d ok, %d failed, %d with a kernel panic/oops/BUG '
+        'and %d with only a stall (consoles in trouble: source %d, '
+        'destination %d), %d lost write(s), %d verification(s) failed'
+        % (side, c['runs'], c['ok'], c['failed'], c['panicked'],
+           c['stalled'], c['trouble_source'], c['trouble_destination'],
+           c['lost'], c['verify_failed']) for side, c in counts.items())
 
 
 def summarise(runs):
@@ -871,9 +1086,23 @@ def main(argv=None):
                    'of frozen_ms (default 100)')
     p.add_argument('--memory', type=int, default=128,
                    help='guest RAM in MiB (default 128)')
+    p.add_argument('--memory-bandwidth', type=_common.parse_size,
+                   default=str(MEMORY_BANDWIDTH),
+                   help='QEMU\'s max-bandwidth for the memory, both sides '
+                   '(default 1G a second, the engine\'s default)')
+    p.add_argument('--ram-kib', type=int, metavar='KIB',
+                   help='an experiment: give every QEMU KIB KiB of RAM '
+                   'instead of --memory MiB (QEMU rounds it up to 8 KiB), '
+                   'e.g. 131080: not a multiple of 256 KiB, so QEMU 7.2 '
+                   'syncs its dirty bitmap page by page')
     p.add_argument('--settle', type=float, default=2.0,
                    help='seconds the guest writes after its boot before '
                    'the migration (default 2)')
+    p.add_argument('--ready-writes', type=int, metavar='N',
+                   help='migrate (after --settle) once the verifier did N '
+                   'writes (default: 40 writes and its wall clock synced '
+                   'with the RTC); 20 and --settle 0 migrate a guest '
+                   'booted a moment ago, as the functional tests do')
     p.add_argument('--peer-format', choices=('qcow2', 'raw'),
                    default='qcow2')
     p.add_argument('--peer-cache', choices=('none', 'writeback'),
@@ -881,6 +1110,16 @@ def main(argv=None):
                    help='the peer\'s disk cache mode (default none, '
                    'nova\'s default: O_DIRECT)')
     p.add_argument('--runs', type=int, default=3)
+    p.add_argument('--side', choices=('both', 'ours', 'qemu'),
+                   default='both', help='migrate with both ways, '
+                   'interleaved (default), or with one only')
+    p.add_argument('--watch', type=float, default=2.0,
+                   help='seconds the guest runs on the destination after '
+                   'its full-disk verify, its console watched for a '
+                   'kernel panic or oops (default 2)')
+    p.add_argument('--keep-consoles', metavar='DIR',
+                   help='write the console text of each run whose guest '
+                   'kernel was in trouble to DIR')
     p.add_argument('--timeout', type=float, default=300,
                    help='seconds one migration may take')
     p.add_argument('--workdir')
@@ -935,9 +1174,11 @@ def main(argv=None):
     status = 0
     try:
         bench.setup()
-        runs, errors = bench.run()
+        runs, errors, counts = bench.run()
         summary = summarise(runs)
+        summary['counts'] = counts
         print(format_table(summary, runs, a))
+        print('runs: %s' % format_counts(counts))
         bad = [r for side in runs.values() for r in side
                if not r['verify_ok']]
         if bad or errors:
@@ -949,6 +1190,7 @@ def main(argv=None):
                 json.dump({'config': {k: v for k, v in vars(a).items()},
                            'machine': _common.machine(),
                            'runs': runs, 'errors': errors,
+                           'counts': counts,
                            'summary': summary}, f, indent=1)
     except (BenchError, OSError, subprocess.SubprocessError) as exc:
         print('live_guest_bench: error: %s' % exc, file=sys.stderr)
