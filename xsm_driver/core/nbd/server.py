@@ -114,13 +114,14 @@ POOLED_RUN = 64
 # page-aligned buffers that a connection reuses: no new memory to zero and
 # fault in for each request, and a device can hand them to O_DIRECT as they
 # are. A buffer is a power of two bytes long and serves any payload that
-# fits (as a view of its first bytes); a connection keeps PAYLOAD_BUFFERS of
-# them at most, whatever their sizes. (Kept per exact payload size, a sparse
-# copy -- runs of every length from 64 KiB to 4 MiB -- left one buffer per
-# length in each connection: 20 migrations of a 256 MiB disk peaked at
-# ~280 MiB per agent instead of ~110.)
+# fits (as a view of its first bytes); a server keeps PAYLOAD_BUFFERS of
+# them at most, whatever their sizes, for all its connections. (Kept per
+# exact payload size, a sparse copy -- runs of every length from 64 KiB to
+# 4 MiB -- left one buffer per length in each connection: 20 migrations of
+# a 256 MiB disk peaked at ~280 MiB per agent instead of ~110. Kept per
+# connection, the 32 connections of the copy of an 8-disk VM kept ~128 MiB.)
 POOLED_PAYLOAD = 64 * 1024
-PAYLOAD_BUFFERS = 4
+PAYLOAD_BUFFERS = 8
 
 
 def buffer_size(size):
@@ -470,6 +471,8 @@ class Server:
         self._tls = tls_context
         self._workers = workers
         self._max_payload = max_payload
+        #: write payload buffers, reused by all connections
+        self._buffers = _Buffers()
         self._lock = threading.Lock()
         self._handlers = set()
         self._listener = None
@@ -773,7 +776,7 @@ class _Handler:
         self._send = threading.Lock()      # keeps replies whole on the wire
         self._slots = threading.BoundedSemaphore(server._workers * 2)
         self._pool = None
-        self._buffers = _Buffers()
+        self._buffers = server._buffers
         self._deadline = None              # end of the handshake
         self._request_timeout = server.request_timeout
         self._request_deadline = None      # end of the request arriving
