@@ -652,26 +652,77 @@ class QemuDriver(base.Driver):
         self.qmp_execute(name, 'system_reset')
 
     def shutdown(self, name, timeout=None):
+        """Press the ACPI power button; kill the QEMU after ``timeout``.
+
+        The wait holds no lock of the guest: :meth:`power_state` and QMP
+        commands answer meanwhile (see :meth:`request_power_off`,
+        :meth:`wait_power_off` and :meth:`end_power_off`, its steps).
+
+        :returns: True when the guest powered off by itself.
+        """
         timeout = self.shutdown_timeout if timeout is None else timeout
+        if not self.request_power_off(name):
+            return True
+        self.wait_power_off(name, timeout)
+        return self.end_power_off(name, timeout)
+
+    def request_power_off(self, name):
+        """Press the guest's ACPI power button (QMP ``system_powerdown``).
+
+        :returns: False when its QEMU is gone already (then forgotten as
+            :meth:`end_power_off` does), True otherwise (a failed request
+            is logged: the wait then ends in the kill).
+        """
         guest = self._get(name)
         with guest.lock:
             if not guest.alive():
                 self._forget(guest)
-                return True
+                return False
             try:
                 self._qmp(guest).execute('system_powerdown')
             except qmp.QMPError as exc:
                 LOG.warning('guest %s: ACPI power-off request failed: %s',
                             name, exc)
-            clean = wait_gone(guest.pid, timeout)
-            if not clean:
-                LOG.warning('guest %s did not power off within %s s: '
-                            'killing pid %d', name, timeout, guest.pid)
+            return True
+
+    def wait_power_off(self, name, timeout):
+        """Wait up to ``timeout`` s for the QEMU to end; True when it did.
+
+        Holds no lock: the guest's other calls go on meanwhile.
+        """
+        try:
+            guest = self._get(name)
+        except base.GuestNotFound:
+            return True
+        deadline = time.monotonic() + timeout
+        while guest.alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def end_power_off(self, name, timeout=None):
+        """Kill the QEMU if it still runs; True when it had ended itself.
+
+        :param timeout: the wait that ended, for the log (None: a hard
+            stop cuts the wait short).
+        :raises QemuError: it could not be killed.
+        """
+        guest = self._get(name)
+        with guest.lock:
+            ended = not guest.alive()
+            if not ended:
+                if timeout is None:
+                    LOG.info('guest %s: a hard stop ends its power-off '
+                             'wait: killing pid %d', name, guest.pid)
+                else:
+                    LOG.warning('guest %s did not power off within %s s: '
+                                'killing pid %d', name, timeout, guest.pid)
                 if not kill(guest.pid, guest.is_ours):
                     raise QemuError('cannot kill QEMU pid %d of guest %s'
                                     % (guest.pid, name))
             self._forget(guest)
-            return clean
+            return ended
 
     def destroy(self, name):
         guest = self._get(name)

@@ -746,18 +746,50 @@ class XSMDriver(driver.ComputeDriver):
     def reboot(self, context, instance, network_info, reboot_type,
                block_device_info=None, bad_volumes_callback=None,
                accel_info=None, share_info=None):
-        """HARD: a running QEMU guest is reset (its process stays).
+        """Reboot the guest; either way it runs afterwards.
 
-        SOFT, and a guest that is not running in QEMU: stopped and
-        started again (a new QEMU). Either way it runs afterwards.
+        HARD: a running QEMU guest is reset (its process stays); another
+        guest is stopped and started again.
+
+        SOFT, as libvirt's driver does it: a running guest is asked to
+        shut down (the ACPI power button: a clean ``vm_stop``, agent RPC
+        1.5) and gets nova's ``[libvirt]wait_soft_reboot_seconds`` (120
+        by default; at most
+        :data:`~xsm_driver.core.rpc.api.MAX_STOP_TIMEOUT`) to power off;
+        then it is started again (a new QEMU). A guest that does not
+        power off in that time is killed at its end and started again,
+        with a warning in the log: the hard reboot libvirt falls back to
+        (it destroys and re-creates the domain), so the reboot takes up
+        to that many seconds more than the boot. A guest that is not
+        running (paused: it cannot hear the button), or
+        ``wait_soft_reboot_seconds`` 0: stopped at once (the host's own
+        way) and started again.
         """
         vm = self._vm(instance)
-        if (reboot_type == 'HARD' and self._qemu and
-                vm['power_state'] == host_mod.RUNNING):
-            self._api.vm_reboot(vm['uuid'])
+        uuid = vm['uuid']
+        running = vm['power_state'] == host_mod.RUNNING
+        if reboot_type == 'HARD' and self._qemu and running:
+            self._api.vm_reboot(uuid)
             return
-        self._api.vm_stop(vm['uuid'])
-        self._api.vm_start(vm['uuid'])
+        wait = CONF.libvirt.wait_soft_reboot_seconds
+        if reboot_type == 'SOFT' and running and wait > 0:
+            if wait > rpc_api.MAX_STOP_TIMEOUT:
+                LOG.warning('[libvirt]wait_soft_reboot_seconds %d cut to '
+                            '%d s, the most the xsm agent waits', wait,
+                            rpc_api.MAX_STOP_TIMEOUT, instance=instance)
+                wait = rpc_api.MAX_STOP_TIMEOUT
+            result = self._api.vm_stop(uuid, clean=True, timeout=wait)
+            if result.get('clean') is False:
+                LOG.warning('the guest did not power off within %d s of '
+                            'the soft reboot\'s request: it was killed '
+                            '(a hard reboot)', wait, instance=instance)
+            else:
+                LOG.info('the guest shut down for the soft reboot',
+                         instance=instance)
+            self._api.vm_start(uuid)
+            return
+        self._api.vm_stop(uuid)
+        self._api.vm_start(uuid)
 
     def pause(self, instance):
         self._api.vm_pause(self._vm(instance)['uuid'])

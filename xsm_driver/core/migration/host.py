@@ -134,6 +134,12 @@ class InvalidVMState(exception.XSMError):
               '%(needed)s'
 
 
+class VMStopping(InvalidVMState):
+    msg_fmt = 'VM %(vm)s on host %(host)s is stopping (a clean stop waits ' \
+              'up to %(timeout)s s for its guest to power off); %(action)s ' \
+              'needs it halted: try again once the stop has ended'
+
+
 class Held(device_mod.BlockDevice):
     """What a paused gate holds until the disk it stands for exists.
 
@@ -217,6 +223,8 @@ class VM:
         self.workload = None
         #: the guest runs as a QEMU process (the qemu driver's guest)
         self.in_qemu = False
+        #: a clean stop that waits for the guest to power off, or None
+        self.stopping = None
         self.lock = threading.RLock()
 
     def to_dict(self):
@@ -458,6 +466,10 @@ class Host:
         """
         vm = self.vm(ref)
         with vm.lock:
+            if vm.stopping is not None:
+                raise VMStopping(vm=vm.uuid, host=self.name,
+                                 timeout=vm.stopping.timeout,
+                                 action='starting it')
             if vm.power_state == RUNNING:
                 return vm
             attached = []
@@ -498,35 +510,121 @@ class Host:
             False when a QEMU process was killed (not asked to power off,
             or it did not in time), True when nothing was (the guest
             powered itself off, or no QEMU ran).
+
+        A clean stop holds no lock while it waits for the guest: the VM's
+        power state, QMP commands and the other VMs answer meanwhile (the
+        guest is running, or paused, until its QEMU ends; then halted),
+        and :meth:`start_vm` is refused (:class:`VMStopping`). A second
+        stop of the VM meanwhile joins the first: a hard one kills the
+        QEMU at once, a clean one when the first has not ended within its
+        own ``timeout``; it answers once the first has ended.
         """
         vm = self.vm(ref)
+        owner = False
         with vm.lock:
-            stopped_clean = True
-            if vm.workload is not None:
-                vm.workload.stop()
-            if vm.in_qemu:
-                # First let go of what waits at a held gate (the switch-over
-                # committed elsewhere): a QEMU that waits for its last I/O
-                # ignores SIGTERM and dies only by SIGKILL, seconds later.
-                for disk in vm.disks:
-                    release_held(disk.gate)
-                stopped_clean = self._stop_qemu(vm, clean, timeout)
-            for disk in vm.disks:
-                disk.detach()
-            vm.power_state = HALTED
-            vm.stopped_clean = stopped_clean
+            pending = vm.stopping
+            if pending is None:
+                if vm.workload is not None:
+                    vm.workload.stop()
+                if vm.in_qemu:
+                    # First let go of what waits at a held gate (the
+                    # switch-over committed elsewhere): a QEMU that waits
+                    # for its last I/O ignores SIGTERM and dies only by
+                    # SIGKILL, seconds later.
+                    for disk in vm.disks:
+                        release_held(disk.gate)
+                    if clean and self._request_power_off(vm):
+                        if timeout is None:
+                            timeout = self.qemu.shutdown_timeout
+                        pending = vm.stopping = _Stopping(timeout)
+                        owner = True
+                if pending is None:
+                    # a hard stop, or nothing to wait for
+                    stopped_clean = True
+                    if vm.in_qemu:
+                        stopped_clean = self._stop_qemu(vm, clean)
+                    self._halt(vm, stopped_clean)
+        if pending is None:
+            self.save()
+            return vm
+        if owner:
+            return self._wait_power_off(vm, pending)
+        return self._join_stop(vm, pending, clean, timeout)
+
+    def _request_power_off(self, vm):
+        """Press the ACPI button (VM locked); False: its QEMU is gone."""
+        try:
+            return self.qemu.request_power_off(vm.uuid)
+        except hv_base.GuestNotFound:
+            return False
+
+    def _wait_power_off(self, vm, pending):
+        """A clean stop's wait, no lock held, and its end (VM locked)."""
+        try:
+            gone = self.qemu.wait_power_off(vm.uuid, pending.timeout)
+            with vm.lock:
+                stopped_clean = True
+                if vm.in_qemu:
+                    stopped_clean = self._stop_qemu(
+                        vm, True, None if gone else pending.timeout)
+                # (a hard stop that joined killed it)
+                stopped_clean = stopped_clean and not pending.killed
+                if stopped_clean:
+                    LOG.info('host %s: VM %s powered off (ACPI)', self.name,
+                             vm.uuid)
+                self._halt(vm, stopped_clean)
+        finally:
+            with vm.lock:
+                vm.stopping = None
+            pending.done.set()
         self.save()
         return vm
 
+    def _join_stop(self, vm, pending, clean, timeout):
+        """Another stop of ``vm`` waits for its guest: end with it."""
+        LOG.info('host %s: VM %s is stopping already; this %s stop joins '
+                 'that one', self.name, vm.uuid,
+                 'clean' if clean else 'hard')
+        if clean:
+            wait = self.qemu.shutdown_timeout if timeout is None else timeout
+            if pending.done.wait(wait):
+                return self._joined(vm)
+        with vm.lock:
+            if vm.stopping is pending and vm.in_qemu:
+                try:
+                    if not self.qemu.end_power_off(vm.uuid):
+                        pending.killed = True
+                except hv_base.GuestNotFound:
+                    pass
+        pending.done.wait()
+        return self._joined(vm)
+
+    def _joined(self, vm):
+        with vm.lock:
+            if vm.power_state != HALTED:
+                raise exception.XSMError(
+                    'VM %s on host %s: the stop this one joined failed; '
+                    'the VM is %s' % (vm.uuid, self.name, vm.power_state))
+            return vm
+
+    def _halt(self, vm, stopped_clean):
+        """The guest is gone (VM locked): detach the disks, halted."""
+        for disk in vm.disks:
+            disk.detach()
+        vm.power_state = HALTED
+        vm.stopped_clean = stopped_clean
+
     def _stop_qemu(self, vm, clean=False, timeout=None):
-        """End the VM's QEMU; True when it powered off by itself."""
+        """End the VM's QEMU; True when it powered off by itself.
+
+        :param clean: its power-off wait is over (or it is gone): killed
+            when it still runs (``timeout``: that wait's, for the log);
+            False: killed at once.
+        """
         powered_off = True
         try:
             if clean:
-                powered_off = self.qemu.shutdown(vm.uuid, timeout)
-                if powered_off:
-                    LOG.info('host %s: VM %s powered off (ACPI)', self.name,
-                             vm.uuid)
+                powered_off = self.qemu.end_power_off(vm.uuid, timeout)
             else:
                 self.qemu.destroy(vm.uuid)
                 powered_off = False
@@ -550,6 +648,8 @@ class Host:
                 except hv_base.GuestNotFound:
                     state = HALTED
                 if state == HALTED:
+                    if vm.stopping is not None:
+                        return HALTED      # the stop under way ends it
                     if self._migrating_from_here(vm.uuid):
                         return HALTED      # the migration rolls it back
                     LOG.warning('the QEMU of VM %s on host %s is gone: the '
@@ -928,6 +1028,18 @@ class Host:
                 return result
             result['verified'] = True
             return result
+
+
+class _Stopping:
+    """A clean stop of a VM that waits for its guest (``VM.stopping``)."""
+
+    def __init__(self, timeout):
+        #: seconds the guest has to power off
+        self.timeout = timeout
+        #: set once the stop has ended (or failed)
+        self.done = threading.Event()
+        #: a hard stop that joined killed the QEMU
+        self.killed = False
 
 
 def release_held(gate):
