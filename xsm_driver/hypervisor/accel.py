@@ -14,12 +14,16 @@
 
 ``/dev/kvm`` existing is not enough: under nested virtualisation KVM may
 open and then fail the guest (``failed to set MSR 0x10a`` with ``-cpu
-host``). So ``auto`` runs a probe: QEMU with the exact accelerator and CPU
-the driver would use boots a 512-byte boot sector that writes to an
-``isa-debug-exit`` port, which makes QEMU exit with status 99; any other
+host``), or run a boot sector and then hang a Linux kernel (a nested
+``kvm-pvm`` host: not a line on the console). So ``auto`` runs a probe:
+QEMU with the exact accelerator and CPU the driver would use boots the
+guests' kernel (the guest kit's) with no root file system, which must
+print its way to its panic (``panic=-1``, ``-no-reboot``: QEMU exits);
+without a kernel, a 512-byte boot sector that writes to an
+``isa-debug-exit`` port, which makes QEMU exit with status 99. Any other
 end, or no end within the timeout, means KVM does not work here. The
 result is kept in memory and in a small JSON file, keyed by the QEMU
-binary and the host's kernel, so an agent probes once.
+binary, the probed kernel and the host's kernel, so an agent probes once.
 
 The decisions are pure functions; :func:`probe` and :func:`resolve` are
 the IO.
@@ -42,6 +46,8 @@ CPU = {KVM: 'host', TCG: None}
 _BOOT = bytes([0xB0, 0x31, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])
 BOOT_SECTOR = _BOOT + bytes(510 - len(_BOOT)) + b'\x55\xaa'
 PROBE_EXIT = 99
+#: what a probed kernel prints last (it finds no root file system)
+KERNEL_END = b'Kernel panic'
 
 _cache = {}
 
@@ -69,29 +75,43 @@ def decide(setting, have_dev_kvm, probe_ok=None):
     return KVM if probe_ok else TCG
 
 
-def probe_verdict(returncode, timed_out):
-    """Whether a probe run shows a working accelerator."""
-    return not timed_out and returncode == PROBE_EXIT
+def probe_verdict(returncode, timed_out, output=b'', kernel=False):
+    """Whether a probe run shows a working accelerator.
+
+    :param output: what the guest printed (a kernel probe's console).
+    :param kernel: a kernel probe (else the boot sector's).
+    """
+    if timed_out:
+        return False
+    if kernel:
+        return KERNEL_END in output
+    return returncode == PROBE_EXIT
 
 
-def probe_command(binary, accel, image):
+def probe_command(binary, accel, image=None, kernel=None):
+    """The probe's QEMU: a ``kernel`` to its panic, or a boot ``image``."""
     cmd = [binary, '-accel', accel]
     if CPU.get(accel):
         cmd += ['-cpu', CPU[accel]]
-    return cmd + ['-machine', 'pc', '-nodefaults', '-no-user-config',
-                  '-display', 'none', '-m', '16', '-no-reboot',
+    cmd += ['-nodefaults', '-no-user-config', '-display', 'none',
+            '-no-reboot']
+    if kernel is not None:
+        return cmd + ['-machine', 'q35', '-m', '128', '-kernel', kernel,
+                      '-append', 'console=ttyS0 panic=-1',
+                      '-serial', 'stdio']
+    return cmd + ['-machine', 'pc', '-m', '16',
                   '-drive', 'file=%s,format=raw,if=ide' %
                   image.replace(',', ',,'),
                   '-device', 'isa-debug-exit,iobase=0xf4,iosize=0x04']
 
 
-def probe(binary, accel=KVM, timeout=10.0):
-    """Run the probe: ``(ok, detail)``."""
+def probe(binary, accel=KVM, timeout=10.0, kernel=None):
+    """Run the probe (``kernel``, else a boot sector): ``(ok, detail)``."""
     with tempfile.TemporaryDirectory(prefix='xsm-accel-probe-') as tmp:
         image = os.path.join(tmp, 'boot.img')
         with open(image, 'wb') as f:
             f.write(BOOT_SECTOR)
-        cmd = probe_command(binary, accel, image)
+        cmd = probe_command(binary, accel, image, kernel)
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL,
                                   capture_output=True, timeout=timeout)
@@ -100,27 +120,40 @@ def probe(binary, accel=KVM, timeout=10.0):
         except OSError as exc:
             return False, str(exc)
     err = proc.stderr.decode('utf-8', 'replace').strip().splitlines()
-    ok = probe_verdict(proc.returncode, False)
-    return ok, 'exit status %d%s' % (
-        proc.returncode, (': ' + err[-1]) if err and not ok else '')
+    ok = probe_verdict(proc.returncode, False, proc.stdout,
+                       kernel is not None)
+    detail = 'exit status %d' % proc.returncode
+    if kernel is not None and not ok:
+        detail += ', the kernel did not reach its end'
+    return ok, detail + ((': ' + err[-1]) if err and not ok else '')
 
 
-def _cache_key(binary):
+def _stamp(path):
     try:
-        st = os.stat(binary)
-        stamp = [st.st_size, int(st.st_mtime)]
+        st = os.stat(path)
+        return [st.st_size, int(st.st_mtime)]
     except OSError:
-        stamp = None
-    return [os.path.realpath(binary), stamp, os.uname().release]
+        return None
+
+
+def _cache_key(binary, kernel=None):
+    key = [os.path.realpath(binary), _stamp(binary), os.uname().release]
+    if kernel is not None:
+        key += [os.path.realpath(kernel), _stamp(kernel)]
+    return key
 
 
 def resolve(setting, binary, cache_file=None, timeout=10.0,
-            dev_kvm='/dev/kvm'):
-    """The accelerator for ``setting``, probing (once) when needed."""
+            dev_kvm='/dev/kvm', kernel=None):
+    """The accelerator for ``setting``, probing (once) when needed.
+
+    :param kernel: the guests' kernel, which the probe boots (else a boot
+        sector, which a host that hangs Linux under KVM may still run).
+    """
     have = os.path.exists(dev_kvm)
     if not needs_probe(setting, have):
         return decide(setting, have)
-    key = _cache_key(binary)
+    key = _cache_key(binary, kernel)
     ok = _cache.get(json.dumps(key))
     if ok is None and cache_file:
         try:
@@ -131,7 +164,7 @@ def resolve(setting, binary, cache_file=None, timeout=10.0,
         except (OSError, ValueError, KeyError):
             pass
     if ok is None:
-        ok, detail = probe(binary, KVM, timeout)
+        ok, detail = probe(binary, KVM, timeout, kernel)
         LOG.info('KVM probe with %s: %s (%s): using %s', binary,
                  'works' if ok else 'does not work', detail,
                  KVM if ok else TCG)

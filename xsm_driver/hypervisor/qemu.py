@@ -493,9 +493,15 @@ class QemuDriver(base.Driver):
         if self._accel is None and self.accel_setting != accel_mod.AUTO:
             self._accel = self.accel_setting
         if self._accel is None:
+            kernel = None
+            if self.guest_kit:
+                kernel = os.path.join(self.guest_kit, 'vmlinuz')
+                if not os.path.isfile(kernel):
+                    kernel = None
             self._accel = accel_mod.resolve(
                 self.accel_setting, self._binary_path(),
-                cache_file=os.path.join(self.state_dir, 'accel-probe.json'))
+                cache_file=os.path.join(self.state_dir, 'accel-probe.json'),
+                kernel=kernel)
         return self._accel
 
     def _binary_path(self):

@@ -42,6 +42,23 @@ class TestDecide(base.TestCase):
         self.assertFalse(accel.probe_verdict(-6, False))   # MSR assertion
         self.assertFalse(accel.probe_verdict(1, False))
 
+    def test_kernel_probe_verdict_needs_the_kernels_end(self):
+        # a nested kvm-pvm host runs the boot sector, then hangs Linux
+        end = b'[ 2.4] Kernel panic - not syncing: VFS: Unable to mount root'
+        self.assertTrue(accel.probe_verdict(0, False, end, kernel=True))
+        self.assertFalse(accel.probe_verdict(0, False, b'', kernel=True))
+        self.assertFalse(accel.probe_verdict(99, False, b'', kernel=True))
+        self.assertFalse(accel.probe_verdict(0, True, end, kernel=True))
+
+    def test_kernel_probe_command(self):
+        cmd = accel.probe_command('qemu', 'kvm', '/i', kernel='/k/vmlinuz')
+        self.assertEqual(['-cpu', 'host'],
+                         cmd[cmd.index('-cpu'):cmd.index('-cpu') + 2])
+        self.assertEqual('/k/vmlinuz', cmd[cmd.index('-kernel') + 1])
+        self.assertIn('panic=-1', cmd[cmd.index('-append') + 1])
+        self.assertIn('-no-reboot', cmd)
+        self.assertNotIn('-drive', cmd)
+
     def test_boot_sector(self):
         self.assertEqual(512, len(accel.BOOT_SECTOR))
         self.assertEqual(b'\x55\xaa', accel.BOOT_SECTOR[-2:])
