@@ -125,7 +125,10 @@ class TestExtensionQemuGuests(ext.ExtensionCase):
         self.assertEqual([MAC_A + '@vlan-120', MAC_B + '@vlan-130'],
                          vm['vifs'])
         [pid] = self.qemus('a')
-        self.assertIn('128', ' '.join(qemu.process_argv(pid)))
+        argv = qemu.process_argv(pid)
+        self.assertIn(argv[argv.index('-m') + 1],
+                      [qemu.memory_option(128, accel)
+                       for accel in ('tcg', 'kvm')])
         self.console_report(self.a, uuid, 'progress',
                             lambda r: r['writes'] > 5)
         self.assertEqual('poweron', self.ok('status', on_a)['power_state'])
