@@ -36,6 +36,7 @@ from unittest import mock
 from nova import context as nova_context
 from nova import monkey_patch
 from nova import objects
+from nova.tests.functional.api import client as api_client
 from nova.tests.functional import integrated_helpers
 from oslo_utils.fixture import uuidsentinel as uuids
 from oslo_utils import uuidutils
@@ -76,7 +77,66 @@ def eventlet_patched():
     return monkey_patch.is_patched()
 
 
-class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
+class PatientStateWaits:
+    """Nova's waits for a server's status, bounded for two loaded cores.
+
+    nova's ``_wait_for_state_change`` gives up after 10 polls 0.5 s apart
+    (about 5 s), and ``_wait_until_deleted`` after 40 (20 s). Measured in
+    this harness at load 20-26 (2 cores, TCG): ``os-start`` of a QEMU guest
+    took 1.2-3.7 s from the API call to ACTIVE, of which QEMU's own start
+    (its ``-daemonize`` parent returns once the machine is set up) took
+    0.4-2.4 s and nova's RPC, start_instance and the status poll the rest;
+    one timed out at nova's 5 s in a run at load ~10. Nothing in it waits
+    in vain (no sleep, no lock held, no RPC timeout): it is CPU time the
+    processes wait for. A clean stop may also take up to
+    ``[hypervisor]shutdown_timeout`` before its kill.
+    So the waits end at :attr:`STATE_TIMEOUT` instead; a test whose server
+    reaches the status goes on as soon as the API shows it, and one that
+    never does still fails (the same assertion, later).
+    """
+
+    #: seconds until a server must show the status a test waits for
+    STATE_TIMEOUT = 60
+    #: seconds until a deleted server must be gone from the API
+    DELETE_TIMEOUT = 60
+    _POLL = 0.5                 # nova's interval between two polls
+
+    def _wait_for_state_change(self, server, expected_status,
+                               max_retries=None, wait_for_fault_key=True):
+        return self._wait_for_server_parameter(
+            server, {'status': expected_status}, max_retries,
+            wait_for_fault_key=wait_for_fault_key)
+
+    def _wait_for_server_parameter(self, server, expected_params,
+                                   max_retries=None, api=None,
+                                   wait_for_fault_key=True):
+        if max_retries is None:
+            max_retries = int(self.STATE_TIMEOUT / self._POLL)
+        return super()._wait_for_server_parameter(
+            server, expected_params, max_retries, api=api,
+            wait_for_fault_key=wait_for_fault_key)
+
+    def _wait_until_deleted(self, server):
+        # (nova's, with a deadline instead of 40 polls)
+        initially_in_error = server.get('status') == 'ERROR'
+        deadline = time.monotonic() + self.DELETE_TIMEOUT
+        while True:
+            try:
+                server = self.api.get_server(server['id'])
+            except api_client.OpenStackApiNotFoundException:
+                return
+            if not initially_in_error and server['status'] == 'ERROR':
+                self.fail('server %s went to ERROR instead of disappearing'
+                          % server['id'])
+            if time.monotonic() > deadline:
+                self.fail('server %s still there %s s after its delete '
+                          '(status %s)' % (server['id'], self.DELETE_TIMEOUT,
+                                           server['status']))
+            time.sleep(self._POLL)
+
+
+class XSMLiveMigrationTestCase(PatientStateWaits,
+                               integrated_helpers.ProviderUsageBaseTestCase):
     """Two xsm computes, a flavor with a root and an ephemeral disk."""
 
     compute_driver = 'xsm.XSMDriver'
@@ -416,8 +476,28 @@ class XSMLiveMigrationTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         finally:
             dev.close()
 
+    #: seconds the test's ``guest_verify`` calls wait for the agent's
+    #: answer, instead of the drivers' ``[xsm]rpc_timeout`` (30 s): the
+    #: agent stops the guest and reads back and checks every block it
+    #: wrote; for the model guest every 4 KiB block of both 1 GiB disks
+    #: (524,288 blocks, in Python). In the eventlet run with child agents
+    #: at load ~25-30 (2 cores) that answer came after more than 30 s
+    #: (between 31 and 41 s after the call): the call timed out, the
+    #: guest was fine.
+    VERIFY_TIMEOUT = 180
+
+    def guest_verify(self, server, host):
+        """The agent's ``guest_verify`` of ``server`` on ``host``.
+
+        (:meth:`AgentAPI.guest_verify`'s call, with
+        :attr:`VERIFY_TIMEOUT`.)
+        """
+        return self.xsm[host].call('guest_verify',
+                                   timeout=self.VERIFY_TIMEOUT,
+                                   vm=server['id'])
+
     def assert_guest_verified(self, server, host):
-        result = self.xsm[host].guest_verify(server['id'])
+        result = self.guest_verify(server, host)
         self.assertTrue(result['verified'], result)
         self.assertEqual((self.ROOT_GB + self.EPHEMERAL_GB) * GiB,
                          result['bytes_verified'])

@@ -89,6 +89,11 @@ class QemuGuestTestCase(base.XSMLiveMigrationTestCase):
     def xsm_flags(self):
         self.flags(group='hypervisor', accel='tcg', guest_kit=KIT_DIR,
                    default_memory_mib=128, shutdown_timeout=15)
+        # nova's own (os-stop's clean shutdown, and a SOFT reboot's): the
+        # same 15 s, not nova's 60 and 120, well inside the harness's wait
+        # for SHUTOFF or ACTIVE (base.PatientStateWaits.STATE_TIMEOUT)
+        self.flags(shutdown_timeout=15)
+        self.flags(group='libvirt', wait_soft_reboot_seconds=15)
         return super().xsm_flags()
 
     def start_xsm_compute(self, host, sr_path=None):
@@ -180,11 +185,22 @@ class QemuGuestTestCase(base.XSMLiveMigrationTestCase):
         return self.api.post_server_action(server['id'], body)['output']
 
     def wait_console(self, server, what, predicate, timeout=BOOT_TIMEOUT):
-        """Wait until the API's console output satisfies ``predicate``."""
+        """Wait until the API's console output satisfies ``predicate``.
+
+        (On a timeout the console's last lines are a detail of the test.)
+        """
+        seen = []
+
         def check():
             text = self.console(server)
+            seen[:] = [text]
             return text if predicate(text) else None
-        return self.wait_for(what, check, timeout=timeout, interval=0.5)
+        try:
+            return self.wait_for(what, check, timeout=timeout, interval=0.5)
+        except self.failureException:
+            self.addDetail('console', content.text_content(
+                (seen or [''])[0][-4000:]))
+            raise
 
     def wait_writes(self, server, after=0, timeout=BOOT_TIMEOUT):
         """The last progress line, once it counts more than ``after`` writes.
@@ -207,7 +223,7 @@ class QemuGuestTestCase(base.XSMLiveMigrationTestCase):
         return self._wait_for_state_change(server, status)
 
     def assert_verified(self, server, host):
-        result = self.xsm[host].guest_verify(server['id'])
+        result = self.guest_verify(server, host)
         self.assertEqual('qemu', result['kind'], result)
         self.assertTrue(result['verified'], result)
         self.assertGreater(result['writes'], 0, result)
@@ -520,3 +536,37 @@ class TestLiveMigrationEventletQemuChild(_OnRabbit, TestQemuLiveMigration):
                       'nova-compute\'s green threads, which cannot run '
                       'QEMU guests', str(exc))
         self.assertIsNone(drv._agent)
+
+
+class TestQemuGuestPowerOff(QemuGuestTestCase):
+    """nova's power_off contract: clean within a timeout, or hard."""
+
+    def test_stop_is_a_clean_acpi_power_off_and_0_s_a_kill(self):
+        server = self.boot_image(self.raw_image())
+        self.wait_writes(server, after=20)
+        pid = self.qemu_pid(SOURCE)
+        # nova's shutdown_timeout (60 s): the power button, the guest
+        # flushes, says so and powers off; its QEMU exits by itself
+        t0 = time.monotonic()
+        self.action(server, {'os-stop': None}, 'SHUTOFF')
+        self.assertLess(time.monotonic() - t0, 50)
+        self.assertIsNone(qemu.process_argv(pid))
+        self.assertEqual([], qemu.processes_naming(self.root))
+        text = self.xsm[SOURCE].vm_console(server['id'])
+        final = verifier.reports(text)[-1]
+        self.assertEqual('shutdown', final.kind, text[-2000:])
+        self.assertEqual(0, final['mismatches'], final.line)
+        self.assertEqual(0, final['io_errors'], final.line)
+        self.assertEqual(0, final['flush_errors'], final.line)
+
+        # shutdown_timeout 0: a hard stop, killed at once (no last line)
+        self.flags(shutdown_timeout=0)
+        self.action(server, {'os-start': None}, 'ACTIVE')
+        self.wait_writes(server)
+        pid = self.qemu_pid(SOURCE)
+        self.action(server, {'os-stop': None}, 'SHUTOFF')
+        self.assertIsNone(qemu.process_argv(pid))
+        text = self.xsm[SOURCE].vm_console(server['id'])
+        self.assertIsNotNone(verifier.last(text, 'start'), text[-2000:])
+        self.assertIsNone(verifier.last(text, 'shutdown'), text[-2000:])
+        self.delete(server, SOURCE)

@@ -68,7 +68,8 @@ XS1, XS2, XSB1 = 'xs1', 'xs2', 'xsb1'
 IMAGE_MIB = 4
 
 
-class XenAPIPoolTestCase(integrated_helpers.ProviderUsageBaseTestCase):
+class XenAPIPoolTestCase(base.PatientStateWaits,
+                         integrated_helpers.ProviderUsageBaseTestCase):
 
     compute_driver = 'xsm.XSMDriver'
     MEMORY_MB, VCPUS = 512, 2
