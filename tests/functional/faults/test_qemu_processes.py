@@ -387,6 +387,13 @@ class TestQemuAbortInEachPhase(QemuAgentsTest):
             note = 'cancel in %s: ' % name
             mid, status = self.start_round(vm, phase, occurrence)
             self.assertEqual('qemu', status['guest_kind'], note)
+            if incoming:
+                # it starts during the copy (while QEMU daemonizes, two
+                # processes name its folder)
+                deadline = time.monotonic() + 30
+                while len(self.qemus('b')) != 1 and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.05)
             self.assertEqual(incoming, len(self.qemus('b')) == 1,
                              '%sQEMUs of b: %s' % (note, self.qemus('b')))
             status = self.a.migration_abort(mid)

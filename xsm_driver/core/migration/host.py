@@ -266,6 +266,9 @@ class Host:
         self.hypervisor = hypervisor
         #: incoming QEMU guests: VM uuid -> their Disks (held gates)
         self._incoming = {}
+        #: close() has begun: an incoming QEMU that ends its start now is
+        #: dropped at once
+        self._closing = False
         try:
             self.vms = self._load_vms()
             if self.qemu is not None:
@@ -317,6 +320,7 @@ class Host:
         again, as after a crash. Calling it again does nothing.
         """
         with self._lock:
+            self._closing = True
             vms = list(self.vms.values())
             incoming = list(self._incoming)
         for uuid in incoming:
@@ -814,7 +818,14 @@ class Host:
             self._drop_incoming(uuid, disks)
             raise
         with self._lock:
-            self._incoming[uuid] = disks
+            closing = self._closing
+            if not closing:
+                self._incoming[uuid] = disks
+        if closing:
+            # (close() ran while this QEMU started: nothing else drops it)
+            self._drop_incoming(uuid, disks)
+            raise exception.XSMError('host %s is stopping: VM %s cannot '
+                                     'move here now' % (self.name, uuid))
         return {'host': address, 'port': port}
 
     def _drop_incoming(self, uuid, disks):
