@@ -155,15 +155,22 @@ def nbd_pairs(data):
     return rows
 
 
+def copy_pairs(mig):
+    """Each of our copy cases with nbdcopy's of the same disk.
+
+    :returns: ``[(ours, peer)]`` from migration_bench's JSON; ``peer`` is
+        ``{}`` when the peer did not run.
+    """
+    results = (mig or {}).get('copy') or []
+    peers = {r['disk']: r for r in results if r.get('side') == 'peer'}
+    return [(r, peers.get(r['disk'], {})) for r in results
+            if r.get('side') == 'ours']
+
+
 def migration_pairs(data):
     """Our migrations (dense/sparse, idle/loaded) beside nbdcopy's copy."""
-    results = (data or {}).get('copy') or []
-    peers = {r['disk']: r for r in results if r.get('side') == 'peer'}
     rows = []
-    for r in results:
-        if r.get('side') != 'ours':
-            continue
-        peer = peers.get(r['disk'], {})
+    for r, peer in copy_pairs(data):
         ours_bps = r.get('median_throughput_bytes_per_s')
         peer_bps = peer.get('median_throughput_bytes_per_s')
         rows.append({
@@ -350,13 +357,8 @@ def cpu_rows(mig):
     rusage) and both ``qemu-nbd`` (``/proc``), per allocated byte.
     ``ratio`` = ours / peer (pure).
     """
-    results = (mig or {}).get('copy') or []
-    peers = {r['disk']: r for r in results if r.get('side') == 'peer'}
     rows = []
-    for r in results:
-        if r.get('side') != 'ours':
-            continue
-        peer = peers.get(r['disk'], {})
+    for r, peer in copy_pairs(mig):
         ours = r.get('median_cpu_s_per_GiB')
         theirs = peer.get('median_cpu_s_per_GiB')
         rows.append({'disk': r['disk'], 'load': r['load'], 'ours': ours,
