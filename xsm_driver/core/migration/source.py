@@ -440,11 +440,10 @@ class Migration:
                 'renews': True,
                 'vdis': [self._describe(i) for i in self._items]}
         if self.qemu_guest:
-            # the destination starts a QEMU that receives the guest. (Not
-            # yet with incoming_at=compose, during the copy: with it, CI
-            # twice found an incoming QEMU left on the destination after
-            # an abort in prepare-receive; not understood yet.)
+            # the destination starts a QEMU that receives the guest,
+            # during the copy, its address in compose's answer
             spec['guest'] = 'qemu'
+            spec['incoming_at'] = destination.INCOMING_AT_COMPOSE
         return spec
 
     def _copy_connections(self):

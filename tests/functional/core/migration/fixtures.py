@@ -53,8 +53,10 @@ RABBIT_URL = 'rabbit://guest:guest@127.0.0.1:5672/'
 #: the same broker, as kombu spells it (for tidying up only)
 _KOMBU_URL = 'amqp://guest:guest@127.0.0.1:5672//'
 
-#: seconds an agent may take from its start to its ready line
-START_TIMEOUT = 30
+#: seconds an agent may take from its start to its ready line (at load
+#: 30-45 on 2 cores an agent printed nothing, its imports not done, for
+#: more than 30 s)
+START_TIMEOUT = 90
 #: seconds an agent may take to stop on SIGTERM before it is killed
 STOP_TIMEOUT = 20
 
