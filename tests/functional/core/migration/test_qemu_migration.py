@@ -364,8 +364,12 @@ class TestQemuLiveMigration(TwoHostsCase):
                                 bandwidth=64 * 1024)
         status = self.wait(mid, until=lambda s: s['phase'] == 'copy')
         self.assertEqual('copy', status['phase'])
-        # the incoming QEMU starts on host-b during the copy, and waits
-        # there, paused (while QEMU daemonizes, two processes name it)
+        # the source asked for the incoming QEMU in compose's answer ...
+        spec = b.journal.get(mid, role=destination.ROLE).state['spec']
+        self.assertEqual(destination.INCOMING_AT_COMPOSE,
+                         spec.get('incoming_at'))
+        # ... so it starts on host-b during the copy, and waits there,
+        # paused (while QEMU daemonizes, two processes name it)
         deadline = time.monotonic() + BOOT_TIMEOUT
         while not (vm.uuid in b.qemu.list() and len(
                 guest_tests.qemu_processes(b.qemu.state_dir)) == 1):
