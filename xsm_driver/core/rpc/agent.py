@@ -26,6 +26,7 @@ import threading
 
 import oslo_messaging as messaging
 from oslo_messaging._drivers import common as rpc_common
+from oslo_messaging._drivers import impl_fake
 
 from xsm_driver.core import exception
 from xsm_driver.core.migration import destination
@@ -101,9 +102,13 @@ def _checked(name, func):
 
 
 def _in_process(transport):
-    """Whether ``transport`` is oslo.messaging's in-process ``fake://``."""
-    driver = getattr(transport, '_driver', None)
-    return type(driver).__module__.endswith('.impl_fake')
+    """Whether ``transport`` is oslo.messaging's in-process ``fake://``.
+
+    (Its driver, or :class:`local.LocalDriver`, which :func:`api.
+    get_transport` makes of ``fake://``.)
+    """
+    return isinstance(getattr(transport, '_driver', None),
+                      impl_fake.FakeDriver)
 
 
 @_expected_errors

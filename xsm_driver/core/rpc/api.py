@@ -46,6 +46,7 @@ import oslo_messaging as messaging
 
 from xsm_driver.core import rpc
 from xsm_driver.core.rpc import auth
+from xsm_driver.core.rpc import local
 
 VERSION = '1.5'
 #: the version calls that exist since 1.0 are sent as, so that a 1.0 agent
@@ -74,11 +75,21 @@ def _register_messaging_opts(conf):
 
 
 def get_transport(conf, url=None):
-    """An RPC transport that rebuilds xsm-driver's own exceptions."""
+    """An RPC transport that rebuilds xsm-driver's own exceptions.
+
+    ``fake://`` (agents of one process) is oslo.messaging's fake driver
+    without its 50 ms polling: see :mod:`xsm_driver.core.rpc.local`.
+    """
     _register_messaging_opts(conf)
-    return messaging.get_rpc_transport(
-        conf, url=url,
-        allowed_remote_exmods=rpc.ALLOWED_EXMODS + [auth.__name__])
+    exmods = rpc.ALLOWED_EXMODS + [auth.__name__]
+    if url is not None:
+        parsed = messaging.TransportURL.parse(conf, url)
+        if parsed.transport == 'fake':
+            return messaging.transport.RPCTransport(local.LocalDriver(
+                conf, parsed, default_exchange=conf.control_exchange,
+                allowed_remote_exmods=exmods))
+    return messaging.get_rpc_transport(conf, url=url,
+                                       allowed_remote_exmods=exmods)
 
 
 def topic(exchange):
