@@ -99,6 +99,9 @@ DOWNTIME_WAIT = 0.5
 #: longest wait for QEMU's next ``MIGRATION`` event between two
 #: ``query-migrate`` (the event wakes the wait at once)
 MIGRATION_POLL = 0.05
+#: seconds a QEMU whose QMP broke mid-call is given to be seen exited (it
+#: closes its monitor before its process ends)
+EXIT_GRACE = 0.5
 
 #: RFC 7919's ffdhe2048 group as PKCS #3 (``dh-params.pem``). A
 #: ``tls-creds-x509`` server whose folder has no such file makes QEMU
@@ -344,6 +347,16 @@ def read_pid(path):
     except (OSError, ValueError):
         return None
     return pid if pid > 0 else None
+
+
+def _exits(guest, within):
+    """Whether ``guest``'s process is gone, or goes within ``within`` s."""
+    deadline = time.monotonic() + within
+    while guest.alive():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def process_argv(pid):
@@ -642,10 +655,10 @@ class QemuDriver(base.Driver):
             try:
                 status = self._qmp(guest).execute('query-status')
             except qmp.QMPError:
-                if not guest.alive():        # it exited meanwhile
-                    self._forget(guest)
-                    return base.HALTED
-                raise
+                if not _exits(guest, EXIT_GRACE):
+                    raise
+                self._forget(guest)         # it exited meanwhile
+                return base.HALTED
             return power_state(status.get('status'))
 
     def pause(self, name):
