@@ -149,6 +149,8 @@ class Receive:
         #: the commit's steps here, ``{step: ms}`` (see :meth:`complete`)
         self.steps_ms = None
         self._timing = None         # (the commit under way's _Steps)
+        #: the commit's settling after its answer (see :meth:`_settle`)
+        self._settler = None
 
     @property
     def _cred_dir(self):
@@ -310,11 +312,41 @@ class Receive:
                 steps.mark('commit_record')
             self._timing = steps
             try:
-                self._finish()
+                self._finish(settle=False)
             finally:
                 self._timing = None
             self.steps_ms = steps.ms
+            self._settle_later()
             return self._answer()
+
+    def _settle_later(self):
+        """:meth:`_settle` once this call's answer is on its way.
+
+        It takes the lock this call holds: it starts when the call
+        returns. The source's pause ends with the answer, and nothing of
+        the settling needs to be in it (see :meth:`_settle`).
+        """
+        if self.phase == 'done' or (self._settler is not None and
+                                    self._settler.is_alive()):
+            return
+        self._settler = threading.Thread(
+            target=self._settle_logged, daemon=True,
+            name='xsm-settle-%s' % self.id[:8])
+        self._settler.start()
+
+    def _settle_logged(self):
+        try:
+            self._settle()
+        except Exception:
+            LOG.exception('migration %s: committed, but making the '
+                          'switch-over durable here failed; the agent '
+                          'finishes it at its next start', self.id)
+
+    def wait_settled(self, timeout=None):
+        """Wait for the settling after the commit's answer, if any."""
+        settler = self._settler
+        if settler is not None:
+            settler.join(timeout)
 
     def _answer(self):
         """The commit's answer: the result, and how long its steps took.
@@ -335,19 +367,32 @@ class Receive:
         return {src: [sr_name, rec.leaf_uuid, list(rec.vdis)]
                 for src, (sr_name, rec) in self._receivers.items()}
 
-    def _finish(self):
-        """Go forward from the commit point; can be run again."""
+    def _finish(self, settle=True):
+        """Go forward from the commit point; can be run again.
+
+        The disks are composed without ``fsync`` (the guest's writes are
+        durable on the leaves as the guest flushed them; what else the
+        compose writes -- the leaves' headers, the bases' modes, the
+        batmaps -- a restart writes again from the commit record), and the
+        VM's record is not saved (a restart adopts it again from the
+        commit record): :meth:`_settle` makes it all durable before it
+        records ``done``.
+
+        :param settle: False: the caller settles later (the commit's
+            answer goes first).
+        """
         steps = self._timing or _Steps()
         self._stop_server()
         steps.mark('server_stop')
-        new = _compose_all(self._receivers)
+        new = _compose_all(self._receivers, durable=False)
         steps.mark('compose')
         vm_uuid = None
         if self._vm_state is not None:
             vm_uuid = adopt(self.host, self.spec, self._vm_state, new,
-                            start=self._incoming is None, steps=steps)
+                            start=self._incoming is None, steps=steps,
+                            save=False)
             if self._incoming is not None and \
-                    self.host.take_incoming(vm_uuid):
+                    self.host.take_incoming(vm_uuid, save=False):
                 # The guest runs once its QEMU has the rest of its state,
                 # which the source sends on this commit's answer.
                 threading.Thread(target=self.host.resume_incoming,
@@ -356,11 +401,27 @@ class Receive:
                                  ).start()
                 steps.mark('guest_start')
         self.result = {'vdis': new, 'vm': vm_uuid}
-        self._record('done', result=self.result)
-        steps.mark('done_record')
-        self._forget_credentials()
-        self._receivers = {}        # composed: nothing more to hold
+        if settle:
+            self._settle()
         return self.result
+
+    def _settle(self):
+        """After the commit's answer: durable, then ``done``; idempotent.
+
+        Until ``done`` is recorded, a restart finishes the switch-over
+        from the commit record (:func:`recover`); so everything the
+        compose wrote is made durable first.
+        """
+        with self._lock:
+            if self.phase == 'done' or self.result is None:
+                return
+            for _sr, rec in self._receivers.values():
+                rec.make_durable()
+            if self._vm_state is not None:
+                self.host.save()
+            self._record('done', result=self.result)
+            self._forget_credentials()
+            self._receivers = {}        # composed: nothing more to hold
 
     def abort(self):
         """Destroy everything this migration made here; idempotent.
@@ -438,20 +499,22 @@ class Receive:
             self._on_done(self)
 
 
-def _compose_all(receivers):
+def _compose_all(receivers, durable=True):
     """Compose every received VDI, all at once; the first error raises.
 
     Each one's flushes and header writes overlap the others'.
 
     :param receivers: source VDI uuid -> (SR name, Receiver).
+    :param durable: see ``Receiver.compose``.
     :returns: source VDI uuid -> the composed VDI's uuid.
     """
     items = list(receivers.items())
     if len(items) < 2:
-        return {src: rec.compose().uuid for src, (_sr, rec) in items}
+        return {src: rec.compose(durable=durable).uuid
+                for src, (_sr, rec) in items}
     with concurrent.futures.ThreadPoolExecutor(
             len(items), thread_name_prefix='xsm-compose') as pool:
-        futures = [(src, pool.submit(rec.compose))
+        futures = [(src, pool.submit(rec.compose, durable=durable))
                    for src, (_sr, rec) in items]
         return {src: fut.result().uuid for src, fut in futures}
 
@@ -477,12 +540,14 @@ def without_guest(vm_state):
     return {k: v for k, v in vm_state.items() if k != 'workload'}
 
 
-def adopt(host, spec, vm_state, new, start, steps=None):
+def adopt(host, spec, vm_state, new, start, steps=None, save=True):
     """Register the VM of a committed migration here; can be run again.
 
     :param new: source VDI uuid -> the composed VDI here.
     :param start: start it when it ran on the source (a restart does not:
         a host that stopped comes back with its VMs halted).
+    :param save: False: the caller saves the host's VM records itself
+        (:meth:`Host.save`).
     :returns: the VM's uuid.
     """
     record = dict(vm_state['vm'])
@@ -496,11 +561,12 @@ def adopt(host, spec, vm_state, new, start, steps=None):
         record['vifs'] = [vif_map.get(v, v)
                           for v in record.get('vifs', [])]
         # The receivers made the VDIs with this VM's uuid already.
-        vm = host.adopt_vm(record, 'halted')
+        vm = host.adopt_vm(record, 'halted', save=save)
     if steps is not None:
         steps.mark('vm_register')
     if start and vm_state.get('power_state') == 'running':
-        host.start_vm(vm.uuid, workload=vm_state.get('workload'))
+        host.start_vm(vm.uuid, workload=vm_state.get('workload'),
+                      save=save)
         if steps is not None:
             steps.mark('guest_start')
     return vm.uuid

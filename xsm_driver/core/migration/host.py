@@ -453,20 +453,28 @@ class Host:
         self.save()
         return vm
 
-    def adopt_vm(self, record, power_state):
-        """Register a VM whose disks already are in this host's SRs."""
+    def adopt_vm(self, record, power_state, save=True):
+        """Register a VM whose disks already are in this host's SRs.
+
+        :param save: False: the caller saves the records itself soon
+            (:meth:`take_incoming` does).
+        """
         vm = VM(record['uuid'], record['name'], record['disks'],
                 record.get('vifs', ()), power_state, record.get('qemu'))
         with self._lock:
             self.vms[vm.uuid] = vm
-        self.save()
+        if save:
+            self.save()
         return vm
 
-    def start_vm(self, ref, workload=None, paused=False):
+    def start_vm(self, ref, workload=None, paused=False, save=True):
         """Attach the disks and run; ``workload`` is a guest state.
 
         With the qemu driver: each disk's stack is served on a unix
         socket and a QEMU boots on them (``paused``: its vCPUs stopped).
+
+        :param save: False: the caller saves the VM records (:meth:`save`)
+            itself, later.
         """
         vm = self.vm(ref)
         with vm.lock:
@@ -492,7 +500,8 @@ class Host:
             if workload is not None and not vm.in_qemu:
                 vm.workload = workload_mod.Workload.from_state(
                     vm.devices, workload).start()
-        self.save()
+        if save:
+            self.save()
         return vm
 
     def _guest_spec(self, vm):
@@ -850,11 +859,13 @@ class Host:
             return
         self._drop_incoming(uuid, disks)
 
-    def take_incoming(self, uuid):
+    def take_incoming(self, uuid, save=True):
         """The migration committed: the incoming guest is VM ``uuid``'s.
 
         Each gate resumes on the VM's composed VDI; the guest stays
         paused until its QEMU has the whole state (:meth:`resume_incoming`).
+
+        :param save: False: the caller saves the VM records itself, later.
         """
         with self._lock:
             disks = self._incoming.pop(uuid, None)
@@ -871,7 +882,8 @@ class Host:
                 disk.server = held.server
             vm.in_qemu = True
             vm.power_state = PAUSED
-        self.save()
+        if save:
+            self.save()
         return True
 
     def resume_incoming(self, uuid, timeout=120.0):

@@ -66,6 +66,9 @@ from xsm_driver.core.migration import source
 
 LOG = logging.getLogger(__name__)
 
+#: seconds a receive status waits for a committed receive to settle
+SETTLE_WAIT = 10.0
+
 MiB = 1 << 20
 
 
@@ -745,9 +748,15 @@ class Manager:
 
         ``expired`` is ``{'silent': s, 'lease': s}`` when it was rolled
         back for want of a lease renewal, else None.
+
+        A commit that answered and is settling (making its compose durable,
+        then recording ``done``: a few ``fsync`` calls) is waited for, up
+        to :data:`SETTLE_WAIT` seconds: the status is never the moment in
+        between.
         """
         rcv = self._receives.get(mid)
         if rcv is not None:
+            rcv.wait_settled(SETTLE_WAIT)
             return {'phase': rcv.phase, 'result': rcv.result,
                     'expired': rcv.expired, 'committed': rcv.committed}
         entry = self.host.journal.get(mid, role=destination.ROLE)
@@ -818,6 +827,9 @@ class Manager:
                 except errors.MigrationError:
                     pass
                 mig.thread.join(60)
+        # a committed receive records itself done after its answer
+        for rcv in list(self._receives.values()):
+            rcv.wait_settled(60)
 
 
 class _Begun:

@@ -448,9 +448,10 @@ def recovery_action(role, phase, committed=False):
 #: the commit request, the destination's work included
 SOURCE_STEPS = ('vcpus_pause', 'disks_drain', 'state_export',
                 'mirrors_detach', 'commit', 'hand_over')
-#: the destination's steps of its commit (see ``Receive.complete``)
+#: the destination's steps of its commit (see ``Receive.complete``); its
+#: ``done`` record follows the answer, out of the pause
 DESTINATION_STEPS = ('commit_record', 'server_stop', 'compose',
-                     'vm_register', 'guest_start', 'done_record')
+                     'vm_register', 'guest_start')
 #: what the prefix of a destination's step is in the breakdown
 DESTINATION_PREFIX = 'dest_'
 

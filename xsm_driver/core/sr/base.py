@@ -272,8 +272,9 @@ class Receiver:
     :param leaf: the device mirrored writes go to.
     :param leaf_uuid: the VDI the VM will use.
     :param vdis: uuids of every VDI made for it, in creation order.
-    :param finish: called (with the receiver) by :meth:`compose` after the
-        devices are closed, to make the result a normal VDI of the SR.
+    :param finish: called (with the receiver, and ``durable``) by
+        :meth:`compose` after the devices are closed, to make the result a
+        normal VDI of the SR.
     """
 
     def __init__(self, sr, base, leaf, leaf_uuid, vdis, finish=None):
@@ -288,6 +289,8 @@ class Receiver:
         self._close_error = None
         self._composed = False
         self._discarded = False
+        #: composed with ``durable=False``: :meth:`make_durable` is owed
+        self._owed = False
 
     def _close_devices(self, flush):
         """Flush (when asked) and close both devices, once."""
@@ -308,11 +311,16 @@ class Receiver:
         self._close_error = error
         return error
 
-    def compose(self):
+    def compose(self, durable=True):
         """Finish: flush and close both devices; return the leaf VDI.
 
         Afterwards the leaf VDI reads exactly what leaf-over-base read.
         Calling it again returns the VDI again.
+
+        :param durable: False: write everything but make none of it
+            durable (no ``fsync``); the caller calls :meth:`make_durable`
+            later. For a migration's commit, whose journal redoes the
+            compose after a crash until it records the migration done.
         """
         with self._lock:
             if self._discarded:
@@ -320,17 +328,42 @@ class Receiver:
                               'was discarded; nothing to compose'
                               % self.leaf_uuid)
             if not self._composed:
-                error = self._close_devices(flush=True)
+                error = self._close_devices(flush=durable)
                 if error is not None:
                     raise SRError(sr=self.sr.name, reason='cannot compose '
                                   'VDI %s: flushing its devices failed: %s'
                                   % (self.leaf_uuid, error))
                 if self._finish is not None:
-                    self._finish(self)
+                    self._finish(self, durable=durable)
                 self._composed = True
+                self._owed = not durable
                 LOG.info('SR %s: received VDI %s composed (VDIs %s)',
                          self.sr.name, self.leaf_uuid, ', '.join(self.vdis))
         return self.sr.get(self.leaf_uuid)
+
+    def make_durable(self):
+        """What ``compose(durable=False)`` wrote, to disk; idempotent.
+
+        ``fsync`` of every file made (the data, the leaf's new header, the
+        base's mode) and of the SR's folder.
+        """
+        with self._lock:
+            if not self._owed:
+                return
+            try:
+                for uuid in self.vdis:
+                    fd = os.open(self.sr.vdi_path(uuid),
+                                 os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                fsync_dir(self.sr.path)
+            except OSError as exc:
+                raise SRError(sr=self.sr.name, reason='cannot make the '
+                              'composed VDI %s durable: %s'
+                              % (self.leaf_uuid, exc))
+            self._owed = False
 
     def discard(self):
         """Close the devices and destroy every VDI made; idempotent."""

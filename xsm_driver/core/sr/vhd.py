@@ -500,7 +500,11 @@ class VHDSR(base.SR):
         return base.Receiver(self, devices[0], base.AlignedWrites(devices[1]),
                              leaf, created, finish=self._finish_receive)
 
-    def _finish_receive(self, receiver):
+    def _finish_receive(self, receiver, durable=True):
+        """Make the composed leaf a normal VDI over its base.
+
+        :param durable: False: no ``fsync`` (see ``Receiver.compose``).
+        """
         base_uuid, leaf = receiver.vdis[0], receiver.leaf_uuid
         base_path, path = self.vdi_path(base_uuid), self.vdi_path(leaf)
         with self._locked():
@@ -510,7 +514,8 @@ class VHDSR(base.SR):
                 vhd_image.make_read_only(base_path)
                 # The leaf recorded the base's mtime when it was made; the
                 # copy has changed it since.
-                ops.set_parent(path, base_path)
-                base.fsync_dir(self.path)
+                ops.set_parent(path, base_path, durable=durable)
+                if durable:
+                    base.fsync_dir(self.path)
             except Exception as exc:
                 raise self._error('compose', leaf, exc)

@@ -187,13 +187,16 @@ def snapshot(child_path, parent_path):
     return _publish(child_path, lambda fd: _write_all(fd, image, 0))
 
 
-def set_parent(child_path, parent_path):
+def set_parent(child_path, parent_path, durable=True):
     """Re-point a differencing image at a new parent (compose).
 
     Updates the parent uuid, timestamp, name and the MacX/W2ku/W2ru
     locators. The header and the locators are rewritten in a single write
     (with the unchanged BAT and batmap between them), so an interrupted
     call leaves either the old parent or the new one, never a mix.
+
+    :param durable: False: the write is not followed by ``fsync`` (the
+        caller makes the file durable later).
     """
     parent_uuid, parent_size = _open_parent_for_child(child_path,
                                                       parent_path)
@@ -239,7 +242,8 @@ def set_parent(child_path, parent_path):
             buf[at:at + loc.space_bytes] = payload + bytes(
                 loc.space_bytes - len(payload))
         img.write_raw(buf, start)
-        img.flush()
+        if durable:
+            img.flush()
     finally:
         img.close()
 

@@ -176,10 +176,10 @@ class TestDestinationHalf(CommitRuleFixture):
         seen = []
         start = self.b.host.start_vm
 
-        def start_vm(ref, workload=None):
+        def start_vm(ref, workload=None, **kwargs):
             entry = self.b.host.journal.get(mid, destination.ROLE)
             seen.append((entry.phase, entry.state.get('committed')))
-            return start(ref, workload)
+            return start(ref, workload, **kwargs)
         self.b.host.start_vm = start_vm
         state = {'vm': {'uuid': vm.uuid, 'name': 'vm',
                         'disks': [d.to_dict() for d in vm.disks],
@@ -223,7 +223,7 @@ class TestDestinationHalf(CommitRuleFixture):
         mid, vm = self.prepared()
         rcv = self.b._receives[mid]
 
-        def crash():
+        def crash(**kwargs):
             raise KeyboardInterrupt('killed')     # not an Exception
         rcv._finish = crash
         state = {'vm': {'uuid': vm.uuid, 'name': 'vm',

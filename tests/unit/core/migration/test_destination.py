@@ -12,6 +12,7 @@
 
 """The destination's exports: several one-shot base names per VDI."""
 
+import json
 import logging
 import os
 import threading
@@ -27,6 +28,7 @@ from xsm_driver.core.migration import credentials
 from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import source
+from xsm_driver.core.sr import base as sr_base
 
 MiB = 1 << 20
 
@@ -226,3 +228,120 @@ class TestIncomingStart(ReceiveCase):
                                 rec.compose)
         self.assertIn('did not start: qemu: no such machine q99', str(exc))
         self.assertIn('host dest', str(exc))
+
+
+class TestCommitSettlesAfterItsAnswer(ReceiveCase):
+    """The commit answers before ``done`` is recorded.
+
+    ``complete`` answers once the commit record is durable and the disks
+    composed; ``done`` is recorded after the answer, once what the compose
+    wrote is durable (none of it in the source's pause).
+    """
+
+    receive = TestReceiveExports.receive
+
+    def hold_settling(self):
+        """Make each ``make_durable`` wait until the returned Event."""
+        go = threading.Event()
+        entered = threading.Event()
+        real = sr_base.Receiver.make_durable
+
+        def make_durable(rcv):
+            entered.set()
+            self.assertTrue(go.wait(30))
+            return real(rcv)
+        self.useFixture(fixtures.MonkeyPatch(
+            'xsm_driver.core.sr.base.Receiver.make_durable', make_durable))
+        self.addCleanup(go.set)
+        return go, entered
+
+    def phase(self, rec):
+        return self.host.journal.get(rec.id, role=destination.ROLE)
+
+    def test_done_is_recorded_after_the_answer(self):
+        rec, _remote = self.receive(2, vdis=2)
+        rec.compose()
+        go, entered = self.hold_settling()
+        answer = rec.complete(None)
+        self.assertEqual({'vdis', 'vm', 'steps_ms'}, set(answer))
+        self.assertNotIn('done_record', answer['steps_ms'])
+        entry = self.phase(rec)
+        # committed, durably; not done yet: a restart now goes forward
+        self.assertEqual('switch-over', entry.phase)
+        self.assertTrue(entry.state['committed'])
+        self.assertTrue(entered.wait(30))
+        self.assertTrue(rec.committed)
+        # asked again meanwhile: the same result, once settled
+        again = []
+        asker = threading.Thread(target=lambda: again.append(
+            rec.complete(None)))
+        asker.start()
+        time.sleep(0.05)
+        self.assertEqual([], again)         # (waits for the settling)
+        go.set()
+        asker.join(30)
+        rec.wait_settled(30)
+        entry = self.phase(rec)
+        self.assertEqual('done', entry.phase)
+        self.assertEqual({k: answer[k] for k in ('vdis', 'vm')},
+                         entry.state['result'])
+        self.assertEqual([{k: answer[k] for k in ('vdis', 'vm')}],
+                         [{k: a[k] for k in ('vdis', 'vm')} for a in again])
+        # the composed VDIs read as normal VDIs of the SR
+        sr = self.host.sr('sr-b')
+        for vdi in answer['vdis'].values():
+            self.assertFalse(sr.get(vdi).hidden)
+        self.assertEqual(destination.COMMITTED, rec.abort())
+
+    def test_an_abort_while_settling_answers_committed(self):
+        rec, _remote = self.receive(1)
+        rec.compose()
+        go, entered = self.hold_settling()
+        rec.complete(None)
+        self.assertTrue(entered.wait(30))
+        answers = []
+        aborter = threading.Thread(target=lambda: answers.append(
+            rec.abort()))
+        aborter.start()
+        go.set()
+        aborter.join(30)
+        self.assertEqual([destination.COMMITTED], answers)
+        rec.wait_settled(30)
+        self.assertEqual('done', self.phase(rec).phase)
+
+    def test_the_vm_record_is_saved_before_done(self):
+        vm_uuid = str(uuidlib.uuid4())
+        spec = {'id': str(uuidlib.uuid4()), 'source_host': 'src',
+                'vif_map': {}, 'cross_pool': True, 'network': None,
+                'client_ca_pem': self.client.ca_pem,
+                'vdis': [{'uuid': str(uuidlib.uuid4()), 'size': 4 * MiB,
+                          'allocated': 0, 'name': 'd0', 'sr': 'sr-b',
+                          'mirror': True}]}
+        record = {'uuid': vm_uuid, 'name': 'moved', 'vifs': [],
+                  'disks': [{'name': 'xvda', 'vdi': spec['vdis'][0]['uuid'],
+                             'sr': 'sr-a'}]}
+        spec['vm'] = record
+        rec = destination.Receive(self.host, spec, '127.0.0.1')
+        self.addCleanup(rec.abort)
+        rec.prepare()
+        rec.compose()
+        go, entered = self.hold_settling()
+        vms_file = os.path.join(self.top, 'state', 'vms.json')
+
+        def saved():
+            if not os.path.exists(vms_file):
+                return []
+            with open(vms_file) as f:
+                return [v['uuid'] for v in json.load(f)]
+        answer = rec.complete({'vm': record, 'power_state': 'halted',
+                               'workload': None})
+        self.assertEqual(vm_uuid, answer['vm'])
+        # registered here, its record not written yet (a restart adopts
+        # it again from the commit record)
+        self.assertIn(vm_uuid, self.host.vms)
+        self.assertNotIn(vm_uuid, saved())
+        self.assertTrue(entered.wait(30))
+        go.set()
+        rec.wait_settled(30)
+        self.assertEqual('done', self.phase(rec).phase)
+        self.assertIn(vm_uuid, saved())

@@ -463,6 +463,46 @@ class SRContract:
         self.assertEqual(b'n' * 512 + b'B' * 512, self.read(vdi.uuid, 0,
                                                             1024))
 
+    def test_receive_compose_not_durable_then_make_durable(self):
+        # A migration's commit composes without fsync (its journal redoes
+        # the compose after a crash) and makes it durable after its answer.
+        size = self.size
+        rcv = self.sr.receive(size, name='vm disk', vm=U2)
+        rcv.base.pwrite(b'B' * 8192, 0)
+        rcv.leaf.pwrite(b'L' * 1024, 1024)
+        synced = []
+
+        def spy(real):
+            def sync(fd):
+                synced.append(os.readlink('/proc/self/fd/%d' % fd))
+                return real(fd)
+            return sync
+        self.useFixture(fixtures.MonkeyPatch('os.fsync', spy(os.fsync)))
+        self.useFixture(fixtures.MonkeyPatch('os.fdatasync',
+                                             spy(os.fdatasync)))
+        vdi = rcv.compose(durable=False)
+        self.assertEqual([], synced)
+        self.assertEqual(rcv.leaf_uuid, vdi.uuid)
+        want = bytearray(size)
+        want[0:8192] = b'B' * 8192
+        want[1024:2048] = b'L' * 1024
+        with self.reopen().attach(vdi.uuid) as dev:
+            self.assertEqual(want, bytearray(dev.pread(0, size)))
+        rcv.make_durable()
+        files = {os.path.realpath(self.sr.vdi_path(u)) for u in rcv.vdis}
+        self.assertLessEqual(files, set(synced))
+        self.assertIn(os.path.realpath(self.sr.path), synced)
+        del synced[:]
+        rcv.make_durable()                  # owed once only
+        self.assertEqual(vdi, rcv.compose())
+        self.assertEqual([], synced)
+        # a durable compose needs none
+        other = self.sr.receive(size)
+        other.compose()
+        del synced[:]
+        other.make_durable()
+        self.assertEqual([], synced)
+
     def test_receive_concurrent_base_and_leaf(self):
         size = self.size
         rng = random.Random(7)
