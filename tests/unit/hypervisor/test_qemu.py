@@ -117,7 +117,7 @@ class TestCommandLine(base.TestCase):
                          cmdline='loglevel=3')
         self.assertEqual(['/k/vmlinuz'], option(argv, '-kernel'))
         self.assertEqual(['/k/initrd'], option(argv, '-initrd'))
-        self.assertEqual(['console=ttyS0 quiet xsmv.rate=20 '
+        self.assertEqual(['console=ttyS0 quiet no_timer_check xsmv.rate=20 '
                           'xsmv.verify_at=100 loglevel=3'],
                          option(argv, '-append'))
 
