@@ -32,9 +32,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import time
 from unittest import mock
 
+import oslo_messaging as messaging
 from oslo_utils import uuidutils
 from testtools import content
 
@@ -268,6 +270,20 @@ class TestQemuGuest(QemuGuestTestCase):
         tail = self.console(server, length=3)
         self.assertLessEqual(len(tail.splitlines()), 3)
         self.assertIn(tail.rstrip()[-40:], self.console(server))
+
+        # a QEMU that does not answer QMP in time (stopped here) makes the
+        # agent's vm_get fail (QMPTimeout, after [hypervisor]'s 10 s): the
+        # console, a file the agent reads, is answered all the same, not
+        # a 500 (a busy QEMU's QMP was once that slow at load ~25)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            exc = self.assertRaises(messaging.RemoteError,
+                                    self.xsm[SOURCE].vm_get, server['id'])
+            self.assertEqual('QMPTimeout', exc.exc_type, exc)
+            stopped = self.console(server)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        self.assertEqual(start.line, verifier.last(stopped, 'start').line)
 
         # pause: the vCPUs stop (QMP), nova sees PAUSED
         self.action(server, {'pause': None}, 'PAUSED')

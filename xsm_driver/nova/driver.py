@@ -600,10 +600,18 @@ class XSMDriver(driver.ComputeDriver):
         shutil.rmtree(self._instance_folder(instance), ignore_errors=True)
 
     def get_console_output(self, context, instance):
-        """The last 100 KiB of the guest's serial console, as bytes."""
-        vm = self._vm(instance)
+        """The last 100 KiB of the guest's serial console, as bytes.
+
+        Asked by the VM's name, with no ``vm_get`` first: the console is a
+        file the agent reads, and ``vm_get`` asks the guest's QEMU for its
+        power state (QMP), which a busy QEMU may answer after the agent's
+        QMP timeout; the API would answer that with a 500.
+        """
         try:
-            text = self._api.vm_console(vm['uuid'], limit=MAX_CONSOLE_BYTES)
+            text = self._api.vm_console(decisions.vm_name(instance.uuid),
+                                        limit=MAX_CONSOLE_BYTES)
+        except host_mod.VMNotFound:
+            raise exception.InstanceNotFound(instance_id=instance.uuid)
         except host_mod.InvalidVMState as exc:
             # a host whose guests are not QEMU guests has no console
             LOG.debug('no console: %s', exc, instance=instance)
