@@ -179,7 +179,13 @@ class XSMLiveMigrationTestCase(PatientStateWaits,
             name='xsm.small', memory_mb=256, vcpu=1, disk=self.ROOT_GB,
             ephemeral=self.EPHEMERAL_GB)
         self.flavor = self.admin_api.get_flavor(flavor_id)
+        # targeted at cell1, where the instances and migrations are: an
+        # untargeted context reads the cell nova's CellDatabases fixture
+        # used last, cell0 while another thread (the migration poller's
+        # GET /os-migrations, over every cell) targets it: the instance
+        # was then not found (InstanceNotFound, seen at load ~18)
         self.ctxt = nova_context.get_admin_context()
+        nova_context.set_target_cell(self.ctxt, self.cell_mappings['cell1'])
 
     def xsm_flags(self):
         """The [xsm] options of the test."""

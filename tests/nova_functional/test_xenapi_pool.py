@@ -97,7 +97,13 @@ class XenAPIPoolTestCase(base.PatientStateWaits,
             name='xen.small', memory_mb=self.MEMORY_MB, vcpu=self.VCPUS,
             disk=1, ephemeral=0)
         self.flavor = self.admin_api.get_flavor(flavor_id)
+        # targeted at cell1, where the instances and migrations are: an
+        # untargeted context reads the cell nova's CellDatabases fixture
+        # used last, cell0 while another thread (the migration poller's
+        # GET /os-migrations, over every cell) targets it: the instance
+        # was then not found (InstanceNotFound, seen at load ~18)
         self.ctxt = nova_context.get_admin_context()
+        nova_context.set_target_cell(self.ctxt, self.cell_mappings['cell1'])
 
     # -- the pools, their agents and the computes ----------------------------
 
