@@ -135,7 +135,101 @@ class PatientStateWaits:
             time.sleep(self._POLL)
 
 
-class XSMLiveMigrationTestCase(PatientStateWaits,
+class MigrationPolling:
+    """The migration APIs polled, strictly, while a migration test runs.
+
+    For a test case of nova's harness with ``admin_api`` and
+    ``computes``.
+    """
+
+    #: what the migration pollers ask for; nova's harness validates
+    #: responses against nova's schemas ([api]response_validation = error:
+    #: a field the schema refuses makes the GET answer 400)
+    MIGRATION_URLS = ('servers/%s/migrations', 'os-migrations')
+
+    def strict_get(self, relative):
+        """GET at the latest microversion; the response, whatever it is.
+
+        (Not through the client's ``microversion`` attribute, which the
+        test's own thread may be changing meanwhile.)
+        """
+        api = self.admin_api
+        return api.request('%s/%s' % (api.base_url, relative), headers={
+            'X-OpenStack-Nova-API-Version': 'latest',
+            'OpenStack-API-Version': 'compute latest',
+            'X-Auth-User': api.auth_user, 'X-User-Id': api.auth_user,
+            'X-Auth-Project-Id': api.project_id,
+            'X-Roles': ','.join(api.roles)})
+
+    def poll_migrations(self, server, interval=0.05):
+        """Poll the migration APIs while the test runs; fail on a 4xx/5xx.
+
+        ``GET /servers/{id}/migrations`` (the running migration, its
+        disk progress) and ``GET /os-migrations``, every ``interval``
+        seconds from now to the test's end and once more then. At the
+        end, the destination must have no live_migration_at_dest task
+        left (nova ends it in post_live_migration_at_destination or in
+        rollback_live_migration_at_destination).
+        """
+        urls = [u % server['id'] if '%s' in u else u
+                for u in self.MIGRATION_URLS]
+        problems, seen = [], []
+        stop = threading.Event()
+
+        def poll_once():
+            for url in list(urls):
+                resp = self.strict_get(url)
+                if resp.status_code == 404 and url.startswith('servers/'):
+                    urls.remove(url)        # the test deleted the server
+                elif resp.status_code != 200:
+                    problems.append('GET %s: %s %s' % (url, resp.status_code,
+                                                       resp.text))
+                elif url.startswith('servers/'):
+                    seen.extend(resp.json()['migrations'])
+
+        def poll():
+            while not stop.is_set():
+                try:
+                    poll_once()
+                except Exception as exc:     # keep polling; report it
+                    problems.append('GET: %r' % exc)
+                stop.wait(interval)
+
+        thread = threading.Thread(target=poll, daemon=True)
+
+        def finish():
+            stop.set()
+            thread.join(30)
+            poll_once()
+            self.assertEqual([], problems[:5])
+            self.assert_no_dest_task()
+
+        self.addCleanup(finish)
+        thread.start()
+        self.polled_migrations = seen
+        return seen
+
+    def pending_dest_tasks(self):
+        """Each compute's live_migration_at_dest tasks not ended yet."""
+        return {host: dict(compute.manager._pending_dest_live_migrations)
+                for host, compute in self.computes.items()
+                if compute.manager._pending_dest_live_migrations}
+
+    def assert_no_dest_task(self, timeout=30):
+        """No compute keeps a live_migration_at_dest task of a migration.
+
+        Nova ends the destination's task in
+        post_live_migration_at_destination or in
+        rollback_live_migration_at_destination; one left behind keeps that
+        nova-compute from stopping until its graceful shutdown times out.
+        """
+        deadline = time.monotonic() + timeout
+        while self.pending_dest_tasks() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual({}, self.pending_dest_tasks())
+
+
+class XSMLiveMigrationTestCase(PatientStateWaits, MigrationPolling,
                                integrated_helpers.ProviderUsageBaseTestCase):
     """Two xsm computes, a flavor with a root and an ephemeral disk."""
 
@@ -277,92 +371,6 @@ class XSMLiveMigrationTestCase(PatientStateWaits,
         self.poll_migrations(server)
         self.api.post_server_action(server['id'], {
             'os-migrateLive': {'host': host, 'block_migration': True}})
-
-    #: what the migration pollers ask for; nova's harness validates
-    #: responses against nova's schemas ([api]response_validation = error:
-    #: a field the schema refuses makes the GET answer 400)
-    MIGRATION_URLS = ('servers/%s/migrations', 'os-migrations')
-
-    def strict_get(self, relative):
-        """GET at the latest microversion; the response, whatever it is.
-
-        (Not through the client's ``microversion`` attribute, which the
-        test's own thread may be changing meanwhile.)
-        """
-        api = self.admin_api
-        return api.request('%s/%s' % (api.base_url, relative), headers={
-            'X-OpenStack-Nova-API-Version': 'latest',
-            'OpenStack-API-Version': 'compute latest',
-            'X-Auth-User': api.auth_user, 'X-User-Id': api.auth_user,
-            'X-Auth-Project-Id': api.project_id,
-            'X-Roles': ','.join(api.roles)})
-
-    def poll_migrations(self, server, interval=0.05):
-        """Poll the migration APIs while the test runs; fail on a 4xx/5xx.
-
-        ``GET /servers/{id}/migrations`` (the running migration, its
-        disk progress) and ``GET /os-migrations``, every ``interval``
-        seconds from now to the test's end and once more then. At the
-        end, the destination must have no live_migration_at_dest task
-        left (nova ends it in post_live_migration_at_destination or in
-        rollback_live_migration_at_destination).
-        """
-        urls = [u % server['id'] if '%s' in u else u
-                for u in self.MIGRATION_URLS]
-        problems, seen = [], []
-        stop = threading.Event()
-
-        def poll_once():
-            for url in list(urls):
-                resp = self.strict_get(url)
-                if resp.status_code == 404 and url.startswith('servers/'):
-                    urls.remove(url)        # the test deleted the server
-                elif resp.status_code != 200:
-                    problems.append('GET %s: %s %s' % (url, resp.status_code,
-                                                       resp.text))
-                elif url.startswith('servers/'):
-                    seen.extend(resp.json()['migrations'])
-
-        def poll():
-            while not stop.is_set():
-                try:
-                    poll_once()
-                except Exception as exc:     # keep polling; report it
-                    problems.append('GET: %r' % exc)
-                stop.wait(interval)
-
-        thread = threading.Thread(target=poll, daemon=True)
-
-        def finish():
-            stop.set()
-            thread.join(30)
-            poll_once()
-            self.assertEqual([], problems[:5])
-            self.assert_no_dest_task()
-
-        self.addCleanup(finish)
-        thread.start()
-        self.polled_migrations = seen
-        return seen
-
-    def pending_dest_tasks(self):
-        """Each compute's live_migration_at_dest tasks not ended yet."""
-        return {host: dict(compute.manager._pending_dest_live_migrations)
-                for host, compute in self.computes.items()
-                if compute.manager._pending_dest_live_migrations}
-
-    def assert_no_dest_task(self, timeout=30):
-        """No compute keeps a live_migration_at_dest task of a migration.
-
-        Nova ends the destination's task in
-        post_live_migration_at_destination or in
-        rollback_live_migration_at_destination; one left behind keeps that
-        nova-compute from stopping until its graceful shutdown times out.
-        """
-        deadline = time.monotonic() + timeout
-        while self.pending_dest_tasks() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        self.assertEqual({}, self.pending_dest_tasks())
 
     def wait_for(self, what, predicate, timeout=60, interval=0.1):
         deadline = time.monotonic() + timeout

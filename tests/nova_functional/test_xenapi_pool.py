@@ -68,7 +68,7 @@ XS1, XS2, XSB1 = 'xs1', 'xs2', 'xsb1'
 IMAGE_MIB = 4
 
 
-class XenAPIPoolTestCase(base.PatientStateWaits,
+class XenAPIPoolTestCase(base.PatientStateWaits, base.MigrationPolling,
                          integrated_helpers.ProviderUsageBaseTestCase):
 
     compute_driver = 'xsm.XSMDriver'
@@ -196,6 +196,7 @@ class XenAPIPoolTestCase(base.PatientStateWaits,
         return bytes(disk)
 
     def live_migrate(self, server, host, block_migration):
+        self.poll_migrations(server)
         self.api.post_server_action(server['id'], {
             'os-migrateLive': {'host': host,
                                'block_migration': block_migration}})
