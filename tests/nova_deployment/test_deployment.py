@@ -49,8 +49,12 @@ BANDWIDTH_MIB = 8
 GUEST_RATE = 20
 #: the fraction of the 1 GiB root disk the guest writes before a
 #: migration: small for the round trip, big enough for abort and
-#: force-complete to catch the copy running (~32 s at the limit)
-SMALL_FILL, BIG_FILL = 0.01, 0.25
+#: force-complete to catch the copy running: ~96 s at the limit. (With
+#: 0.25, 32 s, the abort came 9 s after the copy had ended at load 40-50:
+#: 41 s from the migration's start to the DELETE, for two polls of the
+#: agent, one GET and an ``openstack`` process, which took 8-9 s only to
+#: start then. 96 s is more than twice that.)
+SMALL_FILL, BIG_FILL = 0.01, 0.75
 #: the log lines kept with a failure, per log
 LOG_TAIL = 150
 #: seconds the services' slowest steps may take on a busy 2-core machine
