@@ -202,6 +202,13 @@ class QemuGuestTestCase(base.XSMLiveMigrationTestCase):
         except self.failureException:
             self.addDetail('console', content.text_content(
                 (seen or [''])[0][-4000:]))
+            # and the VM as each agent sees it (its QEMU's QMP status)
+            for host, api in sorted(self.xsm.items()):
+                try:
+                    vm = repr(api.vm_get(server['id']))
+                except Exception as exc:
+                    vm = '%s: %s' % (type(exc).__name__, exc)
+                self.addDetail('vm on %s' % host, content.text_content(vm))
             raise
 
     def wait_writes(self, server, after=0, timeout=BOOT_TIMEOUT):
