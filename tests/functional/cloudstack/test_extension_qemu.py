@@ -68,14 +68,11 @@ class TestExtensionQemuGuests(ext.ExtensionCase):
         self.a = self.client('a', timeout=120)
         self.b = self.client('b', timeout=120)
 
-    def start_agents(self, *agents):
-        # the agents' [hypervisor] section, before they start
-        for agent in agents:
-            with open(agent.config, 'a') as f:
-                f.write('\n[hypervisor]\ndriver = qemu\naccel = tcg\n'
-                        'guest_kit = %s\ndefault_memory_mib = 128\n'
-                        'shutdown_timeout = 10\n' % guest_tests.KIT_DIR)
-        super().start_agents(*agents)
+    def agent_sections(self, role):
+        return {'hypervisor': {'driver': 'qemu', 'accel': 'tcg',
+                               'guest_kit': guest_tests.KIT_DIR,
+                               'default_memory_mib': 128,
+                               'shutdown_timeout': 10}}
 
     def qemus(self, role):
         return guest_tests.qemu_processes(self.agents[role].folder)

@@ -12,8 +12,10 @@
 
 """Real xsm-agent processes on a real RabbitMQ, for functional tests.
 
-Each test gets its own host names (``host-a-<token>``, ``host-b-<token>``)
-and its own oslo.messaging ``control_exchange``, so that parallel test
+The agents are :class:`xsm_driver.testing.harness.AgentProcess` es, the
+benchmarks' agents too: each test gets its own host names
+(``host-a-<token>``, ``host-b-<token>``) and its own oslo.messaging
+``control_exchange`` (:func:`harness.run_names`), so that parallel test
 workers and whatever earlier runs left on the broker never meet. Every
 agent runs ``python -m xsm_driver.cmd.agent --config-file F`` with its
 stdout and stderr in files of the test's temporary folder; failure
@@ -24,53 +26,35 @@ each agent an identity key, all of them one trusted hosts file, and one
 operator key the test's clients sign with (:func:`client_conf`).
 """
 
-import atexit
 import hashlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 import uuid as uuidlib
 
-from oslo_config import cfg
 from testtools import content
 
 from tests import base
 from xsm_driver.core.block import backends
 from xsm_driver.core.rpc import api
-from xsm_driver.core.rpc import auth
-from xsm_driver.core.rpc import keys
+from xsm_driver.testing import harness
 
 MiB = 1 << 20
 
-BROKER = ('127.0.0.1', 5672)
-RABBIT_URL = 'rabbit://guest:guest@127.0.0.1:5672/'
-#: the same broker, as kombu spells it (for tidying up only)
-_KOMBU_URL = 'amqp://guest:guest@127.0.0.1:5672//'
+# the harness's, under the names the tests know
+BROKER = harness.BROKER
+RABBIT_URL = harness.RABBIT_URL
+START_TIMEOUT = harness.START_TIMEOUT
+STOP_TIMEOUT = harness.STOP_TIMEOUT
+broker_problem = harness.broker_problem
+Keyring = harness.Keyring
+keyring = harness.keyring
+client_conf = harness.client_conf
+queue_names = harness.queue_names
+_delete_from_broker = harness.delete_from_broker
 
-#: seconds an agent may take from its start to its ready line (at load
-#: 30-45 on 2 cores an agent printed nothing, its imports not done, for
-#: more than 30 s)
-START_TIMEOUT = 90
-#: seconds an agent may take to stop on SIGTERM before it is killed
-STOP_TIMEOUT = 20
-
-
-def broker_problem(address=BROKER, timeout=1.0):
-    """Why the broker cannot be reached; None when it can."""
-    try:
-        socket.create_connection(address, timeout=timeout).close()
-    except OSError as exc:
-        return ('RabbitMQ is not reachable at %s:%d (%s); these tests need '
-                'a real broker with the guest/guest account: install and '
-                'start it ("apt-get install -y rabbitmq-server && service '
-                'rabbitmq-server start")' % (address[0], address[1], exc))
-    return None
+#: ``[agent]`` options of the tests' agents over the harness's: 1 MiB
+#: copy chunks, so that the tests' small disks take several
+TEST_OPTIONS = {'copy_chunk_mb': 1}
 
 
 def records(vdis):
@@ -101,227 +85,12 @@ def digest(path, chunk=4 * MiB):
         dev.close()
 
 
-def _tail(path, lines=40):
-    try:
-        with open(path, errors='replace') as f:
-            return ''.join(f.readlines()[-lines:])
-    except OSError as exc:
-        return '(no log: %s)\n' % exc
+class AgentProcess(harness.AgentProcess):
+    """A :class:`harness.AgentProcess` with :data:`TEST_OPTIONS`."""
 
-
-class Keyring:
-    """The keys of one test deployment, in a temporary folder.
-
-    One operator key (``operator.key``, name ``operator``), one identity
-    key per host (:meth:`add_host`), and a trusted hosts file
-    (``trusted-hosts``) every agent and client of the deployment reads.
-    """
-
-    OPERATOR = 'operator'
-
-    def __init__(self, folder):
-        self.folder = folder
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        self.operator_path = os.path.join(folder, 'operator.key')
-        self.operator_key = keys.create_key_file(self.operator_path)
-        self.peers = os.path.join(folder, 'trusted-hosts')
-        open(self.peers, 'a').close()
-        self.hosts = {}
-        self._lock = threading.Lock()
-
-    def add_host(self, name):
-        """The identity key file of host ``name``, made and trusted once."""
-        with self._lock:
-            if name not in self.hosts:
-                path = os.path.join(self.folder, 'host-%s.key' % name)
-                key = keys.create_key_file(path)
-                self.hosts[name] = (path, key)
-                with open(self.peers, 'a') as f:
-                    f.write('%s %s\n' % (name, auth.public_text(key)))
-            return self.hosts[name][0]
-
-    def agent_options(self, name):
-        """``[agent]`` options of the agent of host ``name``."""
-        return {'identity_key_file': self.add_host(name),
-                'trusted_hosts_file': self.peers,
-                'trusted_operators': '%s:%s' % (
-                    self.OPERATOR, auth.public_text(self.operator_key))}
-
-    def client_lines(self):
-        """The ``[agent]`` section of an operator tool's configuration."""
-        return ['[agent]', 'operator_key_file = %s' % self.operator_path,
-                'operator_name = %s' % self.OPERATOR,
-                'trusted_hosts_file = %s' % self.peers]
-
-    def credential(self):
-        return auth.Credential(auth.OPERATOR, self.OPERATOR,
-                               self.operator_key)
-
-    def trust(self):
-        return auth.Trust(keys.read_trusted_hosts_file(self.peers),
-                          {self.OPERATOR: auth.public_text(
-                              self.operator_key)})
-
-    def identity(self, name):
-        self.add_host(name)
-        return auth.Identity(name, self.hosts[name][1], self.trust())
-
-
-_KEYRINGS = {}
-_KEYRINGS_LOCK = threading.Lock()
-
-
-def keyring(exchange):
-    """The :class:`Keyring` of the deployment of ``exchange``."""
-    with _KEYRINGS_LOCK:
-        if exchange not in _KEYRINGS:
-            folder = tempfile.mkdtemp(prefix='xsm-keys-')
-            atexit.register(shutil.rmtree, folder, True)
-            _KEYRINGS[exchange] = Keyring(folder)
-        return _KEYRINGS[exchange]
-
-
-def client_conf(folder, exchange):
-    """An operator tool's configuration: ``exchange`` and its keys."""
-    path = os.path.join(folder, 'client-%s.conf' % exchange)
-    with open(path, 'w') as f:
-        f.write('\n'.join(['[DEFAULT]', 'control_exchange = %s' % exchange,
-                           ''] + keyring(exchange).client_lines()) + '\n')
-    conf = cfg.ConfigOpts()
-    conf(['--config-file', path], project='xsm-driver-test',
-         default_config_files=[], default_config_dirs=[])
-    return conf
-
-
-def queue_names(exchange, *hosts):
-    """The RabbitMQ queues of these hosts' agents."""
-    return [api.queue_name(exchange, h) for h in hosts]
-
-
-class AgentProcess:
-    """One ``xsm-agent`` process and its configuration.
-
-    :param name: the host name (its RPC server name).
-    :param folder: the host's folder (config, logs, state, SRs).
-    :param srs: ``{sr name: (driver, path)}``.
-    :param options: extra ``[agent]`` options.
-    :param exchange: the ``control_exchange`` of this test.
-    """
-
-    def __init__(self, name, folder, srs, exchange, options=None):
-        self.name = name
-        self.folder = folder
-        self.srs = dict(srs)
-        self.state_path = os.path.join(folder, 'state')
-        self.config = os.path.join(folder, 'xsm-driver.conf')
-        self.stdout = os.path.join(folder, 'agent.out')
-        self.stderr = os.path.join(folder, 'agent.err')
-        self.proc = None
-        self._log_start = 0
-        agent = {'host': name, 'state_path': self.state_path,
-                 'migration_address': '127.0.0.1',
-                 'copy_chunk_mb': 1,
-                 # no progress notifications: nobody consumes them here,
-                 # they would only pile up on the broker
-                 'progress_interval': 3600}
-        agent.update(keyring(exchange).agent_options(name))
-        agent.update(options or {})
-        lines = ['[DEFAULT]', 'transport_url = %s' % RABBIT_URL,
-                 'control_exchange = %s' % exchange,
-                 'rpc_response_timeout = 30', '', '[agent]']
-        lines += ['%s = %s' % kv for kv in sorted(agent.items())]
-        lines += ['', '[sr]']
-        lines += ['repositories = %s:%s:%s' % (sr, driver, path)
-                  for sr, (driver, path) in sorted(self.srs.items())]
-        os.makedirs(folder, exist_ok=True)
-        with open(self.config, 'w') as f:
-            f.write('\n'.join(lines) + '\n')
-
-    def sr_path(self, sr):
-        return self.srs[sr][1]
-
-    def start(self):
-        """Start the process; :meth:`wait_ready` waits for it to serve."""
-        assert self.proc is None or self.proc.poll() is not None
-        self._log_start = os.path.getsize(self.stderr) if os.path.exists(
-            self.stderr) else 0
-        self._out_start = os.path.getsize(self.stdout) if os.path.exists(
-            self.stdout) else 0
-        env = dict(os.environ)
-        env['PYTHONPATH'] = os.pathsep.join(
-            [base.REPO_TOP] + [p for p in [env.get('PYTHONPATH')] if p])
-        env['PYTHONUNBUFFERED'] = '1'
-        with open(self.stdout, 'ab') as out, open(self.stderr, 'ab') as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, '-m', 'xsm_driver.cmd.agent',
-                 '--config-file', self.config],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                cwd=base.REPO_TOP, env=env)
-        return self
-
-    def ready_problem(self, deadline):
-        """Wait for the ready line; None once ready, else why not."""
-        wanted = 'xsm-agent: host %s ready' % self.name
-        while True:
-            with open(self.stdout, errors='replace') as f:
-                f.seek(self._out_start)
-                if wanted in f.read():
-                    return None
-            rc = self.proc.poll()
-            if rc is not None:
-                return ('agent %s exited with status %s before it was '
-                        'ready; its stderr ends with:\n%s'
-                        % (self.name, rc, self.tail()))
-            if time.monotonic() > deadline:
-                return ('agent %s printed no ready line within %d s; its '
-                        'stderr ends with:\n%s'
-                        % (self.name, START_TIMEOUT, self.tail()))
-            time.sleep(0.05)
-
-    def stop(self, timeout=STOP_TIMEOUT):
-        """SIGTERM, then SIGKILL after ``timeout``; the exit status."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def kill(self):
-        """kill -9: no clean-up at all."""
-        self.proc.send_signal(signal.SIGKILL)
-        return self.proc.wait(STOP_TIMEOUT)
-
-    def tail(self, lines=40):
-        return _tail(self.stderr, lines)
-
-    def log(self):
-        """The agent's stderr since its last start."""
-        with open(self.stderr, errors='replace') as f:
-            f.seek(self._log_start)
-            return f.read()
-
-
-def _delete_from_broker(queues, exchange):
-    """Best effort: remove this test's queues and exchange."""
-    try:
-        import kombu
-        with kombu.Connection(_KOMBU_URL, connect_timeout=2) as conn:
-            for queue in queues:
-                try:
-                    with conn.channel() as channel:
-                        channel.queue_delete(queue)
-                except Exception:   # already gone, or no broker
-                    pass
-            try:
-                with conn.channel() as channel:
-                    channel.exchange_delete(exchange)
-            except Exception:
-                pass
-    except Exception:
-        pass
+    def __init__(self, name, folder, srs, exchange, options=None, **kwargs):
+        super().__init__(name, folder, srs, exchange,
+                         dict(TEST_OPTIONS, **(options or {})), **kwargs)
 
 
 class RabbitAgentsFixture(base.TestCase):
@@ -339,26 +108,25 @@ class RabbitAgentsFixture(base.TestCase):
             self.missing(problem)
         self.root = self.make_tempdir()
         self.token = uuidlib.uuid4().hex[:10]
-        self.exchange = 'xsm-test-%s' % self.token
-        self.agents = {}
+        names = harness.run_names('test', 'host', self.token)
+        self.exchange = names.exchange
+        agents = {}
         for role in ('a', 'b'):
-            name = 'host-%s-%s' % (role, self.token)
             folder = os.path.join(self.root, 'host-' + role)
-            self.agents[role] = AgentProcess(
-                name, folder, self.sr_layout(role, folder), self.exchange,
-                self.agent_options(role))
-        # clean-ups run last first: the broker is tidied, and the logs
-        # attached, after the agents have stopped
-        self.addCleanup(_delete_from_broker,
-                        queue_names(self.exchange,
-                                    *[a.name for a in self.agents.values()]),
-                        self.exchange)
+            agents[role] = AgentProcess(
+                names.hosts[role], folder, self.sr_layout(role, folder),
+                self.exchange, self.agent_options(role),
+                sections=self.agent_sections(role))
+        self.deployment = harness.Deployment(self.root, self.exchange,
+                                             agents)
+        self.agents = self.deployment.agents
+        # clean-ups run last first: the agents stop and the broker is
+        # tidied (close), then the logs are attached
         self.addCleanup(self._attach_logs)
-        for agent in self.agents.values():
-            self.addCleanup(agent.stop)
+        self.addCleanup(self.deployment.close)
         self.start_agents(*self.agents.values())
-        self.transport = api.get_transport(self.client_conf(), url=RABBIT_URL)
-        self.addCleanup(self.transport.cleanup)
+        self.deployment.connect()
+        self.transport = self.deployment.transport
         self.a = self.client('a')
         self.b = self.client('b')
 
@@ -373,6 +141,14 @@ class RabbitAgentsFixture(base.TestCase):
         """Extra ``[agent]`` options of host ``role``."""
         return {}
 
+    def agent_sections(self, role):
+        """More config sections of host ``role``'s agent (none here).
+
+        ``{section: {option: value}}``, ``[hypervisor]`` say; ``[agent]``
+        options come from ``agent_options``.
+        """
+        return {}
+
     # -- helpers -------------------------------------------------------------
 
     def client_conf(self):
@@ -385,13 +161,9 @@ class RabbitAgentsFixture(base.TestCase):
 
     def start_agents(self, *agents):
         """Start the agents together and wait until each serves."""
-        for agent in agents:
-            agent.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        for agent in agents:
-            problem = agent.ready_problem(deadline)
-            if problem:
-                self.fail(problem)
+        problem = harness.start_all(agents)
+        if problem:
+            self.fail(problem)
 
     def logs(self):
         return ''.join('\n--- stderr of %s (last lines) ---\n%s'
