@@ -25,10 +25,6 @@ in CI (``CI=true``) they fail.
 """
 
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid as uuidlib
 
@@ -37,70 +33,40 @@ from tests.functional.core.migration import fixtures
 from tests.functional.core.migration import test_rabbit
 from tests.functional.faults import hooked_agent
 from tests.functional.faults import netns
-from xsm_driver.core.rpc import api
+from xsm_driver.testing import harness
 
 MiB = fixtures.MiB
 
 
 class NamespacedAgent(fixtures.AgentProcess):
-    """An :class:`fixtures.AgentProcess` run with ``ip netns exec``.
+    """A :class:`fixtures.AgentProcess` run with ``ip netns exec``.
 
     :param hosts: the :class:`netns.TwoHosts`.
     :param role: ``a`` or ``b``: the namespace it runs in.
-    :param transport_url: the broker as seen from the namespace; written
-        to a second config file that overrides the first one's.
+    :param transport_url: the broker as seen from the namespace.
     :param hold_dir: when given, the agent is :mod:`hooked_agent` (with
         its test-only phase hook) talking to the test through this folder.
-    :param sections: more options of the second config file, by
-        section: ``{section: {option: value}}`` (``[hypervisor]``, or
+    :param sections: more options of the config file, by section:
+        ``{section: {option: value}}`` (``[hypervisor]``, or
         ``[DEFAULT]`` ``rpc_response_timeout``, say).
     """
 
-    #: the agent's module: the real command
-    MODULE = 'xsm_driver.cmd.agent'
-
     def __init__(self, name, folder, srs, exchange, hosts, role,
                  transport_url, options=None, hold_dir=None, sections=None):
-        super().__init__(name, folder, srs, exchange, options)
+        sections = dict(sections or {})
+        env, module = {}, harness.AGENT_MODULE
+        if hold_dir is not None:
+            module = hooked_agent.__name__
+            env[hooked_agent.ENV] = hold_dir
+        # ``ip netns exec`` execs the command: self.proc is the agent.
+        super().__init__(name, folder, srs, exchange, options,
+                         transport_url=transport_url,
+                         defaults=sections.pop('DEFAULT', None),
+                         sections=sections, module=module, env=env,
+                         wrap=lambda argv: hosts.argv(role, *argv))
         self.hosts = hosts
         self.role = role
         self.hold_dir = hold_dir
-        self.netns_config = os.path.join(folder, 'netns.conf')
-        sections = dict(sections or {})
-        default = dict(sections.pop('DEFAULT', {}),
-                       transport_url=transport_url)
-        with open(self.netns_config, 'w') as f:
-            for section, values in [('DEFAULT', default)] + sorted(
-                    sections.items()):
-                f.write('[%s]\n' % section)
-                f.writelines('%s = %s\n' % kv for kv in sorted(
-                    values.items()))
-                f.write('\n')
-
-    def start(self):
-        assert self.proc is None or self.proc.poll() is not None
-        self._log_start = os.path.getsize(self.stderr) if os.path.exists(
-            self.stderr) else 0
-        self._out_start = os.path.getsize(self.stdout) if os.path.exists(
-            self.stdout) else 0
-        env = dict(os.environ)
-        env['PYTHONPATH'] = os.pathsep.join(
-            [base.REPO_TOP] + [p for p in [env.get('PYTHONPATH')] if p])
-        env['PYTHONUNBUFFERED'] = '1'
-        module = self.MODULE
-        if self.hold_dir is not None:
-            module = hooked_agent.__name__
-            env[hooked_agent.ENV] = self.hold_dir
-        # ``ip netns exec`` execs the command: self.proc is the agent.
-        argv = self.hosts.argv(self.role, sys.executable, '-m',
-                               module, '--config-file',
-                               self.config, '--config-file',
-                               self.netns_config)
-        with open(self.stdout, 'ab') as out, open(self.stderr, 'ab') as err:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                cwd=base.REPO_TOP, env=env)
-        return self
 
 
 class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
@@ -130,7 +96,8 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
             self.missing(problem)
         self.root = self.make_tempdir()
         self.token = uuidlib.uuid4().hex[:10]
-        self.exchange = 'xsm-test-%s' % self.token
+        names = harness.run_names('test', 'host', self.token)
+        self.exchange = names.exchange
         self.net = netns.TwoHosts(self.token)
         # clean-ups run last first: agents stop, logs are attached, the
         # broker is tidied, the proxy stops, then the network goes
@@ -142,9 +109,8 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
         proxy = netns.BrokerProxy(self.net.control_net + '1',
                                   fixtures.BROKER).start()
         self.addCleanup(proxy.stop)
-        self.agents = {}
+        agents = {}
         for role in ('a', 'b'):
-            name = 'host-%s-%s' % (role, self.token)
             folder = os.path.join(self.root, 'host-' + role)
             options = {'migration_address': self.net.migration[role]}
             options.update(self.agent_options(role))
@@ -152,51 +118,35 @@ class NamespacedAgentsFixture(test_rabbit.RabbitMigrationTest):
             if self.HOLD_PHASES and role == 'a':
                 hold_dir = self.hold_dir = os.path.join(self.root, 'hold')
                 os.makedirs(hold_dir)
-            self.agents[role] = NamespacedAgent(
-                name, folder, self.sr_layout(role, folder), self.exchange,
-                self.net, role, proxy.url, options, hold_dir=hold_dir,
-                sections=self.agent_sections(role))
-        self.addCleanup(fixtures._delete_from_broker,
-                        fixtures.queue_names(
-                            self.exchange,
-                            *[a.name for a in self.agents.values()]),
-                        self.exchange)
+            agents[role] = NamespacedAgent(
+                names.hosts[role], folder, self.sr_layout(role, folder),
+                self.exchange, self.net, role, proxy.url, options,
+                hold_dir=hold_dir, sections=self.agent_sections(role))
+        # its transport's clean-up waits seconds for the reply listener:
+        # in the background, not in the test
+        self.deployment = harness.Deployment(
+            self.root, self.exchange, agents, background_cleanup=True)
+        self.agents = self.deployment.agents
         self.addCleanup(self._attach_logs)
-        self.addCleanup(self._stop_agents)
-        # before they stop, a held migration is let go
+        # the agents stop, the broker is tidied (close); before they
+        # stop, a held migration is let go
+        self.addCleanup(self.deployment.close)
         self.addCleanup(self.release)
         self.start_agents(*self.agents.values())
-        self.transport = api.get_transport(
-            self.client_conf(), url=fixtures.RABBIT_URL)
-        # its clean-up waits seconds for the reply listener: not the test
-        self.addCleanup(lambda: threading.Thread(
-            target=self.transport.cleanup, daemon=True,
-            name='xsm-test-transport-cleanup').start())
+        self.deployment.connect()
+        self.transport = self.deployment.transport
         self.a = self.client('a')
         self.b = self.client('b')
 
     def _stop_agents(self):
         """Stop the agents together (each takes seconds to stop)."""
-        running = [a for a in self.agents.values()
-                   if a.proc is not None and a.proc.poll() is None]
-        for agent in running:
-            agent.proc.send_signal(signal.SIGTERM)
-        for agent in running:
-            agent.stop()
+        harness.stop_all(self.agents.values())
 
     def _destroy_network(self):
         left = self.net.destroy()
         if left:
             self.fail('the test network was not fully removed: %s'
                       % ', '.join(left))
-
-    def agent_sections(self, role):
-        """More config sections of host ``role``'s agent (none here).
-
-        ``{section: {option: value}}``; ``[agent]`` options come from
-        ``agent_options``.
-        """
-        return {}
 
     # -- helpers -------------------------------------------------------------
 

@@ -75,19 +75,20 @@ class SwitchOverKillTest(fixtures.NamespacedAgentsFixture):
     def agent_options(self, role):
         return {'commit_timeout': COMMIT_TIMEOUT}
 
+    def agent_sections(self, role):
+        # both agents' calls to each other time out in RPC_TIMEOUT s
+        # (not the fixture's 30)
+        return {'DEFAULT': {'rpc_response_timeout': RPC_TIMEOUT}}
+
     def setUp(self):
         super().setUp()
-        # Host b's agent with the destination holds; both agents' calls
-        # to each other time out in RPC_TIMEOUT s (not the fixture's 30).
+        # Host b's agent with the destination holds.
         self.b_holds = os.path.join(self.root, 'b-holds')
         os.makedirs(self.b_holds)
         self.useFixture(test_fixtures.EnvironmentVariable(
             switch_over_agent.ENV, self.b_holds))
         self._stop_agents()
-        for agent in self.agents.values():
-            with open(agent.netns_config, 'a') as f:
-                f.write('rpc_response_timeout = %d\n' % RPC_TIMEOUT)
-        self.agents['b'].MODULE = switch_over_agent.__name__
+        self.agents['b'].module = switch_over_agent.__name__
         self.start_agents(*self.agents.values())
 
     def hold_b(self, point):
