@@ -12,13 +12,14 @@
 
 """Soak: a two-disk VM migrates back and forth under load, N times.
 
-Two real ``xsm-agent`` processes (``python -m xsm_driver.cmd.agent``, the
-:class:`AgentProcess` of the functional tests) on the real RabbitMQ, each
-with one vhd SR. A VM with two disks is created on host ``a``; its
-verifying guest (:mod:`xsm_driver.core.migration.workload`) fills part of
-each disk and then writes (and reads back, checking) ``--rate`` 4 KiB
-blocks a second. The VM then migrates ``--migrations`` times, a to b, b to
-a, ... while the guest runs. After every migration:
+Two real ``xsm-agent`` processes (``python -m xsm_driver.cmd.agent``,
+started by :mod:`xsm_driver.testing.harness` as the functional tests'
+agents, with their options) on the real RabbitMQ, each with one vhd SR.
+A VM with two disks is created on host ``a``; its verifying guest
+(:mod:`xsm_driver.core.migration.workload`) fills part of each disk and
+then writes (and reads back, checking) ``--rate`` 4 KiB blocks a second.
+The VM then migrates ``--migrations`` times, a to b, b to a, ... while
+the guest runs. After every migration:
 
 * the migration ended ``done``, with a downtime;
 * the VM runs on the destination, its disks in the destination's SR, each
@@ -184,17 +185,6 @@ def walk_files(top, folders=False):
     return found
 
 
-def add_defaults(config, options):
-    """Add ``options`` to the ``[DEFAULT]`` section of file ``config``."""
-    with open(config) as f:
-        text = f.read()
-    extra = ''.join('%s = %s\n' % kv for kv in sorted(options.items()))
-    if '[DEFAULT]\n' not in text:
-        raise ValueError('%s has no [DEFAULT] section' % config)
-    with open(config, 'w') as f:
-        f.write(text.replace('[DEFAULT]\n', '[DEFAULT]\n' + extra, 1))
-
-
 class SoakError(Exception):
     """An invariant did not hold."""
 
@@ -214,8 +204,8 @@ class Soak:
     def __init__(self, root, migrations=100, sizes=(64 * MiB, 96 * MiB),
                  rate=300, read_ratio=0.5, fill=0.5, timeout=300,
                  log=None, defaults=None):
-        from tests.functional.core.migration import fixtures
-        self.fixtures = fixtures
+        from xsm_driver.testing import harness
+        self.harness = harness
         self.root = root
         self.migrations = migrations
         self.sizes = tuple(sizes)
@@ -225,59 +215,40 @@ class Soak:
         self.timeout = timeout
         self.log = log or (lambda line: None)
         self.token = uuidlib.uuid4().hex[:10]
-        self.exchange = 'xsm-soak-%s' % self.token
-        self.agents = {}
+        names = harness.run_names('soak', 'soak', self.token)
+        self.exchange = names.exchange
+        agents = {}
         for role in ('a', 'b'):
             folder = os.path.join(root, 'host-' + role)
             sr = 'sr-' + role
-            self.agents[role] = fixtures.AgentProcess(
-                'soak-%s-%s' % (role, self.token), folder,
-                {sr: ('vhd', os.path.join(folder, sr))}, self.exchange)
-            if defaults:
-                add_defaults(self.agents[role].config, defaults)
-        self.transport = None
-        self.clients = {}
+            agents[role] = harness.AgentProcess(
+                names.hosts[role], folder,
+                {sr: ('vhd', os.path.join(folder, sr))}, self.exchange,
+                harness.TEST_OPTIONS, defaults=defaults)
+        self.deployment = harness.Deployment(root, self.exchange, agents,
+                                             rpc_timeout=120)
+        self.agents = self.deployment.agents
+        self.clients = self.deployment.clients
         self.records = []
         self.result = None
 
     # -- set-up and tear-down ------------------------------------------------
 
     def start(self):
-
-        from xsm_driver.core.rpc import api
-        problem = self.fixtures.broker_problem()
+        problem = self.harness.broker_problem()
         if problem:
             raise SoakError(problem)
-        for agent in self.agents.values():
-            agent.start()
-        deadline = time.monotonic() + self.fixtures.START_TIMEOUT
-        for agent in self.agents.values():
-            problem = agent.ready_problem(deadline)
-            if problem:
-                raise SoakError(problem)
-        # the exchange, and the operator key its agents trust
-        conf = self.fixtures.client_conf(self.root, self.exchange)
-        self.transport = api.get_transport(conf,
-                                           url=self.fixtures.RABBIT_URL)
-        for role, agent in self.agents.items():
-            self.clients[role] = api.AgentAPI(self.transport, agent.name,
-                                              timeout=120)
+        try:
+            self.deployment.start()
+        except self.harness.HarnessError as exc:
+            raise SoakError(str(exc))
         return self
 
     def stop(self):
-        for agent in self.agents.values():
-            agent.stop()
-        if self.transport is not None:
-            self.transport.cleanup()
-            self.transport = None
-        self.fixtures._delete_from_broker(
-            self.fixtures.queue_names(
-                self.exchange, *[a.name for a in self.agents.values()]),
-            self.exchange)
+        self.deployment.close()
 
     def tails(self):
-        return ''.join('\n--- stderr of %s (last lines) ---\n%s'
-                       % (a.name, a.tail()) for a in self.agents.values())
+        return self.deployment.tails()
 
     # -- the soak ------------------------------------------------------------
 

@@ -80,6 +80,10 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(
 #: broker)
 BASE_OPTIONS = {'migration_address': '127.0.0.1',
                 'progress_interval': 3600}
+#: ``[agent]`` options of the functional tests' agents (and of the soak
+#: and link benchmarks', which measure what those tests prove): 1 MiB
+#: copy chunks, so that small disks take several
+TEST_OPTIONS = {'copy_chunk_mb': 1}
 #: ``[DEFAULT]`` options of every agent process, unless overridden
 BASE_DEFAULTS = {'rpc_response_timeout': 30}
 #: sections whose options have a parameter of their own

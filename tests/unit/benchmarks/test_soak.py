@@ -154,15 +154,6 @@ class TestSummary(base.TestCase):
 
 class TestConfig(base.TestCase):
 
-    def test_add_defaults(self):
-        path = os.path.join(self.make_tempdir(), 'c.conf')
-        with open(path, 'w') as f:
-            f.write('[DEFAULT]\na = 1\n\n[agent]\nhost = x\n')
-        soak.add_defaults(path, {'executor_thread_pool_size': 8})
-        with open(path) as f:
-            self.assertEqual('[DEFAULT]\nexecutor_thread_pool_size = 8\n'
-                             'a = 1\n\n[agent]\nhost = x\n', f.read())
-
     def test_parse_size(self):
         self.assertEqual(16 << 20, soak.parse_size('16M'))
         self.assertRaises(soak.argparse.ArgumentTypeError, soak.parse_size,

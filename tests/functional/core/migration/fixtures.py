@@ -51,10 +51,7 @@ keyring = harness.keyring
 client_conf = harness.client_conf
 queue_names = harness.queue_names
 _delete_from_broker = harness.delete_from_broker
-
-#: ``[agent]`` options of the tests' agents over the harness's: 1 MiB
-#: copy chunks, so that the tests' small disks take several
-TEST_OPTIONS = {'copy_chunk_mb': 1}
+TEST_OPTIONS = harness.TEST_OPTIONS
 
 
 def records(vdis):
