@@ -111,8 +111,8 @@ for _p in (TOP, HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 import _common  # noqa: E402
-# the keys of a deployment its agents trust (the suite's own helpers)
-from tests.functional.core.migration import fixtures  # noqa: E402
+# the agents and hosts, as the functional tests start them
+from xsm_driver.testing import harness  # noqa: E402
 
 median = _common.median
 nearest_rank = _common.nearest_rank
@@ -125,8 +125,7 @@ GiB = 1 << 30
 BLOCK = 2 * MiB
 UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 FULL = {'dense': '4G', 'sparse': '64G', 'alloc': '1G', 'run': '64M'}
-RABBIT_URL = 'rabbit://guest:guest@127.0.0.1:5672/'
-KOMBU_URL = 'amqp://guest:guest@127.0.0.1:5672//'
+RABBIT_URL = harness.RABBIT_URL
 PHASES = ('preflight', 'prepare-receive', 'mirror', 'snapshot', 'copy',
           'compose', 'switch-over', 'clean-up', 'done')
 CASES = ('copy', 'multidisk', 'downtime', 'latency')
@@ -315,89 +314,14 @@ def code_version():
     return out
 
 
-def tail(path, lines=30):
-    try:
-        with open(path, errors='replace') as f:
-            return ''.join(f.readlines()[-lines:])
-    except OSError as exc:
-        return '(no log: %s)' % exc
-
-
-class AgentProcess:
-    """One ``python -m xsm_driver.cmd.agent --config-file F`` process."""
-
-    def __init__(self, name, folder, sr_name, exchange, rabbit_url):
-        self.name = name
-        self.folder = folder
-        self.sr_name = sr_name
-        self.sr_path = os.path.join(folder, sr_name)
-        self.config = os.path.join(folder, 'xsm-driver.conf')
-        self.stdout = os.path.join(folder, 'agent.out')
-        self.stderr = os.path.join(folder, 'agent.err')
-        self.proc = None
-        os.makedirs(folder, exist_ok=True)
-        # the keys of the deployment: its agents trust each other and
-        # the operator key of fixtures.client_conf
-        trust = sorted(fixtures.keyring(exchange).agent_options(name).items())
-        lines = (['[DEFAULT]', 'transport_url = %s' % rabbit_url,
-                  'control_exchange = %s' % exchange,
-                  'rpc_response_timeout = 120', '',
-                  '[agent]', 'host = %s' % name,
-                  'state_path = %s' % os.path.join(folder, 'state'),
-                  'migration_address = 127.0.0.1',
-                  # nobody consumes progress notifications here: none sent
-                  'progress_interval = 3600'] +
-                 ['%s = %s' % item for item in trust] +
-                 ['', '[sr]',
-                  'repositories = %s:vhd:%s' % (sr_name, self.sr_path)])
-        with open(self.config, 'w') as f:
-            f.write('\n'.join(lines) + '\n')
-        self.argv = [sys.executable, '-m', 'xsm_driver.cmd.agent',
-                     '--config-file', self.config]
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def start(self):
-        env = dict(os.environ, PYTHONUNBUFFERED='1')
-        env['PYTHONPATH'] = os.pathsep.join(
-            [TOP] + [p for p in [env.get('PYTHONPATH')] if p])
-        with open(self.stdout, 'ab') as out, open(self.stderr, 'ab') as err:
-            # a restarted agent appends to the same file: only what this
-            # run writes says that it is ready
-            self.stdout_from = out.tell()
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=err, cwd=TOP,
-                                         env=env)
-        return self
-
-    def wait_ready(self, deadline):
-        wanted = 'xsm-agent: host %s ready' % self.name
-        while True:
-            with open(self.stdout, 'rb') as f:
-                f.seek(self.stdout_from)
-                if wanted in f.read().decode('utf-8', 'replace'):
-                    return
-            if self.proc.poll() is not None:
-                raise RuntimeError('agent %s exited %s before it was ready:'
-                                   '\n%s' % (self.name, self.proc.returncode,
-                                             tail(self.stderr)))
-            if time.monotonic() > deadline:
-                raise RuntimeError('agent %s not ready after %d s:\n%s'
-                                   % (self.name, START_TIMEOUT,
-                                      tail(self.stderr)))
-            time.sleep(0.05)
-
-    def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+#: ``[agent]`` options of the benchmark's agents, over the harness's (the
+#: engine's own defaults: no ``copy_chunk_mb = 1`` of the tests)
+AGENT_OPTIONS = {}
+#: ``[DEFAULT]`` options of the benchmark's agents: a whole-disk check is
+#: one call
+AGENT_DEFAULTS = {'rpc_response_timeout': 120}
+#: seconds an agent may take to stop on SIGTERM
+STOP_TIMEOUT = 30
 
 
 class QemuNBD:
@@ -443,22 +367,6 @@ class QemuNBD:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def delete_from_broker(queues, exchange):
-    """Best effort: remove this run's queues and exchange."""
-    try:
-        import kombu
-        with kombu.Connection(KOMBU_URL, connect_timeout=2) as conn:
-            for queue in queues:
-                with contextlib.suppress(Exception):
-                    with conn.channel() as channel:
-                        channel.queue_delete(queue)
-            with contextlib.suppress(Exception):
-                with conn.channel() as channel:
-                    channel.exchange_delete(exchange)
-    except Exception:
-        pass
 
 
 # -- data ---------------------------------------------------------------------
@@ -545,7 +453,9 @@ class Bench:
         self.dir = args.workdir
         self.pki = os.path.join(self.dir, 'pki')
         self.token = uuidlib.uuid4().hex[:10]
-        self.exchange = 'xsm-bench-%s' % self.token
+        self.exchange = harness.run_names('bench', 'bench',
+                                          self.token).exchange
+        self.deployment = None
         self.agents = {}
         self.clients = {}
         self.transport = None
@@ -575,22 +485,24 @@ class Bench:
     # -- agents on RabbitMQ ----------------------------------------------
 
     def start_agents(self):
-        from xsm_driver.core.rpc import api
+        names = harness.run_names('bench', 'bench', self.token)
+        agents = {}
         for role in ('a', 'b'):
-            self.agents[role] = AgentProcess(
-                'bench-%s-%s' % (role, self.token), self.path('host-' + role),
-                'sr-' + role, self.exchange, self.args.rabbit)
-        for agent in self.agents.values():
-            agent.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        for agent in self.agents.values():
-            agent.wait_ready(deadline)
-        # the exchange, and the operator key its agents trust
-        conf = fixtures.client_conf(self.dir, self.exchange)
-        self.transport = api.get_transport(conf, url=self.args.rabbit)
-        for role, agent in self.agents.items():
-            self.clients[role] = api.AgentAPI(self.transport, agent.name,
-                                              timeout=300)
+            folder = self.path('host-' + role)
+            sr = 'sr-' + role
+            agents[role] = harness.AgentProcess(
+                names.hosts[role], folder,
+                {sr: ('vhd', os.path.join(folder, sr))}, self.exchange,
+                AGENT_OPTIONS, transport_url=self.args.rabbit,
+                defaults=AGENT_DEFAULTS)
+        self.deployment = harness.Deployment(
+            self.dir, self.exchange, agents, rpc_timeout=300,
+            transport_url=self.args.rabbit, start_timeout=START_TIMEOUT,
+            stop_timeout=STOP_TIMEOUT)
+        self.agents = self.deployment.agents
+        self.clients = self.deployment.clients
+        self.deployment.start()
+        self.transport = self.deployment.transport
         self.log('agents %s (pid %d) and %s (pid %d) ready on %s, exchange '
                  '%s' % (self.agents['a'].name, self.agents['a'].pid,
                          self.agents['b'].name, self.agents['b'].pid,
@@ -604,30 +516,18 @@ class Bench:
         """
         if not self.args.restart_agents:
             return
-        for agent in self.agents.values():
-            agent.stop()
-        for agent in self.agents.values():
-            agent.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        for agent in self.agents.values():
-            agent.wait_ready(deadline)
+        self.deployment.restart()
         self.log('agents restarted (%s): pids %d, %d'
                  % (why, self.agents['a'].pid, self.agents['b'].pid))
 
     def stop_agents(self):
-        for agent in self.agents.values():
-            agent.stop()
-        if self.transport is not None:
-            with contextlib.suppress(Exception):
-                self.transport.cleanup()
-        if self.agents:
-            delete_from_broker(fixtures.queue_names(
-                self.exchange, *[a.name for a in self.agents.values()]) +
-                self.extra_queues, self.exchange)
+        if self.deployment is not None:
+            self.deployment.extra_queues = self.extra_queues
+            self.deployment.close()
 
     def agent_logs(self):
         return ''.join('\n--- %s stderr (tail) ---\n%s'
-                       % (a.name, tail(a.stderr))
+                       % (a.name, a.tail(30))
                        for a in self.agents.values())
 
     @staticmethod
@@ -718,7 +618,8 @@ class Bench:
     def vm_disk_path(self, role, vm, index=0):
         info = self.clients[role].vm_get(vm)
         vdi = info['disks'][index]['vdi']
-        return os.path.join(self.agents[role].sr_path, vdi + '.vhd')
+        return os.path.join(self.agents[role].sr_path('sr-' + role),
+                            vdi + '.vhd')
 
     # -- case 1: copy throughput ---------------------------------------
 
@@ -853,7 +754,8 @@ class Bench:
         SRs are in the same scratch folder, on one file system), as many
         bytes as the dense disk; the file is removed after.
         """
-        path = os.path.join(self.agents['b'].sr_path, 'fio-ceiling.dat')
+        path = os.path.join(self.agents['b'].sr_path('sr-b'),
+                            'fio-ceiling.dat')
         size = self.args.dense
         self.check_space(size + GiB, 'before fio')
         argv = fio_argv(path, size)
@@ -989,7 +891,7 @@ class Bench:
 
     def sr_physical(self, role):
         total = 0
-        path = self.agents[role].sr_path
+        path = self.agents[role].sr_path('sr-' + role)
         for entry in os.scandir(path):
             if entry.is_file():
                 total += entry.stat().st_blocks * 512
@@ -1192,15 +1094,12 @@ class Bench:
 
     @staticmethod
     def inprocess_agent(transport, name, role, root, identity=None):
-        from xsm_driver.core.migration import host as host_mod
-        from xsm_driver.core.migration import manager as manager_mod
-        from xsm_driver.core.rpc import agent as agent_mod
-        host = host_mod.Host.from_config(
-            name, ['sr-%s:vhd:%s' % (role, os.path.join(root, name,
-                                                        'sr-' + role))],
-            os.path.join(root, name, 'state'))
-        return agent_mod.Agent(transport, host, manager_mod.Options(),
-                               identity=identity).start()
+        """Host ``name`` (SR ``sr-<role>``) and its agent, started."""
+        sr = 'sr-' + role
+        hosts = harness.LocalHosts(
+            root, {name: {sr: ('vhd', os.path.join(root, name, sr))}},
+            transport, identity=identity and (lambda _name: identity))
+        return hosts.start().agents[name]
 
     def inprocess_migrate(self, agents, clients, names, role, vm,
                           hook=None, options=None, while_copying=None):
@@ -1339,8 +1238,8 @@ class Bench:
             name = 'bench-l-%s' % self.token
             agents = {'a': self.inprocess_agent(
                 self.transport, name, 'a', root,
-                fixtures.keyring(self.exchange).identity(name))}
-            self.extra_queues += fixtures.queue_names(self.exchange, name)
+                harness.keyring(self.exchange).identity(name))}
+            self.extra_queues += harness.queue_names(self.exchange, name)
             clients = {'a': api.AgentAPI(self.transport, name, timeout=300),
                        'b': self.clients['b']}
             names = {'a': name, 'b': self.agents['b'].name}
@@ -1517,7 +1416,7 @@ class Bench:
         cases = self.args.cases
         if self.args.rabbit_needed:
             self.start_agents()
-            self.agent_argv = self.agents['a'].argv
+            self.agent_argv = self.agents['a'].argv()
             base = self.hwm()
             self.memory.append({'group': 'agents just started',
                                 'peak_kib': base, 'rss_kib': {

@@ -90,7 +90,7 @@ BASE_DEFAULTS = {'rpc_response_timeout': 30}
 _OWN_SECTIONS = ('DEFAULT', 'agent', 'sr')
 
 
-class HarnessError(Exception):
+class HarnessError(RuntimeError):
     """An agent could not be started, or the harness was misused."""
 
 
@@ -388,6 +388,7 @@ class AgentProcess:
             [TOP] + [p for p in [env.get('PYTHONPATH')] if p])
         env['PYTHONUNBUFFERED'] = '1'
         env.update(self.env)
+        self._started = time.monotonic()
         with open(self.stdout, 'ab') as out, open(self.stderr, 'ab') as err:
             self.proc = subprocess.Popen(
                 self.argv(), stdin=subprocess.DEVNULL, stdout=out,
@@ -408,9 +409,10 @@ class AgentProcess:
                         'ready; its stderr ends with:\n%s'
                         % (self.name, rc, self.tail()))
             if time.monotonic() > deadline:
-                return ('agent %s printed no ready line within %d s; its '
-                        'stderr ends with:\n%s'
-                        % (self.name, START_TIMEOUT, self.tail()))
+                return ('agent %s printed no ready line within %.0f s of '
+                        'its start; its stderr ends with:\n%s'
+                        % (self.name, time.monotonic() - self._started,
+                           self.tail()))
             time.sleep(0.05)
 
     def terminate(self):
@@ -475,6 +477,8 @@ class Deployment:
     :param transport_url: the broker, as this process sees it.
     :param background_cleanup: the transport's clean-up waits seconds for
         its reply listener: run it in a daemon thread instead.
+    :param start_timeout: seconds the agents may take to serve.
+    :param stop_timeout: seconds each may take to stop on SIGTERM.
 
     ``clients[role]`` are :class:`~xsm_driver.core.rpc.api.AgentAPI`
     once :meth:`start` returned. :meth:`close` stops every agent, the
@@ -483,7 +487,8 @@ class Deployment:
     """
 
     def __init__(self, root, exchange, agents, rpc_timeout=30,
-                 transport_url=RABBIT_URL, background_cleanup=False):
+                 transport_url=RABBIT_URL, background_cleanup=False,
+                 start_timeout=START_TIMEOUT, stop_timeout=STOP_TIMEOUT):
         for role, agent in agents.items():
             if agent.exchange != exchange:
                 raise HarnessError('agent %s (%s) is on exchange %s, not %s'
@@ -495,13 +500,15 @@ class Deployment:
         self.rpc_timeout = rpc_timeout
         self.transport_url = transport_url
         self.background_cleanup = background_cleanup
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
         self.transport = None
         self.clients = {}
         self.extra_queues = []
 
     def start(self):
         """Start the agents and connect; HarnessError when one fails."""
-        problem = start_all(self.agents.values())
+        problem = start_all(self.agents.values(), self.start_timeout)
         if problem:
             raise HarnessError(problem)
         self.connect()
@@ -523,8 +530,8 @@ class Deployment:
 
         A VM that was running comes back halted (see host.py).
         """
-        stop_all(self.agents.values())
-        problem = start_all(self.agents.values())
+        stop_all(self.agents.values(), self.stop_timeout)
+        problem = start_all(self.agents.values(), self.start_timeout)
         if problem:
             raise HarnessError(problem)
 
@@ -544,7 +551,7 @@ class Deployment:
                     transport.cleanup()
                 except Exception as exc:
                     LOG.warning('transport clean-up: %s', exc)
-        stop_all(self.agents.values())
+        stop_all(self.agents.values(), self.stop_timeout)
         delete_from_broker(
             queue_names(self.exchange,
                         *[a.name for a in self.agents.values()]) +
