@@ -46,13 +46,11 @@ from oslo_config import cfg
 from xsm_driver.cmd import common
 from xsm_driver.cmd import progress
 from xsm_driver.conf import hypervisor as hv_conf
-from xsm_driver.core.migration import host as host_mod
-from xsm_driver.core.migration import manager as manager_mod
-from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
 from xsm_driver.core.vhd import check as vhd_check
 from xsm_driver.hypervisor import qemu
 from xsm_driver.hypervisor import verifier
+from xsm_driver.testing import harness
 
 HOSTS = ('host-a', 'host-b')
 GUESTS = ('qemu', 'model')
@@ -203,11 +201,11 @@ def check_workdir(workdir, given):
                 '' if given else ' (set TMPDIR or pass --workdir)'))
 
 
-def _host(workdir, name, conf):
-    sr_name = 'sr-' + name[-1]
-    return host_mod.Host.from_config(
-        name, ['%s:vhd:%s' % (sr_name, os.path.join(workdir, name, sr_name))],
-        os.path.join(workdir, name, 'state'), conf)
+def _layout(workdir):
+    """``{host: {sr: (driver, path)}}``: host-a's SR sr-a, host-b's sr-b."""
+    return {name: {'sr-' + name[-1]: (
+        'vhd', os.path.join(workdir, name, 'sr-' + name[-1]))}
+        for name in HOSTS}
 
 
 def run(args):
@@ -228,23 +226,18 @@ def run(args):
         workdir = os.path.abspath(args.workdir)
     else:
         workdir = tempfile.mkdtemp(prefix='xsm-demo-')
-    hosts, agents = {}, []
+    # the hosts and agents of the tests and benchmarks, in this process
+    # on fake://
+    local = harness.LocalHosts(workdir, _layout(workdir), conf=conf)
     try:
         if conf is not None:
             check_workdir(workdir, bool(args.workdir))
         os.makedirs(workdir, exist_ok=True)
-        transport = api.get_transport(cfg.ConfigOpts(), url='fake://')
-        for name in HOSTS:
-            hosts[name] = _host(workdir, name, conf)
-            agents.append(agent_mod.Agent(
-                transport, hosts[name], manager_mod.Options()).start())
-        return _demo(args, transport, workdir, hosts)
+        local.start()
+        return _demo(args, local.transport, workdir, local.hosts)
     finally:
-        _kill_guests(hosts.values())
-        for agent in agents:
-            agent.stop()
-        for host in hosts.values():
-            host.close()                # (again: nothing) or without agent
+        _kill_guests(local.hosts.values())
+        local.close()
         for pid in qemu.processes_naming(workdir):     # nothing may outlive us
             qemu.kill(pid)
         if not args.workdir:
