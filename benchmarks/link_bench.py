@@ -44,7 +44,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid as uuidlib
 
@@ -56,6 +55,7 @@ for _p in (TOP, HERE):
 
 import _common  # noqa: E402
 from migration_bench import write_runs  # noqa: E402
+from xsm_driver.testing import harness  # noqa: E402
 
 MiB = _common.MiB
 BLOCK = 2 * MiB
@@ -91,46 +91,47 @@ class Bench:
         self.root = root
         self.log = log
         self.token = uuidlib.uuid4().hex[:10]
-        self.exchange = 'xsm-linkbench-%s' % self.token
+        self.exchange = harness.run_names('linkbench', 'link',
+                                          self.token).exchange
         self.hosts = None
         self.proxy = None
         self.agents = {}
-        self.transport = None
+        self.deployment = None
         self.procs = []
         self.logfile = open(os.path.join(root, 'tools.log'), 'ab')
 
     def setup(self):
-        from tests.functional.core.migration import fixtures
-        from tests.functional.faults import fixtures as ffix
         from xsm_driver.core.nbd import tls
-        from xsm_driver.core.rpc import api
         netns = self.netns
-        problem = fixtures.broker_problem() or netns.problem()
+        problem = harness.broker_problem() or netns.problem()
         if problem:
             raise BenchError(problem)
-        self.fixtures = fixtures
         self.hosts = netns.TwoHosts(self.token).create()
         self.proxy = netns.BrokerProxy(self.hosts.control_net + '1',
-                                       fixtures.BROKER).start()
+                                       harness.BROKER).start()
+        names = harness.run_names('linkbench', 'link', self.token)
+        agents = {}
         for role in 'ab':
             folder = os.path.join(self.root, 'host-' + role)
             sr = 'sr-' + role
-            self.agents[role] = ffix.NamespacedAgent(
-                'link-%s-%s' % (role, self.token), folder,
+            # the fault tests' namespaced agents: their options, their
+            # broker proxy, ip netns exec
+            agents[role] = harness.AgentProcess(
+                names.hosts[role], folder,
                 {sr: ('vhd', os.path.join(folder, sr))}, self.exchange,
-                self.hosts, role, self.proxy.url,
-                {'migration_address': self.hosts.migration[role]})
-            self.agents[role].start()
-        deadline = time.monotonic() + fixtures.START_TIMEOUT
-        for agent in self.agents.values():
-            problem = agent.ready_problem(deadline)
-            if problem:
-                raise BenchError(problem)
-        # the exchange, and the operator key its agents trust
-        conf = fixtures.client_conf(self.root, self.exchange)
-        self.transport = api.get_transport(conf, url=fixtures.RABBIT_URL)
-        self.clients = {r: api.AgentAPI(self.transport, a.name, timeout=300)
-                        for r, a in self.agents.items()}
+                dict(harness.TEST_OPTIONS,
+                     migration_address=self.hosts.migration[role]),
+                transport_url=self.proxy.url,
+                wrap=self.hosts.wrapper(role))
+        self.deployment = harness.Deployment(
+            self.root, self.exchange, agents, rpc_timeout=300,
+            background_cleanup=True)
+        self.agents = self.deployment.agents
+        try:
+            self.deployment.start()
+        except harness.HarnessError as exc:
+            raise BenchError(str(exc))
+        self.clients = self.deployment.clients
         self.pki = os.path.join(self.root, 'pki')
         tls.make_credentials(self.pki, hosts=(
             'localhost', '127.0.0.1', self.hosts.migration['a'],
@@ -276,16 +277,8 @@ class Bench:
     def cleanup(self):
         for proc in list(self.procs):
             self.stop_proc(proc)
-        for agent in self.agents.values():
-            agent.stop()
-        if self.transport is not None:
-            threading.Thread(target=self.transport.cleanup,
-                             daemon=True).start()
-        if self.agents:
-            self.fixtures._delete_from_broker(
-                self.fixtures.queue_names(
-                    self.exchange, *[g.name for g in self.agents.values()]),
-                self.exchange)
+        if self.deployment is not None:
+            self.deployment.close()
         if self.proxy is not None:
             self.proxy.stop()
         if self.hosts is not None:

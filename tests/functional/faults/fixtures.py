@@ -58,12 +58,11 @@ class NamespacedAgent(fixtures.AgentProcess):
         if hold_dir is not None:
             module = hooked_agent.__name__
             env[hooked_agent.ENV] = hold_dir
-        # ``ip netns exec`` execs the command: self.proc is the agent.
         super().__init__(name, folder, srs, exchange, options,
                          transport_url=transport_url,
                          defaults=sections.pop('DEFAULT', None),
                          sections=sections, module=module, env=env,
-                         wrap=lambda argv: hosts.argv(role, *argv))
+                         wrap=hosts.wrapper(role))
         self.hosts = hosts
         self.role = role
         self.hold_dir = hold_dir

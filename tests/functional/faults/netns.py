@@ -193,6 +193,14 @@ class TwoHosts:
         """``argv`` run in host ``role``'s namespace."""
         return ['ip', 'netns', 'exec', self.ns[role]] + list(argv)
 
+    def wrapper(self, role):
+        """``wrap(argv)`` -> ``argv`` run in host ``role``'s namespace.
+
+        (An agent's ``wrap``: ``ip netns exec`` execs the command, so that
+        the child is the agent.)
+        """
+        return lambda argv: self.argv(role, *argv)
+
     def ip(self, role, *args, check=True):
         return run(['ip', '-n', self.ns[role]] + list(args), check=check)
 
