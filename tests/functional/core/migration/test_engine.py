@@ -25,16 +25,13 @@ import threading
 import time
 
 import fixtures
-from oslo_config import cfg
 
 from tests import base
 from xsm_driver.core.migration import errors
-from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.migration import source as source_mod
-from xsm_driver.core.rpc import agent as agent_mod
-from xsm_driver.core.rpc import api
 from xsm_driver.core.vhd import check as vhd_check
+from xsm_driver.testing import harness
 
 MiB = 1 << 20
 
@@ -49,26 +46,24 @@ class EngineFixture(base.TestCase):
 
     check_leaks = True
 
-    SRS = {'host-a': ['sr-a:vhd', 'raw-a:raw'],
-           'host-b': ['sr-b:vhd', 'raw-b:raw']}
+    #: ``{host: {sr: driver}}``; SR ``S`` of host ``H`` is ``<root>/H/S``
+    SRS = {'host-a': {'sr-a': 'vhd', 'raw-a': 'raw'},
+           'host-b': {'sr-b': 'vhd', 'raw-b': 'raw'}}
 
     def setUp(self):
         super().setUp()
         root = self.make_tempdir()
-        self.transport = api.get_transport(cfg.ConfigOpts(), url='fake://')
-        self.hosts, self.agents = {}, {}
-        for name, srs in self.SRS.items():
-            specs = ['%s:%s' % (s, os.path.join(root, name, s.split(':')[0]))
-                     for s in srs]
-            self.hosts[name] = host_mod.Host.from_config(
-                name, specs, os.path.join(root, name, 'state'))
-            agent = agent_mod.Agent(self.transport, self.hosts[name],
-                                    self.options(name),
-                                    rpc_timeout=20).start()
-            self.addCleanup(agent.stop)
-            self.agents[name] = agent
-        self.a = api.AgentAPI(self.transport, 'host-a', timeout=30)
-        self.b = api.AgentAPI(self.transport, 'host-b', timeout=30)
+        layout = {name: {sr: (driver, os.path.join(root, name, sr))
+                         for sr, driver in srs.items()}
+                  for name, srs in self.SRS.items()}
+        local = harness.LocalHosts(root, layout, options=self.options,
+                                   rpc_timeout=20)
+        self.addCleanup(local.close)
+        local.start()
+        self.transport = local.transport
+        self.hosts, self.agents = local.hosts, local.agents
+        self.a = local.client('host-a', timeout=30)
+        self.b = local.client('host-b', timeout=30)
 
     def options(self, name):
         return manager_mod.Options(chunk=1 * MiB)
