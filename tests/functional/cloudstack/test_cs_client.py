@@ -27,7 +27,6 @@ import threading
 import time
 
 import cs
-from oslo_config import cfg
 import requests
 
 from tests import base
@@ -40,12 +39,12 @@ from xsm_driver.cloudstack import resource as resource_mod
 from xsm_driver.cloudstack import wsgi
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
-from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
 from xsm_driver.core import sr as sr_mod
 from xsm_driver import hypervisor
 from xsm_driver.hypervisor import qemu
 from xsm_driver.hypervisor import verifier
+from xsm_driver.testing import harness
 
 MiB = 1 << 20
 KEY = 'xsm-test-api-key'
@@ -82,20 +81,20 @@ class CloudStackFixture(base.TestCase):
     def setUp(self):
         super().setUp()
         self.root = self.make_tempdir()
-        self.transport = api.get_transport(cfg.ConfigOpts(), url='fake://')
-        self.hosts, self.agents, self.clients = {}, {}, {}
-        for name, srs in self.sr_layout(self.root).items():
-            specs = ['%s:vhd:%s' % (sr, path) for sr, path in srs.items()]
-            self.hosts[name] = self.make_host(
-                name, specs, os.path.join(self.root, name, 'state'))
-            agent = agent_mod.Agent(
-                self.transport, self.hosts[name],
-                manager_mod.Options(chunk=1 * MiB, leaf_headroom=1 * MiB),
-                rpc_timeout=20).start()
-            self.addCleanup(agent.stop)
-            self.agents[name] = agent
-            self.clients[name] = api.AgentAPI(self.transport, name,
-                                              timeout=30)
+        layout = {name: {sr: ('vhd', path) for sr, path in srs.items()}
+                  for name, srs in self.sr_layout(self.root).items()}
+        local = harness.LocalHosts(
+            self.root, layout,
+            options=lambda name: manager_mod.Options(
+                chunk=1 * MiB, leaf_headroom=1 * MiB),
+            rpc_timeout=20,
+            make_host=lambda name, specs, state, conf: self.make_host(
+                name, specs, state))
+        self.addCleanup(local.close)
+        local.start()
+        self.transport = local.transport
+        self.hosts, self.agents = local.hosts, local.agents
+        self.clients = {name: local.client(name) for name in layout}
         self.a, self.b = self.clients['host-a'], self.clients['host-b']
         names = sorted(self.clients)
 
