@@ -22,7 +22,7 @@ import uuid as uuidlib
 
 from tests.functional.core.migration import fixtures as mfix
 from tests.unit.xenapi import fixtures as xfix
-from xsm_driver.core.rpc import api
+from xsm_driver.testing import harness
 
 
 class TestAgentProcess(xfix.PoolsTestCase):
@@ -34,26 +34,20 @@ class TestAgentProcess(xfix.PoolsTestCase):
             self.missing(problem)
         self.exchange = 'xsm-test-%s' % uuidlib.uuid4().hex[:10]
         folder = self.make_tempdir()
-        self.agent = mfix.AgentProcess('pool-a', folder, {}, self.exchange,
-                                       {'engine': 'xenapi'})
-        with open(self.agent.config, 'a') as f:
-            f.write('\n[xenapi]\nurl = %s\npassword = secret\n'
-                    'destination_pools = pool-b,%s\npoll_interval = 0.05\n'
-                    % (self.server_a.url, self.server_b.url))
-        # clean-ups run last first: the broker is tidied after the agent
-        self.addCleanup(mfix._delete_from_broker,
-                        mfix.queue_names(self.exchange, 'pool-a'),
-                        self.exchange)
-        self.addCleanup(self.agent.stop)
-        self.agent.start()
-        problem = self.agent.ready_problem(time.monotonic() +
-                                           mfix.START_TIMEOUT)
+        self.agent = mfix.AgentProcess(
+            'pool-a', folder, {}, self.exchange, {'engine': 'xenapi'},
+            sections={'xenapi': {
+                'url': self.server_a.url, 'password': 'secret',
+                'destination_pools': 'pool-b,%s' % self.server_b.url,
+                'poll_interval': 0.05}})
+        deployment = harness.Deployment(folder, self.exchange,
+                                        {'a': self.agent})
+        # clean-up: the agent stops, the broker is tidied
+        self.addCleanup(deployment.close)
+        problem = harness.start_all([self.agent])
         if problem:
             self.fail(problem)
-        conf = mfix.client_conf(folder, self.exchange)
-        self.transport = api.get_transport(conf, url=mfix.RABBIT_URL)
-        self.addCleanup(self.transport.cleanup)
-        self.client = api.AgentAPI(self.transport, 'pool-a', timeout=30)
+        self.client = deployment.connect()['a']
 
     def test_migrate_through_the_agent_process(self):
         [vm] = self.client.vm_list()
@@ -84,11 +78,8 @@ class TestAgentStartErrors(xfix.PoolsTestCase):
     def start(self, xenapi):
         folder = self.make_tempdir()
         agent = mfix.AgentProcess('pool-a', folder, {}, 'xsm-unused',
-                                  {'engine': 'xenapi'})
-        with open(agent.config, 'a') as f:
-            f.write('\n[xenapi]\n')
-            for key, value in xenapi.items():
-                f.write('%s = %s\n' % (key, value))
+                                  {'engine': 'xenapi'},
+                                  sections={'xenapi': xenapi})
         self.addCleanup(agent.stop)
         agent.start()
         rc = agent.proc.wait(30)
