@@ -37,6 +37,7 @@ from tests.functional.core.migration import test_rabbit
 from xsm_driver.core import exception
 from xsm_driver.core.rpc import api
 from xsm_driver.core.rpc import auth
+from xsm_driver.testing import harness
 
 MiB = fixtures.MiB
 MID = '00000000-0000-4000-8000-000000000000'
@@ -451,28 +452,21 @@ class TestQueuesPerExchange(base.TestCase):
         root = self.make_tempdir()
         token = uuidlib.uuid4().hex[:10]
         name = 'host-same-%s' % token
-        agents, clients = {}, {}
+        agents, deployments = {}, {}
         for side in ('one', 'two'):
             exchange = 'xsm-test-%s-%s' % (side, token)
             folder = os.path.join(root, side)
             agents[side] = fixtures.AgentProcess(
                 name, folder, {'sr-%s' % side: (
                     'vhd', os.path.join(folder, 'sr'))}, exchange)
-            self.addCleanup(fixtures._delete_from_broker,
-                            fixtures.queue_names(exchange, name), exchange)
-            self.addCleanup(agents[side].stop)
-            agents[side].start()
-        deadline = time.monotonic() + fixtures.START_TIMEOUT
-        for agent in agents.values():
-            problem = agent.ready_problem(deadline)
-            if problem:
-                self.fail(problem)
-        for side in agents:
-            exchange = 'xsm-test-%s-%s' % (side, token)
-            transport = api.get_transport(
-                fixtures.client_conf(root, exchange), url=fixtures.RABBIT_URL)
-            self.addCleanup(transport.cleanup)
-            clients[side] = api.AgentAPI(transport, name, timeout=15)
+            deployments[side] = harness.Deployment(
+                root, exchange, {side: agents[side]}, rpc_timeout=15)
+            self.addCleanup(deployments[side].close)
+        # both agents serve at once, each on its own exchange
+        problem = harness.start_all(agents.values())
+        if problem:
+            self.fail(problem)
+        clients = {side: d.connect()[side] for side, d in deployments.items()}
         answers = {'one': set(), 'two': set()}
         errors = []
 
