@@ -30,21 +30,19 @@ import os
 import time
 
 import fixtures
-from oslo_config import cfg
 from testtools import content
 
 from tests.functional.hypervisor import test_qemu_guest as guest_tests
 from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
-from xsm_driver.core.rpc import agent as agent_mod
-from xsm_driver.core.rpc import api
 from xsm_driver.core.rpc import arguments
 from xsm_driver.core import sr as sr_mod
 from xsm_driver import hypervisor
 from xsm_driver.hypervisor import base as hv_base
 from xsm_driver.hypervisor import qemu
 from xsm_driver.hypervisor import verifier
+from xsm_driver.testing import harness
 
 MiB = 1 << 20
 DISK_MIB = 16
@@ -176,17 +174,21 @@ class TwoHostsCase(QemuHostCase):
 
     def setUp(self):
         super().setUp()
-        self.transport = api.get_transport(cfg.ConfigOpts(), url='fake://')
-        self.hosts = {}
-        for name in ('host-a', 'host-b'):
-            host = self.make_host(name)
-            agent = agent_mod.Agent(
-                self.transport, host,
-                manager_mod.Options(chunk=1 * MiB), rpc_timeout=30).start()
-            self.addCleanup(agent.stop)
-            self.hosts[name] = host
-        self.a = api.AgentAPI(self.transport, 'host-a', timeout=60)
-        self.b = api.AgentAPI(self.transport, 'host-b', timeout=60)
+        # make_host builds each host (its SR, its QEMU driver) and
+        # registers its clean-ups; the agents stop before them
+        local = harness.LocalHosts(
+            self.tmp, {'host-a': {}, 'host-b': {}},
+            options=lambda name: manager_mod.Options(chunk=1 * MiB),
+            rpc_timeout=30,
+            make_host=lambda name, specs, state, conf: self.make_host(name))
+        try:
+            local.start()
+        finally:
+            self.addCleanup(local.close)
+        self.transport = local.transport
+        self.hosts = local.hosts
+        self.a = local.client('host-a', timeout=60)
+        self.b = local.client('host-b', timeout=60)
 
     def boot(self, disks=2):
         host = self.hosts['host-a']
