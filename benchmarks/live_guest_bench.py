@@ -395,36 +395,44 @@ class Ours:
         self.n = n
         self.root = bench.path('o%d' % n)
         self.hosts = {}
-        self.agents = []
+        self.local = None
 
-    def make_host(self, name):
+    def make_host(self, name, specs, state_path, conf=None):
+        """Host ``name``: its SR, and QEMU guests (TCG) under ``g``."""
         from xsm_driver.core.migration import host as host_mod
-        from xsm_driver.core.migration import manager as manager_mod
-        from xsm_driver.core.rpc import agent as agent_mod
         from xsm_driver.core import sr as sr_mod
         from xsm_driver import hypervisor
         a = self.b.args
-        root = os.path.join(self.root, name)
-        srs = {'sr': sr_mod.load_driver('vhd', 'sr',
-                                        os.path.join(root, 'sr'))}
-        drv = hypervisor.load('qemu', os.path.join(root, 'g'), accel='tcg',
-                              guest_kit=a.guest_kit,
+        srs = {}
+        for spec in specs:
+            sr, driver, path = host_mod.parse_sr_spec(spec)
+            srs[sr] = sr_mod.load_driver(driver, sr, path)
+        drv = hypervisor.load('qemu', os.path.join(self.root, name, 'g'),
+                              accel='tcg', guest_kit=a.guest_kit,
                               memory_mib=a.memory, shutdown_timeout=15)
-        host = host_mod.Host(name, srs, os.path.join(root, 'state'), drv)
-        self.hosts[name] = host
-        agent = agent_mod.Agent(self.b.transport, host,
-                                manager_mod.Options(
-                                    memory_bandwidth=a.memory_bandwidth),
-                                rpc_timeout=60).start()
-        self.agents.append(agent)
-        return host
+        return host_mod.Host(name, srs, state_path, drv)
+
+    def make_hosts(self, *names):
+        """The hosts and their agents on the bench's ``fake://``."""
+        from xsm_driver.core.migration import manager as manager_mod
+        from xsm_driver.testing import harness
+        a = self.b.args
+        self.local = harness.LocalHosts(
+            self.root, {name: {'sr': ('vhd', os.path.join(
+                self.root, name, 'sr'))} for name in names},
+            self.b.transport,
+            options=lambda name: manager_mod.Options(
+                memory_bandwidth=a.memory_bandwidth),
+            rpc_timeout=60, make_host=self.make_host)
+        self.hosts = self.local.hosts
+        self.local.start()
+        return [self.hosts[name] for name in names]
 
     def run(self):
         from xsm_driver.core.rpc import api
         a = self.b.args
         tag = '%d-%d' % (os.getpid(), self.n)
-        src = self.make_host('a-' + tag)
-        dst = self.make_host('b-' + tag)
+        src, dst = self.make_hosts('a-' + tag, 'b-' + tag)
         rpc = api.AgentAPI(self.b.transport, src.name, timeout=120)
         vm = src.create_vm('bench', [{'sr': 'sr', 'size': a.size}
                                      for _ in range(a.disks)])
@@ -503,9 +511,9 @@ class Ours:
 
     def cleanup(self):
         from xsm_driver.hypervisor import qemu
-        for agent in self.agents:
+        if self.local is not None:
             try:
-                agent.stop()
+                self.local.close()
             except Exception as exc:
                 self.b.log('ours: stopping an agent: %s' % exc)
         for pid in our_qemus(self.root):

@@ -625,12 +625,24 @@ class LocalHosts:
         return api.AgentAPI(self.transport, name, timeout=timeout)
 
     def close(self):
+        """Stop every agent and close every host, whatever fails.
+
+        The first failure is raised once all of them were tried.
+        """
+        errors = []
         agents, self.agents = self.agents, {}
-        for agent in agents.values():
-            agent.stop()
         hosts, self.hosts = self.hosts, {}
-        for host in hosts.values():
-            host.close()            # (again: nothing) or without agent
+        steps = [agent.stop for agent in agents.values()]
+        # (again: nothing) or a host without agent
+        steps += [host.close for host in hosts.values()]
         if self._own_transport and self.transport is not None:
-            self.transport.cleanup()
+            steps.append(self.transport.cleanup)
             self.transport = None
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                LOG.warning('closing in-process hosts: %s', exc)
+                errors.append(exc)
+        if errors:
+            raise errors[0]

@@ -148,3 +148,44 @@ class TestProcessPieces(base.TestCase):
     def test_tail_of_a_missing_log(self):
         self.assertTrue(harness.tail('/nonexistent/log').startswith(
             '(no log:'))
+
+
+class TestLocalHosts(base.TestCase):
+    """Real in-process hosts on ``fake://``: nothing is left after close."""
+
+    check_leaks = True
+
+    def layout(self, root, *names):
+        return {n: {'sr-' + n: ('vhd', os.path.join(root, n, 'sr-' + n))}
+                for n in names}
+
+    def test_hosts_serve_and_close_leaves_nothing(self):
+        root = self.make_tempdir()
+        local = harness.LocalHosts(root, self.layout(root, 'h1', 'h2'))
+        try:
+            local.start()
+            info = local.client('h2', timeout=10).host_info()
+            self.assertEqual(['sr-h2'], [sr['name'] for sr in info['srs']])
+            self.assertTrue(os.path.isdir(local.state_path('h1')))
+        finally:
+            local.close()
+        self.assertEqual(({}, {}, None),
+                         (local.hosts, local.agents, local.transport))
+        local.close()                   # again: nothing
+
+    def test_close_goes_on_after_a_failure_and_raises_it(self):
+        root = self.make_tempdir()
+        local = harness.LocalHosts(root, self.layout(root, 'h1', 'h2'))
+        local.start()
+        agent = local.agents['h1']
+        stop = agent.stop
+
+        def failing_stop():
+            stop()
+            raise RuntimeError('h1 would not stop')
+        agent.stop = failing_stop
+        exc = self.assertRaises(RuntimeError, local.close)
+        self.assertEqual('h1 would not stop', str(exc))
+        # h2's agent and the transport were closed all the same: the
+        # leak check of this test finds no thread left
+        self.assertEqual({}, local.agents)
