@@ -36,6 +36,7 @@ from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.rpc import agent as agent_mod
 from xsm_driver.core.rpc import api
+from xsm_driver.testing import harness
 
 MiB = test_rabbit.MiB
 records = test_rabbit.records
@@ -138,13 +139,13 @@ class TestRenewOverRPC(base.TestCase):
         root = self.make_tempdir()
         self.transport, self.new, self.old = self.transport_and_names(root)
         self.addCleanup(self.transport.cleanup)
-        host = host_mod.Host.from_config(
-            self.new, ['sr:vhd:%s' % os.path.join(root, 'new', 'sr')],
-            os.path.join(root, 'new', 'state'))
-        agent = agent_mod.Agent(self.transport, host,
-                                manager_mod.Options(),
-                                identity=self.identity(self.new)).start()
-        self.addCleanup(agent.stop)
+        # the new host: a harness host with its agent
+        local = harness.LocalHosts(
+            root, {self.new: {'sr': ('vhd', os.path.join(root, 'new',
+                                                         'sr'))}},
+            self.transport, identity=self.identity)
+        self.addCleanup(local.close)
+        local.start()
         old_host = host_mod.Host.from_config(
             self.old, ['sr:vhd:%s' % os.path.join(root, 'old', 'sr')],
             os.path.join(root, 'old', 'state'))
