@@ -171,6 +171,24 @@ def config_text(name, exchange, srs, state_path, options=None,
     return '\n'.join(lines) + '\n'
 
 
+def kombu_url(transport_url):
+    """The broker of a ``rabbit://`` transport URL, as kombu spells it.
+
+    (Pure.) ``rabbit://u:p@h:5672/`` -> ``amqp://u:p@h:5672//`` (the
+    default virtual host), ``.../vh`` -> ``amqp://u:p@h:5672/vh``: a run
+    on a virtual host of its own is tidied up there.
+    """
+    if not transport_url.startswith('rabbit://'):
+        raise ValueError('%r is not a rabbit:// transport URL'
+                         % transport_url)
+    rest = transport_url[len('rabbit://'):]
+    if ',' in rest:
+        raise ValueError('%r names several brokers; the harness tidies one'
+                         % transport_url)
+    address, _, vhost = rest.partition('/')
+    return 'amqp://%s/%s' % (address, vhost or '/')
+
+
 def ready_line(name):
     """What an agent prints on stdout once it serves."""
     return 'xsm-agent: host %s ready' % name
@@ -489,6 +507,7 @@ class Deployment:
     def __init__(self, root, exchange, agents, rpc_timeout=30,
                  transport_url=RABBIT_URL, background_cleanup=False,
                  start_timeout=START_TIMEOUT, stop_timeout=STOP_TIMEOUT):
+        kombu_url(transport_url)        # a clear error now, not at close
         for role, agent in agents.items():
             if agent.exchange != exchange:
                 raise HarnessError('agent %s (%s) is on exchange %s, not %s'
@@ -555,7 +574,8 @@ class Deployment:
         delete_from_broker(
             queue_names(self.exchange,
                         *[a.name for a in self.agents.values()]) +
-            self.extra_queues, self.exchange)
+            self.extra_queues, self.exchange,
+            kombu_url(self.transport_url))
 
 
 # -- hosts and agents in this process -------------------------------------

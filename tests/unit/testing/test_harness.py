@@ -113,6 +113,24 @@ class TestConfigText(base.TestCase):
         self.assertIn("option 'k' of [agent]", str(exc))
 
 
+class TestKombuUrl(base.TestCase):
+
+    def test_default_and_named_virtual_hosts(self):
+        self.assertEqual(harness.KOMBU_URL,
+                         harness.kombu_url(harness.RABBIT_URL))
+        self.assertEqual('amqp://u:p@10.0.0.1:5672/run-1',
+                         harness.kombu_url('rabbit://u:p@10.0.0.1:5672/run-1'))
+        self.assertEqual('amqp://u:p@h:5672//',
+                         harness.kombu_url('rabbit://u:p@h:5672'))
+
+    def test_what_it_cannot_tidy_is_named(self):
+        exc = self.assertRaises(ValueError, harness.kombu_url, 'fake://')
+        self.assertIn("'fake://' is not a rabbit:// transport URL", str(exc))
+        exc = self.assertRaises(ValueError, harness.kombu_url,
+                                'rabbit://a:b@h1:5672,a:b@h2:5672/')
+        self.assertIn('several brokers', str(exc))
+
+
 class TestProcessPieces(base.TestCase):
 
     def test_ready_line_is_the_agents(self):
