@@ -310,8 +310,11 @@ class TestLiveMigrationCompletionTimeout(base.XSMLiveMigrationTestCase):
         self.wait_for_server(server, SOURCE)
         engine = self.engine_migration()
         self.assertEqual('aborted', engine['phase'])
-        self.assertLess(engine['progress']['done'],
-                        engine['progress']['total'])
+        # aborted before the copy ended; on a busy machine the 2 s can run
+        # out before the copy has counted its bytes (total still 0)
+        progress = engine['progress']
+        self.assertTrue(progress['total'] == 0 or
+                        progress['done'] < progress['total'], progress)
         self.assertEqual([], self.xsm[DEST].vdi_list())
         self.assertEqual(source_before, self.sr_records(SOURCE))
         self.assert_guest_verified(server, SOURCE)
