@@ -12,8 +12,12 @@
 # only; never expose its ports.
 #
 #   tools/nova-deployment.sh start [--root DIR] [--bandwidth-limit MIB/S]
+#                                  [--hypervisor model|qemu]
 #       starts it (about 2-4 minutes), prints the openstack client's
-#       environment, where the logs are and how to stop it
+#       environment, where the logs are and how to stop it; with
+#       --hypervisor qemu each server is a QEMU guest (TCG) booting the
+#       guest kit (.guest-kit, made by tools/setup.sh), its console in
+#       "openstack console log show"
 #   tools/nova-deployment.sh stop DIR
 #       stops every process of it (the xsm agents and their guests too),
 #       drops its databases and RabbitMQ virtual host, removes DIR

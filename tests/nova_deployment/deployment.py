@@ -68,6 +68,18 @@ IMAGE_DATA = b''.join(b'xsm-deployment-image block %08d\n' % i
 ZERO_IMAGE_ID = '3b0d7c52-91a4-4f6e-8c2d-5a7e1f09b634'
 ZERO_IMAGE_NAME = 'xsm-zero'
 MiB = 1 << 20
+#: a raw image for QEMU guests, 16 MiB: a MiB of recognisable data, then
+#: zeros (a flavor of disk 0 makes it the root disk's size, as in
+#: tests/nova_functional/test_qemu_guests.py)
+QEMU_IMAGE_ID = '5d2a9e7c-0f3b-4c1e-b6a8-2e9d4f7a1c03'
+QEMU_IMAGE_NAME = 'xsm-qemu'
+QEMU_IMAGE_DATA = IMAGE_DATA[:MiB] + bytes(15 * MiB)
+#: the guest kit QEMU guests boot (tools/setup.sh builds it)
+GUEST_KIT = os.environ.get('XSM_GUEST_KIT', os.path.join(TOP, '.guest-kit'))
+QEMU = 'qemu-system-x86_64'
+#: [hypervisor] of both computes for QEMU guests: TCG, the guest kit, a
+#: short clean-shutdown wait
+QEMU_MEMORY_MB = 128
 
 
 class DeploymentError(Exception):
@@ -89,18 +101,33 @@ def _reachable(address, timeout=1.0):
 
 
 def _pid_alive(pid):
+    """Whether ``pid`` runs (a zombie, which has exited, does not)."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(')') + 2:][:1] != 'Z'
 
 
-def problems():
+def problems(hypervisor='model'):
     """What this machine lacks for a deployment; [] when nothing."""
     found = []
+    if hypervisor == 'qemu':
+        if shutil.which(QEMU) is None:
+            found.append('%s is not installed (apt-get install -y '
+                         'qemu-system-x86)' % QEMU)
+        for name in ('vmlinuz', 'initramfs.cpio.gz'):
+            if not os.path.isfile(os.path.join(GUEST_KIT, name)):
+                found.append('the guest kit has no %s in %s (build it with '
+                             'tools/guest-kit/build.sh %s)'
+                             % (name, GUEST_KIT, GUEST_KIT))
     if not _reachable(MYSQL):
         found.append('MariaDB is not reachable at %s:%d (root, empty '
                      'password)' % MYSQL)
@@ -246,10 +273,19 @@ class Deployment:
     :param bandwidth_limit: ``[xsm]bandwidth_limit`` of both computes
         (MiB/s; 0: none), so that a test can catch a migration running.
     :param log: called with a line of progress.
+    :param hypervisor: ``[hypervisor]driver`` of both computes: ``model``
+        (the agent's model guests) or ``qemu`` (each server a QEMU
+        process, TCG, booting the guest kit; the flavor has
+        :data:`QEMU_MEMORY_MB` and disk 0: the root disk is the image's
+        size).
     """
 
     def __init__(self, root=None, bandwidth_limit=0, log=None,
-                 prefix=PREFIX):
+                 prefix=PREFIX, hypervisor='model'):
+        if hypervisor not in ('model', 'qemu'):
+            raise DeploymentError('hypervisor must be model or qemu, not %r'
+                                  % (hypervisor,))
+        self.hypervisor = hypervisor
         # (a test's: the owner's pid in the folder's name too, see sweep)
         self.root = root or tempfile.mkdtemp(
             prefix='xsm-deployment-%d-' % os.getpid() if prefix == PREFIX
@@ -264,6 +300,8 @@ class Deployment:
         self.logs = os.path.join(self.root, 'logs')
         self.ports = {}
         self.procs = {}
+        #: xsm-agent processes :meth:`restart_agent` started
+        self.agents = []
         self.databases = []
         self.vhost = None
 
@@ -388,6 +426,12 @@ class Deployment:
             'leaf_headroom_mb = 8', 'rpc_timeout = 60',
             'bandwidth_limit = %d' % self.bandwidth_limit,
         ] + self._xsm_client_lines()
+        if self.hypervisor == 'qemu':
+            # (nova-compute passes [hypervisor] to the agent it starts)
+            nova += ['', '[hypervisor]', 'driver = qemu', 'accel = tcg',
+                     'guest_kit = %s' % GUEST_KIT,
+                     'default_memory_mib = %d' % QEMU_MEMORY_MB,
+                     'shutdown_timeout = 15']
         self._write(os.path.join(self.etc, 'nova', 'nova.conf'),
                     '\n'.join(nova) + '\n')
         # the databases: for every service but nova-compute
@@ -511,7 +555,7 @@ class Deployment:
         return took
 
     def start(self):
-        missing = problems()
+        missing = problems(self.hypervisor)
         if missing:
             raise DeploymentError('; '.join(missing))
         os.makedirs(self.logs, exist_ok=True)
@@ -539,6 +583,9 @@ class Deployment:
                         IMAGE_NAME, IMAGE_DATA)
         stubs.add_image(os.path.join(self.root, 'images'), ZERO_IMAGE_ID,
                         ZERO_IMAGE_NAME, bytes(MiB))
+        if self.hypervisor == 'qemu':
+            stubs.add_image(os.path.join(self.root, 'images'),
+                            QEMU_IMAGE_ID, QEMU_IMAGE_NAME, QEMU_IMAGE_DATA)
         # the schemas, side by side: placement's, nova's API database and
         # both cells' (each alone: "db sync --local_cell"), then the cells
         cell0 = self._write(os.path.join(self.etc, 'nova', 'cell0.conf'),
@@ -635,9 +682,11 @@ class Deployment:
         self.wait_for('both nova-compute services up, with hypervisors',
                       computes_up, timeout, interval=2)
         # (not "openstack flavor create": it asks Keystone for projects)
+        ram, disk = ((QEMU_MEMORY_MB, 0) if self.hypervisor == 'qemu'
+                     else (256, 1))
         resp = requests.post(self.url('nova-api') + '/flavors', json={
-            'flavor': {'name': FLAVOR, 'ram': 256, 'vcpus': 1, 'disk': 1}},
-            timeout=60)
+            'flavor': {'name': FLAVOR, 'ram': ram, 'vcpus': 1,
+                       'disk': disk}}, timeout=60)
         if resp.status_code != 200:
             raise DeploymentError('POST /flavors: %s %s' % (
                 resp.status_code, resp.text))
@@ -694,6 +743,81 @@ class Deployment:
         except (OSError, ValueError):
             return None
 
+    def restart_agent(self, host, timeout=120):
+        """Stop ``host``'s xsm-agent (SIGTERM) and start it again.
+
+        As an operator restarts (or upgrades) the agent: the same command
+        and configuration file nova-compute started it with, a session of
+        its own, its pid in the pid file nova-compute reads. Its QEMU
+        guests run on meanwhile; the new agent adopts them.
+
+        :returns: ``(seconds the old one took to stop, seconds until the
+            new one answered)``.
+        """
+        state = self.xsm_state(host)
+        pid = self.agent_pid(host)
+        if pid is None or not _pid_alive(pid) or \
+                self.root not in _cmdline(pid):
+            raise DeploymentError('xsm-agent of %s does not run (pid file '
+                                  '%s)' % (host, pid))
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        while _pid_alive(pid):
+            if time.monotonic() - t0 > 30:
+                raise DeploymentError('xsm-agent %d of %s ignored SIGTERM '
+                                      'for 30 s' % (pid, host))
+            time.sleep(0.1)
+        stopped = time.monotonic() - t0
+        t1 = time.monotonic()
+        with open(os.path.join(state, 'xsm-agent.log'), 'ab') as log:
+            proc = subprocess.Popen(
+                [sys.executable, '-m', 'xsm_driver.cmd.agent',
+                 '--config-file', os.path.join(state, 'xsm-agent.conf')],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=self._proc_env(), cwd=TOP, start_new_session=True)
+        with open(os.path.join(state, 'xsm-agent.pid'), 'w') as f:
+            f.write('%d\n' % proc.pid)
+        self.log('restarted xsm-agent of %s: pid %d -> %d'
+                 % (host, pid, proc.pid))
+
+        def answers():
+            if proc.poll() is not None:
+                raise DeploymentError('the new xsm-agent of %s exited with '
+                                      'status %s; see %s/xsm-agent.log'
+                                      % (host, proc.returncode, state))
+            return self.agent_api(host, timeout=5).host_info()
+        self.wait_for('the new xsm-agent of %s to answer' % host, answers,
+                      timeout)
+        # (it runs on its own, like the one nova-compute started; the
+        # deployment's stop ends it by its pid file and reaps it here)
+        self.agents.append(proc)
+        return stopped, time.monotonic() - t1
+
+    def guest_folder(self, host, vm_uuid):
+        """The folder of the QEMU guest of VM ``vm_uuid`` on ``host``."""
+        return os.path.join(self.xsm_state(host), 'guests', vm_uuid)
+
+    def qemu_process(self, host, vm_uuid):
+        """``(pid, start time)`` of the VM's QEMU, from its pid file.
+
+        None when the pid file is missing or names no running QEMU of
+        that folder; the start time is field 22 of ``/proc/PID/stat``
+        (clock ticks since boot): a pid used again has another.
+        """
+        folder = self.guest_folder(host, vm_uuid)
+        try:
+            with open(os.path.join(folder, 'qemu.pid')) as f:
+                pid = int(f.read().strip())
+            with open('/proc/%d/stat' % pid) as f:
+                stat = f.read()
+        except (OSError, ValueError):
+            return None
+        if folder + '/' not in _cmdline(pid):
+            return None
+        # (the command name, field 2, is in parentheses and may hold
+        # spaces: count from the last one)
+        return pid, int(stat[stat.rindex(')') + 2:].split()[19])
+
     def _save(self):
         """What :func:`stop_saved` needs to end it from another process."""
         state = {'name': self.name, 'root': self.root, 'vhost': self.vhost,
@@ -728,6 +852,9 @@ class Deployment:
             except Exception as exc:
                 found.append('stopping %s: %s' % (name, exc))
         found += _stop_by_pid_files(self.root, self.log)
+        for proc in self.agents:
+            proc.poll()                     # (stopped: reaped)
+        self.agents = []
         found += _kill_strays(self.root, self.log, self.name)
         found += _drop(self.databases, self.vhost, self.log)
         self.databases, self.vhost = [], None
@@ -845,6 +972,10 @@ def main(argv=None):
                    'one)')
     p.add_argument('--bandwidth-limit', type=int, default=0,
                    help='[xsm]bandwidth_limit of the computes, MiB/s')
+    p.add_argument('--hypervisor', choices=('model', 'qemu'),
+                   default='model', help='[hypervisor]driver of the '
+                   'computes: model guests, or QEMU guests (TCG) booting '
+                   'the guest kit (default: model)')
     p = sub.add_parser('stop', help='stop one, drop its databases and '
                        'virtual host, remove its folder')
     p.add_argument('root', help='its folder')
@@ -867,7 +998,7 @@ def main(argv=None):
         return 2
     dep = Deployment(os.path.abspath(args.root) if args.root else None,
                      bandwidth_limit=args.bandwidth_limit, log=print,
-                     prefix=TRIAL_PREFIX)
+                     prefix=TRIAL_PREFIX, hypervisor=args.hypervisor)
     try:
         dep.start()
     except Exception as exc:
@@ -884,7 +1015,10 @@ def main(argv=None):
           'tests and trials only).')
     print('  export %s' % ' '.join('%s=%s' % i for i in sorted(env.items())))
     print('  openstack server create --flavor %s --image %s --nic none '
-          '--wait vm1' % (FLAVOR, IMAGE_NAME))
+          '--wait vm1' % (FLAVOR, QEMU_IMAGE_NAME
+                          if dep.hypervisor == 'qemu' else IMAGE_NAME))
+    if dep.hypervisor == 'qemu':
+        print('  openstack console log show vm1')
     print('  openstack --os-compute-api-version 2.30 server migrate '
           '--live-migration --block-migration --host nc-beta --wait vm1')
     print('  curl -s -H "OpenStack-API-Version: compute latest" '

@@ -36,6 +36,8 @@ import testtools
 from testtools import content
 
 from tests.nova_deployment import deployment as dep_mod
+from xsm_driver.hypervisor import qemu as qemu_mod
+from xsm_driver.hypervisor import verifier
 
 ALPHA, BETA = dep_mod.HOSTS
 MiB = 1 << 20
@@ -65,12 +67,13 @@ def _in_ci():
     return os.environ.get('CI') == 'true'
 
 
-class NovaDeploymentTest(testtools.TestCase):
-    """The operator's scenarios on one deployment.
+class DeploymentTestCase(testtools.TestCase):
+    """A deployment of its own for the tests of each subclass."""
 
-    Boot, live block migration there and back, abort, force-complete,
-    restart of nova-compute under a running guest.
-    """
+    #: [hypervisor]driver of both computes
+    HYPERVISOR = 'model'
+    #: [xsm]bandwidth_limit of both computes, MiB/s
+    BANDWIDTH = BANDWIDTH_MIB
 
     dep = None
     failures = 0
@@ -78,14 +81,15 @@ class NovaDeploymentTest(testtools.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        missing = dep_mod.problems()
+        missing = dep_mod.problems(cls.HYPERVISOR)
         if missing:
             message = 'no deployment possible here: %s' % '; '.join(missing)
             if _in_ci():            # CI never hides a missing peer
                 raise AssertionError(message)
             raise unittest.SkipTest(message)
-        cls.dep = dep_mod.Deployment(bandwidth_limit=BANDWIDTH_MIB,
-                                     log=lambda line: None)
+        cls.dep = dep_mod.Deployment(bandwidth_limit=cls.BANDWIDTH,
+                                     log=lambda line: None,
+                                     hypervisor=cls.HYPERVISOR)
         try:
             cls.dep.start()
         except BaseException:
@@ -172,12 +176,6 @@ class NovaDeploymentTest(testtools.TestCase):
     def guest(self, server, host, fill=SMALL_FILL):
         return self.dep.agent_api(host).guest_start(
             server['id'], rate=GUEST_RATE, fill=fill)
-
-    def guest_writes(self, server, host):
-        """The VM's power state and its guest's writes so far."""
-        vm = self.dep.agent_api(host).vm_get(server['id'])
-        self.assertIsNone(vm['guest']['error'], vm)
-        return vm['power_state'], vm['guest']['writes']
 
     def assert_guest_verified(self, server, host):
         result = self.dep.agent_api(host, timeout=TIMEOUT).guest_verify(
@@ -296,6 +294,15 @@ class NovaDeploymentTest(testtools.TestCase):
             return services and services[0]['State'] == 'up'
         self.wait_for('nova-compute %s up' % host, compute_up)
 
+
+class NovaDeploymentTest(DeploymentTestCase):
+    """The operator's scenarios on one deployment, with model guests.
+
+    Boot, live block migration there and back, abort, force-complete
+    (the restart of nova-compute under a running guest:
+    :class:`NovaDeploymentQemuTest`, with a QEMU guest).
+    """
+
     # -- the scenarios (run in this order, on one deployment) ---------------
 
     def test_0_boot_from_an_image(self):
@@ -371,44 +378,6 @@ class NovaDeploymentTest(testtools.TestCase):
         self.assertGreater(total, 100 * MiB)
         self.assert_guest_verified(server, BETA)
 
-    def test_4_restart_nova_compute_under_a_running_guest(self):
-        server = self.boot(ALPHA)
-        self.guest(server, ALPHA)
-        agent_pid = self.dep.agent_pid(ALPHA)
-        self.assertIsNotNone(agent_pid)
-
-        took = self.dep.stop_compute(ALPHA, signal.SIGTERM)
-        self.addCleanup(self.ensure_compute, ALPHA)
-        # nova-compute stopped on its own, no task left hanging it
-        self.assertLess(took, 30)
-        with open(os.path.join(self.dep.logs, '%s.log' % ALPHA)) as f:
-            self.assertNotIn('Graceful shutdown timed out', f.read())
-        # the guest runs on, and writes, with nova-compute gone
-        state, writes = self.guest_writes(server, ALPHA)
-        self.assertEqual('running', state)
-        self.wait_for('the guest to write on without nova-compute',
-                      lambda: self.guest_writes(server, ALPHA)[1] >
-                      writes + GUEST_RATE, interval=0.5)
-
-        self.ensure_compute(ALPHA)
-        # the restarted nova-compute adopted the agent it left
-        self.wait_for('the restarted nova-compute to adopt the agent',
-                      lambda: 'adopted' in open(os.path.join(
-                          self.dep.logs, '%s.log' % ALPHA)).read())
-        self.assertEqual(agent_pid, self.dep.agent_pid(ALPHA))
-        server = self.show(server['id'])
-        self.assertEqual('ACTIVE', server['status'])
-        self.assertEqual(RUNNING, server['OS-EXT-STS:power_state'])
-        state, writes = self.guest_writes(server, ALPHA)
-        self.assertEqual('running', state)
-
-        # and it migrates a running guest as before
-        self.poll_migrations(server)
-        self.live_migrate(server, BETA)
-        self.wait_for_server(server, BETA)
-        self.assertEqual('completed', self.migration(server)['status'])
-        self.assert_guest_verified(server, BETA)
-
     def test_5_computes_stop_without_a_leaked_task(self):
         """Every migration so far ended its destination task."""
         for host in dep_mod.HOSTS:
@@ -417,3 +386,162 @@ class NovaDeploymentTest(testtools.TestCase):
             with open(os.path.join(self.dep.logs, '%s.log' % host)) as f:
                 text = f.read()
             self.assertNotIn('Graceful shutdown timed out', text)
+
+
+class NovaDeploymentQemuTest(DeploymentTestCase):
+    """Servers that are QEMU guests (TCG, the guest kit's verifier).
+
+    A server's QEMU runs under the host's xsm-agent, a process of its own
+    that nova-compute starts (``[xsm]agent = auto``) and leaves running:
+    stopping and starting nova-compute, and restarting the agent, leave
+    the guest running in the same QEMU process, which the guest proves by
+    writing on (its verifier's ``progress`` lines on the serial console,
+    read through ``openstack console log show``), and a live migration
+    afterwards moves it with every write kept.
+    """
+
+    HYPERVISOR = 'qemu'
+    #: (no migration here has to be caught running)
+    BANDWIDTH = 0
+
+    def console(self, server):
+        """The console through nova's API (``openstack console log``)."""
+        return self.openstack('console', 'log', 'show', server['id'],
+                              parse=False)
+
+    def console_file(self, host, vm):
+        """The console, read from the guest's folder (no nova needed)."""
+        path = os.path.join(self.dep.guest_folder(host, vm['uuid']),
+                            qemu_mod.CONSOLE_LOG)
+        with open(path, 'rb') as f:
+            return f.read().decode('utf-8', 'replace')
+
+    def wait_progress(self, what, read, after):
+        """The last ``progress`` line once it counts more than ``after``.
+
+        :param read: returns the console's text.
+        """
+        seen = ['']
+
+        def check():
+            seen[0] = read()
+            rep = verifier.last(seen[0], 'progress')
+            return rep if rep is not None and rep['writes'] > after \
+                else None
+        try:
+            rep = self.wait_for(what, check, interval=0.5)
+        except dep_mod.DeploymentError:
+            self.addDetail('console', content.text_content(seen[0][-4000:]))
+            raise
+        self.assertEqual(0, rep['io_errors'], rep.line)
+        self.assertEqual(0, rep['mismatches'], rep.line)
+        return rep
+
+    def qemu_of(self, host, vm):
+        """(pid, start time, pid file's mtime) of the VM's QEMU on host."""
+        found = self.dep.qemu_process(host, vm['uuid'])
+        self.assertIsNotNone(found, 'no QEMU of VM %s runs on %s' % (
+            vm['uuid'], host))
+        mtime = os.stat(os.path.join(self.dep.guest_folder(
+            host, vm['uuid']), qemu_mod.PID_FILE)).st_mtime_ns
+        return found + (mtime,)
+
+    def assert_qemu_verified(self, server, host):
+        result = self.dep.agent_api(host, timeout=TIMEOUT).guest_verify(
+            server['id'])
+        self.assertEqual('qemu', result['kind'], result)
+        self.assertTrue(result['verified'], result)
+        self.assertGreater(result['writes'], 0, result)
+        self.assertGreater(result['blocks_checked'], 0, result)
+        self.assertEqual(0, result['mismatches'], result)
+        self.assertEqual(0, result['io_errors'], result)
+        return result
+
+    def delete(self, server_id):
+        super().delete(server_id)
+        # its QEMU went with it
+        self.assertEqual([], qemu_mod.processes_naming(self.dep.root))
+
+    def assert_active(self, server, host):
+        server = self.show(server['id'])
+        self.assertEqual('ACTIVE', server['status'])
+        self.assertEqual(host, server['OS-EXT-SRV-ATTR:host'])
+        self.assertEqual(RUNNING, server['OS-EXT-STS:power_state'])
+        self.assertEqual('running', self.dep.agent_api(host).vm_get(
+            server['id'])['power_state'])
+        return server
+
+    def test_restarts_of_nova_compute_and_the_agent_under_a_qemu_guest(self):
+        server = self.boot(ALPHA, image=dep_mod.QEMU_IMAGE_NAME)
+        vm = self.dep.agent_api(ALPHA).vm_get(server['id'])
+        self.assertEqual({'memory_mib': dep_mod.QEMU_MEMORY_MB, 'vcpus': 1},
+                         vm['qemu'])
+        qemu = self.qemu_of(ALPHA, vm)
+        agent_pid = self.dep.agent_pid(ALPHA)
+        self.assertIsNotNone(agent_pid)
+        # the guest's verifier writes (its console, through nova's API)
+        rep = self.wait_progress('the guest to write (nova\'s console)',
+                                 lambda: self.console(server), 0)
+
+        # nova-compute stops: the guest writes on in the same QEMU
+        took = self.dep.stop_compute(ALPHA, signal.SIGTERM)
+        self.addCleanup(self.ensure_compute, ALPHA)
+        self.assertLess(took, 30)
+        with open(os.path.join(self.dep.logs, '%s.log' % ALPHA)) as f:
+            self.assertNotIn('Graceful shutdown timed out', f.read())
+        rep = self.wait_progress(
+            'the guest to write on without nova-compute',
+            lambda: self.console_file(ALPHA, vm), rep['writes'] + 20)
+        self.assertEqual(qemu, self.qemu_of(ALPHA, vm))
+
+        # nova-compute starts again, adopts the agent it left and finds
+        # the guest running; the guest writes on after the restart
+        self.ensure_compute(ALPHA)
+        self.wait_for('the restarted nova-compute to adopt the agent',
+                      lambda: 'adopted' in open(os.path.join(
+                          self.dep.logs, '%s.log' % ALPHA)).read())
+        self.assertEqual(agent_pid, self.dep.agent_pid(ALPHA))
+        at_restart = verifier.last(self.console_file(ALPHA, vm), 'progress')
+        self.assert_active(server, ALPHA)
+        rep = self.wait_progress(
+            'the guest to write after nova-compute\'s restart',
+            lambda: self.console(server), at_restart['writes'] + 20)
+        self.assertGreater(rep['t_ms'], at_restart['t_ms'])
+        self.assertEqual(qemu, self.qemu_of(ALPHA, vm))
+
+        # the agent restarts (an upgrade): the new one adopts the QEMU,
+        # serves its disks again, and the guest writes on, no I/O failed
+        stopped, answered = self.dep.restart_agent(ALPHA)
+        self.addDetail('agent restart', content.text_content(
+            'old agent stopped in %.1f s, new one answered %.1f s later'
+            % (stopped, answered)))
+        new_agent = self.dep.agent_pid(ALPHA)
+        self.assertNotEqual(agent_pid, new_agent)
+        self.assertEqual(qemu, self.qemu_of(ALPHA, vm))
+        with open(os.path.join(self.dep.xsm_state(ALPHA),
+                               'xsm-agent.log')) as f:
+            self.assertIn('VM %s (%s) runs on in its QEMU (running)'
+                          % (vm['uuid'], vm['name']), f.read())
+        at_restart = verifier.last(self.console_file(ALPHA, vm), 'progress')
+        self.assert_active(server, ALPHA)
+        rep = self.wait_progress(
+            'the guest to write after the agent\'s restart',
+            lambda: self.console(server), at_restart['writes'] + 20)
+        self.assertEqual(qemu, self.qemu_of(ALPHA, vm))
+
+        # and it live-migrates there and back, every write kept
+        self.poll_migrations(server)
+        self.live_migrate(server, BETA)
+        self.wait_for_server(server, BETA)
+        self.assertEqual('completed', self.migration(server)['status'])
+        self.assertIsNone(qemu_mod.process_argv(qemu[0]))
+        self.assertIsNone(self.dep.qemu_process(ALPHA, vm['uuid']))
+        vm_beta = self.dep.agent_api(BETA).vm_get(server['id'])
+        self.qemu_of(BETA, vm_beta)
+        self.assert_active(server, BETA)
+        self.live_migrate(server)
+        self.wait_for_server(server, ALPHA)
+        self.assertEqual('completed', self.migration(server)['status'])
+        self.assert_active(server, ALPHA)
+        self.assertIsNone(self.dep.qemu_process(BETA, vm_beta['uuid']))
+        self.assert_qemu_verified(server, ALPHA)
