@@ -57,6 +57,8 @@ TRIAL_PREFIX = 'xsmtry_'
 RABBIT = ('127.0.0.1', 5672)
 MYSQL = ('127.0.0.1', 3306)
 FLAVOR = 'xsm.small'
+#: the flavor of QEMU guests (disk 0: the root disk is the image's size)
+QEMU_FLAVOR = 'xsm.qemu'
 #: a raw image of recognisable data, 2 MiB
 IMAGE_ID = '8e6c2f0a-6b3e-4d2c-9a51-0c5e4a7b2d11'
 IMAGE_NAME = 'xsm-raw'
@@ -77,8 +79,7 @@ QEMU_IMAGE_DATA = IMAGE_DATA[:MiB] + bytes(15 * MiB)
 #: the guest kit QEMU guests boot (tools/setup.sh builds it)
 GUEST_KIT = os.environ.get('XSM_GUEST_KIT', os.path.join(TOP, '.guest-kit'))
 QEMU = 'qemu-system-x86_64'
-#: [hypervisor] of both computes for QEMU guests: TCG, the guest kit, a
-#: short clean-shutdown wait
+#: RAM of a QEMU guest (flavor QEMU_FLAVOR)
 QEMU_MEMORY_MB = 128
 
 
@@ -275,9 +276,9 @@ class Deployment:
     :param log: called with a line of progress.
     :param hypervisor: ``[hypervisor]driver`` of both computes: ``model``
         (the agent's model guests) or ``qemu`` (each server a QEMU
-        process, TCG, booting the guest kit; the flavor has
-        :data:`QEMU_MEMORY_MB` and disk 0: the root disk is the image's
-        size).
+        process, TCG, booting the guest kit: boot them with flavor
+        :data:`QEMU_FLAVOR` and image :data:`QEMU_IMAGE_NAME`); see
+        :meth:`switch_hypervisor`.
     """
 
     def __init__(self, root=None, bandwidth_limit=0, log=None,
@@ -583,9 +584,8 @@ class Deployment:
                         IMAGE_NAME, IMAGE_DATA)
         stubs.add_image(os.path.join(self.root, 'images'), ZERO_IMAGE_ID,
                         ZERO_IMAGE_NAME, bytes(MiB))
-        if self.hypervisor == 'qemu':
-            stubs.add_image(os.path.join(self.root, 'images'),
-                            QEMU_IMAGE_ID, QEMU_IMAGE_NAME, QEMU_IMAGE_DATA)
+        stubs.add_image(os.path.join(self.root, 'images'), QEMU_IMAGE_ID,
+                        QEMU_IMAGE_NAME, QEMU_IMAGE_DATA)
         # the schemas, side by side: placement's, nova's API database and
         # both cells' (each alone: "db sync --local_cell"), then the cells
         cell0 = self._write(os.path.join(self.etc, 'nova', 'cell0.conf'),
@@ -664,6 +664,22 @@ class Deployment:
             self.wait_for('%s at %s' % (name, url),
                           lambda: requests.get(url, timeout=10).status_code
                           < 500, timeout)
+        self.wait_computes_up(timeout)
+        # (not "openstack flavor create": it asks Keystone for projects)
+        self.flavors = {}
+        for name, ram, disk in ((FLAVOR, 256, 1),
+                                (QEMU_FLAVOR, QEMU_MEMORY_MB, 0)):
+            resp = requests.post(self.url('nova-api') + '/flavors', json={
+                'flavor': {'name': name, 'ram': ram, 'vcpus': 1,
+                           'disk': disk}}, timeout=60)
+            if resp.status_code != 200:
+                raise DeploymentError('POST /flavors: %s %s' % (
+                    resp.status_code, resp.text))
+            self.flavors[name] = resp.json()['flavor']
+        self.flavor = self.flavors[FLAVOR]
+
+    def wait_computes_up(self, timeout=300):
+        import requests
 
         def computes_up():
             services = self.openstack('compute', 'service', 'list',
@@ -681,16 +697,46 @@ class Deployment:
             return set(HOSTS) <= up and set(HOSTS) <= hypervisors
         self.wait_for('both nova-compute services up, with hypervisors',
                       computes_up, timeout, interval=2)
-        # (not "openstack flavor create": it asks Keystone for projects)
-        ram, disk = ((QEMU_MEMORY_MB, 0) if self.hypervisor == 'qemu'
-                     else (256, 1))
-        resp = requests.post(self.url('nova-api') + '/flavors', json={
-            'flavor': {'name': FLAVOR, 'ram': ram, 'vcpus': 1,
-                       'disk': disk}}, timeout=60)
-        if resp.status_code != 200:
-            raise DeploymentError('POST /flavors: %s %s' % (
-                resp.status_code, resp.text))
-        self.flavor = resp.json()['flavor']
+
+    def switch_hypervisor(self, hypervisor, timeout=300):
+        """Run both computes with another ``[hypervisor]driver``.
+
+        Stops both nova-compute and both xsm-agents, writes nova.conf with
+        the new ``[hypervisor]``, starts both nova-compute again (each
+        starts a new agent with it) and waits until both agents answer
+        and both services are up. (For a deployment with no server left:
+        an agent that stops leaves its QEMU guests running, and the new
+        driver would not know them.)
+        """
+        if hypervisor not in ('model', 'qemu'):
+            raise DeploymentError('hypervisor must be model or qemu, not %r'
+                                  % (hypervisor,))
+        for host in HOSTS:
+            if host in self.procs:
+                self.stop_compute(host)
+        old = {host: self.agent_pid(host) for host in HOSTS}
+        found = _stop_by_pid_files(self.root, self.log)
+        for proc in self.agents:
+            proc.poll()
+        self.agents = []
+        if found:
+            raise DeploymentError('; '.join(found))
+        self.hypervisor = hypervisor
+        self.write_config()
+        for host in HOSTS:
+            self.start_compute(host)
+
+        def new_agents():
+            for host in HOSTS:
+                pid = self.agent_pid(host)
+                if pid is None or pid == old[host] or not _pid_alive(pid):
+                    return False
+                self.agent_api(host, timeout=5).host_info()
+            return True
+        self.wait_for('new xsm-agents of both computes', new_agents,
+                      timeout)
+        self.wait_computes_up(timeout)
+        self.log('computes run %s guests' % hypervisor)
 
     def openstack(self, *args, parse=True, check=True, timeout=120):
         """Run the ``openstack`` client; its JSON output, parsed.
@@ -1015,8 +1061,9 @@ def main(argv=None):
           'tests and trials only).')
     print('  export %s' % ' '.join('%s=%s' % i for i in sorted(env.items())))
     print('  openstack server create --flavor %s --image %s --nic none '
-          '--wait vm1' % (FLAVOR, QEMU_IMAGE_NAME
-                          if dep.hypervisor == 'qemu' else IMAGE_NAME))
+          '--wait vm1' % ((QEMU_FLAVOR, QEMU_IMAGE_NAME)
+                          if dep.hypervisor == 'qemu' else
+                          (FLAVOR, IMAGE_NAME)))
     if dep.hypervisor == 'qemu':
         print('  openstack console log show vm1')
     print('  openstack --os-compute-api-version 2.30 server migrate '
