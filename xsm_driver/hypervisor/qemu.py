@@ -470,7 +470,7 @@ class QemuDriver(base.Driver):
     def __init__(self, state_dir, binary='qemu-system-x86_64',
                  accel=accel_mod.AUTO, guest_kit=None, memory_mib=256,
                  shutdown_timeout=30, qmp_timeout=10.0,
-                 reconnect_delay=30):
+                 reconnect_delay=60):
         accel_mod.decide(accel, False)         # validates the setting
         self.state_dir = state_dir
         self.binary = binary
@@ -502,7 +502,8 @@ class QemuDriver(base.Driver):
         h = conf.hypervisor
         return cls(state_dir, binary=h.qemu_binary, accel=h.accel,
                    guest_kit=h.guest_kit, memory_mib=h.default_memory_mib,
-                   shutdown_timeout=h.shutdown_timeout)
+                   shutdown_timeout=h.shutdown_timeout,
+                   reconnect_delay=h.nbd_reconnect_delay)
 
     # -- set-up --------------------------------------------------------------
 

@@ -98,18 +98,19 @@ def hypervisor_lines(group):
     >>> print('\\n'.join(hypervisor_lines(types.SimpleNamespace(
     ...     driver='qemu', qemu_binary='qemu-system-x86_64', accel='tcg',
     ...     default_memory_mib=256, shutdown_timeout=30,
-    ...     guest_kit='/kit'))))
+    ...     nbd_reconnect_delay=60, guest_kit='/kit'))))
     driver = qemu
     qemu_binary = qemu-system-x86_64
     accel = tcg
     default_memory_mib = 256
     shutdown_timeout = 30
+    nbd_reconnect_delay = 60
     guest_kit = /kit
     """
     return ['%s = %s' % (name, getattr(group, name))
             for name in ('driver', 'qemu_binary', 'accel',
                          'default_memory_mib', 'shutdown_timeout',
-                         'guest_kit')]
+                         'nbd_reconnect_delay', 'guest_kit')]
 
 
 def config_text(host, repositories, state_path, transport_url,

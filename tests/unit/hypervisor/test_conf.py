@@ -43,6 +43,7 @@ class TestOptions(base.TestCase):
         self.assertEqual('auto', h.accel)
         self.assertEqual(256, h.default_memory_mib)
         self.assertEqual(30, h.shutdown_timeout)
+        self.assertEqual(60, h.nbd_reconnect_delay)
 
     def test_accel_choices(self):
         self.assertRaises(ValueError, self.conf, accel='xen')
@@ -53,9 +54,14 @@ class TestOptions(base.TestCase):
                               model.ModelDriver)
         drv = hypervisor.from_config(
             self.conf(driver='qemu', accel='tcg', default_memory_mib=128,
-                      shutdown_timeout=5, qemu_binary='/x/qemu'), tmp)
+                      shutdown_timeout=5, qemu_binary='/x/qemu',
+                      nbd_reconnect_delay=90), tmp)
         self.addCleanup(drv.close)
         self.assertIsInstance(drv, qemu.QemuDriver)
-        self.assertEqual(('/x/qemu', 'tcg', 128, 5),
+        self.assertEqual(('/x/qemu', 'tcg', 128, 5, 90),
                          (drv.binary, drv.accel, drv.memory_mib,
-                          drv.shutdown_timeout))
+                          drv.shutdown_timeout, drv.reconnect_delay))
+
+    def test_reconnect_delay_bounds(self):
+        self.assertRaises(ValueError, self.conf, nbd_reconnect_delay=-1)
+        self.assertRaises(ValueError, self.conf, nbd_reconnect_delay=3601)
