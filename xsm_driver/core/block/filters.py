@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Filters stacked over a device at run time: gate, mirror, counter.
+"""Filters stacked over a device at run time: gate, fence, mirror, counter.
 
 None of them changes data. A migration stacks them over a VM's disk as
 ``Counter(Gate(Mirror(local, remote)))``: the gate pauses guest I/O for a
@@ -142,6 +142,89 @@ class Gate(device.Filter):
         finally:
             if self._paused:
                 self.resume()
+
+
+class Fence(device.Filter):
+    """Shut a device off for good, between two requests.
+
+    :meth:`seal` waits for the requests already inside to finish and makes
+    every later one fail at once with ``ESHUTDOWN``, without touching the
+    device underneath. A migration's destination seals what its NBD
+    exports serve before it composes: no write of a connection still open
+    (a mirror's, a copy's) lands after that, whenever the connection's
+    thread ends; the server itself can then be stopped later, out of the
+    switch-over's pause.
+    """
+
+    def __init__(self, next_device):
+        super().__init__(next_device)
+        self._cond = threading.Condition()
+        self._sealed = False
+        self._inflight = 0
+
+    @contextlib.contextmanager
+    def _enter(self):
+        with self._cond:
+            if self._sealed:
+                raise device.BlockError(
+                    device=self.name, errno=errno.ESHUTDOWN,
+                    reason='the device was shut off (its migration '
+                    'switched over or was rolled back)')
+            self._inflight += 1
+        try:
+            yield self.next
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._cond.notify_all()
+
+    def pread(self, offset, length):
+        with self._enter() as dev:
+            return dev.pread(offset, length)
+
+    def pwrite(self, data, offset, fua=False):
+        with self._enter() as dev:
+            return dev.pwrite(data, offset, fua)
+
+    def flush(self):
+        with self._enter() as dev:
+            return dev.flush()
+
+    def trim(self, offset, length):
+        with self._enter() as dev:
+            return dev.trim(offset, length)
+
+    def zero(self, offset, length, may_trim=False):
+        with self._enter() as dev:
+            return dev.zero(offset, length, may_trim)
+
+    def extents(self, offset, length):
+        with self._enter() as dev:
+            return dev.extents(offset, length)
+
+    @property
+    def sealed(self):
+        return self._sealed
+
+    def seal(self, timeout=None):
+        """No request from now on; wait for the ones inside; idempotent.
+
+        :param timeout: seconds to wait for the requests inside; on expiry
+            :class:`device.BlockError` (ETIMEDOUT) is raised and the fence
+            stays sealed (a request still inside may yet finish: the
+            caller must not go on as if none could).
+        :returns: how many seconds the wait took.
+        """
+        start = time.monotonic()
+        with self._cond:
+            self._sealed = True
+            if not self._cond.wait_for(lambda: not self._inflight, timeout):
+                raise device.BlockError(
+                    device=self.name, errno=errno.ETIMEDOUT,
+                    reason='%d requests still inside after %.1f s'
+                    % (self._inflight, timeout))
+        return time.monotonic() - start
 
 
 class _RangeLock:

@@ -17,8 +17,9 @@ leaf -- per VDI in the chosen SR, and a TLS NBD server with one-shot,
 unguessable exports: one for each leaf, and for each base as many as the
 source asks for copy connections, up to :data:`MAX_COPY_CONNECTIONS`),
 ``compose`` (the copy is done: the bases are flushed), ``switch-over``
-(commit: the NBD server is closed, each leaf is composed over its base,
-the VM is registered and resumed), ``done``. ``abort`` from any phase
+(commit: what the NBD exports serve is shut off, each leaf is composed
+over its base, the VM is registered and resumed; the NBD server itself
+stops after the commit's answer), ``done``. ``abort`` from any phase
 before the commit destroys everything this migration made; it can be run
 again.
 
@@ -62,6 +63,7 @@ import shutil
 import threading
 import time
 
+from xsm_driver.core.block import filters
 from xsm_driver.core.migration import credentials
 from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import plan
@@ -131,6 +133,9 @@ class Receive:
         self._lock = threading.RLock()
         self._receivers = {}        # source VDI uuid -> Receiver
         self._server = None
+        #: what the NBD server serves of each receiver: shut off at the
+        #: commit, before the compose (see :meth:`_seal_exports`)
+        self._fences = []
         self._creds = None
         self.result = None
         #: the commit point is journaled: only forward from here
@@ -201,9 +206,11 @@ class Receive:
             bases = [nbd_server.unguessable_name() for _ in range(count)]
             names = {'base': bases[0], 'bases': bases,
                      'leaf': nbd_server.unguessable_name()}
+            base, leaf = filters.Fence(rec.base), filters.Fence(rec.leaf)
+            self._fences += [base, leaf]
             for name in bases:
-                self._server.add_export(name, rec.base, once=True)
-            self._server.add_export(names['leaf'], rec.leaf, once=True)
+                self._server.add_export(name, base, once=True)
+            self._server.add_export(names['leaf'], leaf, once=True)
             exports[src] = names
         host, port = self._server.address
         LOG.info('migration %s: receiving %d VDIs on %s:%d', self.id,
@@ -382,8 +389,10 @@ class Receive:
             answer goes first).
         """
         steps = self._timing or _Steps()
-        self._stop_server()
-        steps.mark('server_stop')
+        # No write of a connection still open may land after the compose;
+        # the server's connections and threads end after the answer.
+        self._seal_exports()
+        steps.mark('exports_seal')
         new = _compose_all(self._receivers, durable=False)
         steps.mark('compose')
         vm_uuid = None
@@ -413,6 +422,7 @@ class Receive:
         compose wrote is made durable first.
         """
         with self._lock:
+            self._stop_server()
             if self.phase == 'done' or self.result is None:
                 return
             for _sr, rec in self._receivers.values():
@@ -481,6 +491,20 @@ class Receive:
                 return None
             self.expired = {'silent': round(silent, 1), 'lease': lease}
             return self.abort()
+
+    def _seal_exports(self):
+        """Shut off what the NBD exports serve; wait for requests inside.
+
+        From here no request of any connection reaches a receiver's
+        devices (each fails with ``ESHUTDOWN``), and none is still inside
+        them: the compose may close and rewrite them. The server, its
+        connections and their threads are left to :meth:`_stop_server`,
+        out of the switch-over's pause. Every mirrored write the source
+        waited for is in already; a request still inside is one the
+        source gave up on, waited for here up to the server's own bound.
+        """
+        for fence in self._fences:
+            fence.seal(nbd_server.STOP_TIMEOUT)
 
     def _stop_server(self):
         if self._server is not None:

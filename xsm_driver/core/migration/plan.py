@@ -450,7 +450,7 @@ SOURCE_STEPS = ('vcpus_pause', 'disks_drain', 'state_export',
                 'mirrors_detach', 'commit', 'hand_over')
 #: the destination's steps of its commit (see ``Receive.complete``); its
 #: ``done`` record follows the answer, out of the pause
-DESTINATION_STEPS = ('commit_record', 'server_stop', 'compose',
+DESTINATION_STEPS = ('commit_record', 'exports_seal', 'compose',
                      'vm_register', 'guest_start')
 #: what the prefix of a destination's step is in the breakdown
 DESTINATION_PREFIX = 'dest_'

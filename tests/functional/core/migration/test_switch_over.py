@@ -50,6 +50,9 @@ STEPS = [
     ('status', {('complete', 1): 'drop-reply'}, ('status', 1)),
     # inside the destination: its commit is journaled, nothing else yet
     ('commit', {}, 'destination-commit'),
+    # inside the destination: its commit is journaled, its NBD exports
+    # are being shut off (the mirrors' connections still open)
+    ('seal', {}, 'destination-seal'),
     # inside the destination: the VM started, "done" not journaled yet
     ('start', {}, 'destination-start'),
     # inside the destination, after a lost commit request: its roll-back
@@ -96,6 +99,7 @@ EXPECTED = {
     ('status', 'crash-destination'): 'done',
     ('status', 'cut-link'): 'done',
     ('commit', 'crash-destination'): 'done',
+    ('seal', 'crash-destination'): 'done',
     ('start', 'crash-destination'): 'done',
     ('roll-back', 'crash-destination'): 'aborted',
     ('clean-up', 'crash-source'): 'done',
@@ -115,6 +119,8 @@ class SwitchOverMatrix(switch_over.SwitchOverFixture):
             self.faults[at] = fault
         elif at == 'destination-commit':
             self._crash_b_in(destination.Receive, '_finish')
+        elif at == 'destination-seal':
+            self._crash_b_in(destination.Receive, '_seal_exports')
         elif at == 'destination-start':
             self._crash_b_after(destination, 'adopt')
         elif at == 'destination-roll-back':

@@ -10,7 +10,7 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Gate, mirror and counter filters."""
+"""Gate, fence, mirror and counter filters."""
 
 import errno
 import os
@@ -102,6 +102,77 @@ class GateTest(base.TestCase):
             self.assertRaises(device.BlockError, self.gate.resume, small)
         self.assertIs(self.a, self.gate.next)
         self.gate.pwrite(b'z', 0)
+
+
+class FenceTest(base.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.disk = Memory(MiB)
+        self.fence = filters.Fence(self.disk)
+
+    def test_every_request_after_the_seal_fails_untouched(self):
+        self.fence.pwrite(b'a' * 512, 0)
+        self.assertEqual(b'a' * 512, self.fence.pread(0, 512))
+        self.assertFalse(self.fence.sealed)
+        self.assertLess(self.fence.seal(5), 5)
+        self.assertTrue(self.fence.sealed)
+        before = list(self.disk.requests)
+        for call in (lambda: self.fence.pwrite(b'b' * 512, 0),
+                     lambda: self.fence.zero(0, 512),
+                     lambda: self.fence.pread(0, 512),
+                     self.fence.flush,
+                     lambda: self.fence.trim(0, 512),
+                     lambda: self.fence.extents(0, 512)):
+            err = self.assertRaises(device.BlockError, call)
+            self.assertEqual(errno.ESHUTDOWN, err.errno)
+            self.assertIn('shut off', str(err))
+        self.assertEqual(before, self.disk.requests)
+        self.assertEqual(b'a' * 512, bytes(self.disk.data[:512]))
+        self.assertLess(self.fence.seal(5), 5)     # again: nothing to do
+
+    def test_seal_waits_for_the_requests_inside(self):
+        release = threading.Event()
+        slow = filters.Fence(_Slow(self.disk, release))
+        t = threading.Thread(target=slow.pwrite, args=(b'y' * 512, 4096))
+        t.start()
+        self.addCleanup(t.join)
+        self.addCleanup(release.set)
+        time.sleep(0.05)
+        # a write inside: the seal times out, and stays sealed
+        err = self.assertRaises(device.BlockError, slow.seal, 0.1)
+        self.assertEqual(errno.ETIMEDOUT, err.errno)
+        self.assertIn('1 requests still inside', str(err))
+        self.assertTrue(slow.sealed)
+        self.assertRaises(device.BlockError, slow.pwrite, b'z' * 512, 0)
+        sealed = []
+        waiter = threading.Thread(target=lambda: sealed.append(
+            slow.seal(10)))
+        waiter.start()
+        time.sleep(0.05)
+        self.assertEqual([], sealed)        # the write is still inside
+        release.set()
+        waiter.join(10)
+        t.join(10)
+        self.assertEqual(1, len(sealed))
+        # the write that was inside landed, the one after did not
+        self.assertEqual(b'y' * 512, bytes(self.disk.data[4096:4608]))
+        self.assertEqual(bytes(512), bytes(self.disk.data[:512]))
+
+    def test_over_nbd_a_late_write_is_refused_and_lands_nowhere(self):
+        server = nbd_server.Server({'d': self.fence}).start()
+        self.addCleanup(server.stop)
+        client = nbd_device.NBDDevice.connect(*server.address, 'd',
+                                              timeout=10)
+        self.addCleanup(client.close)
+        client.pwrite(b'c' * 4096, 0)
+        self.fence.seal(5)
+        # the connection is still open: its next write fails, clearly
+        err = self.assertRaises(device.BlockError, client.pwrite,
+                                b'd' * 4096, 0)
+        self.assertEqual(errno.ESHUTDOWN, err.errno)
+        self.assertEqual(b'c' * 4096, bytes(self.disk.data[:4096]))
+        self.assertEqual(1, server.connections)
 
 
 class _Slow(device.Filter):

@@ -12,6 +12,7 @@
 
 """The destination's exports: several one-shot base names per VDI."""
 
+import errno
 import json
 import logging
 import os
@@ -308,6 +309,92 @@ class TestCommitSettlesAfterItsAnswer(ReceiveCase):
         self.assertEqual([destination.COMMITTED], answers)
         rec.wait_settled(30)
         self.assertEqual('done', self.phase(rec).phase)
+
+    def nbd_threads(self):
+        return [t.name for t in threading.enumerate()
+                if t.name.startswith('xsm-nbd-') and
+                t.name != 'xsm-nbd-client']
+
+    def test_commit_shuts_the_exports_off_and_stops_the_server_later(self):
+        rec, remote = self.receive(1)
+        names = next(iter(remote['exports'].values()))
+        leaf = TestReceiveExports.connect(self, remote, names['leaf'])
+        leaf.pwrite(b'\x11' * 4096, 0)
+        rec.compose()
+        server = rec._server
+        # the settling (which stops the server) waits for the test
+        go, entered = threading.Event(), threading.Event()
+        real = destination.Receive._stop_server
+
+        def stop_server(receive):
+            entered.set()
+            self.assertTrue(go.wait(30))
+            return real(receive)
+        self.useFixture(fixtures.MonkeyPatch(
+            'xsm_driver.core.migration.destination.Receive._stop_server',
+            stop_server))
+        self.addCleanup(go.set)
+        answer = rec.complete(None)
+        self.assertIn('exports_seal', answer['steps_ms'])
+        self.assertNotIn('server_stop', answer['steps_ms'])
+        # answered with the mirror's connection still open: a write on it
+        # now is refused, clearly, and lands nowhere
+        self.assertEqual(1, server.connections)
+        err = self.assertRaises(device.BlockError, leaf.pwrite,
+                                b'\x22' * 4096, 0)
+        self.assertEqual(errno.ESHUTDOWN, err.errno)
+        self.assertTrue(entered.wait(30))
+        go.set()
+        rec.wait_settled(30)
+        # the server stopped after the answer, every thread of it ended
+        self.assertIsNone(rec._server)
+        self.assertEqual(0, server.connections)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self.nbd_threads():
+            time.sleep(0.02)
+        self.assertEqual([], self.nbd_threads())
+        self.assertEqual('done', self.phase(rec).phase)
+        vdi = next(iter(answer['vdis'].values()))
+        dev = self.host.sr('sr-b').attach(vdi)
+        self.addCleanup(dev.close)
+        self.assertEqual(b'\x11' * 4096, bytes(dev.pread(0, 4096)))
+
+    def test_a_write_inside_at_the_commit_lands_before_the_compose(self):
+        rec, remote = self.receive(1)
+        names = next(iter(remote['exports'].values()))
+        leaf = TestReceiveExports.connect(self, remote, names['leaf'])
+        rec.compose()
+        (_sr, rcv), = rec._receivers.values()
+        inside, release = threading.Event(), threading.Event()
+        real = rcv.leaf.pwrite
+
+        def slow_pwrite(data, offset, fua=False):
+            inside.set()
+            self.assertTrue(release.wait(30))
+            return real(data, offset, fua)
+        rcv.leaf.pwrite = slow_pwrite
+        writer = threading.Thread(target=leaf.pwrite,
+                                  args=(b'\x33' * 4096, 8192))
+        writer.start()
+        self.addCleanup(writer.join, 30)
+        self.addCleanup(release.set)
+        self.assertTrue(inside.wait(30))
+        answers = []
+        committer = threading.Thread(target=lambda: answers.append(
+            rec.complete(None)))
+        committer.start()
+        time.sleep(0.2)
+        # committed, durably; the compose waits for the write inside
+        self.assertTrue(self.phase(rec).state['committed'])
+        self.assertEqual([], answers)
+        release.set()
+        committer.join(30)
+        writer.join(30)
+        rec.wait_settled(30)
+        vdi = next(iter(answers[0]['vdis'].values()))
+        dev = self.host.sr('sr-b').attach(vdi)
+        self.addCleanup(dev.close)
+        self.assertEqual(b'\x33' * 4096, bytes(dev.pread(8192, 4096)))
 
     def test_the_vm_record_is_saved_before_done(self):
         vm_uuid = str(uuidlib.uuid4())
