@@ -534,13 +534,17 @@ def _compose_all(receivers, durable=True):
     """
     items = list(receivers.items())
     if len(items) < 2:
-        return {src: rec.compose(durable=durable).uuid
-                for src, (_sr, rec) in items}
+        for _src, (_sr, rec) in items:
+            rec.compose(durable=durable, describe=False)
+        return {src: rec.leaf_uuid for src, (_sr, rec) in items}
     with concurrent.futures.ThreadPoolExecutor(
             len(items), thread_name_prefix='xsm-compose') as pool:
-        futures = [(src, pool.submit(rec.compose, durable=durable))
-                   for src, (_sr, rec) in items]
-        return {src: fut.result().uuid for src, fut in futures}
+        futures = [pool.submit(rec.compose, durable=durable,
+                               describe=False)
+                   for _src, (_sr, rec) in items]
+        for fut in futures:
+            fut.result()
+    return {src: rec.leaf_uuid for src, (_sr, rec) in items}
 
 
 def aborted_error(mid, host_name, expired):

@@ -311,7 +311,7 @@ class Receiver:
         self._close_error = error
         return error
 
-    def compose(self, durable=True):
+    def compose(self, durable=True, describe=True):
         """Finish: flush and close both devices; return the leaf VDI.
 
         Afterwards the leaf VDI reads exactly what leaf-over-base read.
@@ -321,6 +321,8 @@ class Receiver:
             durable (no ``fsync``); the caller calls :meth:`make_durable`
             later. For a migration's commit, whose journal redoes the
             compose after a crash until it records the migration done.
+        :param describe: False: return None, not the VDI (whose record
+            costs an opening of its image; :attr:`leaf_uuid` names it).
         """
         with self._lock:
             if self._discarded:
@@ -339,7 +341,7 @@ class Receiver:
                 self._owed = not durable
                 LOG.info('SR %s: received VDI %s composed (VDIs %s)',
                          self.sr.name, self.leaf_uuid, ', '.join(self.vdis))
-        return self.sr.get(self.leaf_uuid)
+        return self.sr.get(self.leaf_uuid) if describe else None
 
     def make_durable(self):
         """What ``compose(durable=False)`` wrote, to disk; idempotent.
@@ -695,6 +697,11 @@ class SR(abc.ABC):
         """
         path = self.vdi_path(uuid)
         uuid = self._check_uuid(uuid)
+        self._stat_vdi(uuid, path)
+        return self._vdi(uuid, path)
+
+    def _stat_vdi(self, uuid, path):
+        """``os.lstat`` of the VDI's file; VDINotFound when there is none."""
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -703,7 +710,7 @@ class SR(abc.ABC):
             raise self._error('read', uuid, exc)
         if not stat.S_ISREG(st.st_mode):
             raise VDINotFound(sr=self.name, uuid=uuid, path=path)
-        return self._vdi(uuid, path)
+        return st
 
     def list(self):
         """Every VDI of the SR, sorted by uuid."""
@@ -815,11 +822,14 @@ class SR(abc.ABC):
         """
         uuid = self._check_uuid(uuid)
         with self._locked():
-            vdi = self.get(uuid)
             path = self.vdi_path(uuid)
+            # (its file's mode only: the whole record (get) reads every
+            # partly written block's bitmap, which a VM's start after a
+            # migration pays inside the switch-over's pause)
+            st = self._stat_vdi(uuid, path)
             release = None
             if writable:
-                if vdi.read_only:
+                if not st.st_mode & 0o222:
                     raise VDIReadOnly(sr=self.name, uuid=uuid, path=path,
                                       reason='it cannot be attached for '
                                       'writing')

@@ -77,7 +77,10 @@ def _parent_uuid(img):
     """The parent VDI uuid a differencing image names, else None."""
     if img.type != fmt.TYPE_DIFF:
         return None
-    name = img.header.parent_name
+    return _parent_name_uuid(img.header.parent_name)
+
+
+def _parent_name_uuid(name):
     return name[:-len('.vhd')] if name.endswith('.vhd') else name
 
 
@@ -164,11 +167,11 @@ class VHDSR(base.SR):
             img.close()
 
     def _parent_of(self, uuid, path):
-        img = vhd_image.Image(path)
-        try:
-            return _parent_uuid(img)
-        finally:
-            img.close()
+        # (asked of every VDI of the SR: its header only, not its BAT)
+        name = vhd_image.parent_name(path)
+        if name is None:
+            return None
+        return _parent_name_uuid(name)
 
     def _build(self, uuid, path, size, hidden):
         tmp = self._tmp_path(uuid, 'new')
@@ -509,7 +512,9 @@ class VHDSR(base.SR):
         base_path, path = self.vdi_path(base_uuid), self.vdi_path(leaf)
         with self._locked():
             try:
-                if not self.get(base_uuid).hidden:
+                # (its footer only: the base was made hidden; a full
+                # opening of it costs with its size, in the pause)
+                if not vhd_image.read_footer(base_path).hidden:
                     self._set_hidden(base_uuid, base_path, True)
                 vhd_image.make_read_only(base_path)
                 # The leaf recorded the base's mtime when it was made; the

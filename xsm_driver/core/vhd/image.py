@@ -104,6 +104,52 @@ def direct_ok(view, offset):
     return address is not None and not address % DIRECT_ALIGN
 
 
+def read_footer(path):
+    """The footer of an image, read and checked alone (one small read).
+
+    :raises errors.VHDError: the file cannot be read.
+    :raises errors.InvalidImage: its footer is not valid.
+    """
+    return _read_head(path)[0]
+
+
+def parent_name(path):
+    """The parent name a differencing image's header gives, else None.
+
+    Reads the footer and the dynamic header only (two small reads), not
+    the BAT: for questions about a chain's shape (which VDIs have this
+    one as parent) asked of every image of an SR, where opening each
+    (:class:`Image`) costs with its size.
+
+    :raises errors.VHDError: the file cannot be read.
+    :raises errors.InvalidImage: its footer or header is not valid.
+    """
+    return _read_head(path, header=True)[1]
+
+
+def _read_head(path, header=False):
+    """``(footer, parent name)`` of an image; the name only if asked."""
+    try:
+        with open(path, 'rb') as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < fmt.SECTOR:
+                raise fmt.FormatError('file is %d bytes, too short for a '
+                                      'footer' % size)
+            footer = fmt.Footer.unpack(os.pread(f.fileno(), fmt.SECTOR,
+                                                size - fmt.SECTOR))
+            if not header or footer.type != fmt.TYPE_DIFF:
+                return footer, None
+            raw = os.pread(f.fileno(), 1024, fmt.HEADER_OFFSET)
+            if len(raw) != 1024:
+                raise fmt.FormatError('the dynamic header was cut short')
+            return footer, fmt.Header.unpack(raw).parent_name
+    except fmt.FormatError as exc:
+        raise errors.InvalidImage(path=path, reason=str(exc))
+    except OSError as exc:
+        raise errors.VHDError(path=path, reason='cannot read: %s'
+                              % (exc.strerror or exc))
+
+
 def make_read_only(path):
     """Mark an image read-only the way snapshots do: no write bits."""
     os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & ~0o222)

@@ -401,6 +401,40 @@ class VHDSRTest(VHDSRTestCase):
                                 True)
         self.assertIn(vdi.uuid, str(exc))
 
+    def test_attach_and_compose_open_no_whole_record_nor_other_vdis(self):
+        # What a VM's start after a migration does inside the pause: the
+        # VDI's record (its allocated bytes: a bitmap read per partly
+        # written block) and the images of the other VDIs (their BATs)
+        # cost with their sizes; their headers are enough.
+        others = [self.disk() for _ in range(3)]
+        self.sr.snapshot(others[0].uuid)
+        rcv = self.sr.receive(8 * MiB, name='in', vm=U2)
+        rcv.leaf.pwrite(b'L' * 4096, 4096)
+        opened = []
+        real_image = vhd_image.Image
+
+        def image(path, *args, **kwargs):
+            opened.append(os.path.basename(path))
+            return real_image(path, *args, **kwargs)
+
+        def no_record(uuid, path):
+            raise AssertionError('the whole record of %s was read' % uuid)
+        self.useFixture(fixtures.MonkeyPatch(
+            'xsm_driver.core.vhd.image.Image', image))
+        self.sr._vdi = no_record
+        self.assertIsNone(rcv.compose(durable=False, describe=False))
+        dev = self.sr.attach(rcv.leaf_uuid, writable=True)
+        self.addCleanup(dev.close)
+        self.assertEqual(b'L' * 4096, bytes(dev.pread(4096, 4096)))
+        del self.sr._vdi
+        mine = {rcv.leaf_uuid + '.vhd', rcv.vdis[0] + '.vhd'}
+        self.assertEqual(set(), set(opened) - mine)
+        # a parent is still refused a writer, a read-only VDI too
+        snap = self.sr.snapshot(others[1].uuid)
+        os.chmod(self.path(snap.uuid), 0o644)
+        self.assertRaises(sr_base.VDIInUse, self.sr.attach, snap.uuid, True)
+        rcv.make_durable()
+
     # -- receive -----------------------------------------------------------
 
     def test_receive_layout_and_compose(self):

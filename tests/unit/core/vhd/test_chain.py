@@ -271,3 +271,47 @@ class ExtentsRangeTest(ChainTestCase):
                         self.assertLessEqual(o + n, wo + wn)
         self.assertRaises(errors.InvalidRequest, c.extents, 63 * MiB,
                           2 * MiB)
+
+
+class ParentNameTest(ChainTestCase):
+    """``image.parent_name``: the header's parent, without the BAT."""
+
+    def test_names_what_a_full_open_names(self):
+        ops.create(self.path('base.vhd'), 16 * MiB)
+        ops.snapshot(self.path('leaf.vhd'), self.path('base.vhd'))
+        self.assertIsNone(vhd_image.parent_name(self.path('base.vhd')))
+        img = vhd_image.Image(self.path('leaf.vhd'))
+        self.addCleanup(img.close)
+        self.assertEqual(img.header.parent_name,
+                         vhd_image.parent_name(self.path('leaf.vhd')))
+        self.assertEqual('base.vhd',
+                         vhd_image.parent_name(self.path('leaf.vhd')))
+        ops.create(self.path('fixed.vhd'), 4 * MiB, fixed=True)
+        self.assertIsNone(vhd_image.parent_name(self.path('fixed.vhd')))
+
+    def test_bad_files_raise_errors_naming_them(self):
+        ops.create(self.path('base.vhd'), 16 * MiB)
+        ops.snapshot(self.path('leaf.vhd'), self.path('base.vhd'))
+        with open(self.path('leaf.vhd'), 'r+b') as f:
+            f.seek(fmt.HEADER_OFFSET)
+            f.write(b'garbage!')
+        err = self.assertRaises(errors.InvalidImage, vhd_image.parent_name,
+                                self.path('leaf.vhd'))
+        self.assertIn('leaf.vhd', str(err))
+        with open(self.path('short.vhd'), 'wb') as f:
+            f.write(b'x' * 100)
+        err = self.assertRaises(errors.InvalidImage, vhd_image.parent_name,
+                                self.path('short.vhd'))
+        self.assertIn('too short', str(err))
+        err = self.assertRaises(errors.VHDError, vhd_image.parent_name,
+                                self.path('missing.vhd'))
+        self.assertIn('missing.vhd', str(err))
+
+    def test_read_footer_is_the_footer_of_a_full_open(self):
+        ops.create(self.path('base.vhd'), 16 * MiB)
+        ops.set_hidden(self.path('base.vhd'), True)
+        img = vhd_image.Image(self.path('base.vhd'))
+        self.addCleanup(img.close)
+        footer = vhd_image.read_footer(self.path('base.vhd'))
+        self.assertEqual(img.footer, footer)
+        self.assertEqual(1, footer.hidden)
