@@ -72,6 +72,12 @@ class VHDDevice(device.BlockDevice):
         with _as_block_errors(self):
             return self.chain.pread(offset, length)
 
+    def read_into(self, buf, offset):
+        view = memoryview(buf).cast('B')
+        self.check_range(offset, len(view))
+        with _as_block_errors(self):
+            self.chain.read_into(view, offset)
+
     def pwrite(self, data, offset, fua=False):
         with _as_block_errors(self):
             self.chain.pwrite(data, offset)
@@ -161,17 +167,23 @@ class RawDevice(device.BlockDevice):
         return self._size
 
     def pread(self, offset, length):
-        self.check_range(offset, length)
         buf = bytearray(length)
-        view = memoryview(buf)
+        self.read_into(buf, offset)
+        return buf
+
+    def read_into(self, buf, offset):
+        view = memoryview(buf).cast('B')
+        length = len(view)
+        self.check_range(offset, length)
         with _as_block_errors(self):
             done = 0
             while done < length:
                 got = os.preadv(self._fd, [view[done:]], offset + done)
                 if not got:
-                    break       # a file that shrank reads as zeros
+                    # a file that shrank reads as zeros
+                    view[done:] = bytes(length - done)
+                    break
                 done += got
-        return buf
 
     def pwrite(self, data, offset, fua=False):
         view = memoryview(data).cast('B')

@@ -60,6 +60,20 @@ class BlockDevice(abc.ABC):
         :returns: a bytes-like object of exactly ``length`` bytes.
         """
 
+    def read_into(self, buf, offset):
+        """Read ``len(buf)`` bytes at ``offset`` into a writable buffer.
+
+        For callers that reuse their buffers (the copy). This default reads
+        with :meth:`pread` and copies; backends read straight into ``buf``.
+        A filter inherits this default, so that its own :meth:`pread` is
+        never bypassed; one that only passes reads on may pass this on too.
+
+        :param buf: a writable bytes-like object.
+        :param offset: byte offset.
+        """
+        view = memoryview(buf).cast('B')
+        view[:] = self.pread(offset, len(view))
+
     def pwrite(self, data, offset, fua=False):
         """Write bytes.
 

@@ -63,6 +63,10 @@ class Gate(device.Filter):
         with self._enter() as dev:
             return dev.pread(offset, length)
 
+    def read_into(self, buf, offset):
+        with self._enter() as dev:
+            return dev.read_into(buf, offset)
+
     def pwrite(self, data, offset, fua=False):
         with self._enter() as dev:
             return dev.pwrite(data, offset, fua)
@@ -550,6 +554,11 @@ class Counter(device.Filter):
     def pread(self, offset, length):
         return self._count('read', lambda: self.next.pread(offset, length),
                            nread=length)
+
+    def read_into(self, buf, offset):
+        size = len(memoryview(buf).cast('B'))
+        return self._count('read', lambda: self.next.read_into(buf, offset),
+                           nread=size)
 
     def pwrite(self, data, offset, fua=False):
         size = len(memoryview(data).cast('B'))

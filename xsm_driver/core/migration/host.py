@@ -164,7 +164,7 @@ class Held(device_mod.BlockDevice):
         raise device_mod.BlockError(device=self.name, errno=errno.EIO,
                                     reason='the disk is not here yet')
 
-    pread = pwrite = flush = extents = _refuse
+    pread = read_into = pwrite = flush = extents = _refuse
 
 
 class Disk:

@@ -157,6 +157,9 @@ class _View(device.BlockDevice):
     def pread(self, offset, length):
         return self._raw().pread(offset, length)
 
+    def read_into(self, buf, offset):
+        self._raw().read_into(buf, offset)
+
     def flush(self):
         self._raw().flush()
 

@@ -46,6 +46,21 @@ class VHDDeviceTest(base.TestCase):
                           (MiB + 4096, 7 * MiB - 4096, HOLE)],
                          dev.extents(0, 8 * MiB))
 
+    def test_read_into_reads_as_pread(self):
+        dev = self.open()
+        dev.pwrite(os.urandom(3 * MiB), MiB - 512)
+        dev.pwrite(b'x' * 512, 6 * MiB + 1024)
+        buf = bytearray(b'\xff' * (8 * MiB))      # junk from a reuse
+        dev.read_into(buf, 0)
+        self.assertEqual(bytes(dev.pread(0, 8 * MiB)), bytes(buf))
+        view = memoryview(buf)[:4096]
+        dev.read_into(view, 6 * MiB)
+        self.assertEqual(bytes(1024) + b'x' * 512 + bytes(2560),
+                         bytes(view))
+        err = self.assertRaises(device.BlockError, dev.read_into,
+                                bytearray(4096), 8 * MiB - 512)
+        self.assertEqual(errno.EINVAL, err.errno)
+
     def test_zero_unaligned(self):
         dev = self.open()
         dev.pwrite(b'b' * 8192, 0)
@@ -90,6 +105,19 @@ class RawDeviceTest(base.TestCase):
         dev.zero(2 * MiB, 4096)
         self.assertEqual(bytes(4096), dev.pread(2 * MiB, 4096))
         self.assertEqual(b'r', dev.pread(2 * MiB + 4096, 1))
+
+    def test_read_into_reused_buffer_of_a_file_that_shrank(self):
+        dev = backends.RawDevice(self.path, writable=True)
+        self.addCleanup(dev.close)
+        dev.pwrite(b'r' * 8192, 0)
+        buf = bytearray(b'\xff' * 16384)          # junk from a reuse
+        dev.read_into(buf, 0)
+        self.assertEqual(b'r' * 8192 + bytes(8192), bytes(buf))
+        os.truncate(self.path, 4096)               # shrank under us
+        buf[:] = b'\xff' * 16384
+        dev.read_into(memoryview(buf)[:8192], 0)
+        self.assertEqual(b'r' * 4096 + bytes(4096) + b'\xff' * 8192,
+                         bytes(buf))
 
     def test_read_only(self):
         dev = backends.RawDevice(self.path)
