@@ -85,7 +85,10 @@ agent_opts = [
     cfg.IntOpt(
         'copy_depth',
         default=8, min=1, max=64,
-        help='Copy requests in flight per disk (see also copy_buffer_mb).'),
+        help='Copy requests in flight per disk (see also copy_buffer_mb). '
+             'The disks of one VM share copy_buffer_mb: each disk\'s copy '
+             'has at most twice its share of those buffers in worker '
+             'threads (and never fewer than its connections).'),
     cfg.IntOpt(
         'copy_buffer_mb',
         default=32, min=4, max=4096,
@@ -98,7 +101,10 @@ agent_opts = [
         default=4, min=1, max=8,
         help='TLS connections the copy of one disk uses (the destination '
              'offers at most 8). One connection is encrypted by one thread '
-             'and decrypted by one, so several use several cores.'),
+             'and decrypted by one, so several use several cores. The copy '
+             'of a VM of several disks opens no more per disk than the '
+             'disk\'s share of copy_buffer_mb holds requests (at least '
+             'one).'),
     cfg.FloatOpt(
         'receive_lease_timeout',
         default=120.0, min=0,

@@ -29,6 +29,8 @@ beside the NBD client's own reader thread.
 """
 
 import logging
+import mmap
+import sys
 import threading
 import time
 
@@ -199,6 +201,97 @@ class TokenBucket:
                 raise _aborted(self.migration_id)
 
 
+class Buffers:
+    """The copy buffers of one migration: at most ``count`` of ``size`` bytes.
+
+    The memory bound of every copy that shares it (see
+    :func:`copy_allocated`'s ``budget``). A buffer (an anonymous mapping)
+    is made when first needed and then reused, so that a chunk costs no
+    new memory to zero and fault in; it is unmapped when the last copy
+    that shares it lets it go, so the agent does not keep what malloc's
+    arenas of many copy threads would.
+
+    :param count: buffers at most (held at once).
+    :param size: bytes of each (the largest chunk).
+
+    ``made`` counts the buffers made so far.
+    """
+
+    def __init__(self, count, size):
+        if count < 1 or size < 1:
+            raise ValueError('copy buffers: at least one of at least one '
+                             'byte, not %r of %r' % (count, size))
+        self.size = size
+        self._units = threading.BoundedSemaphore(count)
+        self._lock = threading.Lock()
+        self._free = []
+        self.made = 0
+
+    def acquire(self, timeout=None):
+        """Take one unit (the right to hold a buffer); False on timeout."""
+        return self._units.acquire(timeout=timeout)
+
+    def release(self):
+        """Give back a unit taken with :meth:`acquire`."""
+        self._units.release()
+
+    def take(self, length):
+        """A buffer of at least ``length`` bytes, for a holder of a unit."""
+        if length > self.size:
+            return bytearray(length)
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self.made += 1
+        # its own mapping: unmapped when dropped, whatever malloc keeps
+        return mmap.mmap(-1, self.size)
+
+    def give(self, buf):
+        """Keep ``buf`` for the next :meth:`take` (nothing else holds it)."""
+        if len(buf) == self.size:
+            with self._lock:
+                self._free.append(buf)
+
+
+def shares(disks, units, depth, connections):
+    """Connections and workers of the copy of each of ``disks`` disks.
+
+    A disk's copy never has more requests in flight than the migration's
+    ``units`` (its buffers), so when several disks share them, each gets
+    fewer connections and workers: every one of them costs a TLS
+    handshake, threads on both sides, and a thread that only waits for
+    a buffer is a thread hand-off more per chunk. Each disk keeps at
+    least one connection and twice its share of the units in workers (a
+    worker reads while another's write is on the wire).
+
+    Example: 8 disks, 8 units, depth 8, 4 connections: each disk 1
+    connection and 2 workers; 1 disk: 4 connections and 8 workers.
+
+    :returns: ``(connections, workers)`` per disk.
+    """
+    disks = max(1, disks)
+    share = max(1, -(-units // disks))
+    conns = max(1, min(connections, share))
+    workers = max(conns, min(depth, 2 * share))
+    return conns, workers
+
+
+def _unheld(view, buf):
+    """Release ``view``; whether nothing else holds ``buf`` now.
+
+    A device that kept the data it was given (or a view of it) keeps the
+    buffer: it is never reused.
+    """
+    # each: the caller's name, the name here and getrefcount's argument
+    if sys.getrefcount(view) > 3:
+        return False
+    try:
+        view.release()
+    except BufferError:
+        return False
+    return sys.getrefcount(buf) <= 3
+
+
 def assign(workers, devices):
     """Which device each worker writes to: as even a share as can be.
 
@@ -234,10 +327,12 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
         chunk is written.
     :param cancel: a :class:`threading.Event`, checked between chunks.
     :param migration_id: named in :class:`errors.MigrationAborted`.
-    :param budget: a semaphore shared by the copies of one migration: a
-        worker holds one of its units from the read of a chunk until the
-        chunk is written, so all of them together hold at most as many
-        chunks as it has units (its memory bound); None: ``depth``.
+    :param budget: a :class:`Buffers` shared by the copies of one
+        migration: a worker holds one of its units (and a buffer) from
+        the read of a chunk until the chunk is written, so all of them
+        together hold at most as many chunks as it has units (its memory
+        bound); None: ``depth`` buffers of this copy's own. (A plain
+        semaphore still bounds the chunks, each read into new memory.)
     :returns: bytes copied.
     :raises errors.MigrationAborted: ``cancel`` was set; every worker has
         stopped.
@@ -256,6 +351,9 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
     if progress is not None and not progress.total:
         progress.total = sum(n for _o, n in ranges)
     cancel = cancel if cancel is not None else threading.Event()
+    if budget is None:
+        budget = Buffers(depth, max([n for _o, n in ranges] or [1]))
+    pool = budget if isinstance(budget, Buffers) else None
     stop = threading.Event()
     lock = threading.Lock()
     state = {'next': 0, 'copied': 0, 'error': None}
@@ -278,8 +376,9 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
     def work(out):
         try:
             while not stop.is_set() and not cancel.is_set():
-                if budget is not None and not held():
+                if not held():
                     return
+                buf = None
                 try:
                     item = take()
                     if item is None:
@@ -287,14 +386,21 @@ def copy_allocated(src, dst, ranges=None, chunk=CHUNK, depth=DEPTH,
                     offset, length = item
                     if limiter is not None:
                         limiter.consume(length, cancel)
-                    data = src.pread(offset, length)
+                    if pool is None:
+                        data = src.pread(offset, length)
+                    else:
+                        buf = pool.take(length)
+                        data = memoryview(buf)[:length]
+                        src.read_into(data, offset)
                     if stop.is_set() or cancel.is_set():
                         return
                     out.pwrite(data, offset)
+                    if buf is not None and _unheld(data, buf):
+                        pool.give(buf)
                     del data
                 finally:
-                    if budget is not None:
-                        budget.release()
+                    buf = None
+                    budget.release()
                 with lock:
                     state['copied'] += length
                 if progress is not None:

@@ -663,9 +663,15 @@ class Migration:
             self.progress.total = sum(n for r in ranges.values()
                                       for _o, n in r)
             self.progress.start()
-            # all disks together hold at most copy_buffer bytes of data
-            self._budget = threading.BoundedSemaphore(
-                max(1, self.options.copy_buffer // self.options.chunk))
+            # all disks together hold at most copy_buffer bytes of data,
+            # in buffers they reuse
+            self._budget = copy_mod.Buffers(
+                max(1, self.options.copy_buffer // self.options.chunk),
+                self.options.chunk)
+            self._shares = copy_mod.shares(
+                len(sources), max(1, self.options.copy_buffer
+                                  // self.options.chunk),
+                self.options.depth, self._copy_connections())
             with concurrent.futures.ThreadPoolExecutor(
                     max_workers=len(sources) or 1,
                     thread_name_prefix='xsm-copy') as pool:
@@ -679,12 +685,14 @@ class Migration:
                     self._cancel.set()
                     raise
         finally:
+            # the buffers go with the copy, not with the migration's record
+            self._budget = None
             for _item, src in sources:
                 src.close()
 
     def _copy_one(self, item, src, ranges):
-        names = copy_exports(item.export, self._copy_connections(),
-                             len(ranges))
+        connections, workers = self._shares
+        names = copy_exports(item.export, connections, len(ranges))
         dsts = []
         try:
             for name in names:
@@ -692,7 +700,7 @@ class Migration:
                 dsts.append(self._connect(name))
             copy_mod.copy_allocated(
                 src, dsts, ranges=ranges, chunk=self.options.chunk,
-                depth=max(self.options.depth, len(dsts)),
+                depth=max(workers, len(dsts)),
                 limiter=self._limiter, progress=self.progress,
                 cancel=self._cancel, budget=self._budget)
         finally:

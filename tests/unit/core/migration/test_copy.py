@@ -352,6 +352,53 @@ class CopyTest(CopyTestCase):
             self.assertSameContent(src, dst)
         self.assertNoThreadsLeft()
 
+    def test_copies_sharing_buffers_reuse_them(self):
+        budget = copy.Buffers(3, 64 * KiB)
+        pairs = []
+        for i in range(3):
+            src = self.make_src(12, 64 * KiB, 'src%d.raw' % i)
+            pairs.append((src, Slow(self.make_raw(src.size, 'dst%d.raw' % i),
+                                    write=0.005)))
+        threads = [threading.Thread(target=copy.copy_allocated,
+                                    args=(src, dst),
+                                    kwargs={'chunk': 64 * KiB, 'depth': 4,
+                                            'budget': budget})
+                   for src, dst in pairs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        # 36 chunks through 3 buffers, each made once and kept
+        self.assertEqual(3, budget.made)
+        self.assertEqual(3, len(budget._free))
+        for src, dst in pairs:
+            self.assertSameContent(src, dst)
+        self.assertNoThreadsLeft()
+
+    def test_a_buffer_a_device_kept_is_not_reused(self):
+        kept = []
+
+        class Keeping(device.Filter):
+            def pwrite(self, data, offset, fua=False):
+                kept.append((offset, data))
+                return self.next.pwrite(data, offset, fua)
+
+        src = self.make_src(16, 64 * KiB)
+        dst = Keeping(self.make_raw(src.size))
+        budget = copy.Buffers(2, 64 * KiB)
+        copy.copy_allocated(src, dst, chunk=64 * KiB, depth=2,
+                            budget=budget)
+        self.assertSameContent(src, dst)
+        self.assertEqual(16, len(kept))
+        self.assertEqual(16, budget.made)
+        for offset, data in kept:       # not overwritten by a later chunk
+            self.assertEqual(bytes(src.pread(offset, 64 * KiB)),
+                             bytes(data))
+
+    def test_buffers_refuse_nothing(self):
+        self.assertRaises(ValueError, copy.Buffers, 0, MiB)
+        self.assertRaises(ValueError, copy.Buffers, 1, 0)
+
     def test_a_copy_waiting_for_the_budget_can_be_cancelled(self):
         budget = threading.BoundedSemaphore(1)
         budget.acquire()                # another copy holds it all
@@ -476,6 +523,25 @@ class AssignTest(base.TestCase):
 
     def test_no_device(self):
         self.assertRaises(ValueError, copy.assign, 4, 0)
+
+
+class SharesTest(base.TestCase):
+
+    def test_one_disk_keeps_every_connection_and_worker(self):
+        self.assertEqual((4, 8), copy.shares(1, 8, 8, 4))
+
+    def test_disks_split_the_buffers(self):
+        # 8 disks, 8 buffers: 1 connection, 2 workers each (16 threads,
+        # 8 connections, instead of 64 threads and 32 connections)
+        self.assertEqual((1, 2), copy.shares(8, 8, 8, 4))
+        self.assertEqual((2, 4), copy.shares(4, 8, 8, 4))
+        self.assertEqual((1, 2), copy.shares(3, 2, 8, 4))
+
+    def test_never_less_than_one_or_more_than_asked(self):
+        self.assertEqual((1, 1), copy.shares(64, 1, 1, 4))
+        self.assertEqual((1, 1), copy.shares(0, 8, 1, 1))
+        self.assertEqual((4, 4), copy.shares(1, 64, 2, 4))
+        self.assertEqual((2, 16), copy.shares(2, 64, 16, 2))
 
 
 class TokenBucketTest(base.TestCase):
