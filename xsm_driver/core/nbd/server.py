@@ -1027,16 +1027,23 @@ class _Handler:
                 pooled = max(pooled - 1, 0)
                 self._slots.acquire()
                 # in a box the worker empties: then nothing but the worker
-                # holds the request, and its buffer can be reused
-                self._pool.submit(self._serve_pooled, dev, [event])
-                event = None
+                # holds the request, and its buffer can be reused (this
+                # thread lets go of it before the worker may start)
+                box, event = [event], None
+                self._pool.submit(self._serve_pooled, dev, box)
+                box = None
                 continue
             buf = event.data if type(event) is p.WriteRequest else None
-            took = self._serve(dev, event)
+            reply, took = self._run_request(dev, event)
             length, event = event.length, None
             if buf is not None:
+                # back in the pool before the reply lets the client send
+                # the next write: the buffers in use stay as many as the
+                # client keeps in flight
                 self._buffers.put(buf)
                 buf = None
+            self._reply(reply)
+            reply = None
             if took <= INLINE_BUDGET + length / INLINE_RATE:
                 slow = 0
             else:
@@ -1048,17 +1055,20 @@ class _Handler:
         req = box.pop()
         buf = req.data if type(req) is p.WriteRequest else None
         try:
-            self._serve(dev, req)
-        finally:
+            reply, _took = self._run_request(dev, req)
             req = None
+            if buf is not None:
+                self._buffers.put(buf)
+                buf = None
+            self._reply(reply)
+        finally:
+            req = buf = None
             self._slots.release()
-        if buf is not None:
-            self._buffers.put(buf)
 
-    def _serve(self, dev, req):
-        """Execute a request and send its reply.
+    def _run_request(self, dev, req):
+        """Execute a request.
 
-        :returns: the seconds the device took.
+        :returns: ``(its reply, the seconds the device took)``.
         """
         start = time.monotonic()
         try:
@@ -1073,7 +1083,10 @@ class _Handler:
                                   done=True)
                      if self.conn.structured else
                      p.SimpleReply(req.handle, code))
-        took = time.monotonic() - start
+        return reply, time.monotonic() - start
+
+    def _reply(self, reply):
+        """Send a reply (a connection that cannot take it is closed)."""
         try:
             with self._send:
                 with self._core:
@@ -1084,7 +1097,6 @@ class _Handler:
             self.abort()
         except p.NBDProtocolError as exc:
             LOG.debug('NBD client %s: no reply sent: %s', self.peer, exc)
-        return took
 
     def _execute(self, dev, req):
         handle, structured = req.handle, self.conn.structured

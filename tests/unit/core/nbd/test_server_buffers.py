@@ -207,6 +207,42 @@ class ReuseOverTheWireTest(base.TestCase):
         self.assertEqual(24, len(seen))
         self.assertLessEqual(len(set(seen)), nbd_server.PAYLOAD_BUFFERS + 1)
 
+    def test_buffers_in_use_are_the_writes_in_flight(self):
+        # A slow device (its writes go to the workers): the buffer goes
+        # back to the pool before the reply, so a client that waits for
+        # each reply before its next write needs one buffer, not one
+        # more whenever its next write beats the worker to the pool.
+        allocated = []
+        buffer_size = nbd_server.buffer_size
+
+        def counting(size):
+            allocated.append(size)
+            return buffer_size(size)
+        self.patch(nbd_server, 'buffer_size', counting)
+        keep = nbd_server._Buffers._keep_buffer
+
+        def late_keep(pool, buf):
+            # a server thread descheduled on its way back to the pool
+            threading.Event().wait(0.02)
+            return keep(pool, buf)
+        self.patch(nbd_server._Buffers, '_keep_buffer', late_keep)
+        for slow in (0.0, 0.01):
+            dev = Keeper(8 * MiB, slow=slow)
+            del allocated[:]
+            server = nbd_server.Server({'disk': dev}).start()
+            self.addCleanup(server.stop)
+            client = nbd_client.Client(*server.address, export='disk',
+                                       timeout=10).connect()
+            self.addCleanup(client.close)
+            want = bytearray(dev.size)
+            for i in range(16):
+                data = os.urandom(MiB)
+                offset = (i % 8) * MiB
+                want[offset:offset + MiB] = data
+                client.pwrite(data, offset)
+            self.assertEqual(bytes(want), bytes(client.pread(0, dev.size)))
+            self.assertEqual([MiB], allocated, slow)
+
     def test_writes_of_many_sizes_share_a_few_buffers(self):
         dev = Keeper(8 * MiB)
         allocated = []
