@@ -30,27 +30,27 @@ from xsm_driver.core.block import device
 LOG = logging.getLogger(__name__)
 
 
-class Gate(device.Filter):
-    """Pause I/O, optionally swap the device underneath, resume.
+class _Admission(device.Filter):
+    """A filter that admits each request and counts those inside.
 
-    ``pause()`` holds new requests and waits until every request already
-    inside has finished; ``resume(replacement)`` lets them go on, against
-    ``replacement`` when one is given. No request fails because of a pause.
+    Subclasses decide, in :meth:`_admit` (called under ``self._cond``),
+    whether a request may go in, and to which device.
     """
 
     def __init__(self, next_device):
         super().__init__(next_device)
         self._cond = threading.Condition()
-        self._paused = False
         self._inflight = 0
+
+    def _admit(self):
+        """The device a request goes to; raise to refuse it."""
+        raise NotImplementedError
 
     @contextlib.contextmanager
     def _enter(self):
         with self._cond:
-            while self._paused:
-                self._cond.wait()
+            target = self._admit()
             self._inflight += 1
-            target = self.next
         try:
             yield target
         finally:
@@ -86,6 +86,24 @@ class Gate(device.Filter):
     def extents(self, offset, length):
         with self._enter() as dev:
             return dev.extents(offset, length)
+
+
+class Gate(_Admission):
+    """Pause I/O, optionally swap the device underneath, resume.
+
+    ``pause()`` holds new requests and waits until every request already
+    inside has finished; ``resume(replacement)`` lets them go on, against
+    ``replacement`` when one is given. No request fails because of a pause.
+    """
+
+    def __init__(self, next_device):
+        super().__init__(next_device)
+        self._paused = False
+
+    def _admit(self):
+        while self._paused:
+            self._cond.wait()
+        return self.next
 
     @property
     def paused(self):
@@ -148,7 +166,7 @@ class Gate(device.Filter):
                 self.resume()
 
 
-class Fence(device.Filter):
+class Fence(_Admission):
     """Shut a device off for good, between two requests.
 
     :meth:`seal` waits for the requests already inside to finish and makes
@@ -162,50 +180,15 @@ class Fence(device.Filter):
 
     def __init__(self, next_device):
         super().__init__(next_device)
-        self._cond = threading.Condition()
         self._sealed = False
-        self._inflight = 0
 
-    @contextlib.contextmanager
-    def _enter(self):
-        with self._cond:
-            if self._sealed:
-                raise device.BlockError(
-                    device=self.name, errno=errno.ESHUTDOWN,
-                    reason='the device was shut off (its migration '
-                    'switched over or was rolled back)')
-            self._inflight += 1
-        try:
-            yield self.next
-        finally:
-            with self._cond:
-                self._inflight -= 1
-                if not self._inflight:
-                    self._cond.notify_all()
-
-    def pread(self, offset, length):
-        with self._enter() as dev:
-            return dev.pread(offset, length)
-
-    def pwrite(self, data, offset, fua=False):
-        with self._enter() as dev:
-            return dev.pwrite(data, offset, fua)
-
-    def flush(self):
-        with self._enter() as dev:
-            return dev.flush()
-
-    def trim(self, offset, length):
-        with self._enter() as dev:
-            return dev.trim(offset, length)
-
-    def zero(self, offset, length, may_trim=False):
-        with self._enter() as dev:
-            return dev.zero(offset, length, may_trim)
-
-    def extents(self, offset, length):
-        with self._enter() as dev:
-            return dev.extents(offset, length)
+    def _admit(self):
+        if self._sealed:
+            raise device.BlockError(
+                device=self.name, errno=errno.ESHUTDOWN,
+                reason='the device was shut off (its migration '
+                'switched over or was rolled back)')
+        return self.next
 
     @property
     def sealed(self):
