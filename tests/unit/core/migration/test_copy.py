@@ -313,6 +313,18 @@ class CopyTest(CopyTestCase):
         self.assertSameContent(src, dst)
         self.assertNoThreadsLeft()
 
+    def copy_all(self, pairs, budget):
+        """Copy each (src, dst) pair in a thread of its own, sharing budget."""
+        threads = [threading.Thread(target=copy.copy_allocated,
+                                    args=(src, dst),
+                                    kwargs={'chunk': 64 * KiB, 'depth': 4,
+                                            'budget': budget})
+                   for src, dst in pairs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+
     def test_copies_sharing_a_budget_hold_at_most_its_chunks(self):
         held = {'now': 0, 'max': 0}
         lock = threading.Lock()
@@ -336,15 +348,7 @@ class CopyTest(CopyTestCase):
             pairs.append((src, Written(self.make_raw(src.size,
                                                      'dst%d.raw' % i),
                                        write=0.01)))
-        threads = [threading.Thread(target=copy.copy_allocated,
-                                    args=(src, dst),
-                                    kwargs={'chunk': 64 * KiB, 'depth': 4,
-                                            'budget': budget})
-                   for src, dst in pairs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        self.copy_all(pairs, budget)
         # 3 copies of depth 4 would hold 12 chunks at once without it
         self.assertEqual(3, held['max'])
         self.assertEqual(0, held['now'])
@@ -359,15 +363,7 @@ class CopyTest(CopyTestCase):
             src = self.make_src(12, 64 * KiB, 'src%d.raw' % i)
             pairs.append((src, Slow(self.make_raw(src.size, 'dst%d.raw' % i),
                                     write=0.005)))
-        threads = [threading.Thread(target=copy.copy_allocated,
-                                    args=(src, dst),
-                                    kwargs={'chunk': 64 * KiB, 'depth': 4,
-                                            'budget': budget})
-                   for src, dst in pairs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        self.copy_all(pairs, budget)
         # 36 chunks through 3 buffers, each made once and kept
         self.assertEqual(3, budget.made)
         self.assertEqual(3, len(budget._free))
