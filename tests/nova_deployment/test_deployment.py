@@ -472,8 +472,8 @@ class NovaDeploymentTest(testtools.TestCase):
         server = self.boot(ALPHA, image=dep_mod.QEMU_IMAGE_NAME,
                            flavor=dep_mod.QEMU_FLAVOR)
         vm = self.dep.agent_api(ALPHA).vm_get(server['id'])
-        self.assertEqual({'memory_mib': dep_mod.QEMU_MEMORY_MB, 'vcpus': 1},
-                         vm['qemu'])
+        self.assertEqual({'memory_mib': dep_mod.QEMU_MEMORY_MB, 'vcpus': 1,
+                          'firmware': 'qboot'}, vm['qemu'])
         qemu = self.qemu_of(ALPHA, vm)
         agent_pid = self.dep.agent_pid(ALPHA)
         self.assertIsNotNone(agent_pid)

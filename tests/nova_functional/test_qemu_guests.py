@@ -256,8 +256,8 @@ class TestQemuGuest(QemuGuestTestCase):
         server = self.boot_image(self.raw_image())
         vm = self.xsm[SOURCE].vm_get(server['id'])
         self.assertEqual('running', vm['power_state'])
-        self.assertEqual({'memory_mib': self.MEMORY_MB, 'vcpus': 1},
-                         vm['qemu'])
+        self.assertEqual({'memory_mib': self.MEMORY_MB, 'vcpus': 1,
+                          'firmware': 'qboot'}, vm['qemu'])
         self.assertEqual([IMAGE_MIB * MiB], [
             v['size'] for v in self.xsm[SOURCE].vdi_list()])
         pid = self.qemu_pid(SOURCE)

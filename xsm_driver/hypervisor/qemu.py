@@ -149,6 +149,11 @@ class Paths:
         self.console = os.path.join(folder, CONSOLE_LOG)
 
 
+# ``-bios`` of each firmware (QEMU finds the file in its data folder,
+# /usr/share/qemu: Debian's qemu-system-data); None: QEMU's own default.
+BIOS = {'qboot': 'qboot.rom', 'seabios': None}
+
+
 def kernel_cmdline(spec):
     """The guest kernel's command line: console, verifier options, extra."""
     words = [BASE_CMDLINE]
@@ -197,6 +202,10 @@ def command_line(binary, spec, paths, accel, kernel, initrd, memory_mib,
         '-nodefaults', '-no-user-config', '-display', 'none',
         # the in-guest verifier's wall clock follows the RTC
         '-rtc', 'base=utc,clock=host',
+    ]
+    if BIOS[spec.firmware]:
+        argv += ['-bios', BIOS[spec.firmware]]
+    argv += [
         '-kernel', kernel, '-initrd', initrd,
         '-append', kernel_cmdline(spec),
         '-chardev', 'file,id=console,path=%s' % escape(paths.console),

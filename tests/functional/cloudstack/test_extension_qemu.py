@@ -118,7 +118,8 @@ class TestExtensionQemuGuests(ext.ExtensionCase):
         [vm] = self.a.vm_list()
         uuid = vm['uuid']
         self.assertEqual('running', vm['power_state'])
-        self.assertEqual({'memory_mib': 128, 'vcpus': 1}, vm['qemu'])
+        self.assertEqual({'memory_mib': 128, 'vcpus': 1, 'firmware': 'qboot'},
+                         vm['qemu'])
         self.assertEqual([MAC_A + '@vlan-120', MAC_B + '@vlan-130'],
                          vm['vifs'])
         [pid] = self.qemus('a')

@@ -262,6 +262,17 @@ class TestQemuGuest(GuestTestCase):
         self.assertEqual('running', self.drv.power_state('g1'))
         self.assertRaises(hv_base.GuestExists, self.drv.start, spec)
 
+    def test_a_reset_right_after_the_start_reboots(self):
+        # SeaBIOS hung in most of these tries (hypervisor.base.FIRMWARES)
+        spec, _ = self.disk(0)
+        spec = hv_base.GuestSpec('g1', [spec], verifier={'rate': 20})
+        self.assertEqual('qboot', spec.firmware)
+        for _ in range(4):
+            self.drv.start(spec)
+            self.drv.reboot('g1')
+            self.wait_report('g1', 'start', timeout=BOOT_TIMEOUT)
+            self.drv.destroy('g1')
+
     def test_the_nbd_server_restarts_under_the_guest(self):
         # as the agent that serves the disks restarts
         self.boot()

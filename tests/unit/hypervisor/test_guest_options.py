@@ -30,7 +30,8 @@ class TestGuestOptions(base.TestCase):
         kernel = os.path.join(self.make_tempdir(), 'vmlinuz')
         open(kernel, 'wb').close()
         options = {'memory_mib': 128, 'vcpus': 2, 'kernel': kernel,
-                   'cmdline': 'quiet', 'verifier': {'rate': 0, 'blocks': 8}}
+                   'cmdline': 'quiet', 'verifier': {'rate': 0, 'blocks': 8},
+                   'firmware': 'seabios'}
         got = hv_base.guest_options(options)
         self.assertEqual(options, got)
         got['verifier']['rate'] = 5             # a copy, not the caller's
@@ -47,6 +48,9 @@ class TestGuestOptions(base.TestCase):
         self.refused({'vcpus': True}, 'vcpus')
         self.refused({'vcpus': 0}, 'vcpus must be int in [1, 256]')
         self.refused({'cmdline': 'a\nb'}, 'cmdline must be one line')
+        self.refused({'firmware': 'ovmf'}, 'firmware must be one of qboot, '
+                     "seabios, not 'ovmf'")
+        self.refused({'firmware': 1}, 'firmware must be str')
         self.refused({'verifier': {'speed': 1}},
                      "unknown verifier option 'speed'", 'rate')
         self.refused({'verifier': {'rate': -1}}, 'verifier option rate',

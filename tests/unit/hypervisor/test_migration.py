@@ -159,3 +159,17 @@ class TestHeldDisk(base.TestCase):
                                                 'verifier': {'rate': 5}})
         self.assertEqual((96, 1, {'rate': 5}),
                          (spec.memory_mib, spec.vcpus, spec.verifier))
+        # a record without a firmware is of a guest that ran SeaBIOS
+        self.assertEqual('seabios', spec.firmware)
+        self.assertEqual('qboot', host_mod.guest_spec(
+            'vm-1', [], {'firmware': 'qboot'}).firmware)
+
+    def test_a_cold_boot_sets_the_firmware_a_record_lacks(self):
+        self.assertEqual({'firmware': 'qboot'},
+                         host_mod.cold_boot_options(None))
+        record = {'vcpus': 2}
+        self.assertEqual({'vcpus': 2, 'firmware': 'qboot'},
+                         host_mod.cold_boot_options(record))
+        self.assertEqual({'vcpus': 2}, record)          # a copy
+        self.assertEqual({'firmware': 'seabios'},
+                         host_mod.cold_boot_options({'firmware': 'seabios'}))

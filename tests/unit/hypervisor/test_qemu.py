@@ -121,6 +121,11 @@ class TestCommandLine(base.TestCase):
                           'xsmv.verify_at=100 loglevel=3'],
                          option(argv, '-append'))
 
+    def test_firmware(self):
+        self.assertEqual(['qboot.rom'], option(self.argv(), '-bios'))
+        self.assertEqual([], option(self.argv(firmware='seabios'), '-bios'))
+        self.assertRaises(hv_base.HypervisorError, spec, firmware='ovmf')
+
     def test_socket_path_too_long(self):
         long_spec = spec(disks=[hv_base.DiskSpec(
             'd0', socket='/' + 'x' * 120, export='e')])
@@ -199,6 +204,12 @@ class TestSpec(base.TestCase):
         s = spec(memory_mib=128, vcpus=2, verifier={'rate': 5})
         again = hv_base.GuestSpec.from_dict(s.to_dict())
         self.assertEqual(s.to_dict(), again.to_dict())
+
+    def test_a_spec_file_without_firmware_ran_seabios(self):
+        data = spec().to_dict()
+        del data['firmware']
+        self.assertEqual('seabios',
+                         hv_base.GuestSpec.from_dict(data).firmware)
 
     def test_bad_names(self):
         for name in ('', '../x', 'a/b', '-x', 'x' * 65, None):

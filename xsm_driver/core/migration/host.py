@@ -209,8 +209,9 @@ class VM:
 
     :param qemu: what a QEMU guest needs besides its disks (``qemu``
         hypervisor driver): ``{'memory_mib': .., 'vcpus': ..,
-        'verifier': {..}, 'kernel': .., 'initrd': .., 'cmdline': ..}``,
-        each optional; kept in the record and sent with a migration.
+        'verifier': {..}, 'kernel': .., 'initrd': .., 'cmdline': ..,
+        'firmware': ..}``, each optional; kept in the record and sent
+        with a migration (``firmware``: set at the first cold boot).
     """
 
     def __init__(self, uuid, name, disks, vifs=(), power_state=HALTED,
@@ -490,6 +491,7 @@ class Host:
                     disk.attach(self.sr(disk.sr))
                     attached.append(disk)
                 if self.qemu is not None:
+                    vm.qemu = cold_boot_options(vm.qemu)
                     self.qemu.start(self._guest_spec(vm), paused=paused)
                     vm.in_qemu = True
             except Exception:
@@ -1111,7 +1113,20 @@ def guest_spec(uuid, disks, qemu=None):
         uuid, disks, memory_mib=qemu.get('memory_mib'),
         vcpus=qemu.get('vcpus', 1), verifier=qemu.get('verifier'),
         kernel=qemu.get('kernel'), initrd=qemu.get('initrd'),
-        cmdline=qemu.get('cmdline', ''))
+        cmdline=qemu.get('cmdline', ''),
+        firmware=qemu.get('firmware', hv_base.LEGACY_FIRMWARE))
+
+
+def cold_boot_options(qemu):
+    """A VM record's ``qemu`` options for a boot from cold.
+
+    A record without a firmware gets the default one: the firmware can
+    change at a cold boot only (a live migration's destination runs the
+    source's, whose state it receives; a record without one is of a guest
+    that runs the legacy firmware, see :func:`guest_spec`).
+    """
+    return dict(qemu or {}, firmware=(qemu or {}).get(
+        'firmware', hv_base.DEFAULT_FIRMWARE))
 
 
 def parse_sr_spec(spec):

@@ -260,7 +260,11 @@ class TestQemuGuestOverRPC(TwoHostsCase):
             qemu={'memory_mib': 128,
                   'verifier': {'rate': 40, 'report_ms': 250}})
         self.assertEqual(128, vm['qemu']['memory_mib'])
+        self.assertNotIn('firmware', vm['qemu'])
         self.a.vm_start(vm['uuid'])
+        # chosen at the first cold boot, kept in the record
+        self.assertEqual('qboot',
+                         self.a.vm_get(vm['uuid'])['qemu']['firmware'])
         self.console_report(vm['uuid'], 'progress',
                             lambda r: r['writes'] > 10)
         self.a.guest_start(vm['uuid'], rate=80)
