@@ -121,14 +121,8 @@ def problems(hypervisor='model'):
     """What this machine lacks for a deployment; [] when nothing."""
     found = []
     if hypervisor == 'qemu':
-        if shutil.which(QEMU) is None:
-            found.append('%s is not installed (apt-get install -y '
-                         'qemu-system-x86)' % QEMU)
-        for name in ('vmlinuz', 'initramfs.cpio.gz'):
-            if not os.path.isfile(os.path.join(GUEST_KIT, name)):
-                found.append('the guest kit has no %s in %s (build it with '
-                             'tools/guest-kit/build.sh %s)'
-                             % (name, GUEST_KIT, GUEST_KIT))
+        from xsm_driver.testing import harness
+        found += harness.qemu_guest_problems(GUEST_KIT, QEMU)
     if not _reachable(MYSQL):
         found.append('MariaDB is not reachable at %s:%d (root, empty '
                      'password)' % MYSQL)

@@ -34,7 +34,6 @@ at load 15-50).
 
 import os
 import signal
-import threading
 import unittest
 
 import requests
@@ -42,6 +41,7 @@ import testtools
 from testtools import content
 
 from tests.nova_deployment import deployment as dep_mod
+from tests import nova_shared
 from xsm_driver.hypervisor import qemu as qemu_mod
 from xsm_driver.hypervisor import verifier
 
@@ -206,37 +206,11 @@ class NovaDeploymentTest(testtools.TestCase):
         :returns: the list the records of ``GET /servers/{id}/
             migrations`` are added to.
         """
-        urls = ['/servers/%s/migrations' % server['id'], '/os-migrations']
-        problems, seen = [], []
-        stop = threading.Event()
-
-        def poll_once():
-            for url in urls:
-                resp = self.strict_get(url)
-                if resp.status_code != 200:
-                    problems.append('GET %s: %s %s' % (
-                        url, resp.status_code, resp.text[:500]))
-                elif url.startswith('/servers/'):
-                    seen.extend(resp.json()['migrations'])
-
-        def poll():
-            while not stop.is_set():
-                try:
-                    poll_once()
-                except Exception as exc:    # keep polling; report it
-                    problems.append('GET: %r' % exc)
-                stop.wait(interval)
-
-        thread = threading.Thread(target=poll, daemon=True)
-
-        def finish():
-            stop.set()
-            thread.join(60)
-            poll_once()
-            self.assertEqual([], problems[:5])
-        self.addCleanup(finish)
-        thread.start()
-        return seen
+        poller = nova_shared.MigrationPoller(self.strict_get, server['id'],
+                                             interval, prefix='/')
+        self.addCleanup(lambda: self.assertEqual([], poller.stop(60)))
+        poller.start()
+        return poller.seen
 
     def live_migrate(self, server, host=None, wait=True):
         args = ['server', 'migrate', '--live-migration', '--block-migration']
@@ -352,15 +326,8 @@ class NovaDeploymentTest(testtools.TestCase):
         return found + (mtime,)
 
     def assert_qemu_verified(self, server, host):
-        result = self.dep.agent_api(host, timeout=TIMEOUT).guest_verify(
-            server['id'])
-        self.assertEqual('qemu', result['kind'], result)
-        self.assertTrue(result['verified'], result)
-        self.assertGreater(result['writes'], 0, result)
-        self.assertGreater(result['blocks_checked'], 0, result)
-        self.assertEqual(0, result['mismatches'], result)
-        self.assertEqual(0, result['io_errors'], result)
-        return result
+        return nova_shared.assert_verified(self, self.dep.agent_api(
+            host, timeout=TIMEOUT).guest_verify(server['id']))
 
     def assert_active(self, server, host):
         server = self.show(server['id'])

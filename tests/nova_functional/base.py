@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from unittest import mock
 
@@ -41,6 +40,7 @@ from nova.tests.functional import integrated_helpers
 from oslo_utils.fixture import uuidsentinel as uuids
 from oslo_utils import uuidutils
 
+from tests import nova_shared
 # The SR drivers probe libc (os.uname) when imported; nova's test fixtures
 # forbid host probes during a test, so they are imported here, before.
 from xsm_driver.core.block import backends
@@ -142,11 +142,6 @@ class MigrationPolling:
     ``computes``.
     """
 
-    #: what the migration pollers ask for; nova's harness validates
-    #: responses against nova's schemas ([api]response_validation = error:
-    #: a field the schema refuses makes the GET answer 400)
-    MIGRATION_URLS = ('servers/%s/migrations', 'os-migrations')
-
     def strict_get(self, relative):
         """GET at the latest microversion; the response, whatever it is.
 
@@ -171,43 +166,17 @@ class MigrationPolling:
         left (nova ends it in post_live_migration_at_destination or in
         rollback_live_migration_at_destination).
         """
-        urls = [u % server['id'] if '%s' in u else u
-                for u in self.MIGRATION_URLS]
-        problems, seen = [], []
-        stop = threading.Event()
-
-        def poll_once():
-            for url in list(urls):
-                resp = self.strict_get(url)
-                if resp.status_code == 404 and url.startswith('servers/'):
-                    urls.remove(url)        # the test deleted the server
-                elif resp.status_code != 200:
-                    problems.append('GET %s: %s %s' % (url, resp.status_code,
-                                                       resp.text))
-                elif url.startswith('servers/'):
-                    seen.extend(resp.json()['migrations'])
-
-        def poll():
-            while not stop.is_set():
-                try:
-                    poll_once()
-                except Exception as exc:     # keep polling; report it
-                    problems.append('GET: %r' % exc)
-                stop.wait(interval)
-
-        thread = threading.Thread(target=poll, daemon=True)
+        poller = nova_shared.MigrationPoller(self.strict_get, server['id'],
+                                             interval)
 
         def finish():
-            stop.set()
-            thread.join(30)
-            poll_once()
-            self.assertEqual([], problems[:5])
+            self.assertEqual([], poller.stop(30))
             self.assert_no_dest_task()
 
         self.addCleanup(finish)
-        thread.start()
-        self.polled_migrations = seen
-        return seen
+        poller.start()
+        self.polled_migrations = poller.seen
+        return poller.seen
 
     def pending_dest_tasks(self):
         """Each compute's live_migration_at_dest tasks not ended yet."""

@@ -222,6 +222,23 @@ def broker_problem(address=BROKER, timeout=1.0):
     return None
 
 
+def qemu_guest_problems(kit, qemu='qemu-system-x86_64'):
+    """What this machine lacks to run the guest kit's QEMU guests.
+
+    :param kit: the guest kit's folder (tools/guest-kit/build.sh).
+    :returns: one message per missing part; [] when nothing is.
+    """
+    found = []
+    if shutil.which(qemu) is None:
+        found.append('%s is not installed (apt-get install -y '
+                     'qemu-system-x86)' % qemu)
+    for name in ('vmlinuz', 'initramfs.cpio.gz'):
+        if not os.path.isfile(os.path.join(kit, name)):
+            found.append('the guest kit has no %s in %s (build it with '
+                         'tools/guest-kit/build.sh %s)' % (name, kit, kit))
+    return found
+
+
 def delete_from_broker(queues, exchange, url=KOMBU_URL):
     """Best effort: remove a run's queues and exchange."""
     try:

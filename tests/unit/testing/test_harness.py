@@ -168,6 +168,23 @@ class TestProcessPieces(base.TestCase):
             '(no log:'))
 
 
+class TestQemuGuestProblems(base.TestCase):
+
+    def test_each_missing_part_is_named(self):
+        kit = self.make_tempdir()
+        self.assertEqual(
+            ['no-such-qemu is not installed (apt-get install -y '
+             'qemu-system-x86)',
+             'the guest kit has no vmlinuz in %s (build it with '
+             'tools/guest-kit/build.sh %s)' % (kit, kit),
+             'the guest kit has no initramfs.cpio.gz in %s (build it with '
+             'tools/guest-kit/build.sh %s)' % (kit, kit)],
+            harness.qemu_guest_problems(kit, 'no-such-qemu'))
+        for name in ('vmlinuz', 'initramfs.cpio.gz'):
+            open(os.path.join(kit, name), 'wb').close()
+        self.assertEqual([], harness.qemu_guest_problems(kit, 'sh'))
+
+
 class TestLocalHosts(base.TestCase):
     """Real in-process hosts on ``fake://``: nothing is left after close."""
 
