@@ -67,6 +67,7 @@ from xsm_driver.core.block import filters
 from xsm_driver.core.migration import credentials
 from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import plan
+from xsm_driver.core.migration import workload as workload_mod
 from xsm_driver.core.nbd import server as nbd_server
 from xsm_driver.core.sr import base as sr_base
 
@@ -156,6 +157,9 @@ class Receive:
         self._timing = None         # (the commit under way's _Steps)
         #: the commit's settling after its answer (see :meth:`_settle`)
         self._settler = None
+        #: the guest's models, sent and decoded before the switch-over's
+        #: pause (see :meth:`stage_guest`)
+        self._staged = None
 
     @property
     def _cred_dir(self):
@@ -294,6 +298,62 @@ class Receive:
             self._record('compose')
             return answer
 
+    def stage_guest(self, models):
+        """Take the bulk of the guest's state before the pause (API 1.6).
+
+        ``models`` is what the source's :meth:`Workload.export_ahead`
+        took; decoded here now, the commit only swaps them in (the commit's
+        guest state then names them, ``workload.STAGED``, and carries only
+        the blocks written since). Staged again, the new models replace
+        the old. Nothing of it is journaled: like a VM's memory, a restart
+        loses it.
+
+        :returns: ``{'staged': number of disk models}``.
+        :raises errors.MigrationError: not a VM move, or ``models`` cannot
+            be decoded; a commit or a roll-back already happened.
+        """
+        with self._lock:
+            self._check_open('stage the guest\'s state')
+        if not self.spec.get('vm'):
+            raise errors.MigrationError(
+                'migration %s moves no VM: there is no guest state to '
+                'stage on host %s' % (self.id, self.host.name))
+        try:
+            staged = workload_mod.stage(models)
+        except ValueError as exc:
+            raise errors.MigrationError(
+                'migration %s: the guest\'s state staged on host %s: %s'
+                % (self.id, self.host.name, exc))
+        with self._lock:
+            self._check_open('stage the guest\'s state')
+            self._staged = staged
+        return {'staged': len(staged)}
+
+    def _check_open(self, what):
+        """Refuse ``what`` once committed or rolled back."""
+        if self.phase == ABORTED or self.aborting:
+            raise aborted_error(self.id, self.host.name, self.expired)
+        if self.committed or self.phase == 'done':
+            raise errors.InvalidPhase(id=self.id, phase=self.phase,
+                                      reason='cannot %s: committed '
+                                      'already' % what)
+
+    def _check_staged(self, vm_state):
+        """Refuse, before the commit point, a guest state left incomplete.
+
+        A state that left its models out (they were staged) needs them
+        here: without them the guest could not go on after the commit.
+        """
+        guest = (vm_state or {}).get('workload')
+        if not isinstance(guest, dict) or workload_mod.STAGED not in guest:
+            return
+        try:
+            workload_mod.swap_in(guest, self._staged)
+        except ValueError as exc:
+            raise errors.MigrationError(
+                'migration %s: host %s cannot commit: %s' % (
+                    self.id, self.host.name, exc))
+
     def complete(self, vm_state=None):
         """Commit: compose every VDI and, for a VM, register and resume it.
 
@@ -308,6 +368,7 @@ class Receive:
                 raise aborted_error(self.id, self.host.name, self.expired)
             steps = _Steps()
             if not self.committed:
+                self._check_staged(vm_state)
                 # The commit point: durable before anything else changes.
                 # The guest's state stays out of the journal (it is what a
                 # crash of this host loses, as a VM's memory).
@@ -399,7 +460,8 @@ class Receive:
         if self._vm_state is not None:
             vm_uuid = adopt(self.host, self.spec, self._vm_state, new,
                             start=self._incoming is None, steps=steps,
-                            save=False)
+                            save=False, staged=self._staged)
+            self._staged = None         # (the guest's now)
             if self._incoming is not None and \
                     self.host.take_incoming(vm_uuid, save=False):
                 # The guest runs once its QEMU has the rest of its state,
@@ -467,6 +529,7 @@ class Receive:
             for _sr, rec in self._receivers.values():
                 rec.discard()
             self._receivers = {}
+            self._staged = None
             self._forget_credentials()
             state = {'expired': self.expired} if self.expired else {}
             self.host.journal.finish(self.id, ABORTED, role=ROLE, **state)
@@ -568,7 +631,8 @@ def without_guest(vm_state):
     return {k: v for k, v in vm_state.items() if k != 'workload'}
 
 
-def adopt(host, spec, vm_state, new, start, steps=None, save=True):
+def adopt(host, spec, vm_state, new, start, steps=None, save=True,
+          staged=None):
     """Register the VM of a committed migration here; can be run again.
 
     :param new: source VDI uuid -> the composed VDI here.
@@ -576,6 +640,8 @@ def adopt(host, spec, vm_state, new, start, steps=None, save=True):
         a host that stopped comes back with its VMs halted).
     :param save: False: the caller saves the host's VM records itself
         (:meth:`Host.save`).
+    :param staged: the guest's models, staged before the pause
+        (:meth:`Receive.stage_guest`).
     :returns: the VM's uuid.
     """
     record = dict(vm_state['vm'])
@@ -594,7 +660,7 @@ def adopt(host, spec, vm_state, new, start, steps=None, save=True):
         steps.mark('vm_register')
     if start and vm_state.get('power_state') == 'running':
         host.start_vm(vm.uuid, workload=vm_state.get('workload'),
-                      save=save)
+                      save=save, staged=staged)
         if steps is not None:
             steps.mark('guest_start')
     return vm.uuid

@@ -468,7 +468,8 @@ class Host:
             self.save()
         return vm
 
-    def start_vm(self, ref, workload=None, paused=False, save=True):
+    def start_vm(self, ref, workload=None, paused=False, save=True,
+                 staged=None):
         """Attach the disks and run; ``workload`` is a guest state.
 
         With the qemu driver: each disk's stack is served on a unix
@@ -476,6 +477,8 @@ class Host:
 
         :param save: False: the caller saves the VM records (:meth:`save`)
             itself, later.
+        :param staged: the guest's models, decoded ahead (see
+            :func:`workload.stage`), when ``workload`` left them out.
         """
         vm = self.vm(ref)
         with vm.lock:
@@ -501,7 +504,7 @@ class Host:
             vm.power_state = PAUSED if vm.in_qemu and paused else RUNNING
             if workload is not None and not vm.in_qemu:
                 vm.workload = workload_mod.Workload.from_state(
-                    vm.devices, workload).start()
+                    vm.devices, workload, staged).start()
         if save:
             self.save()
         return vm

@@ -704,6 +704,13 @@ class Manager:
     def receive_compose(self, mid):
         return self._receive(mid).compose()
 
+    def receive_stage_guest(self, mid, models):
+        """The guest's state, ahead of the switch-over's pause (API 1.6).
+
+        See :meth:`destination.Receive.stage_guest`.
+        """
+        return self._receive(mid).stage_guest(models)
+
     def receive_complete(self, mid, vm_state):
         """Commit the switch-over of ``mid`` (see :mod:`destination`).
 
@@ -1019,6 +1026,9 @@ class LocalPeer:
 
     def compose(self, mid):
         return self._m.receive_compose(mid)
+
+    def stage_guest(self, mid, models):
+        return self._m.receive_stage_guest(mid, models)
 
     def complete(self, mid, vm_state):
         return self._m.receive_complete(mid, vm_state)

@@ -171,6 +171,44 @@ def verify(dev, model, chunk=2 << 20):
     return model.blocks * BLOCK
 
 
+#: the key of a guest state whose models went ahead (:func:`stage`); its
+#: value is how many
+STAGED = 'staged_models'
+
+
+def stage(ahead):
+    """Decode the models :meth:`Workload.export_ahead` took.
+
+    What the destination of a migration does with them before the
+    switch-over's pause, so that the pause only swaps them in
+    (:func:`swap_in`).
+
+    :raises ValueError: ``ahead`` is not a list of encoded models.
+    """
+    if not isinstance(ahead, list) or not ahead:
+        raise ValueError('expected a list of the disks\' models, got %s'
+                         % type(ahead).__name__)
+    try:
+        return [DiskModel.from_primitive(m) for m in ahead]
+    except (KeyError, TypeError, ValueError, zlib.error) as exc:
+        raise ValueError('a disk model cannot be decoded: %s' % exc)
+
+
+def swap_in(state, staged):
+    """The models of a guest ``state``: its own, or the staged ones.
+
+    :raises ValueError: the state left its models out (``STAGED``) and
+        no models, or not as many, were staged.
+    """
+    if STAGED not in state:
+        return [DiskModel.from_primitive(m) for m in state['models']]
+    if staged is None or len(staged) != state[STAGED]:
+        raise ValueError('the guest\'s state names %s staged disk models, '
+                         '%s were staged' % (state[STAGED], 'none' if staged
+                                             is None else len(staged)))
+    return staged
+
+
 class Workload:
     """One thread per disk that writes and reads back, verifying.
 
@@ -267,25 +305,36 @@ class Workload:
         for m in self.models:
             m.dirty = None
 
-    def export(self, ahead=None):
+    def export(self, ahead=None, staged=False):
         """The guest's state; call while suspended or stopped.
 
         :param ahead: what :meth:`export_ahead` returned; then only the
             blocks written since are added to it.
+        :param staged: ``ahead`` went to the destination before the pause
+            (:func:`stage`): it is left out (``STAGED`` says so).
         """
         state = {'rate': self.rate, 'read_ratio': self.read_ratio,
                  'writes': self.writes, 'reads': self.reads}
         if ahead is None:
             state['models'] = [m.to_primitive() for m in self.models]
             return state
-        state['models'] = ahead
+        if staged:
+            state[STAGED] = len(ahead)
+        else:
+            state['models'] = ahead
         state['changes'] = [[[b, m.gen[b]] for b in sorted(m.dirty or ())]
                             for m in self.models]
         return state
 
     @classmethod
-    def from_state(cls, devices, state):
-        models = [DiskModel.from_primitive(m) for m in state['models']]
+    def from_state(cls, devices, state, staged=None):
+        """The guest of ``state`` on ``devices``, not started.
+
+        :param staged: the models :func:`stage` decoded from what
+            :meth:`export_ahead` took, when ``state`` says it left them
+            out (``STAGED``); they become this guest's.
+        """
+        models = swap_in(state, staged)
         for model, changes in zip(models, state.get('changes') or ()):
             for block, gen in changes:
                 model.gen[block] = gen

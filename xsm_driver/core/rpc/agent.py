@@ -325,6 +325,9 @@ class AgentEndpoint:
     def receive_compose(self, context, migration):
         return self.manager.receive_compose(migration)
 
+    def receive_stage_guest(self, context, migration, models):
+        return self.manager.receive_stage_guest(migration, models)
+
     def receive_complete(self, context, migration, vm_state=None):
         return self.manager.receive_complete(migration, vm_state)
 

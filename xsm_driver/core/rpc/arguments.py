@@ -41,7 +41,8 @@ _ARGUMENT_TYPES = {
     'vm': str, 'vdi': str, 'sr': str, 'dest_host': str, 'dest_sr': str,
     'migration': str, 'migration_id': str, 'name': str, 'source_host': str,
     'spec': dict, 'options': dict, 'vdi_map': dict, 'vif_map': dict,
-    'vm_state': dict, 'receive': dict, 'disks': list, 'vifs': list,
+    'vm_state': dict, 'models': list, 'receive': dict, 'disks': list,
+    'vifs': list,
     'rate': numbers.Real, 'read_ratio': numbers.Real, 'fill': numbers.Real,
     'timeout': numbers.Real, 'qemu': dict, 'limit': int,
 }

@@ -26,6 +26,7 @@ import time
 
 from tests import base
 from tests.unit.core.migration import test_manager
+from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.migration import plan
@@ -108,6 +109,91 @@ class TestStepsOfARealSwitchOver(test_manager.ManagerFixture):
                               'commit_transport', 'hand_over'}, set(steps))
         self.assertTrue(host.guest_verify(vm.uuid)['verified'])
         host.stop_vm(vm.uuid)
+
+
+class SpyPeer(test_manager.DirectPeer):
+    """The destination, its commits' guest states kept for the test."""
+
+    def __init__(self, manager, staged=True):
+        super().__init__(manager)
+        self.states = []
+        if not staged:
+            self.stage_guest = None     # a destination older than API 1.6
+
+    def complete(self, mid, vm_state):
+        self.states.append(vm_state)
+        return super().complete(mid, vm_state)
+
+
+class TestGuestStateStagedAhead(test_manager.ManagerFixture):
+    """API 1.6: the guest's models go before the pause, not in it."""
+
+    def migrate(self, peer):
+        self.a._peer_factory = lambda name: peer
+        vm = self.make_vm()
+        mid = self.a.migrate_vm(vm.uuid, 'b', self.vdi_map(vm),
+                                {'net0': 'net0'})
+        return vm, self.wait(mid)
+
+    def test_the_commit_carries_only_the_changes(self):
+        peer = SpyPeer(self.b)
+        vm, status = self.migrate(peer)
+        self.assertEqual('done', status['phase'], status['error'])
+        [state] = peer.states
+        guest = state['workload']
+        self.assertNotIn('models', guest)
+        self.assertEqual(2, guest[workload_mod.STAGED])
+        self.assertEqual(2, len(guest['changes']))
+        # the destination's guest goes on from the staged models
+        self.assertTrue(self.b.host.vm(vm.uuid).workload.running)
+        self.assertTrue(self.b.host.guest_verify(vm.uuid)['verified'])
+
+    def test_a_destination_older_than_1_6_gets_the_whole_state(self):
+        peer = SpyPeer(self.b, staged=False)
+        vm, status = self.migrate(peer)
+        self.assertEqual('done', status['phase'], status['error'])
+        [state] = peer.states
+        self.assertNotIn(workload_mod.STAGED, state['workload'])
+        self.assertEqual(2, len(state['workload']['models']))
+        self.assertTrue(self.b.host.guest_verify(vm.uuid)['verified'])
+
+    def test_a_failed_staging_sends_the_whole_state(self):
+        class FailingPeer(SpyPeer):
+            def stage_guest(self, mid, models):
+                raise OSError('link down for a moment')
+
+        peer = FailingPeer(self.b)
+        vm, status = self.migrate(peer)
+        self.assertEqual('done', status['phase'], status['error'])
+        self.assertEqual(2, len(peer.states[0]['workload']['models']))
+        self.assertTrue(self.b.host.guest_verify(vm.uuid)['verified'])
+
+    def test_a_commit_without_its_staged_models_is_refused_before_it(self):
+        # the destination said it took the models, but has none: it must
+        # refuse the commit before its commit point, so that the source
+        # learns "aborted" and its guest goes on there, nothing lost
+        class LyingPeer(SpyPeer):
+            def stage_guest(self, mid, models):
+                return {'staged': len(models)}
+
+        peer = LyingPeer(self.b)
+        vm, status = self.migrate(peer)
+        self.assertEqual('aborted', status['phase'])
+        self.assertIn('rolled the switch-over back', status['error'])
+        self.assertEqual(host_mod.RUNNING, self.a.host.vm(vm.uuid).power_state)
+        self.assertNotIn(vm.uuid, self.b.host.vms)
+        self.assertTrue(self.a.host.guest_verify(vm.uuid)['verified'])
+        self.assertEqual([], self.b.host.journal.unfinished())
+
+    def test_staging_is_refused_once_committed(self):
+        vm = self.make_vm()
+        mid = self.a.migrate_vm(vm.uuid, 'b', self.vdi_map(vm),
+                                {'net0': 'net0'})
+        self.assertEqual('done', self.wait(mid)['phase'])
+        models = [workload_mod.DiskModel(0, 8).to_primitive()]
+        exc = self.assertRaises(errors.InvalidPhase,
+                                self.b.receive_stage_guest, mid, models)
+        self.assertIn('committed already', str(exc))
 
 
 class TestSwitchOverSteps(base.TestCase):

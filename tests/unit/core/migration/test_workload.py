@@ -141,6 +141,52 @@ class TestWorkload(base.TestCase):
         guest.stop()
         workload.verify(dst, moved.models[0])
 
+    def test_state_staged_ahead_then_swapped_in_the_pause(self):
+        # API 1.6: the models go (and are decoded) before the pause; the
+        # pause's state names them and carries only the changes
+        src = _raw(self, 4 << 20)
+        dst = _raw(self, 4 << 20)
+        models = [workload.DiskModel(0, src.size // workload.BLOCK)]
+        guest = workload.Workload([src], models, seed=5).start()
+        self.addCleanup(guest.stop)
+        while guest.writes < 100:
+            threading.Event().wait(0.01)
+        ahead = guest.export_ahead()
+        staged = workload.stage(ahead)          # the destination, ahead
+        before = guest.writes
+        while guest.writes < before + 100:
+            threading.Event().wait(0.01)
+        guest.suspend()
+        state = guest.export(ahead, staged=True)
+        guest.end_ahead()
+        self.assertNotIn('models', state)
+        self.assertEqual(1, state[workload.STAGED])
+        self.assertGreater(len(state['changes'][0]), 0)
+        dst.pwrite(src.pread(0, src.size), 0)
+        moved = workload.Workload.from_state([dst], state, staged)
+        self.assertIs(staged[0], moved.models[0])   # swapped in, no copy
+        self.assertEqual(models[0].gen, moved.models[0].gen)
+        guest.stop()
+        workload.verify(dst, moved.models[0])
+        # the same state without the staged models cannot be rebuilt
+        for wrong in (None, staged + staged):
+            exc = self.assertRaises(ValueError, workload.Workload.from_state,
+                                    [dst], state, wrong)
+            self.assertIn('staged disk models', str(exc))
+
+    def test_stage_refuses_what_is_not_models(self):
+        good = workload.DiskModel(0, 8).to_primitive()
+        for bad, says in (([], 'list of the disks'),
+                          ({'index': 0}, 'list of the disks'),
+                          ([{'index': 0}], 'cannot be decoded'),
+                          ([dict(good, generations='!!')],
+                           'cannot be decoded'),
+                          ([dict(good, generations='AAAA')],
+                           'cannot be decoded')):
+            exc = self.assertRaises(ValueError, workload.stage, bad)
+            self.assertIn(says, str(exc))
+        self.assertEqual(8, workload.stage([good])[0].blocks)
+
     def test_a_wrong_read_stops_the_guest_with_the_error(self):
         dev = _raw(self, 1 << 20)
         model = workload.DiskModel(0, dev.size // workload.BLOCK)

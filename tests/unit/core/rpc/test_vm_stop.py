@@ -113,6 +113,6 @@ class TestVMStopArguments(base.TestCase):
         self.assertTrue(self.api.vm_stop(uuid, clean=False)['clean'])
 
     def test_the_versions(self):
-        self.assertEqual('1.5', api.VERSION)
-        self.assertEqual('1.5', agent_mod.AgentEndpoint.target.version)
+        self.assertEqual('1.6', api.VERSION)
+        self.assertEqual('1.6', agent_mod.AgentEndpoint.target.version)
         self.assertIn('* 1.5 - clean stops', api.__doc__)
