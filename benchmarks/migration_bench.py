@@ -604,6 +604,7 @@ class Bench:
                'poll_trace': [(ph, round(e, 4)) for ph, e in polls],
                'unseen_phases': unseen,
                'downtime_ms': st['downtime_ms'],
+               'switch_over_steps_ms': st.get('switch_over_steps_ms'),
                'guest_writes_during_migration':
                    st['guest_writes_during_migration'],
                'cpu_source': cpu_delta(cpu0[role], cpu1[role]),
