@@ -286,6 +286,9 @@ class Receive:
                 return None
             for _sr, rec in self._receivers.values():
                 rec.base.flush()
+                # the base is final: what the compose would do to it is
+                # done now, out of the switch-over's pause
+                rec.finish_base()
             answer = None
             if self._incoming_start is not None:
                 try:
@@ -454,14 +457,26 @@ class Receive:
         # the server's connections and threads end after the answer.
         self._seal_exports()
         steps.mark('exports_seal')
-        new = _compose_all(self._receivers, durable=False)
+        # A guest that starts here takes over the leaves' open devices
+        # (each reads its finished base): no image is opened in the pause.
+        starts = (self._vm_state is not None and self._incoming is None and
+                  self._vm_state.get('power_state') == 'running')
+        new = _compose_all(self._receivers, durable=False, keep_leaf=starts)
         steps.mark('compose')
         vm_uuid = None
-        if self._vm_state is not None:
-            vm_uuid = adopt(self.host, self.spec, self._vm_state, new,
-                            start=self._incoming is None, steps=steps,
-                            save=False, staged=self._staged)
-            self._staged = None         # (the guest's now)
+        devices = {new[src]: rec.take_leaf()
+                   for src, (_sr, rec) in self._receivers.items()}
+        try:
+            if self._vm_state is not None:
+                vm_uuid = adopt(self.host, self.spec, self._vm_state, new,
+                                start=self._incoming is None, steps=steps,
+                                save=False, staged=self._staged,
+                                devices=devices)
+                self._staged = None         # (the guest's now)
+        finally:
+            for dev in devices.values():
+                if dev is not None:
+                    dev.close()         # (not taken: the guest did not start)
             if self._incoming is not None and \
                     self.host.take_incoming(vm_uuid, save=False):
                 # The guest runs once its QEMU has the rest of its state,
@@ -586,24 +601,25 @@ class Receive:
             self._on_done(self)
 
 
-def _compose_all(receivers, durable=True):
+def _compose_all(receivers, durable=True, keep_leaf=False):
     """Compose every received VDI, all at once; the first error raises.
 
     Each one's flushes and header writes overlap the others'.
 
     :param receivers: source VDI uuid -> (SR name, Receiver).
     :param durable: see ``Receiver.compose``.
+    :param keep_leaf: see ``Receiver.compose``.
     :returns: source VDI uuid -> the composed VDI's uuid.
     """
     items = list(receivers.items())
     if len(items) < 2:
         for _src, (_sr, rec) in items:
-            rec.compose(durable=durable, describe=False)
+            rec.compose(durable=durable, describe=False, keep_leaf=keep_leaf)
         return {src: rec.leaf_uuid for src, (_sr, rec) in items}
     with concurrent.futures.ThreadPoolExecutor(
             len(items), thread_name_prefix='xsm-compose') as pool:
         futures = [pool.submit(rec.compose, durable=durable,
-                               describe=False)
+                               describe=False, keep_leaf=keep_leaf)
                    for _src, (_sr, rec) in items]
         for fut in futures:
             fut.result()
@@ -632,7 +648,7 @@ def without_guest(vm_state):
 
 
 def adopt(host, spec, vm_state, new, start, steps=None, save=True,
-          staged=None):
+          staged=None, devices=None):
     """Register the VM of a committed migration here; can be run again.
 
     :param new: source VDI uuid -> the composed VDI here.
@@ -642,6 +658,8 @@ def adopt(host, spec, vm_state, new, start, steps=None, save=True,
         (:meth:`Host.save`).
     :param staged: the guest's models, staged before the pause
         (:meth:`Receive.stage_guest`).
+    :param devices: composed VDI uuid -> its open device, or None; the
+        guest's start takes (and pops) those it uses.
     :returns: the VM's uuid.
     """
     record = dict(vm_state['vm'])
@@ -660,7 +678,7 @@ def adopt(host, spec, vm_state, new, start, steps=None, save=True,
         steps.mark('vm_register')
     if start and vm_state.get('power_state') == 'running':
         host.start_vm(vm.uuid, workload=vm_state.get('workload'),
-                      save=save, staged=staged)
+                      save=save, staged=staged, devices=devices)
         if steps is not None:
             steps.mark('guest_start')
     return vm.uuid

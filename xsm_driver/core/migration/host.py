@@ -180,8 +180,15 @@ class Disk:
     def to_dict(self):
         return {'name': self.name, 'vdi': self.vdi, 'sr': self.sr}
 
-    def attach(self, sr):
-        self.gate = filters.Gate(sr.attach(self.vdi, writable=True))
+    def attach(self, sr, device=None):
+        """Open the disk's I/O stack over its VDI.
+
+        :param device: the VDI, attached for writing already (a
+            migration's composed leaf); else it is attached now.
+        """
+        if device is None:
+            device = sr.attach(self.vdi, writable=True)
+        self.gate = filters.Gate(device)
         self.counter = filters.Counter(self.gate)
 
     def serve(self, path):
@@ -469,7 +476,7 @@ class Host:
         return vm
 
     def start_vm(self, ref, workload=None, paused=False, save=True,
-                 staged=None):
+                 staged=None, devices=None):
         """Attach the disks and run; ``workload`` is a guest state.
 
         With the qemu driver: each disk's stack is served on a unix
@@ -479,6 +486,8 @@ class Host:
             itself, later.
         :param staged: the guest's models, decoded ahead (see
             :func:`workload.stage`), when ``workload`` left them out.
+        :param devices: VDI uuid -> its device, attached for writing
+            already; a disk takes (pops) its own instead of attaching it.
         """
         vm = self.vm(ref)
         with vm.lock:
@@ -491,7 +500,8 @@ class Host:
             attached = []
             try:
                 for disk in vm.disks:
-                    disk.attach(self.sr(disk.sr))
+                    disk.attach(self.sr(disk.sr), (devices or {}).pop(
+                        disk.vdi, None))
                     attached.append(disk)
                 if self.qemu is not None:
                     vm.qemu = cold_boot_options(vm.qemu)

@@ -275,29 +275,44 @@ class Receiver:
     :param finish: called (with the receiver, and ``durable``) by
         :meth:`compose` after the devices are closed, to make the result a
         normal VDI of the SR.
+    :param finish_base: called (with the receiver) by :meth:`finish_base`
+        once the base's device is closed: makes the base what the compose
+        would, while the leaf still takes writes, and returns an object
+        whose ``swap()`` makes the open leaf read the finished base and
+        whose ``close()`` drops it unused; None where the SR cannot.
     """
 
-    def __init__(self, sr, base, leaf, leaf_uuid, vdis, finish=None):
+    def __init__(self, sr, base, leaf, leaf_uuid, vdis, finish=None,
+                 finish_base=None):
         self.sr = sr
         self.base = base
         self.leaf = leaf
         self.leaf_uuid = leaf_uuid
         self.vdis = list(vdis)
         self._finish = finish
+        self._finish_base = finish_base
         self._lock = threading.Lock()
         self._closed = False
+        self._base_closed = False
         self._close_error = None
         self._composed = False
         self._discarded = False
         #: composed with ``durable=False``: :meth:`make_durable` is owed
         self._owed = False
+        #: what :meth:`finish_base` returned, until the compose uses it
+        self._ahead = None
+        #: composed with ``keep_leaf``: the leaf's device, open, for
+        #: :meth:`take_leaf`
+        self._kept = None
 
     def _close_devices(self, flush):
         """Flush (when asked) and close both devices, once."""
         if self._closed:
             return self._close_error
         error = None
-        for dev in (self.leaf, self.base):
+        devices = (self.leaf,) if self._base_closed else (self.leaf,
+                                                          self.base)
+        for dev in devices:
             try:
                 if flush:
                     dev.flush()
@@ -307,11 +322,46 @@ class Receiver:
                 dev.close()
             except Exception as exc:
                 error = error or exc
-        self._closed = True
+        self._closed = self._base_closed = True
         self._close_error = error
         return error
 
-    def compose(self, durable=True, describe=True):
+    def finish_base(self):
+        """The copy is done: finish the base ahead of the compose.
+
+        The base's device closes; where the SR can (``finish_base`` given)
+        the base becomes now what the compose would make of it, while the
+        leaf still takes the mirrored writes, so that a compose with
+        ``keep_leaf`` opens no image and reads no BAT. Idempotent.
+
+        :raises SRError: the base cannot be closed or finished; the
+            receiver can still be discarded.
+        """
+        with self._lock:
+            if self._discarded or self._composed or self._base_closed:
+                return
+            try:
+                self.base.close()
+            except Exception as exc:
+                raise SRError(sr=self.sr.name, reason='cannot close the base '
+                              'of VDI %s: %s' % (self.leaf_uuid, exc))
+            self._base_closed = True
+            if self._finish_base is not None:
+                self._ahead = self._finish_base(self)
+
+    def take_leaf(self):
+        """The leaf's device a compose with ``keep_leaf`` left open.
+
+        It is the caller's from here (its ``close`` releases the VDI, as
+        an attached VDI's does), reading and writing the composed VDI.
+
+        :returns: the device, or None (none was kept, or it was taken).
+        """
+        with self._lock:
+            kept, self._kept = self._kept, None
+            return kept
+
+    def compose(self, durable=True, describe=True, keep_leaf=False):
         """Finish: flush and close both devices; return the leaf VDI.
 
         Afterwards the leaf VDI reads exactly what leaf-over-base read.
@@ -323,6 +373,9 @@ class Receiver:
             compose after a crash until it records the migration done.
         :param describe: False: return None, not the VDI (whose record
             costs an opening of its image; :attr:`leaf_uuid` names it).
+        :param keep_leaf: with ``durable=False``, after :meth:`finish_base`
+            (else ignored): the leaf's device stays open, reading the
+            finished base, for :meth:`take_leaf`.
         """
         with self._lock:
             if self._discarded:
@@ -330,13 +383,26 @@ class Receiver:
                               'was discarded; nothing to compose'
                               % self.leaf_uuid)
             if not self._composed:
-                error = self._close_devices(flush=durable)
-                if error is not None:
-                    raise SRError(sr=self.sr.name, reason='cannot compose '
-                                  'VDI %s: flushing its devices failed: %s'
-                                  % (self.leaf_uuid, error))
-                if self._finish is not None:
-                    self._finish(self, durable=durable)
+                ahead, self._ahead = self._ahead, None
+                if ahead is not None and keep_leaf and not durable:
+                    ahead.swap()
+                    self._closed = True
+                    # (the device under the receiving leaf's alignment
+                    # check: the composed VDI takes any write)
+                    self._kept = getattr(self.leaf, 'next', self.leaf)
+                else:
+                    if ahead is not None:
+                        ahead.close()
+                    error = self._close_devices(flush=durable)
+                    if error is not None:
+                        raise SRError(sr=self.sr.name, reason='cannot '
+                                      'compose VDI %s: flushing its devices '
+                                      'failed: %s' % (self.leaf_uuid, error))
+                    # (the base was finished ahead: only the durability
+                    # is left to do, which the full finish does)
+                    if self._finish is not None and (ahead is None or
+                                                     durable):
+                        self._finish(self, durable=durable)
                 self._composed = True
                 self._owed = not durable
                 LOG.info('SR %s: received VDI %s composed (VDIs %s)',
@@ -371,6 +437,9 @@ class Receiver:
         """Close the devices and destroy every VDI made; idempotent."""
         with self._lock:
             self._close_devices(flush=False)
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                ahead.close()
             for vdi in reversed(self.vdis):
                 self.sr.destroy(vdi)
             if not self._discarded:

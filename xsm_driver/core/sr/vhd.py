@@ -73,6 +73,27 @@ class VHDVolume(base.Volume, backends.VHDDevice):
     """A VHD chain attached from an SR; tells the SR when it is closed."""
 
 
+class _FreshBase:
+    """A receiving leaf's base opened again, for the compose to swap in."""
+
+    def __init__(self, chain, image):
+        self._chain, self._image = chain, image
+
+    def swap(self):
+        """The leaf reads through the finished base from now on."""
+        image, self._image = self._image, None
+        try:
+            self._chain.replace_parents([image])
+        except BaseException:
+            image.close()
+            raise
+
+    def close(self):
+        if self._image is not None:
+            self._image.close()
+            self._image = None
+
+
 def _parent_uuid(img):
     """The parent VDI uuid a differencing image names, else None."""
     if img.type != fmt.TYPE_DIFF:
@@ -501,7 +522,31 @@ class VHDSR(base.SR):
         LOG.info('SR %s: receiving into VDI %s over base %s', self.name,
                  leaf, created[0])
         return base.Receiver(self, devices[0], base.AlignedWrites(devices[1]),
-                             leaf, created, finish=self._finish_receive)
+                             leaf, created, finish=self._finish_receive,
+                             finish_base=self._finish_base)
+
+    def _finish_base(self, receiver):
+        """What :meth:`_finish_receive` does, before the compose.
+
+        The base's device is closed: nothing writes the base any more, so
+        it is made hidden and read-only now, and the leaf's header records
+        the base's final mtime (its header alone: the leaf is open, taking
+        mirrored writes). The base is opened again, read-only, with the
+        BAT the copy left: the open leaf reads through it once the compose
+        swaps it in (:class:`_FreshBase`).
+        """
+        base_uuid, leaf = receiver.vdis[0], receiver.leaf_uuid
+        base_path, path = self.vdi_path(base_uuid), self.vdi_path(leaf)
+        with self._locked():
+            try:
+                if not vhd_image.read_footer(base_path).hidden:
+                    self._set_hidden(base_uuid, base_path, True)
+                vhd_image.make_read_only(base_path)
+                ops.refresh_parent_timestamp(path, base_path, durable=False)
+                fresh = vhd_image.Image(base_path)
+            except Exception as exc:
+                raise self._error('compose', leaf, exc)
+        return _FreshBase(receiver.leaf.next.chain, fresh)
 
     def _finish_receive(self, receiver, durable=True):
         """Make the composed leaf a normal VDI over its base.

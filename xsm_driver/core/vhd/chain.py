@@ -152,6 +152,28 @@ class Chain:
     def close(self):
         _close_all(self.images)
 
+    def replace_parents(self, parents):
+        """Read through ``parents`` from now on; the ones held close.
+
+        Each image holds its BAT as it read it: parents written since
+        this chain opened them (by another writer, e.g. a migration's
+        copy into its base) are opened again and given here. Call it
+        while nothing reads or writes through the chain.
+
+        :param parents: the same images, opened again, base last.
+        :raises errors.InvalidRequest: they are not the same images;
+            nothing changed.
+        """
+        old = self.images[1:]
+        if [p.uuid for p in parents] != [p.uuid for p in old]:
+            given = ', '.join(p.path for p in parents)
+            held = ', '.join(p.path for p in old)
+            raise errors.InvalidRequest(
+                path=self.path, reason='the parents given (%s) are not the '
+                'chain\'s (%s)' % (given, held))
+        self.images = [self.leaf] + list(parents)
+        _close_all(old)
+
     def __enter__(self):
         return self
 

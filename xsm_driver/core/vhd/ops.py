@@ -248,6 +248,52 @@ def set_parent(child_path, parent_path, durable=True):
         img.close()
 
 
+def refresh_parent_timestamp(child_path, parent_path, durable=True):
+    """Record the parent's present mtime in a child's header, alone.
+
+    For a child whose parent was written after the child was made over it
+    (a migration's base, copied into while its leaf took the mirrored
+    writes): only the 1024-byte header is read (with the footer copy at
+    offset 0) and rewritten, in one write -- not the BAT, nor the batmap,
+    nor the footer at the end, which a writer of the child may be
+    changing meanwhile. The parent must be the one the header names.
+
+    :param durable: False: no ``fsync`` (the caller makes the file
+        durable later).
+    :raises errors.InvalidRequest: the child is no differencing image, or
+        names another parent.
+    """
+    parent = vhd_image.read_footer(parent_path)
+    mtime = os.stat(parent_path).st_mtime
+    try:
+        fd = os.open(child_path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.VHDError(path=child_path, reason='cannot open: %s'
+                              % exc.strerror)
+    try:
+        try:
+            footer = fmt.Footer.unpack(os.pread(fd, fmt.SECTOR, 0))
+            if footer.type != fmt.TYPE_DIFF:
+                raise errors.InvalidRequest(
+                    path=child_path, reason='is a %s image; only a '
+                    'differencing image has a parent'
+                    % fmt.TYPE_NAMES[footer.type])
+            header = fmt.Header.unpack(os.pread(fd, 1024, fmt.HEADER_OFFSET))
+        except fmt.FormatError as exc:
+            raise errors.InvalidImage(path=child_path, reason=str(exc))
+        if header.parent_uuid != parent.uuid:
+            raise errors.InvalidRequest(
+                path=child_path, reason='its parent is %s, not %s (%s)'
+                % (fmt.format_uuid(header.parent_uuid),
+                   fmt.format_uuid(parent.uuid), parent_path))
+        header.parent_timestamp = fmt.vhd_time(mtime)
+        os.pwrite(fd, header.pack(), fmt.HEADER_OFFSET)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _children_of(parent):
     """Differencing images beside ``parent`` whose header names it."""
     found = []

@@ -24,6 +24,8 @@ import os
 import threading
 import time
 
+import fixtures
+
 from tests import base
 from tests.unit.core.migration import test_manager
 from xsm_driver.core.migration import errors
@@ -32,6 +34,7 @@ from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.migration import plan
 from xsm_driver.core.migration import source
 from xsm_driver.core.migration import workload as workload_mod
+from xsm_driver.core.vhd import image as vhd_image
 
 MiB = 1 << 20
 
@@ -194,6 +197,71 @@ class TestGuestStateStagedAhead(test_manager.ManagerFixture):
         exc = self.assertRaises(errors.InvalidPhase,
                                 self.b.receive_stage_guest, mid, models)
         self.assertIn('committed already', str(exc))
+
+
+class TestComposeAhead(test_manager.ManagerFixture):
+    """The bases are finished at the compose phase, not in the pause."""
+
+    def test_the_commit_opens_no_image(self):
+        # compose and the guest's start reuse the leaves' open devices:
+        # no image (no BAT) is read in the pause
+        opened = []
+        real_image = vhd_image.Image
+
+        def image(path, *args, **kwargs):
+            opened.append((threading.current_thread().name, path))
+            return real_image(path, *args, **kwargs)
+
+        class Peer(SpyPeer):
+            def complete(self, mid, vm_state):
+                with fixtures.MonkeyPatch(
+                        'xsm_driver.core.vhd.image.Image', image):
+                    me = threading.current_thread().name
+                    try:
+                        return super().complete(mid, vm_state)
+                    finally:
+                        self.opened = [p for t, p in opened if t == me]
+
+        peer = Peer(self.b)
+        self.a._peer_factory = lambda name: peer
+        vm = self.make_vm()
+        mid = self.a.migrate_vm(vm.uuid, 'b', self.vdi_map(vm),
+                                {'net0': 'net0'})
+        status = self.wait(mid)
+        self.assertEqual('done', status['phase'], status['error'])
+        self.assertEqual([], peer.opened)
+        moved = self.b.host.vm(vm.uuid)
+        self.assertTrue(moved.workload.running)
+        self.assertTrue(self.b.host.guest_verify(vm.uuid)['verified'])
+        # the composed VDIs are normal ones once the VM stops
+        self.b.host.stop_vm(vm.uuid)
+        sr = self.b.host.sr('sr-b')
+        for disk in moved.disks:
+            record = sr.get(disk.vdi)
+            self.assertFalse(record.hidden)
+            self.assertTrue(sr.get(record.parent).hidden)
+            self.assertTrue(sr.get(record.parent).read_only)
+            sr.attach(disk.vdi, writable=True).close()
+
+    def test_a_failure_finishing_a_base_rolls_back(self):
+        vm = self.make_vm()
+        before = sorted(v.uuid for v in self.b.host.sr('sr-b').list())
+
+        def broken(*args, **kwargs):
+            raise OSError(5, 'Input/output error')
+        self.useFixture(fixtures.MonkeyPatch(
+            'xsm_driver.core.vhd.ops.refresh_parent_timestamp', broken))
+        mid = self.a.migrate_vm(vm.uuid, 'b', self.vdi_map(vm),
+                                {'net0': 'net0'})
+        status = self.wait(mid)
+        self.assertEqual('aborted', status['phase'])
+        self.assertIn('Input/output error', status['error'])
+        self.assertEqual(host_mod.RUNNING,
+                         self.a.host.vm(vm.uuid).power_state)
+        self.assertTrue(self.a.host.guest_verify(vm.uuid)['verified'])
+        self.assertEqual(before, sorted(
+            v.uuid for v in self.b.host.sr('sr-b').list()))
+        self.assertEqual([], self.b.host.journal.unfinished())
 
 
 class TestSwitchOverSteps(base.TestCase):

@@ -435,6 +435,69 @@ class VHDSRTest(VHDSRTestCase):
         self.assertRaises(sr_base.VDIInUse, self.sr.attach, snap.uuid, True)
         rcv.make_durable()
 
+    def test_base_finished_ahead_then_compose_keeps_the_leaf_open(self):
+        # A migration's compose phase finishes the base (the copy is
+        # done) while the leaf still takes mirrored writes; the commit's
+        # compose then opens no image and the guest takes the open leaf.
+        rcv = self.sr.receive(8 * MiB, name='in', vm=U2)
+        base_uuid, leaf = rcv.vdis
+        rcv.base.pwrite(b'B' * 2 * MiB, 2 * MiB)
+        rcv.leaf.pwrite(b'L' * 4096, 2 * MiB + 4096)
+        rcv.base.flush()
+        rcv.finish_base()
+        rcv.finish_base()                                # idempotent
+        b = self.sr.get(base_uuid)
+        self.assertEqual((True, True), (b.hidden, b.read_only))
+        rcv.leaf.pwrite(b'M' * 4096, 6 * MiB)           # still mirrored
+        opened = []
+        real_image = vhd_image.Image
+
+        def image(path, *args, **kwargs):
+            opened.append(os.path.basename(path))
+            return real_image(path, *args, **kwargs)
+        with fixtures.MonkeyPatch('xsm_driver.core.vhd.image.Image', image):
+            self.assertIsNone(rcv.compose(durable=False, describe=False,
+                                          keep_leaf=True))
+        self.assertEqual([], opened)
+        dev = rcv.take_leaf()
+        self.assertIsNone(rcv.take_leaf())              # taken once
+        want = bytearray(8 * MiB)
+        want[2 * MiB:4 * MiB] = b'B' * 2 * MiB
+        want[2 * MiB + 4096:2 * MiB + 8192] = b'L' * 4096
+        want[6 * MiB:6 * MiB + 4096] = b'M' * 4096
+        self.assertEqual(bytes(want), bytes(dev.pread(0, 8 * MiB)))
+        dev.pwrite(b'u' * 100, 10)          # a VDI's device: any write
+        want[10:110] = b'u' * 100
+        # the VDI is attached (for writing) until the device closes
+        self.assertRaises(sr_base.VDIInUse, self.sr.attach, leaf, True)
+        dev.close()
+        rcv.make_durable()
+        self.assertValid(leaf)
+        img = vhd_image.Image(self.path(leaf))
+        self.addCleanup(img.close)
+        self.assertEqual(
+            fmt.vhd_time(os.stat(self.path(base_uuid)).st_mtime),
+            img.header.parent_timestamp)
+        self.assertEqual(bytes(want), self.content(leaf))
+        self.sr.attach(leaf, writable=True).close()
+
+    def test_base_finished_ahead_then_discarded_or_composed_durably(self):
+        rcv = self.sr.receive(8 * MiB)
+        rcv.base.pwrite(b'B' * 4096, 0)
+        rcv.finish_base()
+        rcv.discard()
+        self.assertEqual([], self.sr.list())
+        self.assertEqual(['.lock'], os.listdir(self.dir))
+        rcv = self.sr.receive(8 * MiB)
+        rcv.base.pwrite(b'B' * 4096, 0)
+        rcv.finish_base()
+        rcv.leaf.pwrite(b'L' * 512, 512)
+        vdi = rcv.compose(keep_leaf=True)       # durable: no leaf kept
+        self.assertIsNone(rcv.take_leaf())
+        self.assertValid(vdi.uuid)
+        self.assertEqual(b'B' * 512 + b'L' * 512 + b'B' * 512,
+                         self.content(vdi.uuid)[:1536])
+
     # -- receive -----------------------------------------------------------
 
     def test_receive_layout_and_compose(self):

@@ -160,6 +160,66 @@ class SetParentTest(test_chain.ChainTestCase):
                                self.path('big.vhd'))
 
 
+class RefreshParentTimestampTest(test_chain.ChainTestCase):
+
+    def test_the_header_alone_while_the_child_is_written(self):
+        # A migration's leaf, open and taking writes, over a base the copy
+        # changed since the leaf was made.
+        ops.create(self.path('base.vhd'), 8 * MiB)
+        ops.snapshot(self.path('leaf.vhd'), self.path('base.vhd'))
+        os.chmod(self.path('base.vhd'), 0o644)      # (as a receive's base)
+        with vhd_chain.Chain(self.path('base.vhd'), writable=True) as c:
+            c.pwrite(b'P' * MiB, 0)
+        os.utime(self.path('base.vhd'), (1e9, 1.2e9))
+        leaf = self.open('leaf.vhd', writable=True)
+        leaf.pwrite(b'L' * 4096, 2 * MiB)       # a block allocated before
+        ops.refresh_parent_timestamp(self.path('leaf.vhd'),
+                                     self.path('base.vhd'), durable=False)
+        leaf.pwrite(b'M' * 4096, 4 * MiB)       # and one after
+        leaf.close()
+        c = self.open('leaf.vhd')
+        self.assertEqual(fmt.vhd_time(1.2e9), c.leaf.header.parent_timestamp)
+        self.assertEqual('base.vhd', c.leaf.header.parent_name)
+        self.assertEqual(b'P' * 512, c.pread(0, 512))
+        self.assertEqual(b'L' * 4096, c.pread(2 * MiB, 4096))
+        self.assertEqual(b'M' * 4096, c.pread(4 * MiB, 4096))
+        self.assertValid('leaf.vhd')
+
+    def test_refuses_another_parent_and_a_dynamic_child(self):
+        ops.create(self.path('a.vhd'), 4 * MiB)
+        ops.snapshot(self.path('b.vhd'), self.path('a.vhd'))
+        ops.create(self.path('x.vhd'), 4 * MiB)
+        before = open(self.path('b.vhd'), 'rb').read()
+        self.assertRaisesRegex(errors.InvalidRequest, 'its parent is',
+                               ops.refresh_parent_timestamp,
+                               self.path('b.vhd'), self.path('x.vhd'))
+        self.assertRaisesRegex(errors.InvalidRequest, 'only a differencing',
+                               ops.refresh_parent_timestamp,
+                               self.path('x.vhd'), self.path('a.vhd'))
+        self.assertEqual(before, open(self.path('b.vhd'), 'rb').read())
+
+
+class ReplaceParentsTest(test_chain.ChainTestCase):
+
+    def test_a_parent_written_meanwhile_reads_after_the_swap(self):
+        ops.create(self.path('base.vhd'), 8 * MiB)
+        ops.snapshot(self.path('leaf.vhd'), self.path('base.vhd'))
+        leaf = self.open('leaf.vhd', writable=True)
+        os.chmod(self.path('base.vhd'), 0o644)
+        with vhd_chain.Chain(self.path('base.vhd'), writable=True) as c:
+            c.pwrite(b'P' * MiB, 0)
+        self.assertEqual(bytes(512), leaf.pread(0, 512))   # its old BAT
+        old = leaf.images[1]
+        leaf.replace_parents([vhd_image.Image(self.path('base.vhd'))])
+        self.assertIsNone(old._fd)                          # closed
+        self.assertEqual(b'P' * 512, leaf.pread(0, 512))
+        other = vhd_image.Image(self.path('leaf.vhd'))
+        self.addCleanup(other.close)
+        self.assertRaisesRegex(errors.InvalidRequest, 'not the chain',
+                               leaf.replace_parents, [other])
+        self.assertEqual(b'P' * 512, leaf.pread(0, 512))   # unchanged
+
+
 class CoalesceTest(test_chain.ChainTestCase):
 
     def build(self):
