@@ -132,6 +132,9 @@ class FaultyPeer:
     def compose(self, mid):
         return self._call('compose', mid)
 
+    def stage_guest(self, mid, models):
+        return self._call('stage_guest', mid, models)
+
     def complete(self, mid, vm_state):
         return self._call('complete', mid, vm_state)
 

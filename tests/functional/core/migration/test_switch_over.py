@@ -36,6 +36,8 @@ from xsm_driver.core.migration import plan
 #: ``(name, what precedes the fault: {(call, n): fault}, the faulted call
 #: or point)``
 STEPS = [
+    # before the pause: the guest's models go to the destination (API 1.6)
+    ('stage', {}, ('stage_guest', 1)),
     # the gates are paused, the destination has not been asked yet
     ('pause', {}, ('complete', 1)),
     # the source asks the destination to commit
@@ -71,6 +73,14 @@ MESSAGE_FAULTS = ('drop-request', 'drop-reply', 'crash-source',
 #: destination) or ``aborted`` (on the source); ``in-doubt/X``: the
 #: source is in doubt while the link is cut, then resolves to X
 EXPECTED = {
+    # a staging lost either way: the commit carries the whole state; a
+    # destination restarted meanwhile rolled back and refuses the commit
+    ('stage', 'drop-request'): 'done',
+    ('stage', 'drop-reply'): 'done',
+    ('stage', 'crash-source'): 'aborted',
+    ('stage', 'crash-destination-before'): 'aborted',
+    ('stage', 'crash-destination'): 'aborted',
+    ('stage', 'cut-link'): 'in-doubt/aborted',
     ('pause', 'crash-source-before'): 'aborted',
     ('pause', 'cut-link-before'): 'in-doubt/aborted',
     ('complete', 'drop-request'): 'aborted',
