@@ -317,12 +317,15 @@ class Receive:
         """
         with self._lock:
             self._check_open('stage the guest\'s state')
-        if not self.spec.get('vm'):
+        vm = self.spec.get('vm')
+        if not vm:
             raise errors.MigrationError(
                 'migration %s moves no VM: there is no guest state to '
                 'stage on host %s' % (self.id, self.host.name))
+        sizes = {v['uuid']: v['size'] for v in self.spec['vdis']}
         try:
-            staged = workload_mod.stage(models)
+            staged = workload_mod.stage(models, [sizes[d['vdi']]
+                                                 for d in vm['disks']])
         except ValueError as exc:
             raise errors.MigrationError(
                 'migration %s: the guest\'s state staged on host %s: %s'
@@ -464,19 +467,19 @@ class Receive:
         new = _compose_all(self._receivers, durable=False, keep_leaf=starts)
         steps.mark('compose')
         vm_uuid = None
-        devices = {new[src]: rec.take_leaf()
-                   for src, (_sr, rec) in self._receivers.items()}
-        try:
-            if self._vm_state is not None:
+        if self._vm_state is not None:
+            devices = {new[src]: rec.take_leaf()
+                       for src, (_sr, rec) in self._receivers.items()}
+            try:
                 vm_uuid = adopt(self.host, self.spec, self._vm_state, new,
                                 start=self._incoming is None, steps=steps,
                                 save=False, staged=self._staged,
                                 devices=devices)
                 self._staged = None         # (the guest's now)
-        finally:
-            for dev in devices.values():
-                if dev is not None:
-                    dev.close()         # (not taken: the guest did not start)
+            finally:
+                for dev in devices.values():
+                    if dev is not None:
+                        dev.close()     # (not taken: the guest did not start)
             if self._incoming is not None and \
                     self.host.take_incoming(vm_uuid, save=False):
                 # The guest runs once its QEMU has the rest of its state,

@@ -127,10 +127,24 @@ class DiskModel:
                 'generations': base64.b64encode(raw).decode('ascii')}
 
     @classmethod
-    def from_primitive(cls, data):
-        gen = array.array('B')
-        gen.frombytes(zlib.decompress(base64.b64decode(data['generations'])))
-        return cls(data['index'], 0, gen)
+    def from_primitive(cls, data, blocks=None):
+        """The model :meth:`to_primitive` encoded.
+
+        :param blocks: the disk's blocks, when known: a model of another
+            size is refused (ValueError), and never decompressed further.
+        """
+        raw = base64.b64decode(data['generations'])
+        if blocks is None:
+            gen = zlib.decompress(raw)
+        else:
+            inflate = zlib.decompressobj()
+            gen = inflate.decompress(raw, blocks + 1)
+            if len(gen) != blocks or not inflate.eof:
+                raise ValueError('disk %s: the model is not of %d blocks'
+                                 % (data['index'], blocks))
+        model = array.array('B')
+        model.frombytes(gen)
+        return cls(data['index'], 0, model)
 
 
 def fill(dev, model, fraction, rng=None):
@@ -176,20 +190,26 @@ def verify(dev, model, chunk=2 << 20):
 STAGED = 'staged_models'
 
 
-def stage(ahead):
+def stage(ahead, sizes):
     """Decode the models :meth:`Workload.export_ahead` took.
 
     What the destination of a migration does with them before the
     switch-over's pause, so that the pause only swaps them in
     (:func:`swap_in`).
 
-    :raises ValueError: ``ahead`` is not a list of encoded models.
+    :param sizes: the VM's disks' sizes in bytes, in order: one model per
+        disk, of its size (no more is ever decompressed).
+    :raises ValueError: ``ahead`` is not a list of encoded models of
+        those disks.
     """
-    if not isinstance(ahead, list) or not ahead:
-        raise ValueError('expected a list of the disks\' models, got %s'
-                         % type(ahead).__name__)
+    if not isinstance(ahead, list) or len(ahead) != len(sizes):
+        raise ValueError('expected a list of the %d disks\' models, got %s'
+                         % (len(sizes), type(ahead).__name__ if not
+                            isinstance(ahead, list) else
+                            '%d models' % len(ahead)))
     try:
-        return [DiskModel.from_primitive(m) for m in ahead]
+        return [DiskModel.from_primitive(m, size // BLOCK)
+                for m, size in zip(ahead, sizes)]
     except (KeyError, TypeError, ValueError, zlib.error) as exc:
         raise ValueError('a disk model cannot be decoded: %s' % exc)
 

@@ -152,7 +152,7 @@ class TestWorkload(base.TestCase):
         while guest.writes < 100:
             threading.Event().wait(0.01)
         ahead = guest.export_ahead()
-        staged = workload.stage(ahead)          # the destination, ahead
+        staged = workload.stage(ahead, [src.size])  # the destination
         before = guest.writes
         while guest.writes < before + 100:
             threading.Event().wait(0.01)
@@ -174,18 +174,25 @@ class TestWorkload(base.TestCase):
                                     [dst], state, wrong)
             self.assertIn('staged disk models', str(exc))
 
-    def test_stage_refuses_what_is_not_models(self):
+    def test_stage_refuses_what_is_not_the_disks_models(self):
+        size = 8 * workload.BLOCK
         good = workload.DiskModel(0, 8).to_primitive()
-        for bad, says in (([], 'list of the disks'),
-                          ({'index': 0}, 'list of the disks'),
+        # a model of 1 GiB of zeros: 1 MiB of blocks in 1 KiB compressed
+        huge = workload.DiskModel(0, 1 << 20).to_primitive()
+        for bad, says in (([], 'list of the 1 disks\' models, got 0'),
+                          ([good, good], 'got 2 models'),
+                          ({'index': 0}, 'got dict'),
                           ([{'index': 0}], 'cannot be decoded'),
                           ([dict(good, generations='!!')],
                            'cannot be decoded'),
                           ([dict(good, generations='AAAA')],
-                           'cannot be decoded')):
-            exc = self.assertRaises(ValueError, workload.stage, bad)
+                           'cannot be decoded'),
+                          ([huge], 'not of 8 blocks'),
+                          ([workload.DiskModel(0, 7).to_primitive()],
+                           'not of 8 blocks')):
+            exc = self.assertRaises(ValueError, workload.stage, bad, [size])
             self.assertIn(says, str(exc))
-        self.assertEqual(8, workload.stage([good])[0].blocks)
+        self.assertEqual(8, workload.stage([good], [size])[0].blocks)
 
     def test_a_wrong_read_stops_the_guest_with_the_error(self):
         dev = _raw(self, 1 << 20)
