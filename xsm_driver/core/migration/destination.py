@@ -64,6 +64,7 @@ import threading
 import time
 
 from xsm_driver.core.block import filters
+from xsm_driver.core.migration import collector
 from xsm_driver.core.migration import credentials
 from xsm_driver.core.migration import errors
 from xsm_driver.core.migration import plan
@@ -367,7 +368,8 @@ class Receive:
             'workload': guest state or None}``; None for a VDI move.
         :returns: ``{'vdis': {source uuid: new uuid}, 'vm': uuid or None}``.
         """
-        with self._lock:
+        # (the source's guest is paused: see collector)
+        with self._lock, collector.held():
             if self.phase == 'done':
                 return self._answer()
             if self.phase == ABORTED or self.aborting:

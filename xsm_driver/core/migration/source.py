@@ -78,6 +78,7 @@ import time
 
 from xsm_driver.core.block import filters
 from xsm_driver.core.block import nbd as nbd_device
+from xsm_driver.core.migration import collector
 from xsm_driver.core.migration import copy as copy_mod
 from xsm_driver.core.migration import credentials
 from xsm_driver.core.migration import destination
@@ -801,6 +802,11 @@ class Migration:
         ahead = guest.export_ahead() if guest is not None and moving_vm \
             else None
         staged = ahead is not None and self._stage_guest(ahead)
+        with collector.held():
+            return self._pause(guest, moving_vm, live, ahead, staged)
+
+    def _pause(self, guest, moving_vm, live, ahead, staged):
+        """The pause of :meth:`_switch_over`, timed step by step."""
         steps = Steps()
         start = steps.start
         if guest is not None and moving_vm:
