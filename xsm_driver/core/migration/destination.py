@@ -286,9 +286,8 @@ class Receive:
             if self.committed:
                 return None
             for _sr, rec in self._receivers.values():
-                rec.base.flush()
-                # the base is final: what the compose would do to it is
-                # done now, out of the switch-over's pause
+                # the base is final: flushed, and what the compose would
+                # do to it is done now, out of the switch-over's pause
                 rec.finish_base()
             answer = None
             if self._incoming_start is not None:

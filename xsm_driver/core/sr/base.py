@@ -329,7 +329,8 @@ class Receiver:
     def finish_base(self):
         """The copy is done: finish the base ahead of the compose.
 
-        The base's device closes; where the SR can (``finish_base`` given)
+        The base's device is flushed (durable) and closed; where the SR can
+        (``finish_base`` given)
         the base becomes now what the compose would make of it, while the
         leaf still takes the mirrored writes, so that a compose with
         ``keep_leaf`` opens no image and reads no BAT. Idempotent.
@@ -341,9 +342,10 @@ class Receiver:
             if self._discarded or self._composed or self._base_closed:
                 return
             try:
+                self.base.flush()
                 self.base.close()
             except Exception as exc:
-                raise SRError(sr=self.sr.name, reason='cannot close the base '
+                raise SRError(sr=self.sr.name, reason='cannot flush the base '
                               'of VDI %s: %s' % (self.leaf_uuid, exc))
             self._base_closed = True
             if self._finish_base is not None:

@@ -443,7 +443,6 @@ class VHDSRTest(VHDSRTestCase):
         base_uuid, leaf = rcv.vdis
         rcv.base.pwrite(b'B' * 2 * MiB, 2 * MiB)
         rcv.leaf.pwrite(b'L' * 4096, 2 * MiB + 4096)
-        rcv.base.flush()
         rcv.finish_base()
         rcv.finish_base()                                # idempotent
         b = self.sr.get(base_uuid)
