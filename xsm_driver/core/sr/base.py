@@ -330,13 +330,13 @@ class Receiver:
         """The copy is done: finish the base ahead of the compose.
 
         The base's device is flushed (durable) and closed; where the SR can
-        (``finish_base`` given)
-        the base becomes now what the compose would make of it, while the
-        leaf still takes the mirrored writes, so that a compose with
-        ``keep_leaf`` opens no image and reads no BAT. Idempotent.
+        (``finish_base`` given) the base becomes now what the compose would
+        make of it, while the leaf still takes the mirrored writes, so that
+        a compose with ``keep_leaf`` opens no image and reads no BAT.
+        Idempotent.
 
-        :raises SRError: the base cannot be closed or finished; the
-            receiver can still be discarded.
+        :raises SRError: the base cannot be flushed, closed or finished;
+            the receiver can still be discarded.
         """
         with self._lock:
             if self._discarded or self._composed or self._base_closed:
