@@ -13,9 +13,17 @@
 """An NBD client with many requests in flight.
 
 Any number of threads may call it at once: each request is sent under a
-lock and a reader thread completes requests as their replies arrive, in
-any order. ``aio_*`` methods return a :class:`Pending` so that one thread
-can keep several requests in flight; the plain methods wait.
+lock, from the caller's thread. Replies (in any order) are read by the
+threads that wait for them, one at a time: the first waiter reads the
+socket and completes every request whose reply it finds until its own is
+complete, the others sleep until theirs is, or until the reading is
+handed over to them. A caller alone in flight thus reads its own reply,
+and no other thread wakes up for it. ``aio_*`` methods return a
+:class:`Pending` so that one thread can keep several requests in flight;
+the plain methods wait. Replies are read while someone waits, and also,
+by a thread of its own, while a request whose reply may be large (a read,
+a block status) is in flight and another is being sent: such a reply left
+unread would stop the server reading, and so block that send.
 
 A request may be sent with a *deadline* (``aio_pwrite(..., deadline=D)``):
 a sender blocked past it (a server that stopped reading, a link whose
@@ -26,6 +34,7 @@ left half sent, and every request in flight fails (ETIMEDOUT).
 
 import errno
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -72,12 +81,30 @@ class Pending:
         self.buffer = bytearray(length) if kind == 'read' else None
         self.extents = []
         self.error = None
-        self._done = threading.Event()
+        self.done = False
+        #: the client that sent it (its waiter may read the replies)
+        self.client = None
+        # released when the request is complete, or when its waiter is to
+        # read the replies (see Client._await)
+        self._wake = threading.Lock()
+        self._wake.acquire()
 
     def finish(self, error=None):
+        """Complete the request; call it under its client's core lock."""
         if error is not None and self.error is None:
             self.error = error
-        self._done.set()
+        self.done = True
+        self.signal()
+
+    def signal(self):
+        """Wake the waiter up; call it under its client's core lock.
+
+        (Every release happens under that lock, so ``locked()`` cannot
+        change between the test and the release; a stale release only
+        makes a later sleep return early, which its loop allows for.)
+        """
+        if self._wake.locked():
+            self._wake.release()
 
     def wait(self, timeout=None):
         """Wait for the reply.
@@ -87,7 +114,10 @@ class Pending:
         :raises NBDError: the server answered with an error, the
             connection broke, or ``timeout`` expired.
         """
-        if not self._done.wait(timeout):
+        if not self.done and self.client is not None:
+            self.client._await(self, None if timeout is None
+                               else time.monotonic() + timeout)
+        if not self.done:
             raise NBDError(where=self.kind, errno=errno.ETIMEDOUT,
                            reason='no reply within %s s' % timeout)
         if self.error is not None:
@@ -112,6 +142,8 @@ def _set_user_timeout(sock, seconds):
 #: requests and replies up to this size go out in one send (and one TLS
 #: record): a write header and its payload arrive together at the server
 _JOIN_UP_TO = 64 * 1024
+#: requests whose replies may fill the socket buffers
+_LARGE_REPLIES = ('read', 'block status')
 
 
 def _shutdown(sock):
@@ -169,8 +201,18 @@ class Client:
         self._pending = {}
         self._failure = None
         self._sock = None
-        self._reader = None
         self._closing = False
+        # replies (see _await): whether a waiter reads the socket, the
+        # other waiters (in order), the buffer, the part of a reply's
+        # payload still to receive, and a poll object for deadlines
+        self._reading = False
+        self._parked = {}
+        self._rescuer = None
+        self._rescue_call = threading.Condition(self._core)
+        self._stepped_down = threading.Condition(self._core)
+        self._rbuf = memoryview(bytearray(wire.RECV_BUFFER))
+        self._payload_rest = None
+        self._poll = None
         # the send deadline watchdog (see _watch_loop)
         self._watch = threading.Condition(threading.Lock())
         self._watcher = None
@@ -209,9 +251,11 @@ class Client:
             self._close_socket()
             raise
         self._sock.settimeout(None)
-        self._reader = threading.Thread(target=self._read_loop, daemon=True,
-                                        name='xsm-nbd-client')
-        self._reader.start()
+        # select.poll has no descriptor limit; eventlet's green select
+        # module has no poll, only select (which it serves from its hub)
+        if hasattr(select, 'poll'):
+            self._poll = select.poll()
+            self._poll.register(self._sock, select.POLLIN)
         return self
 
     def _handshake_event(self):
@@ -299,7 +343,10 @@ class Client:
                 except p.LocalProtocolError as exc:
                     raise NBDError(where=self.name, errno=errno.EINVAL,
                                    reason=str(exc))
+                if self._pending and not self._reading:
+                    self._rescue_if_needed()
                 self._pending[handle] = pending
+                pending.client = self
             if deadline is not None:
                 self._watch_send(deadline)
             try:
@@ -448,21 +495,108 @@ class Client:
 
     # -- replies ----------------------------------------------------------
 
-    def _read_loop(self):
+    def _await(self, pending, deadline):
+        """Wait until ``pending`` is complete or ``deadline`` has passed.
+
+        The first waiter reads the replies; the others sleep (parked, in
+        order) until their request is complete or the reading is handed
+        over to them, when the reader's own request is complete or its
+        deadline passed.
+        """
+        while True:
+            with self._core:
+                if pending.done:
+                    return
+                lead = not self._reading
+                if lead:
+                    self._reading = True
+                else:
+                    self._parked[pending] = None
+            if lead:
+                try:
+                    self._read_replies(lambda: pending.done, deadline)
+                finally:
+                    with self._core:
+                        self._reading = False
+                        self._hand_over()
+                return
+            left = -1 if deadline is None else max(
+                0.0, deadline - time.monotonic())
+            woken = pending._wake.acquire(timeout=left)
+            with self._core:
+                self._parked.pop(pending, None)
+                if not woken:
+                    self._hand_over()
+                    return
+
+    def _hand_over(self):
+        """Wake a parked waiter up to read, if nobody reads (core held)."""
+        if not self._reading:
+            self._stepped_down.notify_all()
+            if self._parked:
+                next(iter(self._parked)).signal()
+            else:
+                self._rescue_if_needed()
+
+    def _large_in_flight(self):
+        return any(q.kind in _LARGE_REPLIES for q in self._pending.values())
+
+    def _rescue_if_needed(self):
+        """Nobody reads: call the rescuer when a large reply is due.
+
+        (Core held.) Such a reply left unread fills the socket buffers
+        and stops the server reading: a send would then block for ever.
+        """
+        if not self._large_in_flight():
+            return
+        if self._rescuer is None:
+            self._rescuer = threading.Thread(target=self._rescue_loop,
+                                             daemon=True,
+                                             name='xsm-nbd-client')
+            self._rescuer.start()
+        else:
+            self._rescue_call.notify()
+
+    def _rescue_loop(self):
+        """Read while a large reply is due and nobody else reads."""
+        def settled():
+            with self._core:
+                return not self._large_in_flight()
+
+        with self._core:
+            while True:
+                self._rescue_call.wait_for(
+                    lambda: self._closing or self._failure is not None or (
+                        not self._reading and self._large_in_flight()))
+                if self._closing or self._failure is not None:
+                    return
+                self._reading = True
+                self._core.release()
+                try:
+                    self._read_replies(settled, None)
+                finally:
+                    self._core.acquire()
+                    self._reading = False
+                    self._hand_over()
+
+    def _read_replies(self, done, deadline):
+        """Read replies until ``done()`` is true or ``deadline`` passed."""
         try:
             while True:
-                with self._core:
-                    event = self.conn.next_event()
-                if event is p.NEED_DATA:
-                    if not self._receive():
-                        raise NBDError(where=self.name, errno=errno.EPIPE,
-                                       reason='the server closed the '
-                                       'connection')
-                    continue
-                if isinstance(event, (p.ConnectionClosed, p.Disconnect)):
-                    raise NBDError(where=self.name, errno=errno.ESHUTDOWN,
-                                   reason='connection closed')
-                self._complete(event)
+                while True:
+                    with self._core:
+                        event = self.conn.next_event()
+                    if event is p.NEED_DATA:
+                        break
+                    if isinstance(event, (p.ConnectionClosed, p.Disconnect)):
+                        raise NBDError(where=self.name, errno=errno.ESHUTDOWN,
+                                       reason='connection closed')
+                    self._complete(event)
+                if done() or not self._readable(deadline):
+                    return
+                if not self._receive():
+                    raise NBDError(where=self.name, errno=errno.EPIPE,
+                                   reason='the server closed the connection')
         except NBDError as exc:
             self._fail(exc)
         except p.NBDProtocolError as exc:
@@ -472,17 +606,56 @@ class Client:
             self._fail(NBDError(where=self.name, errno=errno.EPIPE,
                                 reason='connection lost: %s' % exc))
 
-    def _receive(self):
-        """More bytes for the core; False at the end of the stream.
+    def _readable(self, deadline):
+        """Whether there is something to receive before ``deadline``.
 
-        A socket closed under the reader is the end of the stream too: a
-        TLS socket without its TLS object raises ValueError, and a closed
-        descriptor OSError (which :meth:`close` does not report).
+        Without a deadline the receive itself waits.
+        """
+        sock = self._sock
+        if deadline is None or sock is None:
+            return True
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        left = max(0.0, deadline - time.monotonic())
+        try:
+            if self._poll is not None:
+                return bool(self._poll.poll(left * 1000))
+            return bool(select.select([sock], [], [], left)[0])
+        except ValueError:          # closed under us: receive says so
+            return True
+
+    def _receive(self):
+        """Receive more bytes for the core; False at the end of the stream.
+
+        A payload goes straight into its own buffer (``recv_into``), other
+        bytes through the client's buffer. A socket closed under the
+        reader is the end of the stream too: a TLS socket without its TLS
+        object raises ValueError, and a closed descriptor OSError (which
+        :meth:`close` does not report).
         """
         sock = self._sock
         try:
-            return sock is not None and wire.receive(sock, self.conn,
-                                                     self._core)
+            if sock is None:
+                return False
+            rest = self._payload_rest
+            if rest is None:
+                with self._core:
+                    size = self.conn.expected_payload
+                    if size:
+                        rest = self.conn.payload_view(bytearray(size))
+            if rest is None:
+                got = sock.recv_into(self._rbuf)
+                with self._core:
+                    self.conn.receive_data(self._rbuf[:got])
+                return bool(got)
+            got = sock.recv_into(rest)
+            with self._core:
+                if not got:
+                    self.conn.receive_data(b'')
+                    return False
+                self.conn.payload_received(got)
+            self._payload_rest = rest[got:] if got < len(rest) else None
+            return True
         except ValueError:
             return False
         except OSError:
@@ -493,8 +666,6 @@ class Client:
     def _complete(self, event):
         with self._core:
             pending = self._pending.get(event.handle)
-            if getattr(event, 'done', False):
-                self._pending.pop(event.handle, None)
         if pending is None:
             return
         if isinstance(event, p.ReadReply):
@@ -515,15 +686,20 @@ class Client:
                     event, 'message', '') or errno.errorcode.get(
                         event.error, event.error)))
         if event.done:
-            pending.finish()
+            with self._core:
+                self._pending.pop(event.handle, None)
+                self._parked.pop(pending, None)
+                pending.finish()
 
     def _fail(self, error):
         with self._core:
             if self._failure is None:
                 self._failure = error
             pending, self._pending = self._pending, {}
-        for item in pending.values():
-            item.finish(error)
+            for item in pending.values():
+                self._parked.pop(item, None)
+                item.finish(error)
+            self._rescue_call.notify_all()
         if not isinstance(error, NBDError) or error.errno != errno.ESHUTDOWN:
             LOG.debug('%s: %s', self.name, error)
 
@@ -532,11 +708,11 @@ class Client:
     def close(self):
         """Say goodbye (NBD_CMD_DISC) and close the connection.
 
-        Returns once the reader thread has ended: the socket is shut down
-        first, which ends its wait for data (a native or an eventlet green
-        thread alike), and closed only after. A sender still blocked after
-        :attr:`timeout` (a dead link) is not waited for: the goodbye is
-        skipped and the shutdown fails its send.
+        Every request in flight fails (ESHUTDOWN). The socket is shut down
+        first, which ends a waiter's wait for data (a native or an eventlet
+        green thread alike), and closed once no waiter reads it any more.
+        A sender still blocked after :attr:`timeout` (a dead link) is not
+        waited for: the goodbye is skipped and the shutdown fails its send.
         """
         sock = self._sock
         if sock is None:
@@ -560,12 +736,14 @@ class Client:
         _shutdown(sock)
         with self._watch:
             self._watch.notify_all()
-        reader = self._reader
-        if reader is not None and reader is not threading.current_thread():
-            reader.join(self.timeout)
-            if reader.is_alive():
-                LOG.warning('%s: the reader thread did not end within %s s '
-                            'of the shutdown', self.name, self.timeout)
+        rescuer = self._rescuer
+        if rescuer is not None and rescuer is not threading.current_thread():
+            rescuer.join(self.timeout)
+        with self._core:
+            if not self._stepped_down.wait_for(lambda: not self._reading,
+                                               self.timeout):
+                LOG.warning('%s: a waiter still read the connection %s s '
+                            'after its shutdown', self.name, self.timeout)
         self._close_socket()
 
     def abort(self):

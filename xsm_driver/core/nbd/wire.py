@@ -12,31 +12,10 @@
 
 """Socket side shared by the NBD client and server."""
 
+#: bytes asked of one receive during the handshake
 RECV_SIZE = 256 * 1024
-
-
-def receive(sock, conn, lock):
-    """Receive more bytes from ``sock`` for the sans-IO ``conn``.
-
-    A payload goes straight into its own buffer (``recv_into``); other
-    bytes are read in chunks. ``lock`` guards ``conn``.
-
-    :returns: False once the peer has closed (the core is told so).
-    """
-    with lock:
-        size = conn.expected_payload
-        view = conn.payload_view(bytearray(size)) if size else None
-    if view is None:
-        data = sock.recv(RECV_SIZE)
-        with lock:
-            conn.receive_data(data)
-        return bool(data)
-    while len(view):
-        got = sock.recv_into(view)
-        with lock:
-            if not got:
-                conn.receive_data(b'')
-                return False
-            conn.payload_received(got)
-        view = view[got:]
-    return True
+#: the reusable buffer a connection receives into (headers, small replies
+#: and requests; a large payload goes straight into a buffer of its own):
+#: receiving into a new buffer of that size each time costs an mmap and
+#: an munmap, which in a process of many threads is also a TLB shootdown
+RECV_BUFFER = 64 * 1024

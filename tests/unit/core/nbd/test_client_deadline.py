@@ -125,7 +125,7 @@ class ClientDeadlineTest(DeadlineTestCase):
         start = time.monotonic()
         client.close()
         self.assertLess(time.monotonic() - start, SLACK)
-        self.assertFalse(client._reader.is_alive())
+        self.assertFalse(client._reading)
         client._watcher.join(SLACK)
         self.assertFalse(client._watcher.is_alive())
 

@@ -135,7 +135,7 @@ try:
         client.flush()
         assert client.block_status(0, 16 * MiB)
         client.close()
-        assert not client._reader.is_alive()
+        assert not client._reading
         wait_idle(server)
         print('ok %s round trip and close' % what, flush=True)
 
@@ -144,7 +144,7 @@ try:
         pending = [client.aio_pread(i * 64 * 1024, 64 * 1024)
                    for i in range(32)]
         client.close()
-        assert not client._reader.is_alive()
+        assert not client._reading
         assert {fails(lambda: p) for p in pending} <= {None, errno.ESHUTDOWN}
         wait_idle(server)
         print('ok %s close with requests in flight' % what, flush=True)
@@ -155,7 +155,7 @@ try:
         client.abort()
         assert fails(client.aio_pread, 0, 4096) == errno.ECONNABORTED
         client.close()
-        assert not client._reader.is_alive()
+        assert not client._reading
         wait_idle(server)
         print('ok %s abort and close' % what, flush=True)
 
@@ -166,7 +166,7 @@ try:
         assert server.connections == 0
         assert fails(client.aio_pread, 0, 4096) is not None
         client.close()
-        assert not client._reader.is_alive()
+        assert not client._reading
         print('ok %s server stop with a client' % what, flush=True)
 
         # a server that stops reading: a send blocked past its deadline
@@ -195,7 +195,7 @@ try:
             assert client._failure.errno == errno.ETIMEDOUT, client._failure
             assert 0.25 < slowest < 2.0, slowest
             client.close()
-            assert not client._reader.is_alive()
+            assert not client._reading
             server.stop()
         finally:
             nbd_server._Handler._transmit = transmit
