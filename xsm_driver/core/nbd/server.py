@@ -777,6 +777,9 @@ class _Handler:
         self._slots = threading.BoundedSemaphore(server._workers * 2)
         self._pool = None
         self._buffers = server._buffers
+        # what is not a write payload is received here, not into a new
+        # buffer each time
+        self._rbuf = memoryview(bytearray(wire.RECV_BUFFER))
         self._deadline = None              # end of the handshake
         self._request_timeout = server.request_timeout
         self._request_deadline = None      # end of the request arriving
@@ -947,11 +950,11 @@ class _Handler:
         with self._core:
             size = self.conn.expected_payload
         if not size:
-            data = self.sock.recv(wire.RECV_SIZE)
-            if data and self.progress == SILENT:
+            got = self.sock.recv_into(self._rbuf)
+            if got and self.progress == SILENT:
                 self.progress = SPOKE
             with self._core:
-                self.conn.receive_data(data)
+                self.conn.receive_data(self._rbuf[:got])
             return
         # A write payload: straight into a buffer, a reused one when it is
         # large, and the core is told once, when it is all there (over TLS

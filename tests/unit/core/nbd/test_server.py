@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import tracemalloc
 
 import fixtures
 
@@ -199,6 +200,19 @@ class DispatchTest(ServerTestCase):
         client.pwrite(b'f' * 4096, 0, fua=True)
         self.assertGreaterEqual(self.pool_threads(server), 1)
         self.assertEqual(b'f' * 4096, bytes(client.pread(0, 4096)))
+
+    def test_small_requests_are_received_into_a_reused_buffer(self):
+        """No new receive buffer per request (each was 256 KiB)."""
+        client = self.connect(self.serve())
+        client.pwrite(b'w' * 4096, 0)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        for i in range(200):
+            client.pwrite(bytes([i]) * 4096, i * 4096)
+        _now, peak = tracemalloc.get_traced_memory()
+        self.assertLess(peak, 128 * 1024)
+        self.assertEqual(bytes([199]) * 4096,
+                         bytes(self.dev.pread(199 * 4096, 4096)))
 
     def test_slow_device_gets_requests_in_parallel(self):
         for i in range(16):
