@@ -24,8 +24,7 @@ device) -- and the workers then share them out (:func:`assign`): over TLS
 one connection is one stream encrypted and decrypted by one thread at a
 time, several use every core on both sides.
 
-Plain threads, no eventlet: the copier runs inside the agent's data path,
-beside the NBD client's own reader thread.
+Plain threads, no eventlet: the copier runs inside the agent's data path.
 """
 
 import logging
