@@ -266,8 +266,8 @@ class Client:
                 self._sock.sendall(out)
             if event is not p.NEED_DATA:
                 return event
-            data = self._sock.recv(wire.RECV_SIZE)
-            self.conn.receive_data(data)
+            got = self._sock.recv_into(self._rbuf)
+            self.conn.receive_data(self._rbuf[:got])
 
     def _option(self, event):
         self._sock.sendall(self.conn.send(event))

@@ -12,8 +12,6 @@
 
 """Socket side shared by the NBD client and server."""
 
-#: bytes asked of one receive during the handshake
-RECV_SIZE = 256 * 1024
 #: the reusable buffer a connection receives into (headers, small replies
 #: and requests; a large payload goes straight into a buffer of its own):
 #: receiving into a new buffer of that size each time costs an mmap and
