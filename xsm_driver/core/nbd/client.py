@@ -202,9 +202,11 @@ class Client:
         self._failure = None
         self._sock = None
         self._closing = False
-        # replies (see _await): whether a waiter reads the socket, the
-        # other waiters (in order), the buffer, the part of a reply's
-        # payload still to receive, and a poll object for deadlines
+        # replies (see _await): whether a thread reads the socket, the
+        # other waiters (in order), the rescue thread (see _rescue_loop)
+        # and its call, the reader's stepping down (for close), the
+        # receive buffer, the part of a reply's payload still to receive,
+        # and a poll object for deadlines
         self._reading = False
         self._parked = {}
         self._rescuer = None
