@@ -738,9 +738,10 @@ class Client:
         _shutdown(sock)
         with self._watch:
             self._watch.notify_all()
-        rescuer = self._rescuer
-        if rescuer is not None and rescuer is not threading.current_thread():
-            rescuer.join(self.timeout)
+        # nothing of the client's is left running once it is closed
+        for thread in (self._rescuer, self._watcher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(self.timeout)
         with self._core:
             if not self._stepped_down.wait_for(lambda: not self._reading,
                                                self.timeout):
