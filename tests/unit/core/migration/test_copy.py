@@ -574,13 +574,13 @@ class TokenBucketTest(base.TestCase):
                           cancel)
 
     def test_idle_credit_is_capped_at_the_burst(self):
-        bucket = copy.TokenBucket(MiB, burst=64 * KiB)
-        time.sleep(0.3)
-        start = time.monotonic()
-        bucket.consume(64 * KiB)                  # the burst: no wait
-        self.assertLess(time.monotonic() - start, 0.05)
-        bucket.consume(512 * KiB)                 # no credit left
-        self.assertGreaterEqual(time.monotonic() - start, 0.45)
+        # the clock: made at 0, idle until 0.3 (0.3 MiB of credit without
+        # a cap), both consumed then; the wait's first look is at 10
+        bucket = copy.TokenBucket(MiB, burst=64 * KiB,
+                                  clock=iter([0.0, 0.3, 0.3, 10.0]).__next__)
+        self.assertEqual(0.0, bucket.consume(64 * KiB))   # the burst
+        # no credit left: 512 KiB at 1 MiB/s (0.2625 s with 0.3 s credit)
+        self.assertAlmostEqual(0.5, bucket.consume(512 * KiB))
 
     def test_rate_can_change(self):
         bucket = copy.TokenBucket(1000)
