@@ -186,6 +186,21 @@ class _Buffers:
             return False
         return self._keep_buffer(buf)
 
+    def close(self):
+        """Unmap every free buffer, and keep none from now on.
+
+        A stopped server's pool: its memory goes back at once, although
+        the server itself lives on until the garbage collector's next full
+        pass (each connection's protocol core refers to the server, and
+        keeps itself alive through its dispatch tables of bound methods).
+        A buffer still in use is dropped when it comes back.
+        """
+        with self._lock:
+            self._keep = 0
+            free, self._free = self._free, []
+        for buf in free:
+            buf.close()
+
     def _keep_buffer(self, buf):
         with self._lock:
             free = self._free
@@ -605,6 +620,7 @@ class Server:
                 LOG.warning('NBD client %s: its thread did not end within '
                             '%.0f s of stop(); going on without it',
                             handler.peer, STOP_TIMEOUT)
+        self._buffers.close()
 
     def __enter__(self):
         return self.start()

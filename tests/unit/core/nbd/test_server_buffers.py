@@ -15,6 +15,7 @@
 import mmap
 import os
 import threading
+import weakref
 
 from tests import base
 from xsm_driver.core.block import device
@@ -281,3 +282,39 @@ class ReuseOverTheWireTest(base.TestCase):
         for copy, kept in dev.kept:
             self.assertNotIsInstance(kept, mmap.mmap)
             self.assertEqual(copy, bytes(kept))
+
+
+class StopTest(base.TestCase):
+
+    check_leaks = True
+
+    def test_stop_unmaps_the_pool(self):
+        # A stopped server lingers until a full garbage collection (its
+        # connections' protocol cores are reference cycles); its pooled
+        # buffers (megabytes each) must not linger with it.
+        dev = Keeper(8 * MiB)
+        pooled = []
+        write = dev.pwrite
+
+        def spy(data, offset, fua=False):
+            buf = data if type(data) is mmap.mmap else data.obj
+            pooled.append(weakref.ref(buf))
+            buf = None
+            write(data, offset, fua)
+        dev.pwrite = spy
+        server = nbd_server.Server({'disk': dev}).start()
+        self.addCleanup(server.stop)
+        client = nbd_client.Client(*server.address, export='disk',
+                                   timeout=10).connect()
+        self.addCleanup(client.close)
+        for i in range(8):
+            client.pwrite(os.urandom(MiB), i * MiB)
+        client.close()
+        self.assertEqual(8, len(pooled))
+        self.assertTrue(any(ref() is not None for ref in pooled))
+        server.stop()
+        self.assertEqual([], [ref for ref in pooled if ref() is not None])
+        # and a buffer that comes back later is not kept
+        pool = server._buffers
+        buf = pool.get(MiB)
+        self.assertFalse(pool.put(buf))
