@@ -77,7 +77,7 @@ SPB = fmt.SECTORS_PER_BLOCK
 ALL_SET = '1' * SPB
 NONE_SET = '0' * SPB
 ZEROS = memoryview(bytes(BS))
-# Sector bitmaps cached per image (512 bytes each: 2 MiB at most).
+# Sector bitmaps cached per image (512 bytes each: about 2 MiB at most).
 _BITMAP_CACHE = 4096
 # Opening attempts while what is read keeps changing (see the module
 # docstring), and the pause before the n-th retry (n times this, capped).
