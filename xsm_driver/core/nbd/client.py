@@ -396,12 +396,16 @@ class Client:
     def _unwatch_send(self):
         with self._watch:
             self._send_deadline = None
+            if self._failure is not None:
+                self._watch.notify()        # its watch may end
 
     def _watch_loop(self):
         with self._watch:
             while not self._closing:
                 now = time.monotonic()
                 deadline = self._send_deadline
+                if deadline is None and self._failure is not None:
+                    return          # failed: nothing will be sent again
                 if deadline is not None and now >= deadline:
                     self._send_deadline = None
                     self._watch.release()
@@ -702,6 +706,8 @@ class Client:
                 self._parked.pop(item, None)
                 item.finish(error)
             self._rescue_call.notify_all()
+        with self._watch:
+            self._watch.notify()
         if not isinstance(error, NBDError) or error.errno != errno.ESHUTDOWN:
             LOG.debug('%s: %s', self.name, error)
 

@@ -153,6 +153,19 @@ class ClientDeadlineTest(DeadlineTestCase):
         client._watcher.join(SLACK)
         self.assertFalse(client._watcher.is_alive())
 
+    def test_the_watchdog_of_a_failed_connection_ends_before_close(self):
+        server = self.serve()
+        client = self.connect(server)
+        client.aio_pwrite(b'a' * 4096, 0,
+                          deadline=time.monotonic() + 5).wait(5)
+        self.assertTrue(client._watcher.is_alive())
+        server.stop()                    # the connection is gone
+        self.assertRaises(nbd_client.NBDError, client.pwrite, b'b' * 4096, 0)
+        self.assertIsNotNone(client._failure)
+        # nothing is sent on a failed connection: nothing left to watch
+        client._watcher.join(SLACK)
+        self.assertFalse(client._watcher.is_alive())
+
     def test_waiting_for_the_send_lock_ends_at_the_deadline(self):
         client = self.connect(self.serve())
         client._send.acquire()          # another sender, stuck
