@@ -415,9 +415,13 @@ class RemotePeer:
         :returns: the destination's answer (``{'lease_timeout'}``), or
             None from a destination older than 1.2 (it holds no lease).
         """
+        return self._newer_call('receive_renew', '1.2', timeout=timeout,
+                                migration=mid)
+
+    def _newer_call(self, method, version, **kwargs):
+        """Call ``method`` (new in ``version``); None from an older peer."""
         try:
-            return self._api.call('receive_renew', version='1.2',
-                                  timeout=timeout, migration=mid)
+            return self._api.call(method, version=version, **kwargs)
         except (messaging.UnsupportedVersion, messaging.NoSuchMethod):
             return None                 # (as the fake:// driver raises it)
         except messaging.RemoteError as exc:
@@ -435,15 +439,8 @@ class RemotePeer:
             from a destination older than 1.6 (the commit then carries
             the whole state).
         """
-        try:
-            return self._api.call('receive_stage_guest', version='1.6',
-                                  migration=mid, models=models)
-        except (messaging.UnsupportedVersion, messaging.NoSuchMethod):
-            return None                 # (as the fake:// driver raises it)
-        except messaging.RemoteError as exc:
-            if exc.exc_type in _UNKNOWN_CALL:
-                return None
-            raise
+        return self._newer_call('receive_stage_guest', '1.6', migration=mid,
+                                models=models)
 
     def complete(self, mid, vm_state):
         return self._api.call('receive_complete', migration=mid,
