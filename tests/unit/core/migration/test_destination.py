@@ -34,6 +34,18 @@ from xsm_driver.core.sr import base as sr_base
 MiB = 1 << 20
 
 
+#: the NBD client's threads (of this test's clients, or of another test's
+#: in this process): not the server's
+CLIENT_THREADS = ('xsm-nbd-client', 'xsm-nbd-send-deadline')
+
+
+def server_threads():
+    """The NBD server threads alive in this process."""
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith('xsm-nbd-') and
+            t.name not in CLIENT_THREADS]
+
+
 class TestCopyConnections(base.TestCase):
 
     def test_what_the_source_asks_within_bounds(self):
@@ -138,14 +150,9 @@ class TestReceiveExports(ReceiveCase):
             self.assertRaises(device.BlockError, dev.pwrite, b'x' * 512,
                               0)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and [
-                t for t in threading.enumerate()
-                if t.name.startswith('xsm-nbd-') and
-                t.name != 'xsm-nbd-client']:
+        while time.monotonic() < deadline and server_threads():
             time.sleep(0.02)
-        self.assertEqual([], [t.name for t in threading.enumerate()
-                              if t.name.startswith('xsm-nbd-') and
-                              t.name != 'xsm-nbd-client'])
+        self.assertEqual([], server_threads())
 
 
 class TestIncomingStart(ReceiveCase):
@@ -310,11 +317,6 @@ class TestCommitSettlesAfterItsAnswer(ReceiveCase):
         rec.wait_settled(30)
         self.assertEqual('done', self.phase(rec).phase)
 
-    def nbd_threads(self):
-        return [t.name for t in threading.enumerate()
-                if t.name.startswith('xsm-nbd-') and
-                t.name != 'xsm-nbd-client']
-
     def test_commit_shuts_the_exports_off_and_stops_the_server_later(self):
         rec, remote = self.receive(1)
         names = next(iter(remote['exports'].values()))
@@ -350,9 +352,9 @@ class TestCommitSettlesAfterItsAnswer(ReceiveCase):
         self.assertIsNone(rec._server)
         self.assertEqual(0, server.connections)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and self.nbd_threads():
+        while time.monotonic() < deadline and server_threads():
             time.sleep(0.02)
-        self.assertEqual([], self.nbd_threads())
+        self.assertEqual([], server_threads())
         self.assertEqual('done', self.phase(rec).phase)
         vdi = next(iter(answer['vdis'].values()))
         dev = self.host.sr('sr-b').attach(vdi)
