@@ -539,14 +539,22 @@ class VHDSR(base.SR):
         base_path, path = self.vdi_path(base_uuid), self.vdi_path(leaf)
         with self._locked():
             try:
-                if not vhd_image.read_footer(base_path).hidden:
-                    self._set_hidden(base_uuid, base_path, True)
-                vhd_image.make_read_only(base_path)
+                self._seal_base(base_uuid, base_path)
                 ops.refresh_parent_timestamp(path, base_path, durable=False)
                 fresh = vhd_image.Image(base_path)
             except Exception as exc:
                 raise self._error('compose', leaf, exc)
         return _FreshBase(receiver.leaf.next.chain, fresh)
+
+    def _seal_base(self, base_uuid, base_path):
+        """Make a received base hidden and read-only (lock held).
+
+        (Its footer only is read: a full opening costs with its size, and
+        this may run in the switch-over's pause.)
+        """
+        if not vhd_image.read_footer(base_path).hidden:
+            self._set_hidden(base_uuid, base_path, True)
+        vhd_image.make_read_only(base_path)
 
     def _finish_receive(self, receiver, durable=True):
         """Make the composed leaf a normal VDI over its base.
@@ -557,11 +565,7 @@ class VHDSR(base.SR):
         base_path, path = self.vdi_path(base_uuid), self.vdi_path(leaf)
         with self._locked():
             try:
-                # (its footer only: the base was made hidden; a full
-                # opening of it costs with its size, in the pause)
-                if not vhd_image.read_footer(base_path).hidden:
-                    self._set_hidden(base_uuid, base_path, True)
-                vhd_image.make_read_only(base_path)
+                self._seal_base(base_uuid, base_path)
                 # The leaf recorded the base's mtime when it was made; the
                 # copy has changed it since.
                 ops.set_parent(path, base_path, durable=durable)
