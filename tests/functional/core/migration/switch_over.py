@@ -32,11 +32,14 @@ import os
 import threading
 import time
 
+import fixtures
+
 from tests import base
 from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.migration import plan
+from xsm_driver.core.migration import source
 
 MiB = 1 << 20
 #: the tests' [agent]commit_timeout: how long a source asks, then doubts
@@ -161,6 +164,17 @@ class SwitchOverFixture(base.TestCase):
         self.managers = {}
         self.crashed = set()
         self.peer = FaultyPeer(self)
+        #: host -> the NBD connections its source migrations opened
+        self.sockets = collections.defaultdict(list)
+        connect = source.Migration._connect
+
+        def recording(mig, export):
+            dev = connect(mig, export)
+            self.sockets[mig.host].append(dev)
+            return dev
+        self.useFixture(fixtures.MonkeyPatch(
+            'xsm_driver.core.migration.source.Migration._connect',
+            recording))
         for name in ('a', 'b'):
             self.managers[name] = self._start(name)
         # a crashed thread's Crash is not an error of the test
@@ -200,6 +214,11 @@ class SwitchOverFixture(base.TestCase):
                         dev.close()
                     except Exception:
                         pass
+        # the kernel closes its sockets (a source that dies before the
+        # pause has not closed its mirrors' connections)
+        for dev in self.sockets.pop(old.host, ()):
+            dev.abort()
+            dev.close()
         with old._lock:
             leases = list(old._leases.values())
         for lease in leases:
