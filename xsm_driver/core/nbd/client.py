@@ -47,6 +47,12 @@ from xsm_driver.core.nbd import wire
 
 LOG = logging.getLogger(__name__)
 
+#: the names of a client's own threads: the one that reads a large reply
+#: nobody waits for, and the watchdog of a send's deadline
+RESCUE_THREAD = 'xsm-nbd-client'
+WATCHDOG_THREAD = 'xsm-nbd-send-deadline'
+THREADS = (RESCUE_THREAD, WATCHDOG_THREAD)
+
 
 class NBDError(exception.XSMError):
     """A request or the connection failed; ``errno`` says how."""
@@ -387,7 +393,7 @@ class Client:
                 self._watch_at = deadline
                 self._watcher = threading.Thread(
                     target=self._watch_loop, daemon=True,
-                    name='xsm-nbd-send-deadline')
+                    name=WATCHDOG_THREAD)
                 self._watcher.start()
             elif self._watch_at > deadline:
                 self._watch_at = deadline
@@ -558,7 +564,7 @@ class Client:
         if self._rescuer is None:
             self._rescuer = threading.Thread(target=self._rescue_loop,
                                              daemon=True,
-                                             name='xsm-nbd-client')
+                                             name=RESCUE_THREAD)
             self._rescuer.start()
         else:
             self._rescue_call.notify()

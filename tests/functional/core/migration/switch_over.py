@@ -40,6 +40,7 @@ from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.migration import plan
 from xsm_driver.core.migration import source
+from xsm_driver.core.nbd import client as nbd_client
 
 MiB = 1 << 20
 #: the tests' [agent]commit_timeout: how long a source asks, then doubts
@@ -153,6 +154,8 @@ class SwitchOverFixture(base.TestCase):
 
     def setUp(self):
         super().setUp()
+        # (first: checked after every other clean-up)
+        self.addCleanup(self._no_connection_left, set(threading.enumerate()))
         self.top = self.make_tempdir()
         self.lock = threading.Lock()
         self.counts = collections.Counter()
@@ -190,6 +193,21 @@ class SwitchOverFixture(base.TestCase):
         return manager_mod.Options(chunk=1 * MiB, leaf_headroom=1 * MiB,
                                    commit_timeout=COMMIT_TIMEOUT,
                                    commit_retry_interval=0.05)
+
+    def _no_connection_left(self, before, grace=10):
+        """Every NBD client a test opened ends with it.
+
+        (The source closes its mirrors' connections in a thread of its
+        own after the pause: they get ``grace`` seconds.)
+        """
+        deadline = time.monotonic() + grace
+        while True:
+            left = [t.name for t in set(threading.enumerate()) - before
+                    if t.name in nbd_client.THREADS]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertEqual([], left, 'NBD client threads left running')
 
     def _start(self, name):
         """Build (or build again, after a crash) the agent of a host."""

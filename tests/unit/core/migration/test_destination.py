@@ -29,21 +29,21 @@ from xsm_driver.core.migration import credentials
 from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import source
+from xsm_driver.core.nbd import client as nbd_client
 from xsm_driver.core.sr import base as sr_base
 
 MiB = 1 << 20
 
 
-#: the NBD client's threads (of this test's clients, or of another test's
-#: in this process): not the server's
-CLIENT_THREADS = ('xsm-nbd-client', 'xsm-nbd-send-deadline')
-
-
 def server_threads():
-    """The NBD server threads alive in this process."""
+    """The NBD server threads alive in this process.
+
+    (Not the client's: of this test's clients, or of another test's in
+    this process.)
+    """
     return [t.name for t in threading.enumerate()
             if t.name.startswith('xsm-nbd-') and
-            t.name not in CLIENT_THREADS]
+            t.name not in nbd_client.THREADS]
 
 
 class TestCopyConnections(base.TestCase):
