@@ -57,6 +57,7 @@ once the destination was told to complete.
 """
 
 import concurrent.futures
+import functools
 import logging
 import os
 import shutil
@@ -64,6 +65,7 @@ import threading
 import time
 
 from xsm_driver.core.block import filters
+from xsm_driver.core.migration import after_answer
 from xsm_driver.core.migration import collector
 from xsm_driver.core.migration import credentials
 from xsm_driver.core.migration import errors
@@ -397,17 +399,18 @@ class Receive:
     def _settle_later(self):
         """:meth:`_settle` once this call's answer is on its way.
 
-        It takes the lock this call holds: it starts when the call
-        returns. The source's pause ends with the answer, and nothing of
-        the settling needs to be in it (see :meth:`_settle`).
+        The source's pause ends with the answer, and nothing of the
+        settling needs to be in it (see :meth:`_settle`). Served over
+        RPC, it runs once the answer is sent (:mod:`after_answer`): no
+        thread to start inside the pause, and none taking the GIL from
+        the answer's sending; otherwise in a thread of its own, which
+        takes the lock this call holds once the call returns.
         """
         if self.phase == 'done' or (self._settler is not None and
                                     self._settler.is_alive()):
             return
-        self._settler = threading.Thread(
-            target=self._settle_logged, daemon=True,
-            name='xsm-settle-%s' % self.id[:8])
-        self._settler.start()
+        self._settler = after_answer.defer(
+            self._settle_logged, 'xsm-settle-%s' % self.id[:8])
 
     def _settle_logged(self):
         try:
@@ -484,11 +487,12 @@ class Receive:
             if self._incoming is not None and \
                     self.host.take_incoming(vm_uuid, save=False):
                 # The guest runs once its QEMU has the rest of its state,
-                # which the source sends on this commit's answer.
-                threading.Thread(target=self.host.resume_incoming,
-                                 args=(vm_uuid,), daemon=True,
-                                 name='xsm-incoming-%s' % self.id[:8]
-                                 ).start()
+                # which the source sends on this commit's answer: its
+                # waiting thread starts after the answer.
+                name = 'xsm-incoming-%s' % self.id[:8]
+                after_answer.defer(functools.partial(
+                    _start_thread, self.host.resume_incoming, (vm_uuid,),
+                    name), name)
                 steps.mark('guest_start')
         self.result = {'vdis': new, 'vm': vm_uuid}
         if settle:
@@ -628,6 +632,11 @@ def _compose_all(receivers, durable=True, keep_leaf=False):
         for fut in futures:
             fut.result()
     return {src: rec.leaf_uuid for src, (_sr, rec) in items}
+
+
+def _start_thread(target, args, name):
+    threading.Thread(target=target, args=args, daemon=True,
+                     name=name).start()
 
 
 def aborted_error(mid, host_name, expired):

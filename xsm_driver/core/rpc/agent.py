@@ -27,8 +27,11 @@ import threading
 import oslo_messaging as messaging
 from oslo_messaging._drivers import common as rpc_common
 from oslo_messaging._drivers import impl_fake
+from oslo_messaging.rpc import server as rpc_server
 
 from xsm_driver.core import exception
+from xsm_driver.core.migration import after_answer
+from xsm_driver.core.migration import collector
 from xsm_driver.core.migration import destination
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core import rpc
@@ -109,6 +112,34 @@ def _in_process(transport):
     """
     return isinstance(getattr(transport, '_driver', None),
                       impl_fake.FakeDriver)
+
+
+#: calls answered inside the source's pause: no garbage collection from
+#: their dispatch to their answer's sending (see :mod:`collector`)
+PAUSE_CALLS = frozenset(['receive_complete'])
+
+
+class _Server(rpc_server.RPCServer):
+    """oslo.messaging's RPC server, telling a call when it has answered.
+
+    Each call runs in an :func:`after_answer.scope`: what it defers (the
+    commit's settling) runs once its answer is sent. A call of
+    :data:`PAUSE_CALLS` holds the garbage collector from its dispatch
+    (the check of its signature and arguments) to its answer's sending
+    (the answer's signing and encoding), not only in its method.
+    """
+
+    def _process_incoming(self, incoming):
+        method = None
+        if incoming:
+            message = getattr(incoming[0], 'message', None)
+            if isinstance(message, dict):
+                method = message.get('method')
+        with after_answer.scope():
+            if method in PAUSE_CALLS:
+                with collector.held():
+                    return super()._process_incoming(incoming)
+            return super()._process_incoming(incoming)
 
 
 @_expected_errors
@@ -392,7 +423,7 @@ class Agent:
         target = messaging.Target(topic=self.topic, server=host.name)
         self.server = messaging.get_rpc_server(
             transport, target, [AgentEndpoint(self.manager, guard)],
-            executor='threading')
+            executor='threading', server_cls=_Server)
         self._notifier = None
         if notifier_transport is not None:
             self._notifier = messaging.Notifier(
