@@ -119,6 +119,10 @@ def _in_process(transport):
 PAUSE_CALLS = frozenset(['receive_complete'])
 
 
+def _nothing():
+    pass
+
+
 class _Server(rpc_server.RPCServer):
     """oslo.messaging's RPC server, telling a call when it has answered.
 
@@ -128,6 +132,23 @@ class _Server(rpc_server.RPCServer):
     (the check of its signature and arguments) to its answer's sending
     (the answer's signing and encoding), not only in its method.
     """
+
+    def spawn_workers(self):
+        """Start the worker threads now (once started), not one per call.
+
+        oslo.messaging's ``threading`` executor (futurist's
+        ``ThreadPoolExecutor``) starts a new thread at each of its first
+        ``executor_thread_pool_size`` calls (``Thread.start`` waits until
+        the thread runs): on a freshly started agent, inside a commit's
+        round trip.
+        """
+        executor = getattr(self, '_work_executor', None)
+        workers = getattr(executor, '_max_workers', None)
+        if not isinstance(workers, int):
+            return
+        started = len(getattr(executor, '_workers', ()))
+        for _ in range(max(0, workers - started)):
+            executor.submit(_nothing)
 
     def _process_incoming(self, incoming):
         method = None
@@ -438,6 +459,7 @@ class Agent:
             LOG.warning('recovered migration %s (%s): %s', mid, role,
                         outcome)
         self.server.start()
+        self.server.spawn_workers()
         if self._notifier is not None:
             self._reporter = threading.Thread(target=self._report,
                                               name='xsm-progress',

@@ -116,6 +116,8 @@ class TestServer(base.TestCase):
             [self.endpoint], executor='threading',
             server_cls=agent_mod._Server)
         server.start()
+        server.spawn_workers()
+        self.server = server
 
         def stop():
             server.stop()
@@ -149,3 +151,11 @@ class TestServer(base.TestCase):
         self.assertTrue(seen['receive_status_gc'])
         self.assertTrue(seen['receive_status_same_thread'])
         self.assertTrue(seen['receive_status_after_answer'])
+
+    def test_the_worker_threads_start_with_the_server(self):
+        # not one per call (Thread.start inside a commit's round trip)
+        executor = self.server._work_executor
+        self.assertGreater(executor._max_workers, 1)
+        self.assertEqual(executor._max_workers, len(executor._workers))
+        self._call('receive_status')
+        self.assertEqual(executor._max_workers, len(executor._workers))
