@@ -466,8 +466,10 @@ class Receive:
         steps.mark('exports_seal')
         # A guest that starts here takes over the leaves' open devices
         # (each reads its finished base): no image is opened in the pause.
-        starts = (self._vm_state is not None and self._incoming is None and
-                  self._vm_state.get('power_state') == 'running')
+        # So does an incoming QEMU guest's gates.
+        incoming = self._incoming is not None
+        starts = self._vm_state is not None and (
+            incoming or self._vm_state.get('power_state') == 'running')
         new = _compose_all(self._receivers, durable=False, keep_leaf=starts)
         steps.mark('compose')
         vm_uuid = None
@@ -476,16 +478,17 @@ class Receive:
                        for src, (_sr, rec) in self._receivers.items()}
             try:
                 vm_uuid = adopt(self.host, self.spec, self._vm_state, new,
-                                start=self._incoming is None, steps=steps,
+                                start=not incoming, steps=steps,
                                 save=False, staged=self._staged,
                                 devices=devices)
                 self._staged = None         # (the guest's now)
+                taken = incoming and self.host.take_incoming(
+                    vm_uuid, save=False, devices=devices)
             finally:
                 for dev in devices.values():
                     if dev is not None:
                         dev.close()     # (not taken: the guest did not start)
-            if self._incoming is not None and \
-                    self.host.take_incoming(vm_uuid, save=False):
+            if taken:
                 # The guest runs once its QEMU has the rest of its state,
                 # which the source sends on this commit's answer: its
                 # waiting thread starts after the answer.

@@ -874,25 +874,32 @@ class Host:
             return
         self._drop_incoming(uuid, disks)
 
-    def take_incoming(self, uuid, save=True):
+    def take_incoming(self, uuid, save=True, devices=None):
         """The migration committed: the incoming guest is VM ``uuid``'s.
 
         Each gate resumes on the VM's composed VDI; the guest stays
         paused until its QEMU has the whole state (:meth:`resume_incoming`).
 
         :param save: False: the caller saves the VM records itself, later.
+        :param devices: VDI uuid -> its device, open for writing (the
+            compose's kept leaf: no image is opened here); the gates take
+            (and pop) those they use, and attach the others.
         """
         with self._lock:
             disks = self._incoming.pop(uuid, None)
         if disks is None:
             return False
         vm = self.vm(uuid)
+        devices = {} if devices is None else devices
         with vm.lock:
             by_name = {d.name: d for d in disks}
             for disk in vm.disks:
                 held = by_name[disk.name]
-                held.gate.resume(self.sr(disk.sr).attach(disk.vdi,
-                                                         writable=True))
+                device = devices.pop(disk.vdi, None)
+                if device is None:
+                    device = self.sr(disk.sr).attach(disk.vdi,
+                                                     writable=True)
+                held.gate.resume(device)
                 disk.gate, disk.counter = held.gate, held.counter
                 disk.server = held.server
             vm.in_qemu = True

@@ -27,6 +27,7 @@ missing QEMU or guest kit fails the test.
 
 import logging
 import os
+import threading
 import time
 
 import fixtures
@@ -38,6 +39,7 @@ from xsm_driver.core.migration import host as host_mod
 from xsm_driver.core.migration import manager as manager_mod
 from xsm_driver.core.rpc import arguments
 from xsm_driver.core import sr as sr_mod
+from xsm_driver.core.vhd import image as vhd_image
 from xsm_driver import hypervisor
 from xsm_driver.hypervisor import base as hv_base
 from xsm_driver.hypervisor import qemu
@@ -358,6 +360,43 @@ class TestQemuLiveMigration(TwoHostsCase):
         self.addDetail('numbers', _text(numbers))
         self.assertIsNotNone(status['downtime_ms'])
         self.assertIsNotNone(status['qemu_downtime_ms'])
+        b.stop_vm(vm.uuid)
+
+    def test_the_commit_opens_no_image(self):
+        # the incoming guest's gates take the leaves the compose kept
+        # open: no image (no BAT) is read in the pause
+        opened, seen = [], []
+        real_image = vhd_image.Image
+        real_complete = destination.Receive.complete
+
+        def image(path, *args, **kwargs):
+            opened.append((threading.current_thread().name, path))
+            return real_image(path, *args, **kwargs)
+
+        def complete(rcv, vm_state=None):
+            me = threading.current_thread().name
+            with fixtures.MonkeyPatch('xsm_driver.core.vhd.image.Image',
+                                      image):
+                try:
+                    return real_complete(rcv, vm_state)
+                finally:
+                    seen.append([p for t, p in opened if t == me])
+        self.useFixture(fixtures.MonkeyPatch(
+            'xsm_driver.core.migration.destination.Receive.complete',
+            complete))
+        vm = self.boot()
+        b = self.hosts['host-b']
+        mid = self.a.migrate_vm(vm.uuid, 'host-b',
+                                {d.vdi: 'sr' for d in vm.disks}, {})
+        status = self.wait(mid)
+        self.assertEqual('done', status['phase'], status['error'])
+        self.assertEqual([[]], seen)
+        deadline = time.monotonic() + TIMEOUT
+        while b.vm_power_state(vm.uuid) != 'running':
+            self.assertLess(time.monotonic(), deadline, 'not resumed')
+            time.sleep(0.05)
+        check = self.verify(vm.uuid, drv=b.qemu)
+        self.assertTrue(verifier.verified(check), check.line)
         b.stop_vm(vm.uuid)
 
     def test_abort_mid_copy_keeps_the_guest_running_on_the_source(self):
