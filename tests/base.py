@@ -25,6 +25,8 @@ import traceback
 import fixtures
 import testtools
 
+from xsm_driver.core.nbd import tls
+
 # Debian package that provides each external command the tests may use.
 DEBIAN_PACKAGES = {
     'qemu-img': 'qemu-utils',
@@ -43,6 +45,19 @@ VECTORS_DIR = os.path.join(TESTS_DIR, 'data', 'vhd')
 
 def in_ci():
     return os.environ.get('CI') == 'true'
+
+
+def tls_contexts(directory):
+    """``(server context, client context)`` of mutual TLS.
+
+    Made from new credentials (a CA, a server and a client certificate)
+    in ``directory``.
+    """
+    f = tls.make_credentials(directory)
+    return (tls.server_context(f[tls.SERVER_CERT], f[tls.SERVER_KEY],
+                               f[tls.CA_CERT]),
+            tls.client_context(f[tls.CA_CERT], f[tls.CLIENT_CERT],
+                               f[tls.CLIENT_KEY]))
 
 
 def open_fds():

@@ -29,7 +29,6 @@ from xsm_driver.core.block import filters
 from xsm_driver.core.block import nbd as nbd_device
 from xsm_driver.core.nbd import client as nbd_client
 from xsm_driver.core.nbd import server as nbd_server
-from xsm_driver.core.nbd import tls
 
 MiB = 1024 * 1024
 #: how long a send may block
@@ -64,13 +63,8 @@ class DeadlineTestCase(base.TestCase):
         self.addCleanup(self.exported.close)
         self.server_ctx = self.client_ctx = None
         if self.tls_on:
-            files = tls.make_credentials(os.path.join(self.dir, 'pki'))
-            self.server_ctx = tls.server_context(
-                files[tls.SERVER_CERT], files[tls.SERVER_KEY],
-                files[tls.CA_CERT])
-            self.client_ctx = tls.client_context(
-                files[tls.CA_CERT], files[tls.CLIENT_CERT],
-                files[tls.CLIENT_KEY])
+            self.server_ctx, self.client_ctx = base.tls_contexts(
+                os.path.join(self.dir, 'pki'))
 
     def serve(self, reading=True):
         if not reading:

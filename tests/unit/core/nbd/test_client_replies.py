@@ -27,7 +27,6 @@ from xsm_driver.core.block import backends
 from xsm_driver.core.block import device
 from xsm_driver.core.nbd import client as nbd_client
 from xsm_driver.core.nbd import server as nbd_server
-from xsm_driver.core.nbd import tls
 
 MiB = 1024 * 1024
 #: offsets of a _Held device whose FUA writes wait for their event
@@ -67,13 +66,8 @@ class RepliesTest(base.TestCase):
         self.addCleanup(self.disk.close)
         self.server_ctx = self.client_ctx = None
         if self.tls_on:
-            files = tls.make_credentials(os.path.join(folder, 'pki'))
-            self.server_ctx = tls.server_context(
-                files[tls.SERVER_CERT], files[tls.SERVER_KEY],
-                files[tls.CA_CERT])
-            self.client_ctx = tls.client_context(
-                files[tls.CA_CERT], files[tls.CLIENT_CERT],
-                files[tls.CLIENT_KEY])
+            self.server_ctx, self.client_ctx = base.tls_contexts(
+                os.path.join(folder, 'pki'))
         self.server = nbd_server.Server({'disk': self.disk}, workers=4,
                                         tls_context=self.server_ctx).start()
         self.addCleanup(self.server.stop)

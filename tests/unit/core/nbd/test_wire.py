@@ -25,7 +25,6 @@ from tests import base
 from tests.unit.core.nbd import test_server_buffers
 from xsm_driver.core.nbd import client as nbd_client
 from xsm_driver.core.nbd import server as nbd_server
-from xsm_driver.core.nbd import tls
 
 MiB = 1024 * 1024
 
@@ -33,11 +32,7 @@ MiB = 1024 * 1024
 class ReceiveTest(base.TestCase):
 
     def test_tls_connections_never_recv_a_new_buffer(self):
-        f = tls.make_credentials(self.make_tempdir())
-        server_ctx = tls.server_context(
-            f[tls.SERVER_CERT], f[tls.SERVER_KEY], f[tls.CA_CERT])
-        client_ctx = tls.client_context(
-            f[tls.CA_CERT], f[tls.CLIENT_CERT], f[tls.CLIENT_KEY])
+        server_ctx, client_ctx = base.tls_contexts(self.make_tempdir())
         asked, into = [], []
         recv, recv_into = ssl.SSLSocket.recv, ssl.SSLSocket.recv_into
 
