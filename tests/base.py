@@ -13,6 +13,7 @@
 """Base test case and helpers shared by every xsm-driver test."""
 
 import gc
+import importlib.util
 import os
 import re
 import shutil
@@ -45,6 +46,15 @@ VECTORS_DIR = os.path.join(TESTS_DIR, 'data', 'vhd')
 
 def in_ci():
     return os.environ.get('CI') == 'true'
+
+
+def load_benchmark(name):
+    """Import ``benchmarks/<name>.py`` (benchmarks/ is not a package)."""
+    path = os.path.join(REPO_TOP, 'benchmarks', name + '.py')
+    spec = importlib.util.spec_from_file_location('xsm_bench_' + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tls_contexts(directory):

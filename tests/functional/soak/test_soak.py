@@ -22,23 +22,12 @@ migrations than this test makes; the full soak uses the default). In CI a
 missing broker fails this test; elsewhere it is skipped.
 """
 
-import importlib.util
-import os
 
 from tests import base
 from tests.functional.core.migration import fixtures
 
 MiB = 1 << 20
 MIGRATIONS = 8
-
-
-def load(name):
-    """Import ``benchmarks/<name>.py`` (benchmarks/ is not a package)."""
-    path = os.path.join(base.REPO_TOP, 'benchmarks', name + '.py')
-    spec = importlib.util.spec_from_file_location('xsm_bench_' + name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class TestShortSoak(base.TestCase):
@@ -48,7 +37,7 @@ class TestShortSoak(base.TestCase):
         problem = fixtures.broker_problem()
         if problem:
             self.missing(problem)
-        self.soak_mod = load('soak')
+        self.soak_mod = base.load_benchmark('soak')
 
     def test_back_and_forth_under_load_leaves_nothing_and_stays_flat(self):
         soak = self.soak_mod.Soak(

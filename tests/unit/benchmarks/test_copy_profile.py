@@ -13,21 +13,11 @@
 """The pure parts of benchmarks/copy_profile.py: perf script samples."""
 
 import collections
-import importlib.util
-import os
 
 from tests import base
 
 
-def load(name):
-    path = os.path.join(base.REPO_TOP, 'benchmarks', name + '.py')
-    spec = importlib.util.spec_from_file_location('xsm_bench_' + name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cp = load('copy_profile')
+cp = base.load_benchmark('copy_profile')
 
 # perf script -F comm,pid,tid,ip,sym,dso (comm right-aligned, frames
 # tab-indented, a blank line after each sample)

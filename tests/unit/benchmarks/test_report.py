@@ -16,11 +16,10 @@ The JSON fed to them here has the shape the benchmarks write (cut down).
 """
 
 from tests import base
-from tests.unit.benchmarks import test_soak
 
-common = test_soak.load('_common')
-report = test_soak.load('report')
-qemu_mirror = test_soak.load('qemu_mirror_bench')
+common = base.load_benchmark('_common')
+report = base.load_benchmark('report')
+qemu_mirror = base.load_benchmark('qemu_mirror_bench')
 GiB = 1 << 30
 
 
@@ -261,7 +260,7 @@ class TestReportTables(base.TestCase):
 
 class TestLinkBench(base.TestCase):
 
-    link = test_soak.load('link_bench')
+    link = base.load_benchmark('link_bench')
 
     def test_copy_span_places_boundaries_between_polls(self):
         polls = [(0.0, 'preflight'), (1.0, 'copy'), (2.0, 'copy'),

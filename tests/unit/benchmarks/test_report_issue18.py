@@ -19,11 +19,10 @@ write (cut down).
 import json
 
 from tests import base
-from tests.unit.benchmarks import test_soak
 
-report = test_soak.load('report')
-mig_bench = test_soak.load('migration_bench')
-demo_bench = test_soak.load('demo_bench')
+report = base.load_benchmark('report')
+mig_bench = base.load_benchmark('migration_bench')
+demo_bench = base.load_benchmark('demo_bench')
 GiB = 1 << 30
 MiB = 1 << 20
 

@@ -12,22 +12,11 @@
 
 """The pure decisions of benchmarks/soak.py: flat or growing, leftovers."""
 
-import importlib.util
-import os
 
 from tests import base
 
 
-def load(name):
-    """Import ``benchmarks/<name>.py`` (benchmarks/ is not a package)."""
-    path = os.path.join(base.REPO_TOP, 'benchmarks', name + '.py')
-    spec = importlib.util.spec_from_file_location('xsm_bench_' + name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = load('soak')
+soak = base.load_benchmark('soak')
 
 
 class TestGrowth(base.TestCase):
