@@ -88,13 +88,18 @@ def pace(next_at, interval, wait=time.sleep):
     return time.monotonic()
 
 
+#: bytes of a model inflated at a time (:meth:`DiskModel.from_primitive`)
+INFLATE_PIECE = 1 << 20
+
+
 class DiskModel:
     """What the guest believes one disk holds."""
 
     def __init__(self, index, blocks, generations=None):
         self.index = index
+        # (one allocation: a bytes of that size first would double it)
         self.gen = generations if generations is not None else \
-            array.array('B', bytes(blocks))
+            array.array('B', [0]) * blocks
         #: blocks bumped since :meth:`Workload.export_ahead` (None: not
         #: tracked)
         self.dirty = None
@@ -122,7 +127,9 @@ class DiskModel:
                                      self.index))
 
     def to_primitive(self):
-        raw = zlib.compress(self.gen.tobytes(), 1)
+        # compressed from the array itself, not from a copy of it (16 MiB
+        # for a 64 GiB disk)
+        raw = zlib.compress(self.gen, 1)
         return {'index': self.index,
                 'generations': base64.b64encode(raw).decode('ascii')}
 
@@ -130,20 +137,34 @@ class DiskModel:
     def from_primitive(cls, data, blocks=None):
         """The model :meth:`to_primitive` encoded.
 
+        It is inflated a piece at a time into the model, so that the
+        model is never held twice.
+
         :param blocks: the disk's blocks, when known: a model of another
             size is refused (ValueError), and never decompressed further.
+        :raises ValueError: the model is cut short, or of another size.
+        :raises zlib.error: it is not a compressed model.
         """
         raw = base64.b64decode(data['generations'])
-        if blocks is None:
-            gen = zlib.decompress(raw)
-        else:
-            inflate = zlib.decompressobj()
-            gen = inflate.decompress(raw, blocks + 1)
-            if len(gen) != blocks or not inflate.eof:
-                raise ValueError('disk %s: the model is not of %d blocks'
-                                 % (data['index'], blocks))
+        inflate = zlib.decompressobj()
         model = array.array('B')
-        model.frombytes(gen)
+        while not inflate.eof:
+            room = INFLATE_PIECE if blocks is None else \
+                min(INFLATE_PIECE, blocks + 1 - len(model))
+            piece = inflate.decompress(raw, room)
+            raw = inflate.unconsumed_tail
+            if not piece and not raw:
+                break                   # the stream ends before its end
+            model.frombytes(piece)
+            if blocks is not None and len(model) > blocks:
+                break
+        if blocks is not None and (len(model) != blocks or
+                                   not inflate.eof):
+            raise ValueError('disk %s: the model is not of %d blocks'
+                             % (data['index'], blocks))
+        if not inflate.eof:
+            raise ValueError('disk %s: the model is cut short'
+                             % data['index'])
         return cls(data['index'], 0, model)
 
 
@@ -316,8 +337,8 @@ class Workload:
         """
         for m in self.models:
             m.dirty = set()
-        # (tobytes copies each array in one step under the GIL: a block
-        # bumped meanwhile is in the copy, or in ``dirty``, or in both)
+        # (a block bumped while its array is compressed is in ``dirty``:
+        # the pause's export sends its generation then)
         return [m.to_primitive() for m in self.models]
 
     def end_ahead(self):

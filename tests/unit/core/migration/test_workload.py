@@ -10,8 +10,11 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
+import base64
 import os
 import threading
+import tracemalloc
+import zlib
 
 from tests import base
 from xsm_driver.core.block import backends
@@ -67,6 +70,54 @@ class TestModel(base.TestCase):
         back = workload.DiskModel.from_primitive(model.to_primitive())
         self.assertEqual(1, back.index)
         self.assertEqual(list(model.gen), list(back.gen))
+
+    def test_a_model_of_several_pieces_round_trips(self):
+        blocks = 3 * workload.INFLATE_PIECE + 5
+        model = workload.DiskModel(2, blocks)
+        for block in (0, workload.INFLATE_PIECE - 1, workload.INFLATE_PIECE,
+                      blocks - 1):
+            model.bump(block)
+        encoded = model.to_primitive()
+        for known in (None, blocks):
+            back = workload.DiskModel.from_primitive(encoded, known)
+            self.assertEqual(model.gen, back.gen)
+        exc = self.assertRaises(ValueError,
+                                workload.DiskModel.from_primitive, encoded,
+                                blocks - 1)
+        self.assertIn('not of %d blocks' % (blocks - 1), str(exc))
+
+    def test_a_model_cut_short_is_refused(self):
+        model = workload.DiskModel(0, 3 * workload.INFLATE_PIECE)
+        model.gen[-1] = 9
+        raw = zlib.compress(model.gen, 1)
+        cut = dict(model.to_primitive(), generations=base64.b64encode(
+            raw[:len(raw) // 2]).decode('ascii'))
+        for known, says in ((None, 'cut short'),
+                            (model.blocks, 'not of %d blocks'
+                             % model.blocks)):
+            exc = self.assertRaises(ValueError,
+                                    workload.DiskModel.from_primitive, cut,
+                                    known)
+            self.assertIn(says, str(exc))
+
+    def test_a_large_model_is_never_held_twice(self):
+        # a 64 GiB disk's: 16 MiB, which the agent once held two or three
+        # times over while it sent or received it
+        blocks = 16 << 20
+        model = workload.DiskModel(0, blocks)
+        model.gen[12345] = 7
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        encoded = model.to_primitive()
+        _now, sent = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        before, _peak = tracemalloc.get_traced_memory()
+        back = workload.DiskModel.from_primitive(encoded, blocks)
+        _now, received = tracemalloc.get_traced_memory()
+        self.assertLess(sent, blocks // 4)
+        self.assertLess(received - before, blocks * 5 // 4)
+        self.assertEqual(7, back.gen[12345])
+        self.assertEqual(blocks, back.blocks)
 
 
 class TestWorkload(base.TestCase):
