@@ -214,6 +214,13 @@ class TwoHostsCase(QemuHostCase):
             time.sleep(0.05)
         self.fail('migration %s did not end within %s s' % (mid, timeout))
 
+    def wait_resumed(self, host, uuid):
+        """Until VM ``uuid`` runs on ``host`` (its guest resumed there)."""
+        deadline = time.monotonic() + TIMEOUT
+        while host.vm_power_state(uuid) != 'running':
+            self.assertLess(time.monotonic(), deadline, 'not resumed')
+            time.sleep(0.05)
+
     def assert_stayed_at_the_source(self, vm, pid):
         """A migration of ``vm`` rolled back: it stayed on host-a.
 
@@ -327,10 +334,7 @@ class TestQemuLiveMigration(TwoHostsCase):
         self.assertFalse(os.path.exists(a.qemu.paths(vm.uuid).folder))
         # the guest runs on host-b, its memory and disks in agreement
         vm_b = b.vm(vm.uuid)
-        deadline = time.monotonic() + TIMEOUT
-        while b.vm_power_state(vm.uuid) != 'running':
-            self.assertLess(time.monotonic(), deadline, 'not resumed')
-            time.sleep(0.05)
+        self.wait_resumed(b, vm.uuid)
         self.assertTrue(vm_b.in_qemu)
         # the guest's state came over TLS, its keys are gone afterwards
         params = b.qemu.qmp_execute(vm.uuid, 'query-migrate-parameters')
@@ -391,10 +395,7 @@ class TestQemuLiveMigration(TwoHostsCase):
         status = self.wait(mid)
         self.assertEqual('done', status['phase'], status['error'])
         self.assertEqual([[]], seen)
-        deadline = time.monotonic() + TIMEOUT
-        while b.vm_power_state(vm.uuid) != 'running':
-            self.assertLess(time.monotonic(), deadline, 'not resumed')
-            time.sleep(0.05)
+        self.wait_resumed(b, vm.uuid)
         check = self.verify(vm.uuid, drv=b.qemu)
         self.assertTrue(verifier.verified(check), check.line)
         b.stop_vm(vm.uuid)
@@ -483,10 +484,7 @@ class TestQemuCommitRule(TwoHostsCase):
         self.assertTrue(qemu.wait_gone(src_pid, TIMEOUT))
         self.assertEqual({}, a.vms)
         vm_b = b.vm(vm.uuid)
-        deadline = time.monotonic() + TIMEOUT
-        while b.vm_power_state(vm.uuid) != 'running':
-            self.assertLess(time.monotonic(), deadline, 'not resumed')
-            time.sleep(0.05)
+        self.wait_resumed(b, vm.uuid)
         check = self.verify(vm.uuid, drv=b.qemu)
         self.assertTrue(verifier.verified(check), check.line)
         b.stop_vm(vm_b.uuid)
