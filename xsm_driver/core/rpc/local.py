@@ -83,10 +83,12 @@ class LocalListener(impl_fake.FakeListener):
     @base.batch_poll_helper
     def poll(self, timeout=None):
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._stopped.is_set():
-            # under the condition: a delivery between the look and the
-            # wait cannot be missed (it notifies after taking it)
+        while True:
+            # under the condition: a delivery or a stop between the look
+            # and the wait cannot be missed (each notifies under it)
             with _DELIVERED:
+                if self._stopped.is_set():
+                    return None
                 message = self._take()
                 if message is not None:
                     return message
@@ -97,7 +99,6 @@ class LocalListener(impl_fake.FakeListener):
                     if left <= 0:
                         return None
                     _DELIVERED.wait(left)
-        return None
 
     def stop(self):
         self._stopped.set()

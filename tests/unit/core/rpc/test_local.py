@@ -128,3 +128,36 @@ class TestLocalTransport(base.TestCase):
         poller.join(30)
         self.assertFalse(poller.is_alive())
         self.assertEqual([[]], got)
+
+    def test_a_stop_just_before_the_wait_is_not_missed(self):
+        """A stop between the poll's look at it and its wait ends it."""
+        listener = local.LocalListener(
+            self.transport._driver._exchange_manager,
+            [messaging.Target(topic='t-race', server='h1')])
+        stopped = listener._stopped
+        looked = []
+
+        class Racing(threading.Event):
+            def is_set(self):
+                answer = stopped.is_set()
+                if not looked:
+                    # another thread stops the listener right after this
+                    # look (given 0.2 s to get through, if it can)
+                    looked.append(True)
+                    stopper = threading.Thread(target=listener.stop)
+                    stopper.start()
+                    stopper.join(0.2)
+                return answer
+        listener._stopped = racing = Racing()
+        racing.set = stopped.set
+        got = []
+        poller = threading.Thread(
+            target=lambda: got.append(listener.poll(timeout=None)),
+            daemon=True)
+        poller.start()
+        poller.join(10)
+        if poller.is_alive():
+            listener._stopped = stopped
+            local._notify()             # (free the hung poll)
+        self.assertFalse(poller.is_alive(), 'the poll missed the stop')
+        self.assertEqual([[]], got)
