@@ -12,8 +12,10 @@
 
 """Read a subunit v2 stream on stdin and print 'N passed, N failed, N skipped'.
 
-Failures, errors and unexpected successes count as failed.  The exit status
-is 1 when a test failed or when no test ran, else 0.
+Failures, errors and unexpected successes count as failed; the id of each
+failed test is printed on stderr as "FAILED <id>", so that a runner can repeat
+them where a reader of its log will see them.  The exit status is 1 when a
+test failed or when no test ran, else 0.
 """
 
 import sys
@@ -27,7 +29,8 @@ SKIPPED = {'skip'}
 
 
 def summarize(stream):
-    """Return (passed, failed, skipped) counts of a subunit v2 byte stream."""
+    """Return (passed, failed, skipped) counts of a subunit v2 byte stream,
+    and the sorted ids of the failed tests."""
     status = {}
 
     def record(test):
@@ -40,16 +43,18 @@ def summarize(stream):
         case.run(result)
     finally:
         result.stopTestRun()
-    counts = [sum(1 for s in status.values() if s in kinds)
-              for kinds in (PASSED, FAILED, SKIPPED)]
     # A test that started but never finished (e.g. the worker died) failed.
-    counts[1] += sum(1 for s in status.values()
-                     if s not in PASSED | FAILED | SKIPPED)
-    return tuple(counts)
+    failed = sorted(test for test, s in status.items()
+                    if s not in PASSED | SKIPPED)
+    passed = sum(1 for s in status.values() if s in PASSED)
+    skipped = sum(1 for s in status.values() if s in SKIPPED)
+    return (passed, len(failed), skipped), failed
 
 
 def main():
-    passed, failed, skipped = summarize(sys.stdin.buffer)
+    (passed, failed, skipped), failed_ids = summarize(sys.stdin.buffer)
+    for test in failed_ids:
+        print('FAILED %s' % test, file=sys.stderr)
     print('%d passed, %d failed, %d skipped' % (passed, failed, skipped))
     return 1 if failed or not (passed + failed + skipped) else 0
 
