@@ -31,6 +31,10 @@ same run:
    (``qemu-storage-daemon``, ``blockdev-mirror`` in ``write-blocking``
    mode to a ``qemu-nbd`` TLS target) under the same guest write load, the
    peer of our mirror's write latency.
+``rtt``
+   ``rtt_bench.py``: the NBD write round trip over TLS that each mirrored
+   write waits for, our client and server beside ``qemu-io``, ``nbdkit``
+   and ``qemu-nbd``: the floor of the mirror's write latency.
 ``link``
    ``link_bench.py``: the two agents in network namespaces, the migration
    link shaped with ``tc tbf``; dense and sparse disks migrate over it
@@ -87,10 +91,11 @@ BENCHES = {
                   []),
     'qemu-mirror': ('qemu_mirror_bench.py',
                     ['--scale', '0.125', '--runs', '3'], []),
+    'rtt': ('rtt_bench.py', ['--writes', '1000'], []),
     'link': ('link_bench.py', ['--scale', '0.25', '--runs', '3'], []),
     'demo': ('demo_bench.py', ['--runs', '3'], ['--runs', '3']),
 }
-ORDER = ('vhd', 'nbd', 'migration', 'qemu-mirror', 'link', 'demo')
+ORDER = ('vhd', 'nbd', 'migration', 'qemu-mirror', 'rtt', 'link', 'demo')
 #: (tool, Debian package) each benchmark needs
 TOOLS = {'vhd': [('qemu-img', 'qemu-utils'), ('qemu-io', 'qemu-utils')],
          'nbd': [('qemu-nbd', 'qemu-utils'), ('nbdcopy', 'libnbd-bin'),
@@ -99,6 +104,8 @@ TOOLS = {'vhd': [('qemu-img', 'qemu-utils'), ('qemu-io', 'qemu-utils')],
                        ('nbdinfo', 'libnbd-bin'), ('fio', 'fio')],
          'qemu-mirror': [('qemu-storage-daemon', 'qemu-system-common'),
                          ('qemu-nbd', 'qemu-utils')],
+         'rtt': [('qemu-io', 'qemu-utils'), ('qemu-nbd', 'qemu-utils'),
+                 ('nbdkit', 'nbdkit')],
          'link': [('ip', 'iproute2'), ('tc', 'iproute2'),
                   ('qemu-nbd', 'qemu-utils'), ('nbdcopy', 'libnbd-bin'),
                   ('nbdinfo', 'libnbd-bin')],
@@ -1021,6 +1028,31 @@ def render(data, runs, plots, meta):
               '%s us, p99 %s us (exact).' % (fmt(r['median_p50_us'], '%.0f'),
                                              fmt(r['median_p99_us'], '%.0f')))
             w('')
+
+    rtt = (data.get('rtt') or {}).get('summary')
+    if rtt:
+        rc = data['rtt'].get('config', {})
+        w('The round trip of one mirrored write')
+        w('====================================')
+        w('')
+        w('``rtt_bench.py``: each write the mirror sends waits for one NBD '
+          'write round trip over TLS (client certificates) to the '
+          'destination. Here %s random 4 KiB writes a run, one at a time, '
+          'from our client (in the benchmark\'s process) and from '
+          '``qemu-io`` (its own timing of each request) to our server '
+          '(``xsm-nbd serve``), ``nbdkit file`` and ``qemu-nbd``, each '
+          'serving a raw file; paced = a sleep of %s ms after each write '
+          '(the guest\'s pace above), and back to back. Exact percentiles, '
+          'medians over runs.' % (rc.get('writes', '?'),
+                                  data['rtt'].get('paced_gap_ms', '?')))
+        w('')
+        w(rst_table(['client', 'server', 'pacing', 'p50 us', 'p99 us',
+                     'runs p50 us', 'runs p99 us'],
+                    [(r['client'], r['server'], r['pacing'],
+                      fmt(r['p50_us'], '%.0f'), fmt(r['p99_us'], '%.0f'),
+                      runs_text(r['p50_runs_us'], '%.0f'),
+                      runs_text(r['p99_runs_us'], '%.0f')) for r in rtt]))
+        w('')
 
     if downs:
         w('Downtime')
