@@ -30,6 +30,7 @@ import base64
 import hashlib
 import logging
 import random
+import re
 import struct
 import threading
 import time
@@ -90,6 +91,110 @@ def pace(next_at, interval, wait=time.sleep):
 
 #: bytes of a model inflated at a time (:meth:`DiskModel.from_primitive`)
 INFLATE_PIECE = 1 << 20
+#: a model holds at most one block in this many in its sparse form
+#: (:class:`Generations`: about 100 bytes each there, against 1 dense)
+DENSE_AT = 64
+_NONZERO = re.compile(b'[^\x00]')
+
+
+class Generations:
+    """The generation the guest last wrote to each block: a byte each.
+
+    Sparse (the blocks written, in a dict) until more than one block in
+    :data:`DENSE_AT` has been written, then dense (an array of a byte per
+    block). A guest that has written a few thousand blocks of a 64 GiB
+    disk thus holds a few hundred KiB, not 16 MiB; the encoded form
+    (:meth:`pieces`) is the dense one either way. Indexing is as an
+    array's (negative indexes count from the end; values 0 to 255).
+    """
+
+    def __init__(self, blocks):
+        self._blocks = blocks
+        self._sparse = {}
+        self._dense = None
+
+    def __len__(self):
+        return self._blocks
+
+    def _index(self, block):
+        if block < 0:
+            block += self._blocks
+        if not 0 <= block < self._blocks:
+            raise IndexError('block %d of %d' % (block, self._blocks))
+        return block
+
+    def __getitem__(self, block):
+        dense = self._dense
+        if dense is not None:
+            return dense[block]
+        return self._sparse.get(self._index(block), 0)
+
+    def __setitem__(self, block, gen):
+        dense = self._dense
+        if dense is not None:
+            dense[block] = gen
+            return
+        if not 0 <= gen <= 255:
+            raise OverflowError('generation %r is not a byte' % (gen,))
+        block = self._index(block)
+        if gen:
+            self._sparse[block] = gen
+            if len(self._sparse) * DENSE_AT > self._blocks:
+                self._densify()
+        else:
+            self._sparse.pop(block, None)
+
+    def _densify(self):
+        # (one allocation: a bytes of that size first would double it)
+        dense = array.array('B', [0]) * self._blocks
+        for block, gen in self._sparse.items():
+            dense[block] = gen
+        self._dense, self._sparse = dense, None
+
+    def pieces(self, size=INFLATE_PIECE):
+        """The dense form, ``size`` blocks at a time (never all at once)."""
+        dense = self._dense
+        if dense is not None:
+            view = memoryview(dense)
+            for start in range(0, self._blocks, size):
+                yield view[start:start + size]
+            return
+        # (a copy of the dict, taken at once: the guest may write meanwhile)
+        written = sorted(self._sparse.items())
+        at = 0
+        for start in range(0, self._blocks, size):
+            piece = bytearray(min(size, self._blocks - start))
+            while at < len(written) and written[at][0] < start + size:
+                block, gen = written[at]
+                piece[block - start] = gen
+                at += 1
+            yield piece
+
+    def load(self, start, piece):
+        """Set the blocks from ``start`` on to the bytes of ``piece``."""
+        if start + len(piece) > self._blocks:
+            raise IndexError('%d blocks from block %d of %d'
+                             % (len(piece), start, self._blocks))
+        if self._dense is None and piece.count(0) != len(piece):
+            for found in _NONZERO.finditer(piece):
+                self[start + found.start()] = piece[found.start()]
+                if self._dense is not None:
+                    break
+        if self._dense is not None:
+            self._dense[start:start + len(piece)] = array.array('B', piece)
+
+    def __iter__(self):
+        for piece in self.pieces():
+            yield from bytes(piece)
+
+    def __eq__(self, other):
+        if not isinstance(other, Generations):
+            return NotImplemented
+        return len(self) == len(other) and all(
+            bytes(a) == bytes(b) for a, b in zip(self.pieces(),
+                                                 other.pieces()))
+
+    __hash__ = None
 
 
 class DiskModel:
@@ -97,9 +202,8 @@ class DiskModel:
 
     def __init__(self, index, blocks, generations=None):
         self.index = index
-        # (one allocation: a bytes of that size first would double it)
         self.gen = generations if generations is not None else \
-            array.array('B', [0]) * blocks
+            Generations(blocks)
         #: blocks bumped since :meth:`Workload.export_ahead` (None: not
         #: tracked)
         self.dirty = None
@@ -127,18 +231,22 @@ class DiskModel:
                                      self.index))
 
     def to_primitive(self):
-        # compressed from the array itself, not from a copy of it (16 MiB
-        # for a 64 GiB disk)
-        raw = zlib.compress(self.gen, 1)
+        # compressed a piece at a time, never whole (16 MiB for a 64 GiB
+        # disk)
+        deflate = zlib.compressobj(1)
+        raw = [deflate.compress(piece) for piece in self.gen.pieces()]
+        raw.append(deflate.flush())
         return {'index': self.index,
-                'generations': base64.b64encode(raw).decode('ascii')}
+                'generations': base64.b64encode(b''.join(raw)).decode(
+                    'ascii')}
 
     @classmethod
     def from_primitive(cls, data, blocks=None):
         """The model :meth:`to_primitive` encoded.
 
         It is inflated a piece at a time into the model, so that the
-        model is never held twice.
+        model is never held twice (and twice over when ``blocks`` is not
+        given: first to learn its size).
 
         :param blocks: the disk's blocks, when known: a model of another
             size is refused (ValueError), and never decompressed further.
@@ -146,26 +254,49 @@ class DiskModel:
         :raises zlib.error: it is not a compressed model.
         """
         raw = base64.b64decode(data['generations'])
-        inflate = zlib.decompressobj()
-        model = array.array('B')
-        while not inflate.eof:
-            room = INFLATE_PIECE if blocks is None else \
-                min(INFLATE_PIECE, blocks + 1 - len(model))
-            piece = inflate.decompress(raw, room)
-            raw = inflate.unconsumed_tail
-            if not piece and not raw:
-                break                   # the stream ends before its end
-            model.frombytes(piece)
-            if blocks is not None and len(model) > blocks:
-                break
-        if blocks is not None and (len(model) != blocks or
-                                   not inflate.eof):
+        try:
+            size = blocks
+            if size is None:
+                size = sum(len(piece) for piece in _inflated(raw))
+            gen = Generations(size)
+            at = 0
+            for piece in _inflated(raw, size):
+                if at + len(piece) > size:
+                    raise ValueError('longer')
+                gen.load(at, piece)
+                at += len(piece)
+            if at != size:
+                raise ValueError('shorter')
+        except ValueError:
+            if blocks is None:
+                raise ValueError('disk %s: the model is cut short'
+                                 % data['index'])
             raise ValueError('disk %s: the model is not of %d blocks'
                              % (data['index'], blocks))
-        if not inflate.eof:
-            raise ValueError('disk %s: the model is cut short'
-                             % data['index'])
-        return cls(data['index'], 0, model)
+        return cls(data['index'], 0, gen)
+
+
+def _inflated(raw, limit=None):
+    """The pieces of the zlib stream ``raw``, at most ``limit`` + 1 bytes.
+
+    :raises ValueError: the stream ends before its end, or goes on past
+        ``limit`` bytes.
+    """
+    inflate = zlib.decompressobj()
+    total = 0
+    while not inflate.eof:
+        room = INFLATE_PIECE if limit is None else \
+            min(INFLATE_PIECE, limit + 1 - total)
+        if room <= 0:
+            break
+        piece = inflate.decompress(raw, room)
+        raw = inflate.unconsumed_tail
+        if not piece and not raw:
+            break                   # the stream ends before its end
+        total += len(piece)
+        yield piece
+    if not inflate.eof:
+        raise ValueError('not a whole model')
 
 
 def fill(dev, model, fraction, rng=None):

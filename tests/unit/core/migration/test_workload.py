@@ -12,6 +12,7 @@
 
 import base64
 import os
+import random
 import threading
 import tracemalloc
 import zlib
@@ -89,7 +90,7 @@ class TestModel(base.TestCase):
     def test_a_model_cut_short_is_refused(self):
         model = workload.DiskModel(0, 3 * workload.INFLATE_PIECE)
         model.gen[-1] = 9
-        raw = zlib.compress(model.gen, 1)
+        raw = base64.b64decode(model.to_primitive()['generations'])
         cut = dict(model.to_primitive(), generations=base64.b64encode(
             raw[:len(raw) // 2]).decode('ascii'))
         for known, says in ((None, 'cut short'),
@@ -118,6 +119,76 @@ class TestModel(base.TestCase):
         self.assertLess(received - before, blocks * 5 // 4)
         self.assertEqual(7, back.gen[12345])
         self.assertEqual(blocks, back.blocks)
+
+
+class TestGenerations(base.TestCase):
+
+    def test_sparse_until_one_block_in_dense_at_is_written(self):
+        blocks = 64 * workload.DENSE_AT
+        gen = workload.Generations(blocks)
+        written = {b * 37 % blocks: b % 255 + 1 for b in range(64)}
+        for block, g in written.items():
+            gen[block] = g
+        self.assertIsNone(gen._dense)
+        gen[1] = 3                  # the 65th: more than 1 in DENSE_AT
+        self.assertIsNotNone(gen._dense)
+        written[1] = 3
+        self.assertEqual([written.get(b, 0) for b in range(blocks)],
+                         list(gen))
+
+    def test_indexes_and_values_are_an_arrays(self):
+        gen = workload.Generations(1000)
+        gen[-1] = 255
+        self.assertEqual(255, gen[999])
+        gen[999] = 0
+        self.assertEqual(0, gen[-1])
+        self.assertEqual({}, gen._sparse)
+        for bad in (1000, -1001):
+            self.assertRaises(IndexError, gen.__getitem__, bad)
+            self.assertRaises(IndexError, gen.__setitem__, bad, 1)
+        self.assertRaises(OverflowError, gen.__setitem__, 0, 256)
+        self.assertRaises(OverflowError, gen.__setitem__, 0, -1)
+
+    def test_the_encoded_form_is_the_dense_one_either_way(self):
+        blocks = 3 * workload.INFLATE_PIECE + 5
+        sparse = workload.DiskModel(1, blocks)
+        for block in (0, workload.INFLATE_PIECE, blocks - 1):
+            sparse.bump(block)
+        expected = bytearray(blocks)
+        expected[0] = expected[workload.INFLATE_PIECE] = 1
+        expected[-1] = 1
+        encoded = sparse.to_primitive()
+        self.assertEqual(expected, zlib.decompress(
+            base64.b64decode(encoded['generations'])))
+        dense = workload.DiskModel(1, 0, workload.Generations(blocks))
+        dense.gen._densify()
+        for block in (0, workload.INFLATE_PIECE, blocks - 1):
+            dense.bump(block)
+        self.assertEqual(sparse.gen, dense.gen)
+        for known in (None, blocks):
+            back = workload.DiskModel.from_primitive(encoded, known)
+            self.assertIsNone(back.gen._dense)
+            self.assertEqual(sparse.gen, back.gen)
+
+    def test_a_model_written_all_over_comes_back_dense(self):
+        model = workload.DiskModel(0, 4096)
+        for block in range(0, 4096, 2):
+            model.bump(block)
+        back = workload.DiskModel.from_primitive(model.to_primitive())
+        self.assertIsNotNone(back.gen._dense)
+        self.assertEqual(model.gen, back.gen)
+
+    def test_a_few_writes_to_a_64_gib_disk_hold_little(self):
+        # one byte per 4 KiB block would be 16 MiB in the agent
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        model = workload.DiskModel(0, 16 << 20)
+        rng = random.Random(5)
+        for _ in range(5000):
+            model.bump(rng.randrange(model.blocks))
+        held, _peak = tracemalloc.get_traced_memory()
+        self.assertLess(held, 1 << 20)
+        self.assertIsNone(model.gen._dense)
 
 
 class TestWorkload(base.TestCase):
@@ -248,7 +319,8 @@ class TestWorkload(base.TestCase):
     def test_a_wrong_read_stops_the_guest_with_the_error(self):
         dev = _raw(self, 1 << 20)
         model = workload.DiskModel(0, dev.size // workload.BLOCK)
-        model.gen[:] = model.gen.__class__('B', [1] * model.blocks)
+        for block in range(model.blocks):
+            model.gen[block] = 1
         guest = workload.Workload([dev], [model], seed=2).start()
         self.addCleanup(guest.stop)
         for _ in range(500):
