@@ -29,8 +29,10 @@ SKIPPED = {'skip'}
 
 
 def summarize(stream):
-    """Return (passed, failed, skipped) counts of a subunit v2 byte stream,
-    and the sorted ids of the failed tests."""
+    """Count the tests of a subunit v2 byte stream.
+
+    :returns: ``((passed, failed, skipped), sorted ids of the failed)``.
+    """
     status = {}
 
     def record(test):
