@@ -14,13 +14,14 @@
 
 Each disk is seen as 4 KiB blocks. The guest writes block ``b`` with the
 pattern of its next *generation* ``g`` (a pure function of disk, block and
-generation) and remembers ``g`` in its model, one byte per block (256 KiB
-of model per GiB of disk): generations go 1, 2 ... 255, 1, 2 ..., so a lost
-write always shows (the block holds the generation before), and only the
-loss of exactly 255 writes in a row to one block would not. Reads during
-the run are checked against the model at once; :func:`verify` checks a
-whole disk. The model is the
-VM's "memory": it travels with the VM when it migrates (:meth:`export`,
+generation) and remembers ``g`` in its model (:class:`Generations`: the
+blocks written, or a byte per block, 256 KiB per GiB of disk, once one
+block in :data:`DENSE_AT` has been written): generations go 1, 2 ... 255,
+1, 2 ..., so a lost write always shows (the block holds the generation
+before), and only the loss of exactly 255 writes in a row to one block
+would not. Reads during the run are checked against the model at once;
+:func:`verify` checks a whole disk. The model is the VM's "memory": it
+travels with the VM when it migrates (:meth:`export`,
 :meth:`Workload.from_state`), so the guest goes on on the destination
 exactly where it paused on the source.
 """
@@ -461,10 +462,10 @@ class Workload:
         """The bulk of the guest's state, taken while the guest runs.
 
         As a hypervisor copies a VM's memory before it pauses it: the
-        models (one byte per 4 KiB block, 16 MiB for a 64 GiB disk, tens
-        of milliseconds to compress) are taken now, and the blocks written
-        from now on are tracked, so that :meth:`export` in the pause only
-        adds those.
+        models (encoded as one byte per 4 KiB block, 16 MiB for a 64 GiB
+        disk, tens of milliseconds to compress) are taken now, and the
+        blocks written from now on are tracked, so that :meth:`export` in
+        the pause only adds those.
         """
         for m in self.models:
             m.dirty = set()
