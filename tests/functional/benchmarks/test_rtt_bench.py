@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 
 from tests import base
 
@@ -24,6 +25,12 @@ rtt = base.load_benchmark('rtt_bench')
 
 
 class TestRun(base.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        # the benchmark's main turns SIGTERM into KeyboardInterrupt
+        self.addCleanup(signal.signal, signal.SIGTERM,
+                        signal.getsignal(signal.SIGTERM))
 
     def test_every_pair_is_measured_and_reported(self):
         for tool in ('qemu-io', 'qemu-nbd', 'nbdkit'):
