@@ -124,11 +124,16 @@ class Generations:
             raise IndexError('block %d of %d' % (block, self._blocks))
         return block
 
+    # Readers look at ``_sparse`` first: :meth:`_densify` sets ``_dense``
+    # before it drops ``_sparse``, so one of the two is always there (the
+    # guest thread may write while another thread reads, as while
+    # :meth:`Workload.export_ahead` encodes the model).
+
     def __getitem__(self, block):
-        dense = self._dense
-        if dense is not None:
-            return dense[block]
-        return self._sparse.get(self._index(block), 0)
+        sparse = self._sparse
+        if sparse is None:
+            return self._dense[block]
+        return sparse.get(self._index(block), 0)
 
     def __setitem__(self, block, gen):
         dense = self._dense
@@ -150,18 +155,19 @@ class Generations:
         dense = array.array('B', [0]) * self._blocks
         for block, gen in self._sparse.items():
             dense[block] = gen
-        self._dense, self._sparse = dense, None
+        self._dense = dense
+        self._sparse = None
 
     def pieces(self, size=INFLATE_PIECE):
         """The dense form, ``size`` blocks at a time (never all at once)."""
-        dense = self._dense
-        if dense is not None:
-            view = memoryview(dense)
+        sparse = self._sparse
+        if sparse is None:
+            view = memoryview(self._dense)
             for start in range(0, self._blocks, size):
                 yield view[start:start + size]
             return
         # (a copy of the dict, taken at once: the guest may write meanwhile)
-        written = sorted(self._sparse.items())
+        written = sorted(sparse.items())
         at = 0
         for start in range(0, self._blocks, size):
             piece = bytearray(min(size, self._blocks - start))

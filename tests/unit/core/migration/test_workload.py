@@ -178,6 +178,29 @@ class TestGenerations(base.TestCase):
         self.assertIsNotNone(back.gen._dense)
         self.assertEqual(model.gen, back.gen)
 
+    def test_encoding_while_the_guest_writes_it_dense(self):
+        # the guest goes on writing while export_ahead encodes the model
+        model = workload.DiskModel(0, 1 << 16)
+        done = threading.Event()
+
+        def write():
+            for block in range(0, 1 << 16, 16):
+                model.bump(block)
+            done.set()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        self.addCleanup(writer.join)
+        encodings = 0
+        while not done.is_set() or not encodings:
+            back = workload.DiskModel.from_primitive(model.to_primitive())
+            self.assertEqual(1 << 16, back.blocks)
+            encodings += 1
+        writer.join()
+        self.assertIsNotNone(model.gen._dense)
+        self.assertEqual(model.gen, workload.DiskModel.from_primitive(
+            model.to_primitive()).gen)
+
     def test_a_few_writes_to_a_64_gib_disk_hold_little(self):
         # one byte per 4 KiB block would be 16 MiB in the agent
         tracemalloc.start()
