@@ -10,12 +10,10 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Helpers shared by the benchmarks that came after the first three.
+"""Helpers shared by the benchmarks.
 
-``vhd_bench.py``, ``nbd_bench.py`` and ``migration_bench.py`` keep their
-own copies of these few functions (they were written first and are being
-tuned by others); ``qemu_mirror_bench.py``, ``report.py`` and ``soak.py``
-use this module.  Everything here is pure or reads ``/proc`` only.
+Sizes, percentiles and histograms (pure), a free port, a tool's version,
+the machine's description (``/proc``), and stopping a child process.
 """
 
 import math
@@ -154,3 +152,15 @@ def machine():
             'qemu-storage-daemon': tool_version(
                 ['qemu-storage-daemon', '--version']),
             'nbdcopy': tool_version(['nbdcopy', '--version'])}
+
+
+def stop_proc(proc, timeout=10):
+    """Terminate a child process; kill it after ``timeout`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

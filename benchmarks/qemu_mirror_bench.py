@@ -112,12 +112,15 @@ class QMP:
         self.execute('qmp_capabilities')
 
     def _read(self):
-        for line in self.file:
-            msg = json.loads(line)
-            if 'event' in msg:
-                self.events.put(msg)
-            else:
-                self._replies.put(msg)
+        try:
+            for line in self.file:
+                msg = json.loads(line)
+                if 'event' in msg:
+                    self.events.put(msg)
+                else:
+                    self._replies.put(msg)
+        except OSError:
+            pass                    # the daemon was stopped: the end
         self._replies.put(None)
 
     def execute(self, command, **arguments):
@@ -249,17 +252,6 @@ def summarise(runs):
 
 # -- the processes -----------------------------------------------------------
 
-def stop_proc(proc, timeout=10):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 class Target:
     """``qemu-nbd -f raw`` with TLS serving a new empty file."""
 
@@ -290,7 +282,7 @@ class Target:
                 time.sleep(0.05)
 
     def stop(self):
-        stop_proc(self.proc)
+        _common.stop_proc(self.proc)
         try:
             os.unlink(self.path)
         except OSError:
@@ -466,7 +458,7 @@ class Bench:
             except Exception:
                 pass
             self.qmp.close()
-        stop_proc(self.daemon)
+        _common.stop_proc(self.daemon)
         self.logfile.close()
 
 

@@ -66,7 +66,6 @@ from xsm_driver.core.nbd import tls  # noqa: E402
 
 import _common  # noqa: E402
 
-MiB = _common.MiB
 BLOCK = 4096
 CLIENTS = ('ours', 'qemu-io')
 SERVERS = ('xsm-nbd', 'nbdkit', 'qemu-nbd')
@@ -163,17 +162,6 @@ def format_table(summary, args):
 
 
 # -- the processes ------------------------------------------------------------
-
-def stop_proc(proc, timeout=10):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
 
 def server_argv(name, path, port, pki):
     if name == 'xsm-nbd':
@@ -298,7 +286,7 @@ class Bench:
 
     def cleanup(self):
         for proc in self.procs.values():
-            stop_proc(proc)
+            _common.stop_proc(proc)
 
 
 def _terminate(signum, frame):
