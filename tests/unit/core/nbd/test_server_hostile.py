@@ -308,6 +308,12 @@ class _Base(base.TestCase):
         allowed = set(threads)
         if server is not None:
             allowed |= self._pool_threads(server)
+        # the good client's own threads, which it starts when it first
+        # needs them (a large reply nobody waits for, a send deadline)
+        good = getattr(self, 'good', None)
+        if good is not None:
+            allowed |= {t.ident for t in (good._rescuer, good._watcher)
+                        if t is not None}
         extra = sorted(t.name for t in threading.enumerate()
                        if t.ident not in allowed)
         now = base.open_fds()
