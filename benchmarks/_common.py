@@ -13,12 +13,14 @@
 """Helpers shared by the benchmarks.
 
 Sizes, percentiles and histograms (pure), a free port, a tool's version,
-the machine's description (``/proc``), and stopping a child process.
+the machine's description (``/proc``), stopping a child process, and a
+SIGTERM that interrupts the benchmark (so that it cleans up).
 """
 
 import math
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -164,3 +166,12 @@ def stop_proc(proc, timeout=10):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt('signal %d' % signum)
+
+
+def interrupt_on_sigterm():
+    """Make SIGTERM raise KeyboardInterrupt: the benchmark cleans up."""
+    signal.signal(signal.SIGTERM, _interrupt)

@@ -110,7 +110,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -1074,10 +1073,6 @@ def format_table(summary, runs, args):
     return '\n'.join(lines)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--disks', type=int, default=2,
@@ -1177,7 +1172,7 @@ def main(argv=None):
         if not a.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGTERM, _terminate)
+    _common.interrupt_on_sigterm()
     bench = Bench(a, root, log)
     status = 0
     try:

@@ -96,7 +96,6 @@ import platform
 import pstats
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -1702,10 +1701,6 @@ class ToolFailed(RuntimeError):
     """An external tool (qemu-nbd, nbdcopy, qemu-img) failed."""
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt('signal %d' % signum)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--runs', type=int, default=3,
@@ -1834,7 +1829,7 @@ def main(argv=None):
                                 args.scale, human(args.min_free)))
     logging.basicConfig(level=logging.WARNING,
                         format='%(levelname)s %(name)s %(message)s')
-    signal.signal(signal.SIGTERM, _terminate)
+    _common.interrupt_on_sigterm()
     bench = Bench(args)
     bench.log('scratch folder %s (%s free, about %s needed)'
               % (args.workdir, human(free), human(need)))

@@ -59,7 +59,6 @@ import platform
 import pstats
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -607,10 +606,6 @@ WORKLOADS = tuple('%s/%s/%s' % (i, t, d) for i in ('dense', 'sparse')
                   for t in ('plain', 'tls') for d in ('null', 'file'))
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt('signal %d' % signum)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true',
@@ -683,7 +678,7 @@ def main(argv=None):
         os.rmdir(args.dir)
         p.error('%s has %d MiB free; about %d MiB are needed'
                 % (args.dir, free // MiB, need // MiB))
-    signal.signal(signal.SIGTERM, _terminate)
+    _common.interrupt_on_sigterm()
     bench = Bench(args)
     try:
         bench.run()

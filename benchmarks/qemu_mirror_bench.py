@@ -56,7 +56,6 @@ import os
 import queue
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -484,10 +483,6 @@ def format_table(summary, args):
     return '\n'.join(lines)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--size', type=_common.parse_size, default='4G',
@@ -532,7 +527,7 @@ def main(argv=None):
         if not a.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGTERM, _terminate)
+    _common.interrupt_on_sigterm()
     bench = Bench(a, root, log)
     status = 0
     try:

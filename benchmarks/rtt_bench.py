@@ -48,7 +48,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -289,10 +288,6 @@ class Bench:
             _common.stop_proc(proc)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--size', type=_common.parse_size, default='1G',
@@ -322,7 +317,7 @@ def main(argv=None):
         if not a.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGTERM, _terminate)
+    _common.interrupt_on_sigterm()
     try:
         root = tempfile.mkdtemp(prefix='xsm-rtt-', dir=a.workdir)
     except OSError as exc:
