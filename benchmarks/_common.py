@@ -31,6 +31,12 @@ UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 #: buckets of xsm_driver's Counter latency histogram (bucket i holds
 #: latencies of 2**(i-1) <= us < 2**i, the last one everything above)
 HIST_BUCKETS = 28
+#: issue 18's targets (its table, exactly): what report.py judges and
+#: what each benchmark's own output names
+TARGETS_18 = {'switch_over_p99_ms': 20.0, 'flat_from': GiB,
+              'flat_to': 64 * GiB, 'latency_p99_ratio': 0.8,
+              'copy_ratio': 3.0, 'fio_fraction': 0.5, 'cpu_ratio': 1.0,
+              'multidisk_ratio': 1.5, 'rss_mib': 128.0}
 
 
 def parse_size(text):

@@ -36,8 +36,8 @@ medians with every run beside them:
    peer: ``nbdcopy --destination-is-zero --flush`` from ``qemu-nbd -f vpc``
    serving the same VHD to ``qemu-nbd -f raw`` serving a new empty file of
    the same size, both with TLS and client certificates.  ``ratio`` = ours
-   / peer (target >= 1.5).  CPU (user, system) of both agents, of both
-   qemu-nbd and of nbdcopy is read from ``/proc`` and ``wait4``; CPU
+   / peer (issue 18's target: >= 3).  CPU (user, system) of both agents,
+   of both qemu-nbd and of nbdcopy is read from ``/proc`` and ``wait4``; CPU
    seconds per GiB: both agents over the whole migration per
    ``bytes_copied``, nbdcopy + both qemu-nbd per allocated byte.  Before
    and after the copies, ``fio`` writes as many bytes as the dense disk
@@ -54,16 +54,16 @@ medians with every run beside them:
    ``VmHWM`` of each agent process after each group of migrations; the
    agents are restarted before each group (with ``--no-restart-agents``
    the peak is reset instead by writing 5 to ``/proc/PID/clear_refs``);
-   ``VmRSS`` after every migration; target < 256 MiB whatever the disk
-   size.
+   ``VmRSS`` after every migration; issue 18's target: < 128 MiB whatever
+   the disk size.
 
 ``downtime``
    A small VM (``--small``, guest filling ``--small-fill`` of it, then
    writing ``--load-rate`` blocks a second and reading each back,
    verifying) switches over ``--switchovers`` times between the two agents
    on RabbitMQ; ``downtime_ms`` of each status; p50/p99 by nearest rank
-   (target p99 < 50 ms); the guest's disk is verified at the end.  The
-   big migrations of ``copy`` give the downtime of big disks.
+   (issue 18's target: p99 <= 20 ms); the guest's disk is verified at the
+   end.  The big migrations of ``copy`` give the downtime of big disks.
 
 ``latency``
    The latency histogram of a disk's ``Counter`` filter is not exposed over
@@ -125,6 +125,7 @@ BLOCK = 2 * MiB
 UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 FULL = {'dense': '4G', 'sparse': '64G', 'alloc': '1G', 'run': '64M'}
 RABBIT_URL = harness.RABBIT_URL
+TARGETS = _common.TARGETS_18
 PHASES = ('preflight', 'prepare-receive', 'mirror', 'snapshot', 'copy',
           'compose', 'switch-over', 'clean-up', 'done')
 CASES = ('copy', 'multidisk', 'downtime', 'latency')
@@ -1467,10 +1468,9 @@ class Bench:
                 ratio = ''
                 if r['side'] == 'ours' and peer and tp and \
                         peer['median_throughput_bytes_per_s']:
+                    x = tp / peer['median_throughput_bytes_per_s']
                     ratio = '%.2f%s' % (
-                        tp / peer['median_throughput_bytes_per_s'],
-                        '' if tp / peer['median_throughput_bytes_per_s'] >=
-                        1.5 else '!')
+                        x, '' if x >= TARGETS['copy_ratio'] else '!')
                 if r['side'] == 'ours':
                     cpu = '%s/%s' % tuple(
                         '%.1f+%.1f' % c if c else '-' for c in
@@ -1606,7 +1606,8 @@ class Bench:
                      ' '.join('%g' % r['downtime_ms'] for r in ic['runs'])))
         if self.downtime or self.copy_results:
             p('')
-            p('3. downtime (ms; p50/p99 by nearest rank, target p99 < 50)')
+            p('3. downtime (ms; p50/p99 by nearest rank, target p99 <= %g)'
+              % TARGETS['switch_over_p99_ms'])
             if self.downtime:
                 d = self.downtime
                 ms = d['downtime_ms']
@@ -1625,10 +1626,10 @@ class Bench:
         if self.memory:
             p('')
             p('4. agent peak memory (VmHWM, MiB, of each group of migrations: '
-              '%s; target < 256)' % ('fresh agent processes before each '
-                                     'group' if a.restart_agents else
-                                     'peak reset through clear_refs before '
-                                     'each group'))
+              '%s; target < %g)' % ('fresh agent processes before each '
+                                    'group' if a.restart_agents else
+                                    'peak reset through clear_refs before '
+                                    'each group', TARGETS['rss_mib']))
             for m in self.memory:
                 p('   %-30s a %7.1f  b %7.1f   (VmRSS now a %.1f, b %.1f)'
                   % (m['group'], m['peak_kib']['a'] / 1024,
@@ -1770,7 +1771,9 @@ def main(argv=None):
                    '(default $TMPDIR); the scratch folder is removed at the '
                    'end')
     p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
-    p.add_argument('--seed', type=int, default=20240601)
+    p.add_argument('--seed', type=int, default=20240601,
+                   help='seed of the benchmark disks\' data and of where the '
+                   'sparse disk\'s runs lie (default 20240601)')
     p.add_argument('--keep', action='store_true',
                    help='keep the scratch folder (logs, images)')
     p.add_argument('--quiet', action='store_true',

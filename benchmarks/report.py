@@ -116,11 +116,7 @@ LATENCY_PAIRS = (('no migration', 'no mirror'),
                  ('mirror, copy throttled', 'mirror, copy throttled'))
 TARGETS = {'copy_ratio': 1.0, 'downtime_p99_ms': 100.0,
            'latency_p99_ratio': 1.0, 'proportional': (0.67, 1.5)}
-#: issue 18's targets (its table, exactly)
-TARGETS_18 = {'switch_over_p99_ms': 20.0, 'flat_from': GiB,
-              'flat_to': 64 * GiB, 'latency_p99_ratio': 0.8,
-              'copy_ratio': 3.0, 'fio_fraction': 0.5, 'cpu_ratio': 1.0,
-              'multidisk_ratio': 1.5, 'rss_mib': 128.0}
+TARGETS_18 = _common.TARGETS_18
 
 
 # -- reading the benchmarks' JSON (pure) -------------------------------------

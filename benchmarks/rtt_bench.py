@@ -297,11 +297,18 @@ def main(argv=None):
     p.add_argument('--rate', type=int, default=500,
                    help='paced writes a second (default 500, the guest\'s '
                    'of the latency benchmarks)')
-    p.add_argument('--repeat', type=int, default=3)
-    p.add_argument('--workdir')
-    p.add_argument('--json', metavar='OUT')
-    p.add_argument('--seed', type=int, default=20261206)
-    p.add_argument('--quiet', action='store_true')
+    p.add_argument('--repeat', type=int, default=3,
+                   help='runs of each client, server and pacing, in '
+                   'rotating order; medians (default 3)')
+    p.add_argument('--workdir', help='parent folder of the scratch folder '
+                   '(default $TMPDIR); the scratch folder is removed at the '
+                   'end')
+    p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
+    p.add_argument('--seed', type=int, default=20261206,
+                   help='seed of the random write offsets (default '
+                   '20261206)')
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress on stderr')
     a = p.parse_args(argv)
     if a.writes < 1 or a.rate < 1 or a.repeat < 1:
         p.error('--writes, --rate and --repeat must be at least 1')
