@@ -162,10 +162,13 @@ def main(argv=None):
     ap.add_argument('--settle', type=float, default=12.0,
                     help='seconds after the agents start before sampling '
                     '(their start-up is busy too; default 12)')
-    ap.add_argument('--timeout', type=float, default=600.0)
+    ap.add_argument('--timeout', type=float, default=600.0,
+                    help='seconds to wait for the copy to start (default '
+                    '600)')
     ap.add_argument('--top', type=int, default=15,
                     help='symbols listed per agent (default 15)')
-    ap.add_argument('--json', metavar='OUT')
+    ap.add_argument('--json', metavar='OUT',
+                    help='write the profile to OUT')
     args = ap.parse_args(argv)
 
     def say(text):

@@ -313,17 +313,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--rate', type=_common.parse_size, default='50M',
                    help='link rate, bytes a second each way (default 50M)')
-    p.add_argument('--dense', type=_common.parse_size, default='1G')
-    p.add_argument('--sparse', type=_common.parse_size, default='16G')
-    p.add_argument('--alloc', type=_common.parse_size, default='256M')
-    p.add_argument('--run', type=_common.parse_size, default='32M')
+    p.add_argument('--dense', type=_common.parse_size, default='1G',
+                   help='size of the dense disk (default 1G)')
+    p.add_argument('--sparse', type=_common.parse_size, default='16G',
+                   help='virtual size of the sparse disk (default 16G)')
+    p.add_argument('--alloc', type=_common.parse_size, default='256M',
+                   help='allocated bytes of the sparse disk (default 256M)')
+    p.add_argument('--run', type=_common.parse_size, default='32M',
+                   help='length of each allocated run of the sparse disk '
+                   '(default 32M)')
     p.add_argument('--scale', type=float, default=1.0,
                    help='multiplies the four sizes')
-    p.add_argument('--runs', type=int, default=3)
-    p.add_argument('--workdir')
-    p.add_argument('--json', metavar='OUT')
-    p.add_argument('--seed', type=int, default=20240601)
-    p.add_argument('--quiet', action='store_true')
+    p.add_argument('--runs', type=int, default=3,
+                   help='timed runs of each side and disk; medians '
+                   '(default 3)')
+    p.add_argument('--workdir', help='parent folder of the scratch folder '
+                   '(default $TMPDIR); the scratch folder is removed at the '
+                   'end')
+    p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
+    p.add_argument('--seed', type=int, default=20240601,
+                   help='seed of the disks\' data and of where the sparse '
+                   'disk\'s runs lie (default 20240601)')
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress on stderr')
     a = p.parse_args(argv)
     for key in ('dense', 'sparse', 'alloc', 'run'):
         setattr(a, key, max(BLOCK, int(getattr(a, key) * a.scale) // BLOCK

@@ -1107,12 +1107,15 @@ def main(argv=None):
                    'with the RTC); 20 and --settle 0 migrate a guest '
                    'booted a moment ago, as the functional tests do')
     p.add_argument('--peer-format', choices=('qcow2', 'raw'),
-                   default='qcow2')
+                   default='qcow2',
+                   help='the format of the peer\'s disks (default qcow2, '
+                   'nova\'s)')
     p.add_argument('--peer-cache', choices=('none', 'writeback'),
                    default='none',
                    help='the peer\'s disk cache mode (default none, '
                    'nova\'s default: O_DIRECT)')
-    p.add_argument('--runs', type=int, default=3)
+    p.add_argument('--runs', type=int, default=3,
+                   help='migrations of each side; medians (default 3)')
     p.add_argument('--side', choices=('both', 'ours', 'qemu'),
                    default='both', help='migrate with both ways, '
                    'interleaved (default), or with one only')
@@ -1125,13 +1128,21 @@ def main(argv=None):
                    'kernel was in trouble to DIR')
     p.add_argument('--timeout', type=float, default=300,
                    help='seconds one migration may take')
-    p.add_argument('--workdir')
+    p.add_argument('--workdir', help='parent folder of the scratch folder '
+                   '(default $TMPDIR); the scratch folder is removed at the '
+                   'end unless --keep')
     p.add_argument('--guest-kit', default=os.environ.get(
-        'XSM_GUEST_KIT', os.path.join(TOP, '.guest-kit')))
-    p.add_argument('--json', metavar='OUT')
-    p.add_argument('--seed', type=int, default=20240601)
-    p.add_argument('--keep', action='store_true')
-    p.add_argument('--quiet', action='store_true')
+        'XSM_GUEST_KIT', os.path.join(TOP, '.guest-kit')),
+        help='the guest kit: vmlinuz and initramfs.cpio.gz, as '
+        'tools/guest-kit/build.sh makes them (default '
+        '$XSM_GUEST_KIT, else .guest-kit)')
+    p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
+    p.add_argument('--seed', type=int, default=20240601,
+                   help='seed of the disks\' first data (default 20240601)')
+    p.add_argument('--keep', action='store_true',
+                   help='keep the scratch folder (disks, logs, consoles)')
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress on stderr')
     p.add_argument('--debug', action='store_true',
                    help='the engine\'s log on stderr')
     a = p.parse_args(argv)

@@ -638,7 +638,9 @@ def main(argv=None):
     p.add_argument('--dir', help='folder for the images (default: a new '
                    'temporary folder under $TMPDIR, removed at the end)')
     p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
-    p.add_argument('--seed', type=int, default=20240601)
+    p.add_argument('--seed', type=int, default=20240601,
+                   help='seed of the images\' data and of where the sparse '
+                   'image\'s runs lie (default 20240601)')
     p.add_argument('--only', type=lambda s: s.split(','),
                    help='comma-separated workloads, of: %s'
                    % ', '.join(WORKLOADS))

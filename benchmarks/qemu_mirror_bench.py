@@ -493,18 +493,27 @@ def main(argv=None):
                    '--scale 0.125)')
     p.add_argument('--load-rate', type=int, default=500,
                    help='guest writes a second (default 500)')
-    p.add_argument('--latency-window', type=float, default=5.0)
+    p.add_argument('--latency-window', type=float, default=5.0,
+                   help='seconds of each latency window (default 5)')
     p.add_argument('--throttle', type=_common.parse_size, default='8M',
                    help='speed of the throttled mirror, bytes/s (0: skip)')
-    p.add_argument('--runs', type=int, default=3)
-    p.add_argument('--warmup', type=int, default=0)
+    p.add_argument('--runs', type=int, default=3,
+                   help='timed runs; medians (default 3)')
+    p.add_argument('--warmup', type=int, default=0,
+                   help='untimed runs first (default 0)')
     p.add_argument('--timeout', type=float, default=1800,
                    help='seconds a mirror copy may take')
-    p.add_argument('--workdir')
-    p.add_argument('--json', metavar='OUT')
-    p.add_argument('--seed', type=int, default=20240601)
-    p.add_argument('--keep', action='store_true')
-    p.add_argument('--quiet', action='store_true')
+    p.add_argument('--workdir', help='parent folder of the scratch folder '
+                   '(default $TMPDIR); the scratch folder is removed at the '
+                   'end unless --keep')
+    p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
+    p.add_argument('--seed', type=int, default=20240601,
+                   help='seed of the image\'s data and of the guest\'s '
+                   'write offsets (default 20240601)')
+    p.add_argument('--keep', action='store_true',
+                   help='keep the scratch folder (images, logs)')
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress on stderr')
     a = p.parse_args(argv)
     a.size = max(MiB, int(a.size * a.scale) // MiB * MiB)
     if a.runs < 1 or a.load_rate < 1:

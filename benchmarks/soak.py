@@ -464,7 +464,8 @@ def parse_size(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--migrations', type=int, default=100)
+    p.add_argument('--migrations', type=int, default=100,
+                   help='migrations, back and forth (default 100)')
     p.add_argument('--disks', default='64M,96M',
                    help='the two disks\' sizes (default 64M,96M)')
     p.add_argument('--rate', type=int, default=300,
@@ -479,7 +480,8 @@ def main(argv=None):
     p.add_argument('--json', metavar='OUT', help='write every record to OUT')
     p.add_argument('--keep', action='store_true',
                    help='keep the scratch folder')
-    p.add_argument('--quiet', action='store_true')
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress on stderr')
     args = p.parse_args(argv)
     try:
         sizes = [parse_size(s) for s in args.disks.split(',')]

@@ -54,10 +54,13 @@ class _Bench:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--migrations', type=int, default=50)
+    p.add_argument('--migrations', type=int, default=50,
+                   help='migrations, one after the other (default 50)')
     p.add_argument('--no-migrate', action='store_true',
                    help='run the guest as long as --seconds, unmigrated')
-    p.add_argument('--seconds', type=float, default=300)
+    p.add_argument('--seconds', type=float, default=300,
+                   help='with --no-migrate: seconds the guest runs '
+                   '(default 300)')
     p.add_argument('--every', type=int, default=10,
                    help='a full-disk verify every N migrations')
     p.add_argument('--gap', type=float, default=1.0,
@@ -74,14 +77,23 @@ def main(argv=None):
                    help='QEMU\'s downtime-limit (default: QEMU\'s, 300)')
     p.add_argument('--ram-kib', type=int, metavar='KIB',
                    help='as live_guest_bench --ram-kib')
-    p.add_argument('--disks', type=int, default=2)
-    p.add_argument('--size', type=_common.parse_size, default='64M')
-    p.add_argument('--rate', type=int, default=50)
-    p.add_argument('--memory', type=int, default=128)
+    p.add_argument('--disks', type=int, default=2,
+                   help='virtio disks of the guest (default 2)')
+    p.add_argument('--size', type=_common.parse_size, default='64M',
+                   help='size of each disk (default 64M)')
+    p.add_argument('--rate', type=int, default=50,
+                   help='guest writes a second per disk (default 50)')
+    p.add_argument('--memory', type=int, default=128,
+                   help='guest RAM in MiB (default 128)')
     p.add_argument('--guest-kit', default=os.environ.get(
-        'XSM_GUEST_KIT', os.path.join(os.path.dirname(HERE), '.guest-kit')))
-    p.add_argument('--json', metavar='OUT')
-    p.add_argument('--keep-consoles', metavar='DIR')
+        'XSM_GUEST_KIT', os.path.join(os.path.dirname(HERE), '.guest-kit')),
+        help='the guest kit: vmlinuz and initramfs.cpio.gz, as '
+        'tools/guest-kit/build.sh makes them (default '
+        '$XSM_GUEST_KIT, else .guest-kit)')
+    p.add_argument('--json', metavar='OUT', help='write the results to OUT')
+    p.add_argument('--keep-consoles', metavar='DIR',
+                   help='write the console text of each guest whose kernel '
+                   'was in trouble to DIR')
     a = p.parse_args(argv)
     a.verifier = {'rate': a.rate, 'report_ms': 100}
     a.peer_format, a.peer_cache = 'qcow2', 'none'
