@@ -22,8 +22,7 @@ report = base.load_benchmark('report')
 
 
 def bench(ratio):
-    b = mig_bench.Bench.__new__(mig_bench.Bench)
-    mig_bench.Bench.__init__(b, argparse.Namespace(workdir='/nonexistent'))
+    b = mig_bench.Bench(argparse.Namespace(workdir='/nonexistent'))
     b.args = argparse.Namespace(scale=1.0, runs=1, poll=0.05,
                                 restart_agents=True, quiet=True)
     run = {'throughput_bytes_per_s': ratio * 1e8, 'downtime_ms': 3.0,
