@@ -160,7 +160,7 @@ def main(argv=None):
         return 1
     print('xsm-agent: host %s ready, SRs: %s' % (host.name, srs),
           flush=True)
-    stop.wait()
+    common.wait_until(stop)
     LOG.info('stopping')
     agent.stop()
     return 0

@@ -32,6 +32,7 @@ import oslo_messaging as messaging
 
 from xsm_driver.cloudstack import wsgi
 from xsm_driver.cmd import agent as agent_cmd
+from xsm_driver.cmd import common
 from xsm_driver.conf import cloudstack as cs_conf
 from xsm_driver.core.rpc import api as rpc_api
 
@@ -80,7 +81,7 @@ def main(argv=None):
     print('%s: serving http://%s:%d%s for hosts %s' % (
         PROG, host, port, '/' + conf.cloudstack.api_path.strip('/'),
         ', '.join(conf.cloudstack.hosts)), flush=True)
-    stop.wait()
+    common.wait_until(stop)
     LOG.info('stopping')
     server.shutdown()
     server.server_close()

@@ -85,6 +85,23 @@ def tune_malloc():
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
+#: seconds between two looks of a daemon's main thread at its stop event
+STOP_POLL = 0.5
+
+
+def wait_until(stop):
+    """Block the main thread until ``stop`` (set by a signal handler) is set.
+
+    The kernel may hand a signal sent to the process to any of its
+    threads. Python then only marks the handler as due: the main thread
+    runs it the next time it runs Python code. Blocked in a plain
+    ``stop.wait()`` (or ``signal.pause()``) it never does, and the daemon
+    ignores SIGTERM. Waking up every :data:`STOP_POLL` seconds, it runs
+    the handler then.
+    """
+    while not stop.wait(STOP_POLL):
+        pass
+
 
 def migration_options(conf):
     """Migration defaults from the ``[agent]`` options."""

@@ -23,6 +23,7 @@ import os
 import signal
 import ssl
 import sys
+import time
 
 from xsm_driver.cmd import common
 from xsm_driver.core.block import backends
@@ -166,7 +167,8 @@ def _serve(args):
                            context is not None)),
               flush=True)
         while True:
-            signal.pause()
+            # not signal.pause(): see common.wait_until
+            time.sleep(common.STOP_POLL)
     except _Stop as stop:
         logging.getLogger(__name__).info('stopping on signal %d',
                                          stop.args[0])
