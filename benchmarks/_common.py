@@ -39,6 +39,25 @@ TARGETS_18 = {'switch_over_p99_ms': 20.0, 'flat_from': GiB,
               'multidisk_ratio': 1.5, 'rss_mib': 128.0}
 
 
+def add_scratch_options(parser, kept=None):
+    """``--workdir``, ``--json`` and ``--quiet`` of a benchmark script.
+
+    :param kept: what the scratch folder holds, for a ``--keep`` that
+        keeps it (e.g. ``'images, logs'``); None: no ``--keep``.
+    """
+    parser.add_argument('--workdir', help='parent folder of the scratch '
+                        'folder (default $TMPDIR); the scratch folder is '
+                        'removed at the end%s'
+                        % (' unless --keep' if kept else ''))
+    parser.add_argument('--json', metavar='OUT',
+                        help='write all runs to OUT')
+    if kept:
+        parser.add_argument('--keep', action='store_true',
+                            help='keep the scratch folder (%s)' % kept)
+    parser.add_argument('--quiet', action='store_true',
+                        help='no progress on stderr')
+
+
 def parse_size(text):
     """``'512M'`` -> 536870912; ValueError for what is not a size."""
     t = str(text).strip().upper()

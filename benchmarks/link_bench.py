@@ -327,15 +327,10 @@ def main(argv=None):
     p.add_argument('--runs', type=int, default=3,
                    help='timed runs of each side and disk; medians '
                    '(default 3)')
-    p.add_argument('--workdir', help='parent folder of the scratch folder '
-                   '(default $TMPDIR); the scratch folder is removed at the '
-                   'end')
-    p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
     p.add_argument('--seed', type=int, default=20240601,
                    help='seed of the disks\' data and of where the sparse '
                    'disk\'s runs lie (default 20240601)')
-    p.add_argument('--quiet', action='store_true',
-                   help='no progress on stderr')
+    _common.add_scratch_options(p)
     a = p.parse_args(argv)
     for key in ('dense', 'sparse', 'alloc', 'run'):
         setattr(a, key, max(BLOCK, int(getattr(a, key) * a.scale) // BLOCK

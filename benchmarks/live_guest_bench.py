@@ -1128,23 +1128,16 @@ def main(argv=None):
                    'kernel was in trouble to DIR')
     p.add_argument('--timeout', type=float, default=300,
                    help='seconds one migration may take')
-    p.add_argument('--workdir', help='parent folder of the scratch folder '
-                   '(default $TMPDIR); the scratch folder is removed at the '
-                   'end unless --keep')
     p.add_argument('--guest-kit', default=os.environ.get(
         'XSM_GUEST_KIT', os.path.join(TOP, '.guest-kit')),
         help='the guest kit: vmlinuz and initramfs.cpio.gz, as '
         'tools/guest-kit/build.sh makes them (default '
         '$XSM_GUEST_KIT, else .guest-kit)')
-    p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
     p.add_argument('--seed', type=int, default=20240601,
                    help='seed of the disks\' first data (default 20240601)')
-    p.add_argument('--keep', action='store_true',
-                   help='keep the scratch folder (disks, logs, consoles)')
-    p.add_argument('--quiet', action='store_true',
-                   help='no progress on stderr')
     p.add_argument('--debug', action='store_true',
                    help='the engine\'s log on stderr')
+    _common.add_scratch_options(p, kept='disks, logs, consoles')
     a = p.parse_args(argv)
     if a.runs < 1 or a.disks < 1 or a.rate < 1:
         p.error('--runs, --disks and --rate must be at least 1')

@@ -1767,17 +1767,10 @@ def main(argv=None):
                    'of migrations, so that each VmHWM is that group\'s)')
     p.add_argument('--rabbit', default=RABBIT_URL,
                    help='transport URL of the agents (default %(default)s)')
-    p.add_argument('--workdir', help='parent folder of the scratch folder '
-                   '(default $TMPDIR); the scratch folder is removed at the '
-                   'end')
-    p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
     p.add_argument('--seed', type=int, default=20240601,
                    help='seed of the benchmark disks\' data and of where the '
                    'sparse disk\'s runs lie (default 20240601)')
-    p.add_argument('--keep', action='store_true',
-                   help='keep the scratch folder (logs, images)')
-    p.add_argument('--quiet', action='store_true',
-                   help='no progress on stderr')
+    _common.add_scratch_options(p, kept='logs, images')
     args = p.parse_args(argv)
     if args.cases == ['none']:
         args.cases = []

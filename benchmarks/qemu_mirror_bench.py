@@ -503,17 +503,10 @@ def main(argv=None):
                    help='untimed runs first (default 0)')
     p.add_argument('--timeout', type=float, default=1800,
                    help='seconds a mirror copy may take')
-    p.add_argument('--workdir', help='parent folder of the scratch folder '
-                   '(default $TMPDIR); the scratch folder is removed at the '
-                   'end unless --keep')
-    p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
     p.add_argument('--seed', type=int, default=20240601,
                    help='seed of the image\'s data and of the guest\'s '
                    'write offsets (default 20240601)')
-    p.add_argument('--keep', action='store_true',
-                   help='keep the scratch folder (images, logs)')
-    p.add_argument('--quiet', action='store_true',
-                   help='no progress on stderr')
+    _common.add_scratch_options(p, kept='images, logs')
     a = p.parse_args(argv)
     a.size = max(MiB, int(a.size * a.scale) // MiB * MiB)
     if a.runs < 1 or a.load_rate < 1:

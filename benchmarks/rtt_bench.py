@@ -300,15 +300,10 @@ def main(argv=None):
     p.add_argument('--repeat', type=int, default=3,
                    help='runs of each client, server and pacing, in '
                    'rotating order; medians (default 3)')
-    p.add_argument('--workdir', help='parent folder of the scratch folder '
-                   '(default $TMPDIR); the scratch folder is removed at the '
-                   'end')
-    p.add_argument('--json', metavar='OUT', help='write all runs to OUT')
     p.add_argument('--seed', type=int, default=20261206,
                    help='seed of the random write offsets (default '
                    '20261206)')
-    p.add_argument('--quiet', action='store_true',
-                   help='no progress on stderr')
+    _common.add_scratch_options(p)
     a = p.parse_args(argv)
     if a.writes < 1 or a.rate < 1 or a.repeat < 1:
         p.error('--writes, --rate and --repeat must be at least 1')
