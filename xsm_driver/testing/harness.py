@@ -595,6 +595,21 @@ class Deployment:
             kombu_url(self.transport_url))
 
 
+def one_agent(root, token, **kwargs):
+    """A :class:`Deployment` (not started) of one agent, role ``a``.
+
+    It has one vhd SR ``sr-a`` and the model hypervisor, on a run of its
+    own named after ``token``; ``kwargs`` go to :class:`Deployment`.
+    """
+    names = run_names('test', 'host', token, ('a',))
+    folder = os.path.join(root, 'a')
+    agent = AgentProcess(
+        names.hosts['a'], folder,
+        {'sr-a': ('vhd', os.path.join(folder, 'sr-a'))}, names.exchange,
+        TEST_OPTIONS, sections={'hypervisor': {'driver': 'model'}})
+    return Deployment(root, names.exchange, {'a': agent}, **kwargs)
+
+
 # -- hosts and agents in this process -------------------------------------
 
 class LocalHosts:

@@ -73,15 +73,9 @@ class TestSigtermToAnotherThread(base.TestCase):
         problem = harness.broker_problem()
         if problem:
             self.missing(problem)
-        root = self.make_tempdir()
-        names = harness.run_names('test', 'host', uuidlib.uuid4().hex[:10],
-                                  ('a',))
-        folder = os.path.join(root, 'a')
-        agent = harness.AgentProcess(
-            names.hosts['a'], folder,
-            {'sr-a': ('vhd', os.path.join(folder, 'sr-a'))}, names.exchange,
-            harness.TEST_OPTIONS, sections={'hypervisor': {'driver': 'model'}})
-        deployment = harness.Deployment(root, names.exchange, {'a': agent})
+        deployment = harness.one_agent(self.make_tempdir(),
+                                       uuidlib.uuid4().hex[:10])
+        agent = deployment.agents['a']
         self.addCleanup(deployment.close)
         deployment.start()
         tgkill(agent.pid, other_thread(agent.pid), signal.SIGTERM)

@@ -44,19 +44,13 @@ class TestDeployment(base.TestCase):
             self.missing(problem)
 
     def test_agent_serves_then_close_leaves_no_process_and_no_queue(self):
-        root = self.make_tempdir()
-        names = harness.run_names('test', 'host', uuidlib.uuid4().hex[:10],
-                                  ('a',))
-        folder = os.path.join(root, 'a')
-        agent = harness.AgentProcess(
-            names.hosts['a'], folder,
-            {'sr-a': ('vhd', os.path.join(folder, 'sr-a'))}, names.exchange,
-            harness.TEST_OPTIONS, sections={'hypervisor': {'driver': 'model'}})
-        deployment = harness.Deployment(root, names.exchange, {'a': agent},
-                                        rpc_timeout=15)
+        deployment = harness.one_agent(self.make_tempdir(),
+                                       uuidlib.uuid4().hex[:10],
+                                       rpc_timeout=15)
+        agent = deployment.agents['a']
         self.addCleanup(deployment.close)
         deployment.start()
-        [queue] = harness.queue_names(names.exchange, agent.name)
+        [queue] = harness.queue_names(deployment.exchange, agent.name)
         info = deployment.clients['a'].host_info()
         self.assertEqual(['sr-a'], [sr['name'] for sr in info['srs']])
         self.assertTrue(queue_exists(queue))
